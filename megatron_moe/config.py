@@ -1,0 +1,469 @@
+"""Typed run configuration: dataclasses loaded from TOML with strict keys.
+
+Every concern is one dataclass; a run is a `RunConfig`. Loading is strict: an unknown key, a wrong type
+or an out-of-range value raises `ConfigError` naming the dotted path of the field and what is allowed.
+Configs are pure data; translation to megatron-core objects happens in `megatron_moe.model`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message is one line naming the field and what is allowed."""
+
+
+@dataclass
+class MoEConfig:
+    """Mixture-of-Experts block. `num_experts = 0` means a dense model."""
+
+    num_experts: int = 0
+    """Routed experts per MoE layer (0 = dense model)."""
+    top_k: int = 2
+    """Routed experts each token is sent to."""
+    expert_ffn_hidden_size: int = 0
+    """Hidden size of each routed expert's FFN (0 = model.ffn_hidden_size)."""
+    shared_expert_ffn_hidden_size: int = 0
+    """Hidden size of the always-active shared expert (0 = none)."""
+    first_k_dense: int = 0
+    """The first k layers keep a dense FFN."""
+    every_n: int = 1
+    """After the first_k_dense layers, every n-th layer is MoE (1 = all of them)."""
+    score_function: Literal["softmax", "sigmoid"] = "softmax"
+    """Router score function."""
+    topk_renormalize: bool = True
+    """True: softmax over the selected top-k logits (weights sum to 1); False: softmax over all experts,
+    then keep the top-k probabilities as they are (Switch/GShard style)."""
+    aux_loss_coeff: float = 0.01
+    """Switch load-balancing loss coefficient (0 = off)."""
+    z_loss_coeff: float = 0.001
+    """Router z-loss coefficient (0 = off)."""
+    capacity_factor: float = 0.0
+    """Expert capacity factor; 0 = dropless (no token is dropped)."""
+    token_dispatcher: Literal["allgather", "alltoall"] = "alltoall"
+    """megatron-core token dispatcher."""
+    grouped_gemm: bool = False
+    """Use grouped GEMM for the experts (GPU)."""
+
+    def is_moe_layer(self, layer: int) -> bool:
+        """Whether 0-based `layer` holds an MoE block."""
+        if self.num_experts == 0 or layer < self.first_k_dense:
+            return False
+        return (layer - self.first_k_dense) % self.every_n == 0
+
+
+@dataclass
+class ModelConfig:
+    """A LLaMA-style GPT (RMSNorm, SwiGLU, RoPE by default)."""
+
+    vocab_size: int = 4096
+    """Vocabulary size (padded to a multiple of 128 x tensor parallel when built)."""
+    seq_length: int = 256
+    """Training sequence length in tokens."""
+    num_layers: int = 4
+    """Transformer layers."""
+    hidden_size: int = 128
+    """Model width d_model."""
+    num_attention_heads: int = 4
+    """Attention heads."""
+    num_query_groups: int = 0
+    """Key/value heads for grouped-query attention (0 = num_attention_heads, i.e. MHA)."""
+    ffn_hidden_size: int = 344
+    """Hidden size of the dense FFN."""
+    normalization: Literal["RMSNorm", "LayerNorm"] = "RMSNorm"
+    """Normalisation layer."""
+    activation: Literal["swiglu", "gelu"] = "swiglu"
+    """FFN activation; swiglu is gated (three weight matrices)."""
+    position_embedding: Literal["rope", "learned_absolute"] = "rope"
+    """Position encoding."""
+    rotary_base: int = 10000
+    """RoPE base."""
+    tie_embeddings: bool = False
+    """Share input embedding and output layer weights."""
+    init_method_std: float = 0.02
+    """Standard deviation of the normal weight init."""
+    norm_epsilon: float = 1e-5
+    """Epsilon of the norm layers."""
+    moe: MoEConfig = field(default_factory=MoEConfig)
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_query_groups or self.num_attention_heads
+
+    @property
+    def is_moe(self) -> bool:
+        return self.moe.num_experts > 0
+
+    @property
+    def expert_ffn(self) -> int:
+        return self.moe.expert_ffn_hidden_size or self.ffn_hidden_size
+
+    def moe_layer_pattern(self) -> list[int]:
+        return [int(self.moe.is_moe_layer(i)) for i in range(self.num_layers)]
+
+
+@dataclass
+class ParallelConfig:
+    """Parallel layout. Data parallel size = world size / (tensor x pipeline)."""
+
+    tensor: int = 1
+    """Tensor-parallel size."""
+    pipeline: int = 1
+    """Pipeline-parallel size."""
+    expert: int = 1
+    """Expert-parallel size (must divide num_experts and the data x tensor ranks)."""
+    sequence_parallel: bool = False
+    """Sequence parallelism (needs tensor > 1)."""
+
+
+@dataclass
+class DataConfig:
+    """Where tokens come from, and the data-reuse schedule (see `megatron_moe.data`)."""
+
+    path: str = ""
+    """Prepared dataset directory (`megatron-moe data prepare`); empty = the built-in synthetic corpus."""
+    seed: int = 1234
+    """Data order seed (budget selection and per-epoch shuffles); identical across arms of a study."""
+    synthetic_documents: int = 2000
+    """Documents generated for the built-in synthetic corpus (train + validation)."""
+    synthetic_vocab_size: int = 512
+    """Byte-level BPE vocabulary size (tokens) trained for the built-in synthetic corpus."""
+    unique_tokens: int = 0
+    """Unique-token budget in tokens: whole training documents in a seeded order up to this many (0 = all)."""
+    epochs: float = 0.0
+    """Passes over the unique tokens, fractional allowed (0 = repeat as long as training asks)."""
+    consumed_tokens: int = 0
+    """Alternative to epochs: total training tokens the schedule provides (0 = unset)."""
+
+    def validate(self) -> None:
+        """Check ranges; raises ConfigError naming the dotted field."""
+        for name in ("unique_tokens", "epochs", "consumed_tokens"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"data.{name} = {getattr(self, name)} must be >= 0")
+        if self.epochs > 0 and self.consumed_tokens > 0:
+            raise ConfigError(
+                f"data.epochs = {self.epochs} and data.consumed_tokens = {self.consumed_tokens} are both set; set one"
+            )
+        if self.synthetic_documents < 20:
+            raise ConfigError(f"data.synthetic_documents = {self.synthetic_documents} must be >= 20")
+        if not 260 <= self.synthetic_vocab_size <= 65000:
+            raise ConfigError(f"data.synthetic_vocab_size = {self.synthetic_vocab_size} must be in [260, 65000]")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and run length."""
+
+    train_steps: int = 200
+    """Optimizer steps."""
+    micro_batch_size: int = 8
+    """Sequences per micro-batch per data-parallel rank."""
+    global_batch_size: int = 8
+    """Sequences per optimizer step (all ranks, all micro-batches)."""
+    lr: float = 3e-3
+    """Peak learning rate."""
+    min_lr: float = 3e-4
+    """Final learning rate of the decay."""
+    lr_schedule: Literal["cosine", "wsd", "constant"] = "cosine"
+    """Learning-rate schedule after warm-up."""
+    lr_warmup_steps: int = 20
+    """Linear warm-up steps."""
+    wsd_decay_fraction: float = 0.2
+    """Fraction of steps spent decaying in the warm-up-stable-decay schedule."""
+    weight_decay: float = 0.1
+    """AdamW weight decay."""
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    """Global gradient-norm clip (0 = off)."""
+    seed: int = 42
+    """Model-init seed."""
+    precision: Literal["auto", "fp32", "bf16", "fp8"] = "auto"
+    """auto = fp32 on CPU, bf16 on GPU; fp8 needs Transformer Engine on Hopper."""
+    distributed_optimizer: bool = False
+    """Shard optimizer state over data-parallel ranks."""
+    log_interval: int = 10
+    """Steps between progress lines."""
+    eval_interval: int = 0
+    """Steps between validation passes (0 = only at the end)."""
+    eval_iters: int = 4
+    """Validation batches per pass."""
+    save_interval: int = 0
+    """Steps between checkpoints (0 = none)."""
+    output_dir: str = "runs/default"
+    """Run directory: metrics.jsonl, result.json, checkpoints."""
+
+
+@dataclass
+class RunConfig:
+    """A whole training run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def config_hash(self) -> str:
+        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
+
+
+# ---------------------------------------------------------------- loading
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, path: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"{path} = {value!r} is not allowed; expected {_type_name(tp)}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(value, arg, path)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{path} = {value!r} has the wrong type; expected {tp}")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path} must be a table, got {value!r}")
+        return from_dict(tp, value, path)
+    if tp is type(None):
+        if value is not None:
+            raise ConfigError(f"{path} = {value!r}; expected none")
+        return None
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path} = {value!r} has the wrong type; expected float")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path} = {value!r} has the wrong type; expected int")
+        return value
+    if tp in (bool, str):
+        if not isinstance(value, tp):
+            raise ConfigError(f"{path} = {value!r} has the wrong type; expected {tp.__name__}")
+        return value
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{path} = {value!r} has the wrong type; expected a list")
+        return [_coerce(v, item, f"{path}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path} = {value!r} has the wrong type; expected a table")
+        return dict(value)
+    raise ConfigError(f"{path}: unsupported field type {tp}")
+
+
+def from_dict(cls: type, data: dict[str, Any], path: str = "") -> Any:
+    """Build dataclass `cls` from a nested dict; unknown keys and wrong types raise ConfigError."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        dotted = f"{path}.{key}" if path else key
+        if key not in fields:
+            raise ConfigError(f"unknown key {dotted!r}; valid keys here: {', '.join(fields)}")
+        kwargs[key] = _coerce(value, hints[key], dotted)
+    return cls(**kwargs)
+
+
+def _parse_override_value(text: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text  # a bare string such as precision=bf16
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `dotted.key=value` overrides (values parsed as TOML, else taken as strings)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form dotted.key=value")
+        key, text = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = data
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {key!r}: {part!r} is not a table")
+        node[parts[-1]] = _parse_override_value(text.strip())
+    return data
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        return tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid TOML ({exc})") from None
+
+
+def load_run_config(path: str | Path | None, overrides: list[str] = (), world_size: int | None = None) -> RunConfig:
+    """Load, override and validate a run config (path None = all defaults)."""
+    data = load_toml(path) if path else {}
+    cfg = from_dict(RunConfig, apply_overrides(data, list(overrides)))
+    validate(cfg, world_size)
+    return cfg
+
+
+def save_toml(cfg: Any, path: str | Path) -> None:
+    """Write a dataclass config as TOML, atomically."""
+    from megatron_moe.utils import atomic_write_text
+
+    atomic_write_text(path, to_toml(dataclasses.asdict(cfg)))
+
+
+def to_toml(data: dict[str, Any]) -> str:
+    def fmt(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (int, float)):
+            return repr(v)
+        if isinstance(v, str):
+            return json.dumps(v)
+        if isinstance(v, list):
+            return "[" + ", ".join(fmt(x) for x in v) + "]"
+        raise TypeError(v)
+
+    lines: list[str] = []
+
+    def emit(table: dict[str, Any], prefix: str) -> None:
+        scalars = {k: v for k, v in table.items() if not isinstance(v, dict) and v is not None}
+        tables = {k: v for k, v in table.items() if isinstance(v, dict)}
+        if prefix and scalars:
+            lines.append(f"[{prefix}]")
+        for k, v in scalars.items():
+            lines.append(f"{k} = {fmt(v)}")
+        if scalars:
+            lines.append("")
+        for k, v in tables.items():
+            emit(v, f"{prefix}.{k}" if prefix else k)
+
+    emit(data, "")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- validation
+
+
+def _positive(value: int | float, path: str, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{path} = {value} must be {'>= 0' if allow_zero else '> 0'}")
+
+
+def validate_model(m: ModelConfig, tensor: int = 1, expert: int = 1, pipeline: int = 1) -> None:
+    for name in ("vocab_size", "seq_length", "num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size"):
+        _positive(getattr(m, name), f"model.{name}")
+    if m.hidden_size % m.num_attention_heads:
+        raise ConfigError(
+            f"model.hidden_size = {m.hidden_size} is not divisible by model.num_attention_heads = "
+            f"{m.num_attention_heads}"
+        )
+    if m.num_attention_heads % m.kv_heads:
+        raise ConfigError(
+            f"model.num_attention_heads = {m.num_attention_heads} is not divisible by "
+            f"model.num_query_groups = {m.kv_heads}"
+        )
+    if m.num_attention_heads % tensor:
+        raise ConfigError(
+            f"model.num_attention_heads = {m.num_attention_heads} is not divisible by parallel.tensor = {tensor}"
+        )
+    if m.kv_heads % tensor:
+        raise ConfigError(f"model.num_query_groups = {m.kv_heads} is not divisible by parallel.tensor = {tensor}")
+    if m.ffn_hidden_size % tensor:
+        raise ConfigError(f"model.ffn_hidden_size = {m.ffn_hidden_size} is not divisible by parallel.tensor = {tensor}")
+    if m.num_layers % pipeline:
+        raise ConfigError(f"model.num_layers = {m.num_layers} is not divisible by parallel.pipeline = {pipeline}")
+    e = m.moe
+    for name in ("num_experts", "expert_ffn_hidden_size", "shared_expert_ffn_hidden_size", "first_k_dense"):
+        _positive(getattr(e, name), f"model.moe.{name}", allow_zero=True)
+    for name in ("aux_loss_coeff", "z_loss_coeff", "capacity_factor"):
+        _positive(getattr(e, name), f"model.moe.{name}", allow_zero=True)
+    if e.num_experts == 0:
+        if expert != 1:
+            raise ConfigError(f"parallel.expert = {expert} needs an MoE model (model.moe.num_experts > 0)")
+        return
+    _positive(e.top_k, "model.moe.top_k")
+    _positive(e.every_n, "model.moe.every_n")
+    if e.top_k > e.num_experts:
+        raise ConfigError(f"model.moe.top_k = {e.top_k} exceeds model.moe.num_experts = {e.num_experts}")
+    if e.num_experts % expert:
+        raise ConfigError(f"model.moe.num_experts = {e.num_experts} is not divisible by parallel.expert = {expert}")
+    if e.first_k_dense >= m.num_layers:
+        raise ConfigError(
+            f"model.moe.first_k_dense = {e.first_k_dense} leaves no MoE layer in model.num_layers = {m.num_layers}"
+        )
+    if m.expert_ffn % tensor:
+        raise ConfigError(f"model.moe.expert_ffn_hidden_size = {m.expert_ffn} is not divisible by parallel.tensor = {tensor}")
+    if e.shared_expert_ffn_hidden_size % tensor:
+        raise ConfigError(
+            f"model.moe.shared_expert_ffn_hidden_size = {e.shared_expert_ffn_hidden_size} is not divisible by "
+            f"parallel.tensor = {tensor}"
+        )
+
+
+def validate(cfg: RunConfig, world_size: int | None = None) -> None:
+    """Check a run config; with `world_size`, also the parallel arithmetic."""
+    p, t = cfg.parallel, cfg.train
+    for name in ("tensor", "pipeline", "expert"):
+        _positive(getattr(p, name), f"parallel.{name}")
+    validate_model(cfg.model, p.tensor, p.expert, p.pipeline)
+    if p.sequence_parallel and p.tensor == 1:
+        raise ConfigError("parallel.sequence_parallel = true needs parallel.tensor > 1")
+    if p.sequence_parallel and cfg.model.seq_length % p.tensor:
+        raise ConfigError(
+            f"model.seq_length = {cfg.model.seq_length} is not divisible by parallel.tensor = {p.tensor} "
+            "(needed by sequence parallelism)"
+        )
+    for name in ("train_steps", "micro_batch_size", "global_batch_size", "eval_iters"):
+        _positive(getattr(t, name), f"train.{name}")
+    for name in ("lr_warmup_steps", "log_interval", "eval_interval", "save_interval", "min_lr", "weight_decay", "clip_grad"):
+        _positive(getattr(t, name), f"train.{name}", allow_zero=True)
+    _positive(t.lr, "train.lr")
+    if t.min_lr > t.lr:
+        raise ConfigError(f"train.min_lr = {t.min_lr} exceeds train.lr = {t.lr}")
+    if not 0 <= t.wsd_decay_fraction <= 1:
+        raise ConfigError(f"train.wsd_decay_fraction = {t.wsd_decay_fraction} must be in [0, 1]")
+    if world_size is None:
+        return
+    model_parallel = p.tensor * p.pipeline
+    if world_size % model_parallel:
+        raise ConfigError(
+            f"world size {world_size} is not divisible by parallel.tensor x parallel.pipeline = "
+            f"{p.tensor} x {p.pipeline} = {model_parallel}"
+        )
+    dp = world_size // model_parallel
+    if (dp * p.tensor) % p.expert:
+        raise ConfigError(
+            f"parallel.expert = {p.expert} does not divide data x tensor = {dp} x {p.tensor} = {dp * p.tensor} "
+            f"(world size {world_size})"
+        )
+    if t.global_batch_size % (t.micro_batch_size * dp):
+        raise ConfigError(
+            f"train.global_batch_size = {t.global_batch_size} is not divisible by train.micro_batch_size x data "
+            f"parallel = {t.micro_batch_size} x {dp} = {t.micro_batch_size * dp}"
+        )

@@ -1,0 +1,237 @@
+"""The model builder: the one place that translates a `ModelConfig` into megatron-core objects.
+
+It composes megatron-core's own layer specs (local spec on CPU or without Transformer Engine, the
+Transformer Engine spec when TE is importable and CUDA is present) and returns a `GPTModel`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections import Counter
+
+import torch
+import torch.nn.functional as F
+
+from megatron_moe.config import ModelConfig, ParallelConfig
+from megatron_moe.planner import padded_vocab_size
+
+
+def have_transformer_engine() -> bool:
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+def transformer_config(
+    m: ModelConfig, p: ParallelConfig, params_dtype: torch.dtype = torch.float32, fp8: bool = False
+):
+    """megatron-core TransformerConfig for model `m` under layout `p`."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    on_gpu = torch.cuda.is_available()
+    e = m.moe
+    kwargs = dict(
+        num_layers=m.num_layers,
+        hidden_size=m.hidden_size,
+        num_attention_heads=m.num_attention_heads,
+        num_query_groups=m.kv_heads,
+        ffn_hidden_size=m.ffn_hidden_size,
+        normalization=m.normalization,
+        layernorm_epsilon=m.norm_epsilon,
+        gated_linear_unit=m.activation == "swiglu",
+        activation_func=F.silu if m.activation == "swiglu" else F.gelu,
+        add_bias_linear=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=m.init_method_std,
+        tensor_model_parallel_size=p.tensor,
+        pipeline_model_parallel_size=p.pipeline,
+        expert_model_parallel_size=p.expert,
+        expert_tensor_parallel_size=1,
+        sequence_parallel=p.sequence_parallel,
+        params_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        pipeline_dtype=params_dtype,
+        use_cpu_initialization=not on_gpu,
+        # Fused kernels are CUDA-only; the unfused paths compute the same functions.
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=on_gpu,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+    )
+    if fp8:
+        kwargs.update(fp8="hybrid", fp8_recipe="delayed")
+    if m.is_moe:
+        kwargs.update(
+            num_moe_experts=e.num_experts,
+            moe_router_topk=e.top_k,
+            moe_ffn_hidden_size=m.expert_ffn,
+            moe_shared_expert_intermediate_size=e.shared_expert_ffn_hidden_size or None,
+            moe_layer_freq=m.moe_layer_pattern(),
+            moe_router_load_balancing_type="aux_loss" if e.aux_loss_coeff > 0 else "none",
+            moe_aux_loss_coeff=e.aux_loss_coeff,
+            moe_z_loss_coeff=e.z_loss_coeff or None,
+            moe_router_pre_softmax=not e.topk_renormalize,
+            moe_router_score_function=e.score_function,
+            moe_expert_capacity_factor=e.capacity_factor or None,
+            moe_token_dispatcher_type=e.token_dispatcher,
+            moe_grouped_gemm=e.grouped_gemm and on_gpu,
+            moe_router_dtype="fp32",
+            moe_permute_fusion=False,
+        )
+    return TransformerConfig(**kwargs)
+
+
+def layer_spec(m: ModelConfig, tcfg, use_te: bool):
+    """The decoder block spec: megatron-core's, with dense and MoE layers placed by `moe_layer_freq`."""
+    from megatron.core.models.gpt.gpt_layer_specs import (
+        get_gpt_decoder_block_spec,
+        get_gpt_layer_local_spec,
+        get_gpt_layer_with_transformer_engine_spec,
+    )
+
+    if m.is_moe:
+        return get_gpt_decoder_block_spec(tcfg, use_transformer_engine=use_te, normalization=m.normalization)
+    if use_te:
+        return get_gpt_layer_with_transformer_engine_spec()
+    return get_gpt_layer_local_spec(normalization=m.normalization)
+
+
+def build_model(
+    m: ModelConfig,
+    p: ParallelConfig,
+    *,
+    seed: int = 42,
+    params_dtype: torch.dtype = torch.float32,
+    fp8: bool = False,
+    use_te: bool | None = None,
+):
+    """Build this rank's `GPTModel` (parallel state must be initialised) with layout-independent init."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.models.gpt import GPTModel
+
+    if use_te is None:
+        use_te = have_transformer_engine()
+    tcfg = transformer_config(m, p, params_dtype, fp8)
+    model = GPTModel(
+        config=tcfg,
+        transformer_layer_spec=layer_spec(m, tcfg, use_te),
+        vocab_size=padded_vocab_size(m, p.tensor),
+        max_sequence_length=m.seq_length,
+        pre_process=ps.is_pipeline_first_stage(),
+        post_process=ps.is_pipeline_last_stage(),
+        share_embeddings_and_output_weights=m.tie_embeddings,
+        position_embedding_type=m.position_embedding,
+        rotary_base=m.rotary_base,
+    )
+    if torch.cuda.is_available():
+        model.cuda()
+    init_weights(model, m, seed)
+    return model
+
+
+# ---------------------------------------------------------------- initialisation
+
+_LOCAL_EXPERT = re.compile(r"(\.experts\.local_experts\.)(\d+)(\.)")
+_GROUPED_EXPERT = re.compile(r"(\.experts\.linear_fc\d\.weight)(\d+)$")
+
+
+def _global_name(name: str, num_local_experts: int, ep_rank: int) -> str:
+    """Rename a local expert index to its global index, so every layout names an expert alike."""
+    offset = num_local_experts * ep_rank
+
+    def shift(match: re.Match) -> str:
+        return f"{match.group(1)}{int(match.group(2)) + offset}{match.group(3) if match.lastindex == 3 else ''}"
+
+    name = _LOCAL_EXPERT.sub(shift, name)
+    return _GROUPED_EXPERT.sub(shift, name)
+
+
+def _layer_offset(model) -> int:
+    layers = getattr(getattr(model, "decoder", None), "layers", None)
+    return layers[0].layer_number - 1 if layers is not None and len(layers) else 0
+
+
+@torch.no_grad()
+def init_weights(model, m: ModelConfig, seed: int) -> None:
+    """Initialise every matrix from a generator keyed by (seed, global parameter name).
+
+    Each rank draws the full (unsharded) matrix and keeps its own shard, so the model is the same
+    function whatever the tensor, pipeline or expert layout: a parity test compares like with like, and a
+    study's seed means the same model on any cluster. Output projections use megatron-core's scaled
+    std (std / sqrt(2 * layers)); vectors (norm weights) keep their constructor values.
+    """
+    from megatron.core import parallel_state as ps
+
+    tp_size = ps.get_tensor_model_parallel_world_size()
+    tp_rank = ps.get_tensor_model_parallel_rank()
+    ep_rank = ps.get_expert_model_parallel_rank()
+    num_local_experts = m.moe.num_experts // max(ps.get_expert_model_parallel_world_size(), 1)
+    layer_offset = _layer_offset(model)
+    for name, param in model.named_parameters():
+        if param.dim() < 2:
+            continue
+        gname = _global_name(name, num_local_experts, ep_rank)
+        gname = re.sub(r"layers\.(\d+)\.", lambda x: f"layers.{int(x.group(1)) + layer_offset}.", gname)
+        if "output_layer" in gname and m.tie_embeddings:
+            gname = "embedding.word_embeddings.weight"
+        std = m.init_method_std
+        if gname.endswith(("linear_proj.weight", "linear_fc2.weight")):
+            std /= (2.0 * m.num_layers) ** 0.5
+        # Expert weights (allreduce=False) are sharded by expert-tensor parallelism only, which is 1.
+        is_expert = not getattr(param, "allreduce", True)
+        shards = tp_size if getattr(param, "tensor_model_parallel", False) and not is_expert else 1
+        dim = getattr(param, "partition_dim", 0)
+        stride = getattr(param, "partition_stride", 1)
+        full_shape = list(param.shape)
+        full_shape[dim] *= shards
+        key = int.from_bytes(hashlib.sha256(f"{seed}:{gname}".encode()).digest()[:8], "little")
+        gen = torch.Generator().manual_seed(key & 0x7FFF_FFFF_FFFF_FFFF)
+        full = torch.empty(full_shape, dtype=torch.float32).normal_(0.0, std, generator=gen)
+        if shards > 1:
+            chunks = torch.split(full, full_shape[dim] // (shards * stride), dim=dim)
+            full = torch.cat(chunks[tp_rank::shards], dim=dim)
+        param.copy_(full.to(param.dtype))
+
+
+# ---------------------------------------------------------------- parameter report
+
+COMPONENTS = ("embedding", "attention", "dense_mlp", "routed_experts", "shared_experts", "router", "norms", "output_layer")
+
+
+def component_of(name: str) -> str:
+    """Which ledger component a megatron-core parameter name belongs to."""
+    if "embedding" in name:
+        return "embedding"
+    if "output_layer" in name:
+        return "output_layer"
+    if "layernorm" in name or "norm" in name.rsplit(".", 2)[-2]:
+        return "norms"
+    if ".router." in name:
+        return "router"
+    if ".shared_experts." in name:
+        return "shared_experts"
+    if ".experts." in name:
+        return "routed_experts"
+    if ".self_attention." in name:
+        return "attention"
+    if ".mlp." in name:
+        return "dense_mlp"
+    raise ValueError(f"unclassified parameter {name}")
+
+
+def local_parameter_counts(model) -> dict[str, int]:
+    """Parameters held by this rank, per component (tied output weights are not counted twice)."""
+    counts: Counter[str] = Counter({c: 0 for c in COMPONENTS})
+    seen: set[int] = set()
+    for name, param in model.named_parameters():
+        if id(param) in seen:
+            continue
+        seen.add(id(param))
+        counts[component_of(name)] += param.numel()
+    return dict(counts)

@@ -1,0 +1,101 @@
+"""Process groups: the only module that initialises torch.distributed and megatron-core's parallel state.
+
+Works under torchrun (reads RANK/WORLD_SIZE/MASTER_ADDR/...) and as a plain single process (a private
+loopback rendezvous). gloo on CPU, NCCL on GPU.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from megatron_moe.config import ParallelConfig
+
+
+@dataclass(frozen=True)
+class ParallelInfo:
+    """Ranks and sizes of this process in every parallel dimension."""
+
+    rank: int
+    world_size: int
+    tensor: int
+    pipeline: int
+    expert: int
+    data: int
+    tp_rank: int
+    pp_rank: int
+    ep_rank: int
+    dp_rank: int
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pipeline - 1
+
+    @property
+    def is_logging_rank(self) -> bool:
+        """The rank that prints and writes metrics: tp 0, dp 0 of the last pipeline stage."""
+        return self.is_last_stage and self.tp_rank == 0 and self.dp_rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(device: torch.device) -> tuple[int, int]:
+    """Initialise torch.distributed if needed; returns (rank, world_size)."""
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def initialize_parallel(cfg: ParallelConfig, device: torch.device) -> ParallelInfo:
+    """Create every process group for layout `cfg` (already validated against the world size)."""
+    from megatron.core import parallel_state as ps
+
+    rank, world = init_distributed(device)
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    ps.initialize_model_parallel(
+        tensor_model_parallel_size=cfg.tensor,
+        pipeline_model_parallel_size=cfg.pipeline,
+        expert_model_parallel_size=cfg.expert,
+        # Experts are never tensor-sharded: gloo lacks the uneven all-gather that needs, and at the
+        # expert sizes we study expert parallelism is the better split anyway.
+        expert_tensor_parallel_size=1,
+        create_gloo_process_groups=device.type != "cuda",
+    )
+    return ParallelInfo(
+        rank=rank,
+        world_size=world,
+        tensor=cfg.tensor,
+        pipeline=cfg.pipeline,
+        expert=cfg.expert,
+        data=ps.get_data_parallel_world_size(),
+        tp_rank=ps.get_tensor_model_parallel_rank(),
+        pp_rank=ps.get_pipeline_model_parallel_rank(),
+        ep_rank=ps.get_expert_model_parallel_rank(),
+        dp_rank=ps.get_data_parallel_rank(),
+    )
+
+
+def destroy_parallel() -> None:
+    from megatron.core import parallel_state as ps
+
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,367 @@
+"""The training engine: megatron-core's DDP, optimizer, LR scheduler and forward-backward schedules.
+
+`train(cfg)` reads top to bottom: set up the platform and process groups, build the data source and the
+model, wrap them in megatron-core's machinery, then loop: fetch this rank's micro-batches, run the
+forward-backward schedule, step the optimizer, log. MoE auxiliary losses reach the gradients through
+megatron-core's `MoEAuxLossAutoScaler` and are logged separately: the reported LM loss never includes them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megatron_moe.config import ConfigError, RunConfig, load_run_config, save_toml
+from megatron_moe.utils import atomic_write_json
+
+
+_AUX_NAMES = {"load_balancing_loss": "lb", "z_loss": "z"}
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (for example a non-finite loss); the message is one line."""
+
+
+@dataclass
+class Metrics:
+    """Appends one JSON object per line to `metrics.jsonl` (logging rank only)."""
+
+    path: Path | None
+    rows: list[dict[str, Any]] = field(default_factory=list)
+
+    def log(self, row: dict[str, Any]) -> None:
+        self.rows.append(row)
+        if self.path is not None:
+            with self.path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+
+
+def _quiet_megatron_warnings() -> None:
+    # megatron-core warns at import that apex/TE are missing; that is expected here and said in README.
+    warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine|apex).*")
+    warnings.filterwarnings("ignore", message=".*cuda_graph_scope.*")
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def resolve_precision(precision: str, on_gpu: bool) -> tuple[torch.dtype, bool]:
+    """(params dtype, fp8) for the configured precision."""
+    if precision == "auto":
+        precision = "bf16" if on_gpu else "fp32"
+    if precision in ("bf16", "fp8") and not on_gpu:
+        raise ConfigError(f"train.precision = {precision!r} needs a GPU; on CPU use 'fp32' or 'auto'")
+    if precision == "fp8":
+        from megatron_moe.model import have_transformer_engine
+
+        if not have_transformer_engine():
+            raise ConfigError("train.precision = 'fp8' needs Transformer Engine; allowed here: 'bf16', 'fp32'")
+    return (torch.float32 if precision == "fp32" else torch.bfloat16), precision == "fp8"
+
+
+def lr_scheduler(optimizer, cfg: RunConfig):
+    """megatron-core's OptimizerParamScheduler, counted in optimizer steps."""
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    t = cfg.train
+    style = {"cosine": "cosine", "wsd": "WSD", "constant": "constant"}[t.lr_schedule]
+    return OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0,
+        max_lr=t.lr,
+        min_lr=t.min_lr if t.lr_schedule != "constant" else t.lr,
+        lr_warmup_steps=t.lr_warmup_steps,
+        lr_decay_steps=t.train_steps,
+        lr_decay_style=style,
+        start_wd=t.weight_decay,
+        end_wd=t.weight_decay,
+        wd_incr_steps=t.train_steps,
+        wd_incr_style="constant",
+        wsd_decay_steps=int(t.train_steps * t.wsd_decay_fraction) if t.lr_schedule == "wsd" else None,
+        lr_wsd_decay_style="cosine" if t.lr_schedule == "wsd" else None,
+    )
+
+
+def _micro_batches(batch: np.ndarray, dp_rank: int, dp: int, micro_batch_size: int, device) -> list[dict]:
+    """This data-parallel rank's share of a global batch [B, S+1], cut into micro-batches."""
+    per_rank = batch.shape[0] // dp
+    mine = torch.from_numpy(np.ascontiguousarray(batch[dp_rank * per_rank : (dp_rank + 1) * per_rank]))
+    seq = mine.shape[1] - 1
+    positions = torch.arange(seq, device=device).unsqueeze(0).expand(micro_batch_size, -1)
+    out = []
+    for start in range(0, per_rank, micro_batch_size):
+        chunk = mine[start : start + micro_batch_size].to(device)
+        out.append(
+            dict(
+                tokens=chunk[:, :-1].contiguous(),
+                labels=chunk[:, 1:].contiguous(),
+                loss_mask=torch.ones(chunk.shape[0], seq, device=device),
+                position_ids=positions,
+            )
+        )
+    return out
+
+
+def _loss_func(loss_mask: torch.Tensor, output: torch.Tensor):
+    losses = output.float()
+    loss_sum = (losses * loss_mask).sum()
+    num_tokens = loss_mask.sum().to(torch.int)
+    return loss_sum, num_tokens, {"lm": torch.stack([loss_sum.detach(), num_tokens.float()])}
+
+
+def _forward_step(data_iterator, model):
+    batch = next(data_iterator)
+    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+    return output, partial(_loss_func, batch["loss_mask"])
+
+
+class Trainer:
+    """Owns the model, optimizer, scheduler and data for one run on this process."""
+
+    def __init__(self, cfg: RunConfig, *, quiet: bool = False):
+        _quiet_megatron_warnings()
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+        from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+        from megatron.core.transformer.module import Float16Module
+
+        from megatron_moe.data import build_data_source
+        from megatron_moe.model import build_model, local_parameter_counts
+        from megatron_moe.parallel import initialize_parallel
+        from megatron_moe.platform import seed_everything, setup_platform
+
+        self.cfg = cfg
+        self.quiet = quiet
+        self.device = setup_platform()
+        on_gpu = self.device.type == "cuda"
+        params_dtype, fp8 = resolve_precision(cfg.train.precision, on_gpu)
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        from megatron_moe.config import validate
+
+        validate(cfg, world)
+        self.par = initialize_parallel(cfg.parallel, self.device)
+        t = cfg.train
+        self.num_micro_batches = t.global_batch_size // (t.micro_batch_size * self.par.data)
+
+        self.data = build_data_source(cfg.data, cfg.model.seq_length, t.global_batch_size)
+        if self.data.vocab_size > cfg.model.vocab_size:
+            raise ConfigError(
+                f"model.vocab_size = {cfg.model.vocab_size} is smaller than the tokenizer's vocabulary "
+                f"({self.data.vocab_size}); set model.vocab_size >= {self.data.vocab_size}"
+            )
+
+        seed_everything(t.seed, self.par.tp_rank, self.par.ep_rank)
+        model = build_model(cfg.model, cfg.parallel, seed=t.seed, params_dtype=params_dtype, fp8=fp8)
+        self.param_counts = local_parameter_counts(model)
+        tcfg = model.config
+        if params_dtype != torch.float32:
+            model = Float16Module(tcfg, model)
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True,
+            overlap_grad_reduce=False,
+            use_distributed_optimizer=t.distributed_optimizer,
+        )
+        self.model = DistributedDataParallel(tcfg, ddp_config, model)
+        opt_config = OptimizerConfig(
+            optimizer="adam",
+            lr=t.lr,
+            min_lr=t.min_lr,
+            weight_decay=t.weight_decay,
+            adam_beta1=t.adam_beta1,
+            adam_beta2=t.adam_beta2,
+            adam_eps=t.adam_eps,
+            clip_grad=t.clip_grad,
+            bf16=params_dtype == torch.bfloat16,
+            params_dtype=params_dtype,
+            use_distributed_optimizer=t.distributed_optimizer,
+        )
+        self.optimizer = get_megatron_optimizer(opt_config, [self.model])
+        self.scheduler = lr_scheduler(self.optimizer, cfg)
+        tcfg.no_sync_func = self.model.no_sync
+        tcfg.finalize_model_grads_func = finalize_model_grads
+        tcfg.grad_scale_func = self.optimizer.scale_loss
+        self.forward_backward = get_forward_backward_func()
+        self.step = 0
+
+        out = Path(t.output_dir)
+        self.out_dir = out
+        metrics_path = None
+        if self.par.is_logging_rank:
+            out.mkdir(parents=True, exist_ok=True)
+            metrics_path = out / "metrics.jsonl"
+            if metrics_path.exists():
+                metrics_path.unlink()
+            save_toml(cfg, out / "config.toml")
+        self.metrics = Metrics(metrics_path)
+
+    # ------------------------------------------------------------ one step
+
+    def _run_schedule(self, batch: np.ndarray, forward_only: bool) -> tuple[float, float]:
+        """Forward (and backward) over one global batch; returns (loss_sum, tokens) summed over ranks."""
+        from megatron.core import parallel_state as ps
+
+        micro = _micro_batches(
+            batch, self.par.dp_rank, self.par.data, self.cfg.train.micro_batch_size, self.device
+        )
+        losses = self.forward_backward(
+            forward_step_func=_forward_step,
+            data_iterator=iter(micro),
+            model=[self.model],
+            num_microbatches=len(micro),
+            seq_length=self.cfg.model.seq_length,
+            micro_batch_size=self.cfg.train.micro_batch_size,
+            forward_only=forward_only,
+        )
+        totals = torch.zeros(2, dtype=torch.float64)
+        for item in losses:
+            totals += item["lm"].double().cpu()
+        if self.par.is_last_stage:
+            group = ps.get_data_parallel_group(with_context_parallel=False)
+            dist.all_reduce(totals, group=group)
+        # Pipeline stages other than the last hold zeros: share the last stage's totals with everyone.
+        if self.par.pipeline > 1:
+            dist.all_reduce(totals, group=ps.get_pipeline_model_parallel_group())
+        return float(totals[0]), float(totals[1])
+
+    def _moe_losses(self) -> dict[str, float]:
+        """Mean over MoE layers and micro-batches of the load-balancing and z losses (coefficient-free)."""
+        if not self.cfg.model.is_moe:
+            return {}
+        from megatron.core.transformer.moe.moe_utils import (
+            clear_aux_losses_tracker,
+            get_moe_layer_wise_logging_tracker,
+        )
+
+        tracker = get_moe_layer_wise_logging_tracker()
+        out = {}
+        moe_layers = sum(self.cfg.model.moe_layer_pattern())
+        # Each layer's value lives on one pipeline stage and is replicated (or per-shard) elsewhere:
+        # summing over the world and dividing by the non-pipeline ranks gives the mean.
+        replicas = self.par.world_size // self.par.pipeline
+        for name in ("load_balancing_loss", "z_loss"):
+            if name not in tracker:
+                continue
+            values = tracker[name]["values"].detach().float().cpu().clone()
+            dist.all_reduce(values)
+            out[name] = float(values.sum()) / replicas / moe_layers / self.num_micro_batches
+        clear_aux_losses_tracker()
+        return out
+
+    def train_step(self) -> dict[str, Any]:
+        self.model.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        batch = self.data.train_batch(self.step)
+        loss_sum, tokens = self._run_schedule(batch, forward_only=False)
+        loss = loss_sum / tokens
+        if not math.isfinite(loss):
+            raise TrainingError(f"loss is {loss} at step {self.step + 1}; stopping (last good checkpoint kept)")
+        _, grad_norm, _ = self.optimizer.step()
+        self.scheduler.step(increment=1)
+        self.step += 1
+        row = {"step": self.step, "loss": loss, "tokens": tokens, "lr": self.optimizer.param_groups[0]["lr"]}
+        if grad_norm is not None:
+            row["grad_norm"] = float(grad_norm)
+        row.update(self._moe_losses())
+        return row
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        t = self.cfg.train
+        loss_sum = tokens = 0.0
+        for batch in self.data.valid_batches(t.global_batch_size, t.eval_iters):
+            s, n = self._run_schedule(batch, forward_only=True)
+            loss_sum += s
+            tokens += n
+        if self.cfg.model.is_moe:
+            from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker
+
+            clear_aux_losses_tracker()
+        loss = loss_sum / tokens
+        return {"val_loss": loss, "val_bpb": loss / math.log(2) / self.data.bytes_per_token}
+
+    # ------------------------------------------------------------ the loop
+
+    def log(self, text: str) -> None:
+        if self.par.is_logging_rank and not self.quiet:
+            print(text, flush=True)
+
+    def fit(self) -> dict[str, Any]:
+        t = self.cfg.train
+        tokens_per_step = t.global_batch_size * self.cfg.model.seq_length
+        self.log(
+            f"training {'MoE' if self.cfg.model.is_moe else 'dense'} model: "
+            + ", ".join(f"{k} {v:,}" for k, v in self.param_counts.items() if v)
+            + f" (rank-local) | world {self.par.world_size} = tp {self.par.tensor} x pp {self.par.pipeline}"
+            f" x dp {self.par.data} (ep {self.par.expert}) | {t.train_steps} steps x {tokens_per_step:,} tokens"
+        )
+        best = {"val_loss": math.inf, "step": 0}
+        start = time.perf_counter()
+        window_start, window_steps = start, 0
+        last: dict[str, Any] = {}
+        while self.step < t.train_steps:
+            row = self.train_step()
+            window_steps += 1
+            last = row
+            if self.step % t.log_interval == 0 or self.step == t.train_steps:
+                now = time.perf_counter()
+                row["tokens_per_s"] = window_steps * tokens_per_step / (now - window_start)
+                row["elapsed_s"] = now - start
+                window_start, window_steps = now, 0
+                self.metrics.log({"kind": "train", **row})
+                eta = (now - start) / self.step * (t.train_steps - self.step)
+                extra = "".join(f" | {short} {row[k]:.4f}" for k, short in _AUX_NAMES.items() if k in row)
+                self.log(
+                    f"step {self.step:>{len(str(t.train_steps))}}/{t.train_steps} | loss {row['loss']:.4f}{extra}"
+                    f" | lr {row['lr']:.2e} | {row['tokens_per_s']:,.0f} tok/s | eta {eta:,.0f}s"
+                )
+            at_end = self.step == t.train_steps
+            if at_end or (t.eval_interval and self.step % t.eval_interval == 0):
+                ev = self.evaluate()
+                self.metrics.log({"kind": "eval", "step": self.step, **ev})
+                if ev["val_loss"] < best["val_loss"]:
+                    best = {"val_loss": ev["val_loss"], "step": self.step}
+                self.log(f"eval at step {self.step}: val loss {ev['val_loss']:.4f} | {ev['val_bpb']:.4f} bits/byte")
+        result = {
+            "steps": self.step,
+            "final_train_loss": last.get("loss"),
+            "best_val_loss": best["val_loss"],
+            "best_val_step": best["step"],
+            "train_time_s": time.perf_counter() - start,
+            "tokens_per_step": tokens_per_step,
+            "data": self.data.describe(),
+        }
+        if self.par.is_logging_rank:
+            atomic_write_json(self.out_dir / "result.json", result)
+        return result
+
+
+def train(cfg: RunConfig, *, quiet: bool = False) -> dict[str, Any]:
+    """Train one run on this process (one rank of a torchrun job, or alone)."""
+    return Trainer(cfg, quiet=quiet).fit()
+
+
+def train_main(config_path: str | None, overrides: list[str]) -> int:
+    """Entry point of `megatron-moe train`."""
+    cfg = load_run_config(config_path, overrides)
+    try:
+        train(cfg)
+    except TrainingError as exc:
+        print(f"megatron-moe: error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        from megatron_moe.parallel import destroy_parallel
+
+        destroy_parallel()
+    return 0
