@@ -46,6 +46,149 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+# ---------------------------------------------------------------- data (owner: data layer, issue #4)
+
+DATA_EPILOG = """examples:
+  megatron-moe data prepare corpus.jsonl.xz -o data/mycorpus --vocab-size 8192 --workers 2
+  megatron-moe data prepare stories.txt.xz -o data/ts --valid-input valid.txt.xz --tokenizer tokenizer.json
+  megatron-moe data inspect data/ts --seq-length 256 --unique-tokens 1000000 --epochs 4
+  megatron-moe data inspect                      # the built-in synthetic corpus
+"""
+
+
+def _add_data(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "data",
+        help="prepare and inspect tokenized datasets",
+        description="Tokenize corpora into megatron-core .bin/.idx datasets and inspect data-reuse schedules.",
+        epilog=DATA_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    verbs = p.add_subparsers(dest="data_command", required=True, metavar="VERB")
+
+    prep = verbs.add_parser(
+        "prepare",
+        help="tokenize text / JSON lines into a prepared dataset directory",
+        description="Inputs: plain text with documents separated by --separator (default a line\n"
+        "<|endoftext|>), JSON lines with a --text-key field, or directories of them; .xz/.gz/.bz2\n"
+        "are read directly. The train/validation split is by a hash of each document's text.",
+        epilog=DATA_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    prep.add_argument("inputs", nargs="+", help="input files or directories")
+    prep.add_argument("-o", "--output", required=True, help="output dataset directory (must not exist)")
+    prep.add_argument("--tokenizer", help="tokenizer.json, SentencePiece *.model or *.tiktoken (default: train a BPE)")
+    prep.add_argument("--vocab-size", type=int, default=8192, help="vocab size of a trained BPE (default 8192)")
+    prep.add_argument("--eod-token", help="end-of-document token of a loaded tokenizer (default: auto-detect)")
+    prep.add_argument("--text-key", default="text", help="JSON field holding the text (default text)")
+    prep.add_argument("--separator", default="<|endoftext|>", help="document separator in plain text")
+    prep.add_argument("--valid-fraction", type=float, default=0.01, help="held-out fraction of documents")
+    prep.add_argument("--valid-input", action="append", help="file/dir of validation documents (repeatable)")
+    prep.add_argument("--split-seed", type=int, default=0, help="key of the split hash (default 0)")
+    prep.add_argument("--workers", type=int, default=1, help="tokenizer processes (default 1)")
+    prep.add_argument("--force", action="store_true", help="replace an existing output directory")
+    prep.add_argument("--quiet", action="store_true", help="no progress display")
+
+    def run_prepare(args: argparse.Namespace) -> int:
+        from megatron_moe.data import prepare_main
+
+        return prepare_main(args)
+
+    prep.set_defaults(func=run_prepare)
+
+    insp = verbs.add_parser(
+        "inspect",
+        help="print a dataset's counts and a schedule's tokens, epochs and fingerprint",
+        epilog=DATA_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    insp.add_argument("path", nargs="?", help="prepared dataset directory (omit for the synthetic corpus)")
+    insp.add_argument("--config", help="take data, seq_length, global batch and train steps from a run config")
+    insp.add_argument("--seq-length", type=int, help="sequence length (default 256)")
+    insp.add_argument("--global-batch-size", type=int, help="sequences per step (default 8)")
+    insp.add_argument("--train-steps", type=int, help="steps of the run (for consumed tokens when unbounded)")
+    insp.add_argument("--seed", type=int, help="data order seed")
+    insp.add_argument("--unique-tokens", type=int, help="unique-token budget (0 = all)")
+    insp.add_argument("--epochs", type=float, help="passes over the unique tokens")
+    insp.add_argument("--consumed-tokens", type=int, help="total tokens of the schedule")
+    insp.add_argument("--verify", action="store_true", help="verify every file's sha256 against the manifest")
+    insp.add_argument("--json", action="store_true", help="print the description as JSON")
+
+    def run_inspect(args: argparse.Namespace) -> int:
+        from megatron_moe.data import inspect_main
+
+        return inspect_main(args)
+
+    insp.set_defaults(func=run_inspect)
+
+
+# ---------------------------------------------------------------- plan (owner: planner, issue #3)
+
+PLAN_EPILOG = """examples:
+  megatron-moe plan examples/tiny_moe.toml                      # ledger + active/total/flops-matched dense
+  megatron-moe plan examples/tiny_moe.toml --match active --json
+  megatron-moe plan examples/tiny_moe.toml --resize ffn+hidden --multiple-of 16 --write-dir runs/plan
+  megatron-moe plan examples/tiny_moe.toml --match equal-resources --r-a 0.2,0.3,0.5 --tokens-per-param 20
+"""
+
+
+def _csv(kind: type):
+    def parse(text: str) -> tuple:
+        try:
+            return tuple(kind(x) for x in text.split(",") if x.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__}s, got {text!r}") from None
+
+    return parse
+
+
+def _add_plan(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "plan",
+        help="parameter/FLOP ledger and matched dense baselines for a config",
+        description="Print parameters by component (total and active), the activation rate r_a, FLOPs per "
+        "token and dense baselines matched to the config's active parameters, total parameters or training "
+        "FLOPs (width resized at fixed depth); or an equal-resources family. Uses the run config's [model] "
+        "and [parallel]; no torch needed.",
+        epilog=PLAN_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("config", help="run config TOML (or a bare model config)")
+    p.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. model.moe.top_k=1")
+    p.add_argument("--match", default="all", choices=["active", "total", "flops", "all", "equal-resources"],
+                   help="which matched configs to plan (default all = active, total, flops)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.add_argument("--write-dir", help="write each matched run config as TOML (plus source.toml, plan.json)")
+    p.add_argument("--multiple-of", type=int, default=8,
+                   help="resized widths are multiples of this (default 8; FP8 and grouped GEMM want 16)")
+    p.add_argument("--resize", default="ffn", choices=["ffn", "ffn+hidden"],
+                   help="dense widths to resize (default ffn)")
+    p.add_argument("--count", default="non-embedding", choices=["non-embedding", "all"],
+                   help="parameters the active/total contracts compare (default non-embedding)")
+    p.add_argument("--causal-attention", action="store_true", help="count (S+1)/2 keys per query instead of S")
+    er = p.add_argument_group("equal-resources family (--match equal-resources)")
+    er.add_argument("--r-a", type=_csv(float), default=(0.1, 0.15, 0.2, 0.25, 0.3),
+                    help="activation rates (default 0.1,0.15,0.2,0.25,0.3)")
+    er.add_argument("--total-params", type=int, help="N, non-embedding parameters (default: the config's)")
+    er.add_argument("--unique-tokens", type=int, help="D, the unique-token budget (default tokens-per-param x N)")
+    er.add_argument("--tokens-per-param", type=float, default=20.0, help="D / N when --unique-tokens is not given")
+    er.add_argument("--top-k", type=_csv(int), default=(2, 3, 4, 6, 8), help="top-k choices (default 2,3,4,6,8)")
+    er.add_argument("--max-experts", type=int, default=256, help="largest expert count tried (default 256)")
+
+    def run(args: argparse.Namespace) -> int:
+        from megatron_moe.planner import plan_main
+
+        return plan_main(
+            args.config, args.overrides, match=args.match, as_json=args.json, write_dir=args.write_dir,
+            multiple_of=args.multiple_of, resize=args.resize, count=args.count.replace("-", "_"),
+            causal_attention=args.causal_attention, r_a_grid=args.r_a, total_params=args.total_params,
+            unique_tokens=args.unique_tokens, tokens_per_param=args.tokens_per_param,
+            top_k_choices=args.top_k, max_experts=args.max_experts,
+        )
+
+    p.set_defaults(func=run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="megatron-moe",
@@ -55,6 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_train(sub)
+    _add_data(sub)
+    _add_plan(sub)
     return parser
 
 

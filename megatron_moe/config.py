@@ -411,6 +411,11 @@ def validate_model(m: ModelConfig, tensor: int = 1, expert: int = 1, pipeline: i
     _positive(e.every_n, "model.moe.every_n")
     if e.top_k > e.num_experts:
         raise ConfigError(f"model.moe.top_k = {e.top_k} exceeds model.moe.num_experts = {e.num_experts}")
+    if e.top_k == 1 and e.topk_renormalize and e.score_function == "softmax":
+        raise ConfigError(
+            "model.moe.topk_renormalize = true with model.moe.top_k = 1 gives every token weight 1 and the router "
+            "no gradient; set model.moe.topk_renormalize = false"
+        )
     if e.num_experts % expert:
         raise ConfigError(f"model.moe.num_experts = {e.num_experts} is not divisible by parallel.expert = {expert}")
     if e.first_k_dense >= m.num_layers:
@@ -432,8 +437,14 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
     for name in ("tensor", "pipeline", "expert"):
         _positive(getattr(p, name), f"parallel.{name}")
     validate_model(cfg.model, p.tensor, p.expert, p.pipeline)
+    cfg.data.validate()
     if p.sequence_parallel and p.tensor == 1:
         raise ConfigError("parallel.sequence_parallel = true needs parallel.tensor > 1")
+    if cfg.model.is_moe and p.tensor > 1 and not p.sequence_parallel:
+        raise ConfigError(
+            f"parallel.tensor = {p.tensor} with an MoE model needs parallel.sequence_parallel = true "
+            "(megatron-core requires it for MoE layers)"
+        )
     if p.sequence_parallel and cfg.model.seq_length % p.tensor:
         raise ConfigError(
             f"model.seq_length = {cfg.model.seq_length} is not divisible by parallel.tensor = {p.tensor} "
@@ -444,6 +455,10 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
     for name in ("lr_warmup_steps", "log_interval", "eval_interval", "save_interval", "min_lr", "weight_decay", "clip_grad"):
         _positive(getattr(t, name), f"train.{name}", allow_zero=True)
     _positive(t.lr, "train.lr")
+    if t.lr_warmup_steps >= t.train_steps:
+        raise ConfigError(
+            f"train.lr_warmup_steps = {t.lr_warmup_steps} must be below train.train_steps = {t.train_steps}"
+        )
     if t.min_lr > t.lr:
         raise ConfigError(f"train.min_lr = {t.min_lr} exceeds train.lr = {t.lr}")
     if not 0 <= t.wsd_decay_fraction <= 1:

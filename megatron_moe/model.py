@@ -87,19 +87,34 @@ def transformer_config(
     return TransformerConfig(**kwargs)
 
 
+class TorchNorm:
+    """megatron-core's `WrappedTorchNorm` slot filled so that it also works with sequence parallelism.
+
+    With sequence parallelism each tensor-parallel rank normalises its own slice of the sequence, so the
+    norm weights' gradients are partial sums: marking them `sequence_parallel` makes megatron-core's
+    `finalize_model_grads` all-reduce them over the tensor-parallel group (Transformer Engine's norms do
+    the same). The torch norm itself is unchanged.
+    """
+
+    def __new__(cls, config, hidden_size: int, eps: float = 1e-5, **_unused):
+        norm_cls = torch.nn.RMSNorm if config.normalization == "RMSNorm" else torch.nn.LayerNorm
+        norm = norm_cls(hidden_size, eps=eps)
+        for param in norm.parameters():
+            param.sequence_parallel = config.sequence_parallel
+        return norm
+
+
 def layer_spec(m: ModelConfig, tcfg, use_te: bool):
     """The decoder block spec: megatron-core's, with dense and MoE layers placed by `moe_layer_freq`."""
-    from megatron.core.models.gpt.gpt_layer_specs import (
-        get_gpt_decoder_block_spec,
-        get_gpt_layer_local_spec,
-        get_gpt_layer_with_transformer_engine_spec,
-    )
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 
-    if m.is_moe:
-        return get_gpt_decoder_block_spec(tcfg, use_transformer_engine=use_te, normalization=m.normalization)
-    if use_te:
-        return get_gpt_layer_with_transformer_engine_spec()
-    return get_gpt_layer_local_spec(normalization=m.normalization)
+    block = get_gpt_decoder_block_spec(tcfg, use_transformer_engine=use_te, normalization=m.normalization)
+    if not use_te:
+        block.layer_norm = TorchNorm
+        for spec in block.layer_specs:
+            spec.submodules.input_layernorm = TorchNorm
+            spec.submodules.pre_mlp_layernorm = TorchNorm
+    return block
 
 
 def build_model(
@@ -131,6 +146,16 @@ def build_model(
     )
     if torch.cuda.is_available():
         model.cuda()
+    if p.tensor > 1 and p.expert == 1:
+        # Experts are never tensor-sharded here (expert-tensor parallel = 1), so with tensor parallel
+        # and no expert parallel each tensor rank's expert replica sees only its sequence-parallel slice
+        # of the tokens. megatron-core reduces such replicas over the data-parallel group only; marking
+        # them sequence-parallel makes `finalize_model_grads` also sum them over the tensor group, and
+        # marking them not tensor-parallel counts them once (not once per tensor rank) in the grad norm.
+        for name, param in model.named_parameters():
+            if ".experts." in name and ".shared_experts." not in name:
+                param.sequence_parallel = True
+                param.tensor_model_parallel = False
     init_weights(model, m, seed)
     return model
 
@@ -183,9 +208,10 @@ def init_weights(model, m: ModelConfig, seed: int) -> None:
         std = m.init_method_std
         if gname.endswith(("linear_proj.weight", "linear_fc2.weight")):
             std /= (2.0 * m.num_layers) ** 0.5
-        # Expert weights (allreduce=False) are sharded by expert-tensor parallelism only, which is 1.
-        is_expert = not getattr(param, "allreduce", True)
-        shards = tp_size if getattr(param, "tensor_model_parallel", False) and not is_expert else 1
+        # Routed experts are sharded by expert-tensor parallelism only, which is always 1 here
+        # (`allreduce` cannot tell: megatron-core sets it True on experts when expert parallel is 1).
+        routed_expert = ".experts." in gname and ".shared_experts." not in gname
+        shards = tp_size if getattr(param, "tensor_model_parallel", False) and not routed_expert else 1
         dim = getattr(param, "partition_dim", 0)
         stride = getattr(param, "partition_stride", 1)
         full_shape = list(param.shape)

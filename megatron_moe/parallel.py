@@ -52,13 +52,15 @@ def init_distributed(device: torch.device) -> tuple[int, int]:
     """Initialise torch.distributed if needed; returns (rank, world_size)."""
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
-    if "RANK" not in os.environ:
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
+    timeout = datetime.timedelta(minutes=30)
+    if "RANK" in os.environ:  # torchrun, srun + torchrun, ...
+        dist.init_process_group(backend=backend, timeout=timeout)
+    else:  # a lone process: a private rendezvous, leaving the environment to child processes untouched
+        init = f"tcp://127.0.0.1:{_free_port()}"
+        dist.init_process_group(backend=backend, init_method=init, rank=0, world_size=1, timeout=timeout)
     return dist.get_rank(), dist.get_world_size()
 
 

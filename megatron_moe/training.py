@@ -155,13 +155,17 @@ class Trainer:
         t = cfg.train
         self.num_micro_batches = t.global_batch_size // (t.micro_batch_size * self.par.data)
 
-        self.data = build_data_source(cfg.data, cfg.model.seq_length, t.global_batch_size)
+        self.data = build_data_source(cfg.data, cfg.model.seq_length, t.global_batch_size, t.train_steps)
         if self.data.vocab_size > cfg.model.vocab_size:
             raise ConfigError(
                 f"model.vocab_size = {cfg.model.vocab_size} is smaller than the tokenizer's vocabulary "
                 f"({self.data.vocab_size}); set model.vocab_size >= {self.data.vocab_size}"
             )
 
+        # megatron-core's aux-loss tracker is a process global sized by the first model that used it.
+        from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+
+        get_moe_layer_wise_logging_tracker().clear()
         seed_everything(t.seed, self.par.tp_rank, self.par.ep_rank)
         model = build_model(cfg.model, cfg.parallel, seed=t.seed, params_dtype=params_dtype, fp8=fp8)
         self.param_counts = local_parameter_counts(model)
@@ -247,14 +251,21 @@ class Trainer:
         tracker = get_moe_layer_wise_logging_tracker()
         out = {}
         moe_layers = sum(self.cfg.model.moe_layer_pattern())
-        # Each layer's value lives on one pipeline stage and is replicated (or per-shard) elsewhere:
-        # summing over the world and dividing by the non-pipeline ranks gives the mean.
-        replicas = self.par.world_size // self.par.pipeline
-        for name in ("load_balancing_loss", "z_loss"):
-            if name not in tracker:
+        # Each layer's value lives on one pipeline stage (a stage without MoE layers has no entry, but
+        # must join the collective). Within a stage the z-loss is a per-rank mean; the load-balancing
+        # loss is a partial sum over the tensor-parallel ranks (MoE with tensor parallelism always uses
+        # sequence parallelism, so each rank routes its own tokens). Sum over the world, divide by replicas.
+        e = self.cfg.model.moe
+        coeffs = {"load_balancing_loss": e.aux_loss_coeff, "z_loss": e.z_loss_coeff}
+        for name, coeff in coeffs.items():
+            if not coeff:
                 continue
-            values = tracker[name]["values"].detach().float().cpu().clone()
+            values = torch.zeros(self.cfg.model.num_layers)
+            if name in tracker:
+                values += tracker[name]["values"].detach().float().cpu()
             dist.all_reduce(values)
+            partial_over = self.par.tensor if name == "load_balancing_loss" else 1
+            replicas = self.par.world_size // self.par.pipeline // partial_over
             out[name] = float(values.sum()) / replicas / moe_layers / self.num_micro_batches
         clear_aux_losses_tracker()
         return out
@@ -354,7 +365,7 @@ def train(cfg: RunConfig, *, quiet: bool = False) -> dict[str, Any]:
 
 def train_main(config_path: str | None, overrides: list[str]) -> int:
     """Entry point of `megatron-moe train`."""
-    cfg = load_run_config(config_path, overrides)
+    cfg = load_run_config(config_path, overrides, world_size=int(os.environ.get("WORLD_SIZE", "1")))
     try:
         train(cfg)
     except TrainingError as exc:

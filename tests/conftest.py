@@ -1,0 +1,66 @@
+"""Shared test helpers: run the real CLI in fresh processes (one, or several under torchrun)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data" / "tinystories"
+
+# A model small enough that a 2-process run of a few steps takes seconds on 2 cores.
+TINY = [
+    "model.vocab_size=1024",
+    "model.seq_length=32",
+    "model.num_layers=2",
+    "model.hidden_size=64",
+    "model.num_attention_heads=4",
+    "model.num_query_groups=2",
+    "model.ffn_hidden_size=128",
+    "train.micro_batch_size=2",
+    "train.global_batch_size=8",
+    "train.log_interval=1",
+    "train.eval_iters=2",
+    "train.lr_warmup_steps=1",
+    "data.synthetic_documents=400",
+]
+TINY_MOE = TINY + [
+    "model.moe.num_experts=4",
+    "model.moe.top_k=2",
+    "model.moe.expert_ffn_hidden_size=64",
+]
+
+
+def cli(*args: str, nproc: int = 1, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run `megatron-moe ARGS` in a fresh process (under torchrun when nproc > 1)."""
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "megatron_moe.cli", *args]
+    else:
+        cmd = [
+            sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+            "-m", "megatron_moe.cli", *args,
+        ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1" if nproc > 1 else "2", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{cmd} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def train_rows(run_dir: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if r["kind"] == "train"]
+
+
+def train_losses(run_dir: Path) -> list[float]:
+    return [r["loss"] for r in train_rows(run_dir)]
+
+
+@pytest.fixture(scope="session")
+def shared_tmp(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("shared")

@@ -1,0 +1,79 @@
+"""Config loading: strict keys, types, dotted-path errors, parallel arithmetic; bad input via the CLI."""
+
+from __future__ import annotations
+
+import pytest
+
+from megatron_moe.config import ConfigError, RunConfig, apply_overrides, from_dict, load_run_config, to_toml, validate
+from tests.conftest import cli
+
+
+def test_defaults_validate_and_round_trip(tmp_path):
+    cfg = RunConfig()
+    validate(cfg, world_size=1)
+    path = tmp_path / "c.toml"
+    path.write_text(to_toml(cfg.to_dict()))
+    assert load_run_config(path).to_dict() == cfg.to_dict()
+
+
+def test_overrides_parse_toml_values_and_bare_strings():
+    data = apply_overrides({}, ["model.moe.num_experts=8", "train.lr=1e-3", "train.precision=fp32", "model.tie_embeddings=true"])
+    cfg = from_dict(RunConfig, data)
+    assert cfg.model.moe.num_experts == 8 and cfg.train.lr == 1e-3
+    assert cfg.train.precision == "fp32" and cfg.model.tie_embeddings is True
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ({"model": {"hiden_size": 3}}, "unknown key 'model.hiden_size'"),
+        ({"model": {"hidden_size": "big"}}, "model.hidden_size = 'big' has the wrong type; expected int"),
+        ({"model": {"moe": {"top_k": 1.5}}}, "model.moe.top_k = 1.5 has the wrong type"),
+        ({"train": {"precision": "fp16"}}, "train.precision = 'fp16' is not allowed; expected one of 'auto'"),
+        ({"model": "x"}, "model must be a table"),
+    ],
+)
+def test_strict_loading_names_the_dotted_path(data, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        from_dict(RunConfig, data)
+
+
+@pytest.mark.parametrize(
+    "overrides, world, message",
+    [
+        (["parallel.tensor=3"], 3, "model.num_attention_heads = 4 is not divisible by parallel.tensor = 3"),
+        (["model.moe.num_experts=4", "parallel.expert=3"], 3, "model.moe.num_experts = 4 is not divisible by parallel.expert = 3"),
+        (["model.moe.num_experts=4", "model.moe.top_k=5"], 1, "model.moe.top_k = 5 exceeds model.moe.num_experts = 4"),
+        (["parallel.tensor=2"], 3, "world size 3 is not divisible by parallel.tensor x parallel.pipeline = 2 x 1 = 2"),
+        (["train.global_batch_size=6", "train.micro_batch_size=4"], 1, "train.global_batch_size = 6 is not divisible"),
+        (["parallel.expert=2"], 2, "parallel.expert = 2 needs an MoE model"),
+        (["parallel.sequence_parallel=true"], 1, "parallel.sequence_parallel = true needs parallel.tensor > 1"),
+    ],
+)
+def test_validation_spells_out_the_arithmetic(overrides, world, message):
+    with pytest.raises(ConfigError) as err:
+        load_run_config(None, overrides, world_size=world)
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "toml, expected",
+    [
+        ("[model]\nnum_layerz = 2\n", "unknown key 'model.num_layerz'"),
+        ("[model]\nhidden_size = 'wide'\n", "model.hidden_size = 'wide' has the wrong type"),
+        ("[model]\nnum_attention_heads = 6\nhidden_size = 96\n[parallel]\ntensor = 4\n", "not divisible by parallel.tensor = 4"),
+        ("[model.moe]\nnum_experts = 6\n[parallel]\nexpert = 4\n", "model.moe.num_experts = 6 is not divisible by parallel.expert = 4"),
+        ("[model.moe]\nnum_experts = 2\ntop_k = 3\n", "model.moe.top_k = 3 exceeds model.moe.num_experts = 2"),
+        ("[model\n", "not valid TOML"),
+    ],
+)
+def test_bad_config_via_cli_is_one_line_and_nonzero(tmp_path, toml, expected):
+    path = tmp_path / "bad.toml"
+    path.write_text(toml)
+    proc = cli("train", str(path), check=False)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("megatron-moe: error:") and expected in lines[0]
+    assert "Traceback" not in proc.stderr + proc.stdout

@@ -1,0 +1,416 @@
+"""Data layer: preprocessing round trip, splits, data-reuse schedules, fingerprints, bad input via the CLI."""
+
+from __future__ import annotations
+
+import json
+import lzma
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from megatron_moe.config import ConfigError, DataConfig, RunConfig, from_dict
+from megatron_moe.data import (
+    EOD_TEXT,
+    DataSource,
+    Schedule,
+    TokenStore,
+    build_data_source,
+    load_tokenizer,
+    prepare_dataset,
+    read_manifest,
+    synthetic_dataset,
+)
+from tests.conftest import cli
+
+TINYSTORIES = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tinystories"
+
+DOCS = [
+    "Once upon a time, there was a cat named Tom.\nTom liked milk.",
+    "Lily saw a “shiny” star — and smiled. ☺",
+    "A story\n\nwith two paragraphs.",
+    "Short.",
+    "Numbers 1234 and symbols <>&% are fine; tabs\ttoo.",
+] + [f"Document number {i}: the dog ran to the park {i % 7} times." for i in range(60)]
+JSON_ONLY = "A JSON text may hold <|endoftext|> literally: it stays text, not a document end."
+
+
+def _write_text(path: Path, docs: list[str], compress: bool = False) -> Path:
+    text = "".join(f"{d}\n{EOD_TEXT}\n" for d in docs)
+    if compress:
+        with lzma.open(path, "wt", encoding="utf-8") as f:
+            f.write(text)
+    else:
+        path.write_text(text, encoding="utf-8")
+    return path
+
+
+def _documents(prefix: Path) -> list[np.ndarray]:
+    store = TokenStore.open(prefix)
+    return [np.asarray(store.document(i)) for i in range(store.num_documents)]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory, request) -> Path:
+    """A private cache for the synthetic corpus, also used by CLI subprocesses."""
+    root = tmp_path_factory.mktemp("cache")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MEGATRON_MOE_CACHE", str(root))
+    request.addfinalizer(mp.undo)
+    return root
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> Path:
+    """A small prepared dataset: text + JSON lines (one file xz-compressed), BPE trained on it."""
+    d = tmp_path_factory.mktemp("prep")
+    _write_text(d / "a.txt.xz", DOCS[:30], compress=True)
+    with open(d / "b.jsonl", "w", encoding="utf-8") as f:
+        for doc in DOCS[30:] + [JSON_ONLY]:
+            f.write(json.dumps({"text": doc, "id": 1}) + "\n")
+    prepare_dataset([d / "a.txt.xz", d / "b.jsonl"], d / "out", vocab_size=300, valid_fraction=0.2, progress=False)
+    return d
+
+
+# ---------------------------------------------------------------- preprocessing
+
+
+def test_round_trip_decode_equals_input_documents(prepared):
+    out = prepared / "out"
+    m = read_manifest(out)
+    tok = load_tokenizer(out / "tokenizer.json")
+    decoded = []
+    for split in ("train", "valid"):
+        docs = _documents(out / split)
+        assert len(docs) == m["splits"][split]["documents"] > 0
+        for ids in docs:
+            assert ids[-1] == tok.eod_id and tok.eod_id not in ids[:-1]
+            decoded.append(tok.decode(ids[:-1]))
+    assert sorted(decoded) == sorted([d.strip() for d in DOCS] + [JSON_ONLY])
+    assert m["documents"] == len(DOCS) + 1 and m["bytes"] == sum(len(d.encode()) for d in DOCS + [JSON_ONLY])
+    assert m["tokens"] == m["splits"]["train"]["tokens"] + m["splits"]["valid"]["tokens"]
+    assert m["tokenizer"]["vocab_size"] == 300 and m["dtype"] == "uint16"
+
+
+def test_output_is_readable_by_megatron_core(prepared):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    ds = IndexedDataset(str(prepared / "out" / "train"))
+    mine = _documents(prepared / "out" / "train")
+    assert len(ds) == len(mine)
+    for i in range(len(ds)):
+        np.testing.assert_array_equal(ds[i], mine[i])
+
+
+def test_split_is_by_text_so_arms_with_other_tokenizers_hold_out_the_same_documents(prepared, tmp_path):
+    other = tmp_path / "other"
+    prepare_dataset([prepared / "a.txt.xz", prepared / "b.jsonl"], other, vocab_size=280, valid_fraction=0.2,
+                    progress=False)
+
+    def valid_texts(path: Path) -> list[str]:
+        tok = load_tokenizer(path / "tokenizer.json")
+        return [tok.decode(ids[:-1]) for ids in _documents(path / "valid")]
+
+    assert valid_texts(other) == valid_texts(prepared / "out")
+    assert read_manifest(other)["tokenizer"]["sha256"] != read_manifest(prepared / "out")["tokenizer"]["sha256"]
+
+
+def test_workers_and_loaded_tokenizer_give_identical_files(prepared, tmp_path):
+    inputs = [prepared / "a.txt.xz", prepared / "b.jsonl"]
+    tok = prepared / "out" / "tokenizer.json"
+    prepare_dataset(inputs, tmp_path / "w2", tokenizer=tok, valid_fraction=0.2, workers=2, progress=False)
+    a, b = read_manifest(prepared / "out")["checksums"], read_manifest(tmp_path / "w2")["checksums"]
+    assert a == b
+
+
+def test_directory_input_and_valid_input(tmp_path):
+    src = tmp_path / "corpus"
+    (src / "sub").mkdir(parents=True)
+    _write_text(src / "one.txt", DOCS[:20])
+    _write_text(src / "sub" / "two.txt.xz", DOCS[20:40], compress=True)
+    (src / "ignored.csv").write_text("not a corpus\n")
+    valid = _write_text(tmp_path / "valid.txt", DOCS[40:])
+    m = prepare_dataset([src], tmp_path / "out", vocab_size=300, valid_inputs=[valid], progress=False)
+    assert m["splits"]["train"]["documents"] == 40 and m["splits"]["valid"]["documents"] == len(DOCS) - 40
+    assert [Path(i["path"]).name for i in m["inputs"]] == ["one.txt", "two.txt.xz"]
+
+
+def test_existing_output_needs_force(prepared, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(prepared / "out", out)
+    with pytest.raises(ConfigError, match="already exists"):
+        prepare_dataset([prepared / "b.jsonl"], out, vocab_size=300, valid_fraction=0.2, progress=False)
+    m = prepare_dataset([prepared / "b.jsonl"], out, vocab_size=300, valid_fraction=0.2, force=True, progress=False)
+    assert read_manifest(out) == m
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temp or old directories left
+
+
+# ---------------------------------------------------------------- schedules
+
+
+def _stream_docs(sch: Schedule, total: int) -> list[tuple[int, int, int]]:
+    return list(sch.segments(0, total))
+
+
+@pytest.mark.parametrize("epochs", [1.0, 3.0, 2.5])
+def test_budget_and_epochs_give_exactly_r_times_b_tokens(epochs):
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(5, 200, size=300)
+    budget, seq = 10_000, 64
+    sch = Schedule(lengths, seq, seed=7, unique_tokens=budget, epochs=epochs)
+    u = sch.unique_tokens
+    assert u <= budget and budget - u < lengths.max()  # whole documents, never over the budget
+    assert int(lengths[sch.selected].sum()) == u
+    assert sch.total_tokens == int(epochs * u)
+    covered = sch.num_samples * seq + 1  # consecutive samples share one token
+    assert 0 <= epochs * u - covered < seq + 1  # R x B tokens, to within one sequence
+
+    # Each full epoch holds every unique document exactly once, whole; epochs are shuffled differently.
+    segs = _stream_docs(sch, sch.total_tokens)
+    pos, orders = 0, []
+    for e in range(int(np.ceil(epochs))):
+        ids, _ = sch.epoch_order(e)
+        assert sorted(ids.tolist()) == sorted(sch.selected.tolist())
+        orders.append(ids.tolist())
+    per_epoch: list[list[int]] = [[] for _ in orders]
+    for doc, off, n in segs:
+        e = pos // u
+        if off == 0:
+            per_epoch[e].append(doc)
+        pos += n
+    for e in range(int(epochs)):
+        assert per_epoch[e] == orders[e]
+    if len(orders) > 1:
+        assert orders[0] != orders[1]
+    with pytest.raises(ConfigError):
+        list(sch.segments(sch.total_tokens - 5, 10))
+
+
+def test_smaller_budget_is_a_subset_and_seed_changes_order():
+    lengths = np.full(100, 10)
+    small = Schedule(lengths, 16, seed=1, unique_tokens=200)
+    big = Schedule(lengths, 16, seed=1, unique_tokens=500)
+    assert set(small.selected) < set(big.selected) and small.unique_tokens == 200
+    other = Schedule(lengths, 16, seed=2, unique_tokens=200)
+    assert set(other.selected) != set(small.selected)
+
+
+def test_consumed_tokens_and_bad_schedules():
+    lengths = np.full(50, 20)
+    assert Schedule(lengths, 16, 0, consumed_tokens=3000).epochs == 3.0
+    with pytest.raises(ConfigError, match="exceeds"):
+        Schedule(lengths, 16, 0, unique_tokens=10_000)
+    with pytest.raises(ConfigError, match="smaller than"):
+        Schedule(lengths, 16, 0, unique_tokens=5)
+    with pytest.raises(ConfigError, match="both set"):
+        DataConfig(epochs=2, consumed_tokens=10).validate()
+
+
+# ---------------------------------------------------------------- the trainer's interface
+
+
+def test_synthetic_source_batches(cache):
+    ds = build_data_source(DataConfig(synthetic_documents=400), seq_length=32, global_batch_size=8)
+    b = ds.train_batch(0)
+    assert b.shape == (8, 33) and b.dtype == np.int64
+    assert 0 <= b.min() and b.max() < ds.vocab_size
+    np.testing.assert_array_equal(b[0, -1], b[1, 0])  # samples share one token: each token a target once
+    again = build_data_source(DataConfig(synthetic_documents=400), seq_length=32, global_batch_size=8)
+    for step in (0, 1, 57):
+        np.testing.assert_array_equal(ds.train_batch(step), again.train_batch(step))
+    v = ds.valid_batches(4, 3)
+    assert len(v) == 3 and all(x.shape == (4, 33) for x in v)
+    np.testing.assert_array_equal(np.stack(v), np.stack(again.valid_batches(4, 3)))
+    assert 2.0 < ds.bytes_per_token < 6.0
+    assert "named" in ds.decode(np.concatenate([x[:-1] for x in b]))  # real text, as the stories have it
+    d = ds.describe(train_steps=100)
+    assert d["consumed_tokens"] == 100 * 8 * 32 and d["unique_documents"] == d["train_documents"]
+    with pytest.raises(ConfigError, match="validation split"):
+        ds.valid_batches(64, 100)
+
+
+def test_synthetic_corpus_is_identical_when_rebuilt(tmp_path):
+    a = synthetic_dataset(300, 300, root=tmp_path / "a")
+    b = synthetic_dataset(300, 300, root=tmp_path / "b")
+    assert read_manifest(a)["checksums"] == read_manifest(b)["checksums"]
+    assert synthetic_dataset(300, 300, root=tmp_path / "a") == a  # cached
+    assert [p.name for p in (tmp_path / "a").iterdir()] == [a.name]
+
+
+def test_stream_is_the_epoch_shuffled_documents_and_reaches_r_times_b(cache):
+    cfg = DataConfig(synthetic_documents=400, unique_tokens=5000, epochs=2.5, seed=3)
+    seq, gbs = 32, 4
+    ds = build_data_source(cfg, seq, gbs)
+    sch = ds.schedule
+    expected = np.concatenate([
+        np.concatenate([np.asarray(ds.train.document(i)) for i in sch.epoch_order(e)[0]]) for e in range(3)
+    ])[: sch.total_tokens]
+    got = np.concatenate([ds.train_batch(s)[:, :-1].reshape(-1) for s in range(ds.num_steps)])
+    np.testing.assert_array_equal(got, expected[: len(got)])
+    assert ds.num_steps == sch.num_samples // gbs
+    assert sch.total_tokens - (sch.num_samples * seq + 1) < seq + 1
+    with pytest.raises(ConfigError, match="optimizer steps"):
+        ds.train_batch(ds.num_steps)
+    with pytest.raises(ConfigError, match="exceeds"):
+        build_data_source(cfg, seq, gbs, train_steps=ds.num_steps + 1)
+
+
+def test_fingerprint_depends_on_data_schedule_not_model(cache):
+    def fp(overrides: dict, data: dict | None = None, seq: int | None = None) -> str:
+        run = from_dict(RunConfig, {"model": overrides, "data": {"synthetic_documents": 400, **(data or {})}})
+        return build_data_source(run.data, seq or run.model.seq_length, run.train.global_batch_size).fingerprint()
+
+    dense = fp({"seq_length": 64, "hidden_size": 64, "num_layers": 2})
+    moe = fp({"seq_length": 64, "hidden_size": 128, "num_layers": 4, "moe": {"num_experts": 8, "top_k": 2}})
+    assert dense == moe
+    assert fp({"seq_length": 64}, {"seed": 99}) != dense
+    assert fp({"seq_length": 32}) != dense
+    assert fp({"seq_length": 64}, {"unique_tokens": 20_000, "epochs": 2.0}) != dense
+
+
+# ---------------------------------------------------------------- the CLI, bad input
+
+
+def _bad_cases(tmp: Path) -> dict[str, tuple[list[str], str]]:
+    (tmp / "empty.txt").write_text(f"\n{EOD_TEXT}\n  \n{EOD_TEXT}\n")
+    (tmp / "binary.txt").write_bytes(b"fine line\nbad \xff\xfe bytes\n")
+    (tmp / "nofield.jsonl").write_text('{"text": "ok"}\n{"body": "no text"}\n')
+    (tmp / "badjson.jsonl").write_text('{"text": "ok"}\n{"text": \n')
+    (tmp / "bad_tokenizer.json").write_text('{"not": "a tokenizer"}')
+    good = _write_text(tmp / "good.txt", DOCS)
+    return {
+        "empty": ([str(tmp / "empty.txt")], "corpus is empty"),
+        "undecodable": ([str(tmp / "binary.txt")], "binary.txt:2: not UTF-8"),
+        "missing-field": ([str(tmp / "nofield.jsonl")], "nofield.jsonl:2: JSON line has no field 'text'"),
+        "bad-json": ([str(tmp / "badjson.jsonl")], "badjson.jsonl:2: not valid JSON"),
+        "bad-tokenizer": ([str(good), "--tokenizer", str(tmp / "bad_tokenizer.json")], "does not load"),
+        "missing-input": ([str(tmp / "nope.txt")], "does not exist"),
+        "no-valid-docs": ([str(good), "--valid-fraction", "0"], "valid split is empty"),
+    }
+
+
+@pytest.mark.parametrize(
+    "case", ["empty", "undecodable", "missing-field", "bad-json", "bad-tokenizer", "missing-input", "no-valid-docs"]
+)
+def test_prepare_refuses_bad_input(tmp_path, case):
+    args, message = _bad_cases(tmp_path)[case]
+    out = tmp_path / "outdir"
+    proc = cli("data", "prepare", *args, "-o", str(out), "--vocab-size", "300", "--quiet", check=False)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("megatron-moe: error:") and message in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not out.exists() and not list(tmp_path.glob(".outdir*"))  # nothing half-written
+
+
+@pytest.mark.parametrize("damage", ["truncate-idx", "truncate-bin", "corrupt-header", "flip-bin-byte", "no-manifest"])
+def test_inspect_refuses_corrupt_dataset(prepared, tmp_path, damage):
+    d = tmp_path / "ds"
+    shutil.copytree(prepared / "out", d)
+    idx, bin_ = d / "train.idx", d / "train.bin"
+    if damage == "truncate-idx":
+        idx.write_bytes(idx.read_bytes()[:-9])
+    elif damage == "truncate-bin":
+        bin_.write_bytes(bin_.read_bytes()[:-2])
+    elif damage == "corrupt-header":
+        idx.write_bytes(b"XXXX" + idx.read_bytes()[4:])
+    elif damage == "flip-bin-byte":
+        raw = bytearray(bin_.read_bytes())
+        raw[10] ^= 0xFF
+        bin_.write_bytes(bytes(raw))
+    else:
+        (d / "manifest.json").unlink()
+    with pytest.raises(ConfigError):
+        DataSource(d, DataConfig(), 16, 2)
+    proc = cli("data", "inspect", str(d), "--seq-length", "16", check=False)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_cli_prepare_and_inspect(prepared, tmp_path):
+    out = tmp_path / "ds"
+    proc = cli("data", "prepare", str(prepared / "a.txt.xz"), str(prepared / "b.jsonl"), "-o", str(out),
+               "--vocab-size", "300", "--valid-fraction", "0.2", "--workers", "2")
+    assert f"{len(DOCS) + 1} documents" in proc.stdout and "MB/s" in proc.stdout
+    assert read_manifest(out)["checksums"] == read_manifest(prepared / "out")["checksums"]
+    proc = cli("data", "inspect", str(out), "--seq-length", "16", "--global-batch-size", "2", "--epochs", "2",
+               "--json", "--verify")
+    info = json.loads(proc.stdout)
+    ds = build_data_source(DataConfig(path=str(out), epochs=2), 16, 2)
+    assert info["fingerprint"] == ds.fingerprint() and info["epochs"] == pytest.approx(ds.describe()["epochs"])
+    text = cli("data", "inspect", str(out), "--seq-length", "16").stdout
+    assert "fingerprint" in text and "unique" in text
+
+
+def test_cli_inspect_synthetic(cache):
+    proc = cli("data", "inspect", "--train-steps", "10")
+    assert "synthetic" in proc.stdout and "fingerprint" in proc.stdout
+
+
+# ---------------------------------------------------------------- real data: TinyStories excerpts
+
+
+@pytest.mark.skipif(not TINYSTORIES.is_dir(), reason=f"TinyStories excerpts not found at {TINYSTORIES}")
+def test_tinystories_collected(tmp_path):
+    train, valid = TINYSTORIES / "tinystories-collected.txt.xz", TINYSTORIES / "tinystories-collected-valid.txt.xz"
+    m = prepare_dataset([train], tmp_path / "ts", vocab_size=1024, valid_inputs=[valid], progress=False)
+    assert m["splits"]["train"]["documents"] == 10_270 and m["splits"]["valid"]["documents"] == 50
+    sep_bytes = len(f"\n{EOD_TEXT}\n") * 10_320  # each story is followed by one separator line
+    assert m["bytes"] == 8_587_487 + 34_779 - sep_bytes  # sizes from the directory's README
+    assert 2.5 < m["bytes_per_token"] < 5.0
+    with lzma.open(valid, "rt", encoding="utf-8") as f:
+        stories = [s for s in f.read().split(f"\n{EOD_TEXT}\n") if s]
+    tok = load_tokenizer(tmp_path / "ts" / "tokenizer.json")
+    assert [tok.decode(ids[:-1]) for ids in _documents(tmp_path / "ts" / "valid")] == stories
+    ds = build_data_source(DataConfig(path=str(tmp_path / "ts"), unique_tokens=500_000, epochs=4), 256, 16)
+    d = ds.describe()
+    assert d["unique_tokens"] <= 500_000 and d["epochs"] == pytest.approx(4, rel=0.01)
+    assert ds.fingerprint() == build_data_source(
+        DataConfig(path=str(tmp_path / "ts"), unique_tokens=500_000, epochs=4), 256, 16).fingerprint()
+
+
+@pytest.mark.skipif(not TINYSTORIES.is_dir(), reason=f"TinyStories excerpts not found at {TINYSTORIES}")
+def test_tinystories_v2_sample_has_five_stories(tmp_path):
+    m = prepare_dataset([TINYSTORIES / "tinystories-v2-sample.txt.xz"], tmp_path / "v2", vocab_size=300,
+                        valid_fraction=0.5, progress=False)
+    assert m["documents"] == 5 and m["skipped_empty_documents"] == 0
+
+
+# ---------------------------------------------------------------- optional tokenizers (skipped when absent)
+
+
+def test_sentencepiece_tokenizer(prepared, tmp_path):
+    spm = pytest.importorskip("sentencepiece")
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(DOCS * 3), model_prefix=str(tmp_path / "sp"), vocab_size=400,
+        model_type="bpe", byte_fallback=True, minloglevel=2,
+    )
+    src = prepared / "b.jsonl"
+    m = prepare_dataset([src], tmp_path / "out", tokenizer=tmp_path / "sp.model", valid_fraction=0.2, progress=False)
+    assert m["tokenizer"]["kind"] == "sentencepiece" and (tmp_path / "out" / "tokenizer.model").is_file()
+    tok = load_tokenizer(tmp_path / "out" / "tokenizer.model")
+    assert tok.eod_id == m["tokenizer"]["eod_id"]
+    docs = _documents(tmp_path / "out" / "train") + _documents(tmp_path / "out" / "valid")
+    assert all(ids[-1] == tok.eod_id for ids in docs)
+    assert len(docs) == len(DOCS) - 30 + 1
+
+
+def test_tiktoken_tokenizer(prepared, tmp_path):
+    pytest.importorskip("tiktoken")
+    import base64
+
+    # A minimal BPE file: the 256 bytes, then a few merges (each built from lower-ranked tokens).
+    tokens = [bytes([i]) for i in range(256)] + [b"th", b"the", b" the", b"do", b"dog"]
+    (tmp_path / "tiny.tiktoken").write_text("".join(f"{base64.b64encode(t).decode()} {r}\n"
+                                                    for r, t in enumerate(tokens)))
+    m = prepare_dataset([prepared / "b.jsonl"], tmp_path / "out", tokenizer=tmp_path / "tiny.tiktoken",
+                        valid_fraction=0.2, progress=False)
+    assert m["tokenizer"]["kind"] == "tiktoken" and m["tokenizer"]["vocab_size"] == len(tokens) + 1
+    tok = load_tokenizer(tmp_path / "out" / "tokenizer.tiktoken")
+    decoded = sorted(tok.decode(ids[:-1]) for p in ("train", "valid") for ids in _documents(tmp_path / "out" / p))
+    assert decoded == sorted(DOCS[30:] + [JSON_ONLY])

@@ -1,0 +1,64 @@
+"""The CPU platform layer: each patch does what megatron-core needs, and only on a machine without CUDA."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU layer is only applied without CUDA")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def enabled():
+    from megatron_moe.platform import setup_platform
+
+    assert setup_platform() == torch.device("cpu")
+
+
+def test_cuda_devices_and_calls_land_on_cpu():
+    assert torch.zeros(3, device="cuda").device.type == "cpu"
+    assert torch.tensor([1.0], device=torch.device("cuda", 0)).device.type == "cpu"
+    x = torch.ones(2)
+    assert x.cuda() is x
+    assert x.to("cuda").device.type == "cpu"
+    assert torch.cuda.current_device() == torch.device("cpu")
+    assert x.type() == "torch.cuda.FloatTensor"
+    assert x.type(torch.float64).dtype == torch.float64  # a conversion, untouched
+
+
+def test_streams_are_inert():
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        pass
+    stream.wait_stream(torch.cuda.current_stream())
+    stream.record_event().synchronize()
+    torch.cuda.synchronize()
+
+
+def test_rng_tracker_forks_cpu_generator():
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    from megatron_moe.platform import seed_everything
+
+    seed_everything(5, tp_rank=1, ep_rank=0)
+    tracker = get_cuda_rng_tracker()
+    torch.manual_seed(0)
+    outer = torch.get_rng_state()
+    with tracker.fork():
+        a = torch.rand(4)
+    assert torch.equal(torch.get_rng_state(), outer)  # outer stream untouched
+    with tracker.fork():
+        b = torch.rand(4)
+    assert not torch.equal(a, b)  # the named state advanced
+    seed_everything(5, tp_rank=0, ep_rank=0)
+    with get_cuda_rng_tracker().fork():
+        c = torch.rand(4)
+    assert not torch.equal(a, c)  # tensor-parallel ranks draw differently
+    states = get_cuda_rng_tracker().get_states()
+    assert {"model-parallel-rng", "data-parallel-rng", "expert-parallel-rng"} <= set(states)
+
+
+def test_router_gemm_name_defined():
+    from megatron.core.transformer.moe import moe_utils
+
+    assert moe_utils.te_general_gemm is None
