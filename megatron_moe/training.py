@@ -11,7 +11,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -23,8 +25,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megatron_moe.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from megatron_moe.config import ConfigError, RunConfig, load_run_config, save_toml
-from megatron_moe.utils import atomic_write_json
+from megatron_moe.utils import atomic_write_json, atomic_write_text, read_jsonl
 
 
 _AUX_NAMES = {"load_balancing_loss": "lb", "z_loss": "z"}
@@ -32,6 +35,33 @@ _AUX_NAMES = {"load_balancing_loss": "lb", "z_loss": "z"}
 
 class TrainingError(RuntimeError):
     """Training cannot go on (for example a non-finite loss); the message is one line."""
+
+
+class Preempted(RuntimeError):
+    """A stop signal arrived; a checkpoint was saved and running the same command again resumes."""
+
+
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: try again later
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # what SLURM sends before a time limit or preemption
+
+
+class StopFlag:
+    """Set by SIGTERM/SIGUSR1; checked between steps so a stop always lands on a step boundary."""
+
+    def __init__(self) -> None:
+        self.signum = 0
+        if threading.current_thread() is threading.main_thread():
+            for sig in STOP_SIGNALS:
+                signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame) -> None:
+        self.signum = signum
+
+    def agreed(self) -> bool:
+        """True on every rank once any rank was signalled (ranks may receive the signal at different steps)."""
+        flag = torch.tensor([float(self.signum)])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
 
 
 @dataclass
@@ -201,14 +231,23 @@ class Trainer:
 
         out = Path(t.output_dir)
         self.out_dir = out
+        self.checkpoint_dir = out / "checkpoints"
+        self.resumed_from = latest_checkpoint(self.checkpoint_dir)
+        if self.resumed_from is not None:
+            load_checkpoint(self, self.resumed_from)
         metrics_path = None
+        kept: list[dict[str, Any]] = []
         if self.par.is_logging_rank:
             out.mkdir(parents=True, exist_ok=True)
             metrics_path = out / "metrics.jsonl"
-            if metrics_path.exists():
+            if self.resumed_from is not None and metrics_path.exists():
+                # Rows logged after the checkpoint are redone by this run: drop them.
+                kept = [r for r in read_jsonl(metrics_path) if r["step"] <= self.step]
+                atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
+            elif metrics_path.exists():
                 metrics_path.unlink()
             save_toml(cfg, out / "config.toml")
-        self.metrics = Metrics(metrics_path)
+        self.metrics = Metrics(metrics_path, kept)
 
     # ------------------------------------------------------------ one step
 
@@ -277,7 +316,9 @@ class Trainer:
         loss_sum, tokens = self._run_schedule(batch, forward_only=False)
         loss = loss_sum / tokens
         if not math.isfinite(loss):
-            raise TrainingError(f"loss is {loss} at step {self.step + 1}; stopping (last good checkpoint kept)")
+            ckpt = latest_checkpoint(self.checkpoint_dir)
+            kept = f"last good checkpoint {ckpt} is intact" if ckpt else "no checkpoint had been saved"
+            raise TrainingError(f"loss is {loss} at step {self.step + 1}; stopping ({kept})")
         _, grad_norm, _ = self.optimizer.step()
         self.scheduler.step(increment=1)
         self.step += 1
@@ -317,10 +358,17 @@ class Trainer:
             + f" (rank-local) | world {self.par.world_size} = tp {self.par.tensor} x pp {self.par.pipeline}"
             f" x dp {self.par.data} (ep {self.par.expert}) | {t.train_steps} steps x {tokens_per_step:,} tokens"
         )
+        if self.resumed_from is not None:
+            self.log(f"resumed from {self.resumed_from} at step {self.step}")
         best = {"val_loss": math.inf, "step": 0}
-        start = time.perf_counter()
-        window_start, window_steps = start, 0
-        last: dict[str, Any] = {}
+        for row in self.metrics.rows:
+            if row["kind"] == "eval" and row["val_loss"] < best["val_loss"]:
+                best = {"val_loss": row["val_loss"], "step": row["step"]}
+        last: dict[str, Any] = next((r for r in reversed(self.metrics.rows) if r["kind"] == "train"), {})
+        start = time.perf_counter() - last.get("elapsed_s", 0.0)
+        stop = StopFlag()
+        run_start, run_first_step = time.perf_counter(), self.step
+        window_start, window_steps = run_start, 0
         while self.step < t.train_steps:
             row = self.train_step()
             window_steps += 1
@@ -331,19 +379,26 @@ class Trainer:
                 row["elapsed_s"] = now - start
                 window_start, window_steps = now, 0
                 self.metrics.log({"kind": "train", **row})
-                eta = (now - start) / self.step * (t.train_steps - self.step)
+                eta = (now - run_start) / (self.step - run_first_step) * (t.train_steps - self.step)
                 extra = "".join(f" | {short} {row[k]:.4f}" for k, short in _AUX_NAMES.items() if k in row)
                 self.log(
                     f"step {self.step:>{len(str(t.train_steps))}}/{t.train_steps} | loss {row['loss']:.4f}{extra}"
                     f" | lr {row['lr']:.2e} | {row['tokens_per_s']:,.0f} tok/s | eta {eta:,.0f}s"
                 )
             at_end = self.step == t.train_steps
+            if not at_end and stop.agreed():
+                save_checkpoint(self, self.checkpoint_dir)
+                raise Preempted(f"stopped by signal at step {self.step}; checkpoint saved, run again to resume")
+            paused = time.perf_counter()  # evaluation and saving stay out of the throughput window
             if at_end or (t.eval_interval and self.step % t.eval_interval == 0):
                 ev = self.evaluate()
                 self.metrics.log({"kind": "eval", "step": self.step, **ev})
                 if ev["val_loss"] < best["val_loss"]:
                     best = {"val_loss": ev["val_loss"], "step": self.step}
                 self.log(f"eval at step {self.step}: val loss {ev['val_loss']:.4f} | {ev['val_bpb']:.4f} bits/byte")
+            if t.save_interval and (self.step % t.save_interval == 0 or at_end):
+                save_checkpoint(self, self.checkpoint_dir)
+            window_start += time.perf_counter() - paused
         result = {
             "steps": self.step,
             "final_train_loss": last.get("loss"),
@@ -371,6 +426,9 @@ def train_main(config_path: str | None, overrides: list[str]) -> int:
     except TrainingError as exc:
         print(f"megatron-moe: error: {exc}", file=sys.stderr)
         return 1
+    except Preempted as exc:
+        print(f"megatron-moe: {exc}", file=sys.stderr)
+        return PREEMPTED_EXIT_CODE
     finally:
         from megatron_moe.parallel import destroy_parallel
 

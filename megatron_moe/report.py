@@ -1,0 +1,596 @@
+"""Study reports: pure functions from a study directory (study.json + run directories) to numbers, tables and
+plots. Nothing here parses stdout; every number comes from `metrics.jsonl`, `result.json` and the manifest.
+
+Statistics, per arm: the best (minimum over evaluations) validation loss of each seed, then mean, sample
+standard deviation (ddof = 1) and a Student-t confidence interval over seeds. Per pair (baseline arm, MoE
+arm): the per-seed paired gap best_val(baseline) - best_val(MoE) (positive = the MoE is better), its mean,
+std and t interval; and the same gap at every evaluation step both arms have ("gap over training").
+`t_quantile` is computed here (regularised incomplete beta + bisection): no scipy.
+
+Outputs of `write_report(study_dir)`: report.md, report.html (self-contained: PNGs inlined as base64),
+results.json and plots/*.png, each written atomically. Plots need matplotlib (`pip install
+megatron-moe[plot]`); without it the report says so and carries tables only.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from megatron_moe.config import ConfigError
+from megatron_moe.utils import atomic_write_bytes, atomic_write_json, atomic_write_text, read_jsonl
+
+# ================================================================ statistics
+
+
+def _betacf(a: float, b: float, x: float) -> float:
+    """Continued fraction of the incomplete beta function (modified Lentz)."""
+    tiny, eps = 1e-300, 1e-15
+    c, d = 1.0, 1.0 - (a + b) * x / (a + 1.0)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, 500):
+        m2 = 2 * m
+        for num in (m * (b - m) * x / ((a - 1.0 + m2) * (a + m2)),
+                    -(a + m) * (a + b + m) * x / ((a + m2) * (a + 1.0 + m2))):
+            d = 1.0 + num * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + num / c
+            c = c if abs(c) > tiny else tiny
+            h *= d * c
+        if abs(d * c - 1.0) < eps:
+            break
+    return h
+
+
+def betainc(a: float, b: float, x: float) -> float:
+    """Regularised incomplete beta function I_x(a, b)."""
+    if x <= 0.0:
+        return 0.0
+    if x >= 1.0:
+        return 1.0
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x))
+    if x < (a + 1.0) / (a + b + 2.0):
+        return front * _betacf(a, b, x) / a
+    return 1.0 - front * _betacf(b, a, 1.0 - x) / b
+
+
+def t_cdf(t: float, df: float) -> float:
+    """P(T <= t) for Student's t with `df` degrees of freedom."""
+    tail = 0.5 * betainc(df / 2.0, 0.5, df / (df + t * t))
+    return 1.0 - tail if t >= 0 else tail
+
+
+def t_quantile(p: float, df: float) -> float:
+    """The p-quantile of Student's t (e.g. p = 0.975, df = 2 gives 4.3027), by bisection on `t_cdf`."""
+    if not 0.0 < p < 1.0 or df <= 0:
+        raise ValueError(f"t_quantile needs 0 < p < 1 and df > 0, got p = {p}, df = {df}")
+    if p < 0.5:
+        return -t_quantile(1.0 - p, df)
+    lo, hi = 0.0, 1.0
+    while t_cdf(hi, df) < p:
+        lo, hi = hi, hi * 2.0
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if t_cdf(mid, df) < p else (lo, mid)
+        if hi - lo < 1e-13 * max(1.0, hi):
+            break
+    return 0.5 * (lo + hi)
+
+
+@dataclass(frozen=True)
+class Stats:
+    """Mean, sample std (ddof = 1) and a two-sided t confidence interval of a few values (seeds)."""
+
+    n: int
+    mean: float | None
+    std: float | None
+    """None when n < 2."""
+    ci_low: float | None
+    ci_high: float | None
+    confidence: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"n": self.n, "mean": self.mean, "std": self.std, "ci": [self.ci_low, self.ci_high],
+                "confidence": self.confidence}
+
+
+def describe(values: list[float], confidence: float = 0.95) -> Stats:
+    """Mean ± std and the t interval mean ± t_{(1+c)/2, n-1} x std / sqrt(n)."""
+    n = len(values)
+    if n == 0:
+        return Stats(0, None, None, None, None, confidence)
+    mean = sum(values) / n
+    if n < 2:
+        return Stats(1, mean, None, None, None, confidence)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    half = t_quantile(0.5 + confidence / 2.0, n - 1) * std / math.sqrt(n)
+    return Stats(n, mean, std, mean - half, mean + half, confidence)
+
+
+def paired(baseline: dict[int, float], moe: dict[int, float], confidence: float = 0.95) -> tuple[dict[int, float], Stats]:
+    """Per-seed gaps baseline - moe over the seeds both have, and their statistics."""
+    seeds = sorted(set(baseline) & set(moe))
+    gaps = {s: baseline[s] - moe[s] for s in seeds}
+    return gaps, describe(list(gaps.values()), confidence)
+
+
+# ================================================================ loading run directories
+
+
+@dataclass
+class RunData:
+    """One (arm, seed) as found on disk."""
+
+    arm: str
+    seed: int
+    dir: Path
+    complete: bool
+    """result.json exists."""
+    result: dict[str, Any] | None
+    train: list[dict[str, Any]] = field(default_factory=list)
+    """kind=train rows, one per step (a resumed run's repeated steps keep the last row)."""
+    evals: list[dict[str, Any]] = field(default_factory=list)
+    """kind=eval rows, one per step."""
+
+    @property
+    def best(self) -> tuple[float, int] | None:
+        """(best validation loss, its step) from metrics.jsonl."""
+        if not self.evals:
+            return None
+        row = min(self.evals, key=lambda r: (r["val_loss"], r["step"]))
+        return row["val_loss"], row["step"]
+
+
+def _rows_by_step(rows: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    by_step: dict[int, dict[str, Any]] = {}
+    for r in rows:
+        if r.get("kind") == kind and "step" in r:
+            by_step[int(r["step"])] = r  # a resumed run may repeat steps after its last checkpoint: keep the last
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def load_run(study_dir: Path, entry: dict[str, Any]) -> RunData:
+    run_dir = study_dir / entry["dir"]
+    result_path, metrics_path = run_dir / "result.json", run_dir / "metrics.jsonl"
+    result = json.loads(result_path.read_text()) if result_path.is_file() else None
+    rows = read_jsonl(metrics_path) if metrics_path.is_file() else []
+    return RunData(arm=entry["arm"], seed=int(entry["seed"]), dir=run_dir, complete=result is not None,
+                   result=result, train=_rows_by_step(rows, "train"), evals=_rows_by_step(rows, "eval"))
+
+
+def load_study_dir(study_dir: str | Path) -> tuple[dict[str, Any], list[RunData]]:
+    """The manifest (study.json) and every run it lists."""
+    study_dir = Path(study_dir)
+    path = study_dir / "study.json"
+    if not path.is_file():
+        raise ConfigError(f"{str(study_dir)!r} is not a study directory (no study.json; run `megatron-moe study run` first)")
+    man = json.loads(path.read_text())
+    return man, [load_run(study_dir, e) for e in man["runs"]]
+
+
+# ================================================================ numbers
+
+
+def _close(a: float, b: float) -> bool:
+    return abs(a - b) <= 1e-9 * max(1.0, abs(a), abs(b))
+
+
+def build_results(study_dir: str | Path, confidence: float = 0.95) -> dict[str, Any]:
+    """Everything the report shows, as plain data (written as results.json)."""
+    study_dir = Path(study_dir)
+    man, runs = load_study_dir(study_dir)
+    warnings: list[str] = []
+    arm_names = [a["name"] for a in man["arms"]]
+    complete = [r for r in runs if r.complete]
+    best: dict[str, dict[int, float]] = {a: {} for a in arm_names}
+    run_rows = []
+    for r in runs:
+        b = r.best
+        row = {"arm": r.arm, "seed": r.seed, "dir": str(r.dir.relative_to(study_dir)), "complete": r.complete,
+               "best_val_loss": b[0] if b else None, "best_val_step": b[1] if b else None,
+               "steps": r.train[-1]["step"] if r.train else 0,
+               "final_train_loss": r.train[-1]["loss"] if r.train else None,
+               "train_time_s": r.result.get("train_time_s") if r.result else None}
+        run_rows.append(row)
+        if not r.complete:
+            continue
+        if b is None:
+            warnings.append(f"{row['dir']}: complete but metrics.jsonl has no eval rows")
+            continue
+        best[r.arm][r.seed] = b[0]
+        rb = r.result.get("best_val_loss")
+        if rb is not None and not _close(rb, b[0]):
+            warnings.append(f"{row['dir']}: result.json best_val_loss {rb} differs from metrics.jsonl's {b[0]}")
+
+    arms_out = []
+    for a in man["arms"]:
+        name = a["name"]
+        st = describe([best[name][s] for s in sorted(best[name])], confidence)
+        finals = [r.train[-1]["loss"] for r in complete if r.arm == name and r.train]
+        arms_out.append({
+            "arm": name, "contract": a["contract"], "is_moe": a["is_moe"],
+            "seeds": sorted(best[name]), "missing_seeds": [s for s in man["seeds"] if s not in best[name]],
+            "best_val_loss": {**st.to_dict(), "per_seed": {str(s): v for s, v in sorted(best[name].items())}},
+            "final_train_loss": describe(finals, confidence).to_dict(),
+        })
+
+    tokens_per_step = {a["name"]: a["tokens_per_step"] for a in man["arms"]}
+    gaps = []
+    for p in man["pairs"]:
+        per_seed, st = paired(best[p["baseline"]], best[p["moe"]], confidence)
+        gaps.append({**p, "per_seed": {str(s): v for s, v in per_seed.items()}, **st.to_dict(),
+                     "over_training": gap_over_training(
+                         [r for r in complete if r.arm == p["baseline"]], [r for r in complete if r.arm == p["moe"]],
+                         confidence, tokens_per_step[p["baseline"]])})
+
+    contract, data_ok, fingerprints = contract_table(man, complete)
+    if not data_ok:
+        warnings.insert(0, "DATA DIFFERS ACROSS ARMS: data fingerprints are not all equal "
+                           f"({', '.join(f'{k}: {sorted(v)}' for k, v in fingerprints.items())}); the comparison is not fair")
+    missing = [f"{r['arm']} seed {r['seed']}" for r in run_rows if not r["complete"]]
+    if missing:
+        warnings.append(f"{len(missing)} of {len(runs)} runs are not complete (left out): {', '.join(missing)}")
+    return {
+        "study": man["name"],
+        "study_dir": str(study_dir),
+        "generated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "confidence": confidence,
+        "metric": "best validation loss (minimum over periodic evaluations), nats/token",
+        "gap_sign": man.get("gap_sign", "gap = loss(baseline) - loss(MoE); positive = the MoE is better"),
+        "seeds": man["seeds"],
+        "data_seed": man.get("data_seed"),
+        "arms": arms_out,
+        "gaps": gaps,
+        "contract": contract,
+        "data_fingerprints_equal": data_ok,
+        "fingerprints": {k: sorted(v) for k, v in fingerprints.items()},
+        "family": man.get("family"),
+        "runs": run_rows,
+        "environment": man.get("environment"),
+        "git": man.get("git"),
+        "warnings": warnings,
+    }
+
+
+def gap_over_training(baseline: list[RunData], moe: list[RunData], confidence: float = 0.95,
+                      tokens_per_step: int | None = None) -> list[dict[str, Any]]:
+    """Per evaluation step both arms reached: the per-seed gap val(baseline) - val(moe), mean ± std, CI."""
+    b = {r.seed: {e["step"]: e["val_loss"] for e in r.evals} for r in baseline}
+    m = {r.seed: {e["step"]: e["val_loss"] for e in r.evals} for r in moe}
+    seeds = sorted(set(b) & set(m))
+    steps = sorted(set().union(*(set(b[s]) & set(m[s]) for s in seeds))) if seeds else []
+    out = []
+    for step in steps:
+        vals = [b[s][step] - m[s][step] for s in seeds if step in b[s] and step in m[s]]
+        out.append({"step": step, "tokens": step * tokens_per_step if tokens_per_step else None,
+                    **describe(vals, confidence).to_dict()})
+    return out
+
+
+def contract_table(man: dict[str, Any], complete: list[RunData]) -> tuple[list[dict[str, Any]], bool, dict[str, set[str]]]:
+    """Per arm: parameters (total/active, with the planner's residual), FLOPs/token, tokens and the data
+    fingerprints its complete runs report; and whether one fingerprint holds across all arms."""
+    fingerprints: dict[str, set[str]] = {}
+    rows = []
+    for a in man["arms"]:
+        mine = [r for r in complete if r.arm == a["name"]]
+        datas = [r.result.get("data", {}) for r in mine if r.result]
+        fingerprints[a["name"]] = {d.get("fingerprint") for d in datas}
+        first = datas[0] if datas else (man.get("data") or {}).get(a["name"], {})
+
+        def same(key: str) -> Any:
+            vals = {d.get(key) for d in datas}
+            return vals.pop() if len(vals) == 1 else (first.get(key) if not datas else sorted(vals, key=str))
+
+        match = a.get("match") or {}
+        rows.append({
+            "arm": a["name"], "contract": a["contract"],
+            "total_params": a["total_params"], "active_params": a["active_params"],
+            "nonembedding_params": a["nonembedding_params"], "nonembedding_active_params": a["nonembedding_active_params"],
+            "r_a": a["r_a"],
+            "matched_quantity": match.get("quantity"), "target": match.get("target"),
+            "achieved": match.get("achieved"), "residual_pct": match.get("residual_pct"),
+            "flops_train_per_token": a["flops_train_per_token"], "flops_er_per_token": a["flops_er_per_token"],
+            "train_steps": a["train_steps"], "planned_tokens": a["planned_tokens"],
+            "consumed_tokens": same("consumed_tokens"), "unique_tokens": same("unique_tokens"),
+            "epochs": same("epochs"),
+            "fingerprint": ", ".join(sorted(x for x in fingerprints[a["name"]] if x)) or first.get("fingerprint"),
+            "changed_fields": a["changed_fields"], "changes": a.get("changes", {}),
+        })
+    seen = set().union(*fingerprints.values()) if fingerprints else set()
+    data_ok = len(seen) <= 1 and None not in seen
+    return rows, data_ok, fingerprints
+
+
+# ================================================================ plots
+
+
+def make_plots(results: dict[str, Any], study_dir: str | Path) -> dict[str, bytes]:
+    """PNG bytes by file name: loss curves, gaps over training, best validation loss per arm. {} without
+    matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return {}
+    man, runs = load_study_dir(study_dir)
+    tps = {a["name"]: a["tokens_per_step"] for a in man["arms"]}
+    arm_names = [a["name"] for a in man["arms"]]
+    colors = {a: plt.get_cmap("tab10")(i % 10) for i, a in enumerate(arm_names)}
+    out: dict[str, bytes] = {}
+
+    def png(fig: Any) -> bytes:
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+        plt.close(fig)
+        return buf.getvalue()
+
+    def curves(ax: Any, key: str, rows_of: str) -> None:
+        for arm in arm_names:
+            mine = [r for r in runs if r.arm == arm and r.complete]
+            series = [{row["step"]: row[key] for row in getattr(r, rows_of) if key in row} for r in mine]
+            if not series:
+                continue
+            steps = sorted(set.intersection(*(set(s) for s in series)))
+            if not steps:
+                continue
+            x = [s * tps[arm] for s in steps]
+            mean = [sum(s[t] for s in series) / len(series) for t in steps]
+            ax.plot(x, mean, label=f"{arm} (n={len(series)})", color=colors[arm], marker="o" if rows_of == "evals" else None,
+                    markersize=3)
+            if len(series) > 1:
+                ax.fill_between(x, [min(s[t] for s in series) for t in steps], [max(s[t] for s in series) for t in steps],
+                                color=colors[arm], alpha=0.2, linewidth=0)
+        ax.set_xlabel("training tokens")
+        ax.grid(alpha=0.3)
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    curves(ax1, "val_loss", "evals")
+    ax1.set_ylabel("validation loss")
+    ax1.set_title("validation loss (mean over seeds, band = min..max)")
+    curves(ax2, "loss", "train")
+    ax2.set_ylabel("training loss")
+    ax2.set_title("training loss (mean over seeds)")
+    ax2.set_yscale("log")
+    for ax in (ax1, ax2):
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    out["loss_curves.png"] = png(fig)
+
+    if any(g["over_training"] for g in results["gaps"]):
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for g in results["gaps"]:
+            pts = [p for p in g["over_training"] if p["mean"] is not None]
+            if not pts:
+                continue
+            x = [p["tokens"] if p["tokens"] is not None else p["step"] for p in pts]
+            line = ax.plot(x, [p["mean"] for p in pts], marker="o", markersize=3, label=g["name"])[0]
+            if all(p["std"] is not None for p in pts):
+                ax.fill_between(x, [p["mean"] - p["std"] for p in pts], [p["mean"] + p["std"] for p in pts],
+                                color=line.get_color(), alpha=0.2, linewidth=0)
+        ax.axhline(0.0, color="black", linewidth=0.8)
+        ax.set_xlabel("training tokens")
+        ax.set_ylabel("val loss(baseline) - val loss(MoE)")
+        ax.set_title("paired gap over training (mean ± std over seeds; > 0: MoE better)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        out["gaps.png"] = png(fig)
+
+    fig, ax = plt.subplots(figsize=(max(5, 1.3 * len(arm_names)), 4))
+    for i, a in enumerate(results["arms"]):
+        vals = list(a["best_val_loss"]["per_seed"].values())
+        ax.scatter([i] * len(vals), vals, color=colors[a["arm"]], alpha=0.6, s=18)
+        st = a["best_val_loss"]
+        if st["mean"] is not None:
+            ax.errorbar([i + 0.15], [st["mean"]], yerr=[[st["std"] or 0.0], [st["std"] or 0.0]], fmt="D",
+                        color=colors[a["arm"]], capsize=4)
+    ax.set_xticks(range(len(arm_names)), arm_names, rotation=20, ha="right")
+    ax.set_ylabel("best validation loss")
+    ax.set_title("best validation loss per arm (dots: seeds; diamond: mean ± std)")
+    ax.grid(alpha=0.3, axis="y")
+    out["best_val_loss.png"] = png(fig)
+    return out
+
+
+# ================================================================ rendering
+
+
+def _f(x: Any, digits: int = 4) -> str:
+    if x is None:
+        return "n/a"
+    if isinstance(x, float):
+        if math.isnan(x):
+            return "n/a"
+        return f"{x:.{digits}f}"
+    return str(x)
+
+
+def _big(x: Any) -> str:
+    if x is None:
+        return "n/a"
+    if isinstance(x, list):
+        return " / ".join(_big(v) for v in x)
+    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(x) >= scale:
+            return f"{x / scale:.4g}{unit}"
+    return f"{x:.4g}" if isinstance(x, float) else str(x)
+
+
+def _pm(st: dict[str, Any], digits: int = 4) -> str:
+    if st["mean"] is None:
+        return "n/a"
+    return f"{st['mean']:.{digits}f} ± {_f(st['std'], digits)}"
+
+
+def _ci(st: dict[str, Any], digits: int = 4) -> str:
+    lo, hi = st["ci"]
+    return "n/a" if lo is None else f"[{lo:.{digits}f}, {hi:.{digits}f}]"
+
+
+def tables(results: dict[str, Any]) -> list[tuple[str, str, list[str], list[list[str]]]]:
+    """(title, note, header, rows) of every table of the report, shared by the Markdown and HTML renderers."""
+    conf = f"{round(100 * results['confidence'])}%"
+    seeds = [str(s) for s in results["seeds"]]
+    out = []
+    out.append((
+        "Best validation loss per arm",
+        f"Minimum over periodic evaluations; mean ± sample std over seeds, {conf} t interval.",
+        ["arm", "n", "mean ± std", f"{conf} CI", *[f"seed {s}" for s in seeds], "final train loss"],
+        [[a["arm"], str(a["best_val_loss"]["n"]), _pm(a["best_val_loss"]), _ci(a["best_val_loss"]),
+          *[_f(a["best_val_loss"]["per_seed"].get(s)) for s in seeds], _pm(a["final_train_loss"])]
+         for a in results["arms"]],
+    ))
+    if results["gaps"]:
+        out.append((
+            "Paired gaps",
+            f"{results['gap_sign']}. Paired per seed; mean ± sample std, {conf} t interval.",
+            ["comparison", "baseline", "MoE", "n", "gap mean ± std", f"{conf} CI", *[f"seed {s}" for s in seeds]],
+            [[g["name"], g["baseline"], g["moe"], str(g["n"]), _pm(g), _ci(g), *[_f(g["per_seed"].get(s)) for s in seeds]]
+             for g in results["gaps"]],
+        ))
+        steps = sorted({p["step"] for g in results["gaps"] for p in g["over_training"]})
+        if steps:
+            by = {g["name"]: {p["step"]: p for p in g["over_training"]} for g in results["gaps"]}
+            out.append((
+                "Gap over training",
+                "Validation-loss gap at each evaluation step both arms reached (mean ± std over seeds).",
+                ["step", *[g["name"] for g in results["gaps"]]],
+                [[str(s), *[_pm(by[g["name"]][s]) if s in by[g["name"]] else "" for g in results["gaps"]]] for s in steps],
+            ))
+    out.append((
+        "Contract",
+        "Parameters and FLOPs from the planner's ledger (non-embedding N, N_a; r_a = N_a / N); the matched quantity's "
+        "target, achieved value and residual; tokens, epochs and data fingerprint from each run's result.json.",
+        ["arm", "params total", "params active", "N", "N_a", "r_a", "matched", "target", "achieved", "resid %",
+         "train FLOPs/tok", "steps", "consumed tok", "unique tok", "epochs", "data fingerprint", "changed vs base"],
+        [[c["arm"], _big(c["total_params"]), _big(c["active_params"]), _big(c["nonembedding_params"]),
+          _big(c["nonembedding_active_params"]), f"{c['r_a']:.3f}", c["matched_quantity"] or "(base)",
+          _big(c["target"]), _big(c["achieved"]), "-" if c["residual_pct"] is None else f"{c['residual_pct']:+.3f}",
+          _big(c["flops_train_per_token"]), str(c["train_steps"]), _big(c["consumed_tokens"]), _big(c["unique_tokens"]),
+          "n/a" if c["epochs"] is None else (_big(c["epochs"]) if isinstance(c["epochs"], list) else f"{c['epochs']:.3f}"),
+          c["fingerprint"] or "n/a",
+          ", ".join(f"{k.removeprefix('model.')}={v}" for k, v in c["changes"].items()) or "-"]
+         for c in results["contract"]],
+    ))
+    out.append((
+        "Runs",
+        "",
+        ["arm", "seed", "complete", "steps", "best val loss", "at step", "train time s", "directory"],
+        [[r["arm"], str(r["seed"]), "yes" if r["complete"] else "NO", str(r["steps"]), _f(r["best_val_loss"]),
+          _f(r["best_val_step"]), _f(r["train_time_s"], 1), r["dir"]] for r in results["runs"]],
+    ))
+    return out
+
+
+def _md_escape(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def render_markdown(results: dict[str, Any], plot_files: list[str]) -> str:
+    lines = [f"# Study report: {results['study']}", ""]
+    lines.append(f"Generated {results['generated']} from `{results['study_dir']}`. Metric: {results['metric']}. "
+                 f"Seeds {results['seeds']} (model init); data seed {results['data_seed']} fixed across arms.")
+    lines.append("")
+    fp = "equal across arms" if results["data_fingerprints_equal"] else "**NOT EQUAL ACROSS ARMS**"
+    lines.append(f"Data fingerprint: {fp}.")
+    lines.append("")
+    for w in results["warnings"]:
+        lines += [f"> **WARNING:** {w}", ""]
+    for title, note, header, rows in tables(results):
+        lines += [f"## {title}", ""]
+        if note:
+            lines += [note, ""]
+        lines.append("| " + " | ".join(header) + " |")
+        lines.append("|" + "|".join("---" for _ in header) + "|")
+        lines += ["| " + " | ".join(_md_escape(c) for c in row) + " |" for row in rows]
+        lines.append("")
+    lines += ["## Plots", ""]
+    if plot_files:
+        lines += [f"![{Path(p).stem}]({p})" for p in plot_files]
+    else:
+        lines.append("(no plots: matplotlib is not installed; `pip install matplotlib`)")
+    lines.append("")
+    env, git = results.get("environment") or {}, results.get("git") or {}
+    lines.append(f"Versions: {', '.join(f'{k} {v}' for k, v in env.items())}. "
+                 f"Git: {git.get('commit', 'n/a')}{' (modified)' if git.get('dirty') else ''}.")
+    return "\n".join(lines) + "\n"
+
+
+_CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1400px}table{border-collapse:collapse;margin:1em 0}
+td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px;text-align:right}td:first-child,th:first-child{text-align:left}
+th{background:#f0f0f0}.warn{background:#fdd;border:2px solid #c00;padding:.6em;font-weight:bold}img{max-width:100%}
+.note{color:#555}"""
+
+
+def render_html(results: dict[str, Any], plots: dict[str, bytes]) -> str:
+    """One self-contained page: tables and the PNG plots inlined as base64 data URIs."""
+    e = html.escape
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{e(results['study'])}</title>"
+             f"<style>{_CSS}</style></head><body>", f"<h1>Study report: {e(results['study'])}</h1>",
+             f"<p>Generated {e(results['generated'])} from <code>{e(results['study_dir'])}</code>. Metric: "
+             f"{e(results['metric'])}. Seeds {e(str(results['seeds']))} (model init); data seed "
+             f"{e(str(results['data_seed']))} fixed across arms.</p>",
+             f"<p>Data fingerprint: {'equal across arms' if results['data_fingerprints_equal'] else '<b>NOT EQUAL ACROSS ARMS</b>'}.</p>"]
+    parts += [f"<p class='warn'>WARNING: {e(w)}</p>" for w in results["warnings"]]
+    for title, note, header, rows in tables(results):
+        parts.append(f"<h2>{e(title)}</h2>")
+        if note:
+            parts.append(f"<p class='note'>{e(note)}</p>")
+        parts.append("<table><tr>" + "".join(f"<th>{e(h)}</th>" for h in header) + "</tr>")
+        parts += ["<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>" for row in rows]
+        parts.append("</table>")
+    parts.append("<h2>Plots</h2>")
+    if plots:
+        for name, data in plots.items():
+            parts.append(f"<p><img alt='{e(name)}' src='data:image/png;base64,{base64.b64encode(data).decode()}'></p>")
+    else:
+        parts.append("<p>(no plots: matplotlib is not installed)</p>")
+    env, git = results.get("environment") or {}, results.get("git") or {}
+    parts.append(f"<p class='note'>Versions: {e(', '.join(f'{k} {v}' for k, v in env.items()))}. Git: "
+                 f"{e(str(git.get('commit', 'n/a')))}{' (modified)' if git.get('dirty') else ''}.</p></body></html>")
+    return "\n".join(parts) + "\n"
+
+
+def write_report(study_dir: str | Path, out_dir: str | Path | None = None, confidence: float = 0.95) -> dict[str, Path]:
+    """Write report.md, report.html, results.json and plots/*.png (default: into the study directory)."""
+    if not 0.0 < confidence < 1.0:
+        raise ConfigError(f"--confidence {confidence} must be in (0, 1)")
+    study_dir = Path(study_dir)
+    out = Path(out_dir) if out_dir else study_dir
+    results = build_results(study_dir, confidence)
+    plots = make_plots(results, study_dir)
+    paths = {}
+    for name, data in plots.items():
+        atomic_write_bytes(out / "plots" / name, data)
+        paths[name] = out / "plots" / name
+    atomic_write_json(out / "results.json", results)
+    atomic_write_text(out / "report.md", render_markdown(results, [f"plots/{n}" for n in plots]))
+    atomic_write_text(out / "report.html", render_html(results, plots))
+    paths.update({"results.json": out / "results.json", "report.md": out / "report.md", "report.html": out / "report.html"})
+    return paths
+
+
+def report_main(study_dir: str, out_dir: str | None = None, confidence: float = 0.95) -> int:
+    """Entry point of `megatron-moe study report`: write the files and print the headline tables."""
+    paths = write_report(study_dir, out_dir, confidence)
+    results = json.loads(paths["results.json"].read_text())
+    for w in results["warnings"]:
+        print(f"WARNING: {w}")
+    for title, _, header, rows in tables(results)[:2]:
+        print(f"\n{title}")
+        widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+        print("  ".join(h.ljust(w) for h, w in zip(header, widths)))
+        for r in rows:
+            print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
+    print(f"\nwrote {', '.join(str(p) for p in paths.values())}")
+    return 0

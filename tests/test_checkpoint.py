@@ -1,0 +1,101 @@
+"""Checkpoint/resume: a run killed with SIGKILL mid-training resumes onto the uninterrupted loss curve.
+
+Bitwise on CPU: the sample stream is a function of the step, the model, optimizer (Adam moments and step),
+LR scheduler and RNG states are restored exactly, and fp32 CPU kernels are deterministic.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.conftest import REPO, TINY, TINY_MOE, cli
+
+pytestmark = pytest.mark.slow
+RUN = ["train.train_steps=40", "train.save_interval=5", "train.eval_interval=10"]
+TIMING_KEYS = ("tokens_per_s", "elapsed_s")
+
+
+def rows(run_dir):
+    out = []
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        out.append({k: v for k, v in row.items() if k not in TIMING_KEYS})
+    return out
+
+
+ARGS = [*TINY_MOE, *RUN]
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    out = tmp_path_factory.mktemp("straight")
+    cli("train", *ARGS, f"train.output_dir={out}")
+    return out
+
+
+def start(run_dir):
+    cmd = [sys.executable, "-m", "megatron_moe.cli", "train", *ARGS, f"train.output_dir={run_dir}"]
+    return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True, text=True)
+
+
+def wait_for(predicate, proc, seconds=240):
+    deadline = time.time() + seconds
+    while time.time() < deadline and not predicate():
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be interrupted"
+
+
+def assert_same_run(run_dir, straight):
+    assert rows(run_dir) == rows(straight)
+    result, reference = (json.loads((d / "result.json").read_text()) for d in (run_dir, straight))
+    assert result["best_val_loss"] == reference["best_val_loss"]
+
+
+def test_sigkill_then_resume_is_bitwise_identical(tmp_path, straight):
+    run_dir = tmp_path / "killed"
+    proc = start(run_dir)
+    marker = run_dir / "checkpoints" / "latest"
+    wait_for(lambda: marker.exists() and marker.read_text().strip() >= "step_0000015", proc)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (run_dir / "result.json").exists()
+
+    resumed = cli("train", *ARGS, f"train.output_dir={run_dir}")
+    assert "resumed from" in resumed.stdout
+    assert_same_run(run_dir, straight)
+    kept = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert kept == ["latest", "step_0000035", "step_0000040"]  # the last two complete checkpoints
+
+
+def test_stop_signal_saves_exits_75_and_resumes(tmp_path, straight):
+    run_dir = tmp_path / "preempted"
+    proc = start(run_dir)
+    metrics = run_dir / "metrics.jsonl"
+    wait_for(lambda: metrics.exists() and metrics.read_text().count("\n") >= 12, proc)
+    os.kill(proc.pid, signal.SIGUSR1)  # what SLURM sends ahead of a time limit (--signal=USR1@...)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 75, stderr[-2000:]
+    step = int((run_dir / "checkpoints" / "latest").read_text().strip().split("_")[1])
+    assert f"stopped by signal at step {step}; checkpoint saved" in stderr
+    cli("train", *ARGS, f"train.output_dir={run_dir}")
+    assert_same_run(run_dir, straight)
+
+
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path):
+    proc = cli(
+        "train", *TINY, "train.train_steps=8", "train.lr=1e6", "train.min_lr=0", "train.clip_grad=0",
+        "train.save_interval=2", f"train.output_dir={tmp_path}", check=False,
+    )
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("megatron-moe: error: loss is nan at step") and "is intact" in last
+    step = (tmp_path / "checkpoints" / "latest").read_text().strip()
+    assert (tmp_path / "checkpoints" / step / "metadata.json").is_file()
+    assert "Traceback" not in proc.stderr
