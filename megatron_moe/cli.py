@@ -189,6 +189,58 @@ def _add_plan(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+# ---------------------------------------------------------------- study (owner: studies, issue #6)
+
+STUDY_EPILOG = """examples:
+  megatron-moe study run examples/tiny_three_arm/cpu.toml             # 3 arms x 3 seeds on CPU, ~15 min
+  megatron-moe study run examples/tiny_three_arm/cpu.toml --dry-run   # derived arms, runs and their status
+  megatron-moe study run examples/tiny_three_arm/cpu.toml study.seeds=[1] train.train_steps=20 -o runs/quick
+  megatron-moe study run examples/equal_resources/cpu.toml data.path=data/tinystories
+  megatron-moe study report runs/study/tiny_three_arm_cpu            # report.md, report.html, results.json
+"""
+
+
+def _add_study(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "study",
+        help="run and report dense-vs-MoE studies (arms derived by the planner, several seeds)",
+        description="A study file is a base MoE run config plus a [study] table naming the arms by contract, "
+        "the seeds and the budget. `run` trains every (arm, seed) in its own process, skipping complete runs "
+        "and resuming partial ones; `report` turns the run directories into tables, plots and statistics.",
+        epilog=STUDY_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    verbs = p.add_subparsers(dest="study_command", required=True, metavar="VERB")
+    run = verbs.add_parser("run", help="train every (arm, seed) of a study; idempotent", epilog=STUDY_EPILOG,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    run.add_argument("study", help="study TOML")
+    run.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. study.seeds=[1,2]")
+    run.add_argument("-o", "--output-dir", help="study directory (default study.output_dir, else runs/study/<name>)")
+    run.add_argument("--dry-run", action="store_true", help="derive arms and runs, check the data, train nothing")
+    run.add_argument("--keep-going", action="store_true", help="go on to the next run when one fails")
+    run.add_argument("--quiet", action="store_true", help="do not echo the trainer's output")
+
+    def do_run(args: argparse.Namespace) -> int:
+        from megatron_moe.study import run_main
+
+        return run_main(args.study, args.overrides, output_dir=args.output_dir, keep_going=args.keep_going,
+                        dry_run=args.dry_run, quiet=args.quiet)
+
+    run.set_defaults(func=do_run)
+    rep = verbs.add_parser("report", help="tables, plots and paired statistics of a study directory",
+                           epilog=STUDY_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    rep.add_argument("dir", help="study directory (holding study.json)")
+    rep.add_argument("-o", "--output-dir", help="where to write the report (default: the study directory)")
+    rep.add_argument("--confidence", type=float, default=0.95, help="confidence level of the t intervals (default 0.95)")
+
+    def do_report(args: argparse.Namespace) -> int:
+        from megatron_moe.report import report_main
+
+        return report_main(args.dir, args.output_dir, args.confidence)
+
+    rep.set_defaults(func=do_report)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="megatron-moe",
@@ -200,6 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_data(sub)
     _add_plan(sub)
+    _add_study(sub)
     return parser
 
 

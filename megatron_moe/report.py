@@ -102,7 +102,7 @@ class Stats:
                 "confidence": self.confidence}
 
 
-def describe(values: list[float], confidence: float = 0.95) -> Stats:
+def summarize(values: list[float], confidence: float = 0.95) -> Stats:
     """Mean ± std and the t interval mean ± t_{(1+c)/2, n-1} x std / sqrt(n)."""
     n = len(values)
     if n == 0:
@@ -119,7 +119,7 @@ def paired(baseline: dict[int, float], moe: dict[int, float], confidence: float 
     """Per-seed gaps baseline - moe over the seeds both have, and their statistics."""
     seeds = sorted(set(baseline) & set(moe))
     gaps = {s: baseline[s] - moe[s] for s in seeds}
-    return gaps, describe(list(gaps.values()), confidence)
+    return gaps, summarize(list(gaps.values()), confidence)
 
 
 # ================================================================ loading run directories
@@ -213,13 +213,13 @@ def build_results(study_dir: str | Path, confidence: float = 0.95) -> dict[str, 
     arms_out = []
     for a in man["arms"]:
         name = a["name"]
-        st = describe([best[name][s] for s in sorted(best[name])], confidence)
+        st = summarize([best[name][s] for s in sorted(best[name])], confidence)
         finals = [r.train[-1]["loss"] for r in complete if r.arm == name and r.train]
         arms_out.append({
             "arm": name, "contract": a["contract"], "is_moe": a["is_moe"],
             "seeds": sorted(best[name]), "missing_seeds": [s for s in man["seeds"] if s not in best[name]],
             "best_val_loss": {**st.to_dict(), "per_seed": {str(s): v for s, v in sorted(best[name].items())}},
-            "final_train_loss": describe(finals, confidence).to_dict(),
+            "final_train_loss": summarize(finals, confidence).to_dict(),
         })
 
     tokens_per_step = {a["name"]: a["tokens_per_step"] for a in man["arms"]}
@@ -271,7 +271,7 @@ def gap_over_training(baseline: list[RunData], moe: list[RunData], confidence: f
     for step in steps:
         vals = [b[s][step] - m[s][step] for s in seeds if step in b[s] and step in m[s]]
         out.append({"step": step, "tokens": step * tokens_per_step if tokens_per_step else None,
-                    **describe(vals, confidence).to_dict()})
+                    **summarize(vals, confidence).to_dict()})
     return out
 
 
@@ -281,14 +281,16 @@ def contract_table(man: dict[str, Any], complete: list[RunData]) -> tuple[list[d
     fingerprints: dict[str, set[str]] = {}
     rows = []
     for a in man["arms"]:
-        mine = [r for r in complete if r.arm == a["name"]]
-        datas = [r.result.get("data", {}) for r in mine if r.result]
-        fingerprints[a["name"]] = {d.get("fingerprint") for d in datas}
-        first = datas[0] if datas else (man.get("data") or {}).get(a["name"], {})
+        datas = [r.result.get("data") or {} for r in complete if r.arm == a["name"] and r.result]
+        planned = (man.get("data") or {}).get(a["name"]) or {}
+        fingerprints[a["name"]] = {d.get("fingerprint") for d in datas} if datas else {planned.get("fingerprint")}
 
         def same(key: str) -> Any:
-            vals = {d.get(key) for d in datas}
-            return vals.pop() if len(vals) == 1 else (first.get(key) if not datas else sorted(vals, key=str))
+            """The value all complete runs report (a list when they disagree); the planned one before any ran."""
+            if not datas:
+                return planned.get(key)
+            vals = sorted({json.dumps(d.get(key)) for d in datas})
+            return json.loads(vals[0]) if len(vals) == 1 else [json.loads(v) for v in vals]
 
         match = a.get("match") or {}
         rows.append({
@@ -302,7 +304,7 @@ def contract_table(man: dict[str, Any], complete: list[RunData]) -> tuple[list[d
             "train_steps": a["train_steps"], "planned_tokens": a["planned_tokens"],
             "consumed_tokens": same("consumed_tokens"), "unique_tokens": same("unique_tokens"),
             "epochs": same("epochs"),
-            "fingerprint": ", ".join(sorted(x for x in fingerprints[a["name"]] if x)) or first.get("fingerprint"),
+            "fingerprint": ", ".join(sorted(str(x) for x in fingerprints[a["name"]])),
             "changed_fields": a["changed_fields"], "changes": a.get("changes", {}),
         })
     seen = set().union(*fingerprints.values()) if fingerprints else set()
@@ -361,7 +363,6 @@ def make_plots(results: dict[str, Any], study_dir: str | Path) -> dict[str, byte
     curves(ax2, "loss", "train")
     ax2.set_ylabel("training loss")
     ax2.set_title("training loss (mean over seeds)")
-    ax2.set_yscale("log")
     for ax in (ax1, ax2):
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)

@@ -43,6 +43,7 @@ hashed.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import hashlib
 import json
 import math
@@ -164,7 +165,12 @@ def load_study(path: str | Path, overrides: list[str] = ()) -> StudyConfig:
 def validate_study(cfg: StudyConfig) -> None:
     """Check the [study] table and the base run config; raises ConfigError naming the field."""
     s = cfg.study
-    validate(cfg.base(), s.nproc_per_node)
+    base = cfg.base()
+    if s.budget_tokens or s.budget_flops or "equal_resources" in s.arms:
+        # train.train_steps is not used: each arm's steps come from the budget (arms are validated when derived)
+        t = base.train
+        base = dataclasses.replace(base, train=dataclasses.replace(t, train_steps=max(t.train_steps, t.lr_warmup_steps + 1)))
+    validate(base, s.nproc_per_node)
     if not cfg.model.is_moe:
         raise ConfigError("model.moe.num_experts = 0: a study's base model must be the MoE (the planner derives the dense arms)")
     if not s.arms:
@@ -304,8 +310,9 @@ def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
 
 
 def _changed(base: RunConfig, arm: RunConfig) -> tuple[str, ...]:
-    """What an arm changes in the base run config (its output directory aside)."""
-    return tuple(f for f in _diff(base, arm) if f != "train.output_dir")
+    """Model and parallel fields an arm changes in the base run config (its steps and data are columns of
+    their own)."""
+    return tuple(_diff(base.model, arm.model, "model") + _diff(base.parallel, arm.parallel, "parallel"))
 
 
 def _fmt(x: float) -> str:
@@ -567,15 +574,16 @@ def manifest(plan: Plan, study_file: str | None, data: dict[str, Any] | None) ->
 def format_plan(plan: Plan) -> str:
     """The arm table (what differs, matched quantity and residual, size, FLOPs, steps) and run statuses."""
     rows = [f"{'arm':<16}{'params':>10}{'active':>10}{'N (non-emb)':>12}{'r_a':>7}{'FLOPs/tok':>11}"
-            f"{'steps':>7}{'tokens':>11}{'resid %':>9}  changed vs base"]
+            f"{'steps':>7}{'tokens':>11}{'epochs':>7}{'resid %':>9}  changed vs base"]
     for a in plan.arms:
         led = a.ledger
         resid = f"{a.match['residual_pct']:+.3f}" if a.match else "-"
+        repeats = f"{a.match['repeats']:.2f}" if "repeats" in a.match else "-"  # planned; the data check has the rest
         changes = ", ".join(f"{f.removeprefix('model.')}={_get_dotted(a.config, f)}" for f in a.changed_fields)
         rows.append(
             f"{a.name:<16}{_fmt(led.total_params):>10}{_fmt(led.active_params):>10}{_fmt(led.nonembedding_params):>12}"
             f"{led.r_a:>7.3f}{_fmt(led.flops_train_per_token):>11}{a.config.train.train_steps:>7}"
-            f"{_fmt(a.config.train.train_steps * a.tokens_per_step):>11}{resid:>9}  {changes or '-'}"
+            f"{_fmt(a.config.train.train_steps * a.tokens_per_step):>11}{repeats:>7}{resid:>9}  {changes or '-'}"
         )
     return "\n".join(rows)
 
@@ -670,6 +678,23 @@ def run_study(
             echo(f"  {statuses[r.name]:<8}{r.name}")
         return 0
     out.mkdir(parents=True, exist_ok=True)
+    lock = (out / ".lock").open("w")
+    try:  # two runners on one study directory would train the same runs twice
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.close()
+        raise ConfigError(f"another `study run` is using {out} (lock {out / '.lock'})") from None
+    try:
+        return _run_locked(plan, data, study_file, keep_going=keep_going, quiet=quiet, echo=echo)
+    finally:
+        lock.close()
+
+
+def _run_locked(plan: Plan, data: dict[str, Any], study_file: str | None, *, keep_going: bool, quiet: bool,
+                echo: Callable[[str], None]) -> int:
+    """The runner proper, under the study directory's lock: manifest, then every run not yet complete."""
+    cfg, s, out = plan.study, plan.study.study, plan.out_dir
+    statuses = {r.name: run_status(r) for r in plan.runs}
     atomic_write_text(out / "study.toml", to_toml(dataclasses.asdict(cfg)))
     atomic_write_json(out / "study.json", manifest(plan, study_file, data))
     known = {r.name for r in plan.runs}
@@ -688,6 +713,7 @@ def run_study(
     steps_left = sum(r.config.train.train_steps for r in plan.runs if statuses[r.name] != "done")
     steps_run, time_run, failed = 0, 0.0, []
     start_all = time.perf_counter()
+    current: tuple[Run, dict[str, Any]] | None = None
     try:
         for i, run in enumerate(plan.runs, 1):
             tag = f"[{i}/{total}] {run.arm} seed {run.seed}"
@@ -701,6 +727,7 @@ def run_study(
             run.dir.mkdir(parents=True, exist_ok=True)
             save_toml(run.config, run.dir / "run.toml")
             attempt = {"started": _now(), "resumed": resumed, "versions": env, "git": git, "command": None}
+            current = (run, attempt)
             _record_attempt(run, attempt)
             _log_event(out, "resume" if resumed else "start", run=run.name)
             t0 = time.perf_counter()
@@ -709,6 +736,7 @@ def run_study(
             attempt.update(ended=_now(), returncode=rc, elapsed_s=elapsed,
                            command=" ".join(_train_command(run, s.nproc_per_node)))
             _record_attempt(run, attempt)
+            current = None
             complete = rc == 0 and (run.dir / "result.json").is_file()
             if not complete:
                 _log_event(out, "failed", run=run.name, returncode=rc, elapsed_s=elapsed)
@@ -727,7 +755,11 @@ def run_study(
                  f"study {sum(run_status(r) == 'done' for r in plan.runs)}/{total} complete, "
                  f"{time.perf_counter() - start_all:,.0f} s so far, eta {eta:,.0f} s")
     except _Stop as exc:
-        _log_event(out, "interrupted", signal=str(exc))
+        if current is not None:
+            run, attempt = current
+            attempt.update(ended=_now(), returncode=None, interrupted=str(exc))
+            _record_attempt(run, attempt)
+        _log_event(out, "interrupted", signal=str(exc), run=current[0].name if current else None)
         echo(f"interrupted ({exc}); run the same command again to resume")
         return 130
     finally:

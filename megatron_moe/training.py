@@ -86,6 +86,67 @@ def _quiet_megatron_warnings() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
 
 
+class ExpertLoadMonitor:
+    """Counts the tokens each router sends to each expert (after any capacity drop) during training.
+
+    A forward hook on each megatron-core router reads its routing map; nothing in the model changes.
+    Counts accumulate between `collect()` calls and are summed over all ranks there.
+    """
+
+    def __init__(self, model, num_layers: int, num_experts: int, top_k: int):
+        from megatron.core.transformer.moe.router import Router
+
+        self.counts = torch.zeros(num_layers, num_experts, dtype=torch.float64)
+        self.routed = torch.zeros(num_layers, dtype=torch.float64)  # tokens x top_k offered per layer
+        self.top_k = top_k
+        for module in model.modules():
+            if isinstance(module, Router):
+                module.register_forward_hook(self._hook)
+
+    def _hook(self, router, inputs, output) -> None:
+        if not (router.training and torch.is_grad_enabled()):
+            return  # evaluation passes are not training load
+        routing_map = output[1]
+        layer = router.layer_number - 1
+        self.counts[layer] += routing_map.sum(dim=0).detach().double().cpu()
+        self.routed[layer] += routing_map.shape[0] * self.top_k
+
+    def collect(self) -> dict[str, Any]:
+        """Per-layer load fractions, mean max/mean imbalance and dropped fraction since the last call."""
+        both = torch.cat([self.counts.flatten(), self.routed])
+        dist.all_reduce(both)
+        counts = both[: self.counts.numel()].view_as(self.counts)
+        routed = both[self.counts.numel() :]
+        self.counts.zero_()
+        self.routed.zero_()
+        layers = routed > 0
+        if not layers.any():
+            return {}
+        counts, routed = counts[layers], routed[layers]
+        load = counts / counts.sum(dim=1, keepdim=True).clamp(min=1)
+        imbalance = counts.max(dim=1).values / counts.mean(dim=1).clamp(min=1e-9)
+        return {
+            "expert_load": [[round(x, 5) for x in row] for row in load.tolist()],
+            "load_imbalance": float(imbalance.mean()),
+            "dropped_fraction": float(1 - counts.sum() / routed.sum()),
+        }
+
+
+# Dense bf16 tensor-core peaks (datasheet, SXM) used for MFU; FP8 peaks are twice these.
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "B200": 2250e12}
+
+
+def device_peak_flops(fp8: bool) -> tuple[str, float | None]:
+    """(device name, peak FLOP/s) of this GPU, or (name, None) when unknown or on CPU."""
+    if not torch.cuda.is_available():
+        return "cpu", None
+    name = torch.cuda.get_device_name()
+    for key, peak in PEAK_BF16_FLOPS.items():
+        if key in name:
+            return name, peak * (2 if fp8 else 1)
+    return name, None
+
+
 def resolve_precision(precision: str, on_gpu: bool) -> tuple[torch.dtype, bool]:
     """(params dtype, fp8) for the configured precision."""
     if precision == "auto":
@@ -199,6 +260,15 @@ class Trainer:
         seed_everything(t.seed, self.par.tp_rank, self.par.ep_rank)
         model = build_model(cfg.model, cfg.parallel, seed=t.seed, params_dtype=params_dtype, fp8=fp8)
         self.param_counts = local_parameter_counts(model)
+        self.load_monitor = (
+            ExpertLoadMonitor(model, cfg.model.num_layers, cfg.model.moe.num_experts, cfg.model.moe.top_k)
+            if cfg.model.is_moe
+            else None
+        )
+        from megatron_moe.planner import ledger
+
+        self.flops_per_token = ledger(cfg.model, cfg.parallel.tensor).flops_train_per_token
+        self.device_name, self.peak_flops = device_peak_flops(fp8)
         tcfg = model.config
         if params_dtype != torch.float32:
             model = Float16Module(tcfg, model)
@@ -319,10 +389,11 @@ class Trainer:
             ckpt = latest_checkpoint(self.checkpoint_dir)
             kept = f"last good checkpoint {ckpt} is intact" if ckpt else "no checkpoint had been saved"
             raise TrainingError(f"loss is {loss} at step {self.step + 1}; stopping ({kept})")
+        lr = self.optimizer.param_groups[0]["lr"]  # the rate this step's update uses
         _, grad_norm, _ = self.optimizer.step()
         self.scheduler.step(increment=1)
         self.step += 1
-        row = {"step": self.step, "loss": loss, "tokens": tokens, "lr": self.optimizer.param_groups[0]["lr"]}
+        row = {"step": self.step, "loss": loss, "tokens": tokens, "lr": lr}
         if grad_norm is not None:
             row["grad_norm"] = float(grad_norm)
         row.update(self._moe_losses())
@@ -377,13 +448,22 @@ class Trainer:
                 now = time.perf_counter()
                 row["tokens_per_s"] = window_steps * tokens_per_step / (now - window_start)
                 row["elapsed_s"] = now - start
+                # Model FLOPs (the planner's training FLOPs/token) per second per process.
+                row["tflops_per_device"] = row["tokens_per_s"] * self.flops_per_token / self.par.world_size / 1e12
+                if self.peak_flops:
+                    row["mfu"] = row["tflops_per_device"] * 1e12 / self.peak_flops
+                if self.load_monitor is not None:
+                    row.update(self.load_monitor.collect())
                 window_start, window_steps = now, 0
                 self.metrics.log({"kind": "train", **row})
                 eta = (now - run_start) / (self.step - run_first_step) * (t.train_steps - self.step)
                 extra = "".join(f" | {short} {row[k]:.4f}" for k, short in _AUX_NAMES.items() if k in row)
                 self.log(
                     f"step {self.step:>{len(str(t.train_steps))}}/{t.train_steps} | loss {row['loss']:.4f}{extra}"
-                    f" | lr {row['lr']:.2e} | {row['tokens_per_s']:,.0f} tok/s | eta {eta:,.0f}s"
+                    f" | lr {row['lr']:.2e} | {row['tokens_per_s']:,.0f} tok/s"
+                    + (f" | {row['tflops_per_device']:.1f} TFLOP/s | MFU {row['mfu']:.1%}" if "mfu" in row else "")
+                    + (f" | imbalance {row['load_imbalance']:.2f}" if "load_imbalance" in row else "")
+                    + f" | eta {eta:,.0f}s"
                 )
             at_end = self.step == t.train_steps
             if not at_end and stop.agreed():

@@ -14,6 +14,7 @@ def test_tiny_moe_loss_falls_and_metrics_are_written(tmp_path):
     # Margin: from ~ln(vocab) at init, 30 steps on the synthetic stories take off at least 1.5 nats.
     assert rows[-1]["loss"] < rows[0]["loss"] - 1.5, [r["loss"] for r in rows]
     assert all(r["tokens_per_s"] > 0 and "load_balancing_loss" in r and "z_loss" in r for r in rows)
+    assert all(r["dropped_fraction"] == 0 for r in rows)  # dropless by default
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["steps"] == 30 and result["best_val_loss"] < rows[0]["loss"]
     assert (tmp_path / "config.toml").is_file()
@@ -30,3 +31,43 @@ def test_aux_losses_never_enter_the_reported_lm_loss(tmp_path):
     assert runs["0.0"][0]["loss"] == runs["10.0"][0]["loss"]
     assert "load_balancing_loss" not in runs["0.0"][0] and runs["10.0"][0]["load_balancing_loss"] > 0.9
     assert runs["0.0"][2]["loss"] != runs["10.0"][2]["loss"]  # yet they do reach the gradients (step 1 has lr 0)
+
+
+def test_expert_load_capacity_drops_and_wsd_schedule(tmp_path):
+    cli(
+        "train", *TINY_MOE, "train.train_steps=10", "train.lr_schedule=wsd", "train.lr_warmup_steps=2",
+        "train.wsd_decay_fraction=0.3", "model.moe.capacity_factor=0.5", f"train.output_dir={tmp_path}",
+    )
+    rows = train_rows(tmp_path)
+    # Warm-up from 0 over 2 steps, stable at the peak, then the last 3 steps decay (megatron-core's WSD).
+    assert [r["lr"] for r in rows[:8]] == [0.0, 0.0015] + [0.003] * 6
+    assert rows[-1]["lr"] < rows[-2]["lr"] < 0.003
+    for row in rows:
+        assert len(row["expert_load"]) == 2 and all(len(layer) == 4 for layer in row["expert_load"])
+        assert all(abs(sum(layer) - 1) < 1e-3 for layer in row["expert_load"])
+        assert row["load_imbalance"] >= 1.0
+        # Capacity 0.5 x (tokens x top-2 / 4 experts) per expert: at least half the assignments are dropped.
+        assert row["dropped_fraction"] >= 0.5 - 1e-9
+
+
+def _lb_gradient(tmp_path, name, nproc, *overrides):
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    out = tmp_path / f"{name}.json"
+    args = [*TINY_MOE, "model.moe.z_loss_coeff=0", f"train.output_dir={tmp_path / name}", *overrides]
+    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+    subprocess.run([*launcher, str(REPO / "tests" / "workers" / "lb_grad.py"), str(out), *args], cwd=REPO, check=True, capture_output=True, timeout=300)
+    return json.loads(out.read_text())
+
+
+def test_load_balancing_gradient_independent_of_dp_size_and_micro_batches(tmp_path):
+    one = _lb_gradient(tmp_path, "mb8", 1, "train.micro_batch_size=8")  # 1 micro-batch
+    four = _lb_gradient(tmp_path, "mb2", 1, "train.micro_batch_size=2")  # 4 micro-batches
+    dp2 = _lb_gradient(tmp_path, "dp2", 2, "train.micro_batch_size=2")  # 2 ranks x 2 micro-batches
+    scale = max(abs(x) for x in one)
+    assert scale > 1e-6  # the aux loss does reach the router
+    for other in (four, dp2):
+        assert max(abs(a - b) for a, b in zip(one, other)) < 1e-5 * scale

@@ -1,0 +1,493 @@
+"""Launching study runs on SLURM: one sbatch script per (arm, seed), or one job array over them.
+
+    megatron-moe study launch examples/tiny_three_arm/cpu.toml --slurm --dry-run      # render, submit nothing
+    megatron-moe study launch study.toml --slurm --nodes 2 --gpus-per-node 8 --partition batch \
+        --account proj --time 04:00:00 --container-image nvcr.io/nvidia/pytorch:25.01-py3 \
+        --container-mounts /lustre:/lustre
+    megatron-moe study launch study.toml --slurm --array --max-parallel 4 --launch-config cluster.toml
+
+Each run is one SLURM job. `srun` starts one torchrun agent per node; the agents meet at a c10d rendezvous
+on the job's head node (the first host of `$SLURM_JOB_NODELIST`) and each starts `nproc_per_node` trainers,
+so world size = nodes x nproc_per_node = tensor x pipeline x data parallel (the data-parallel size follows
+from the launch; the run config fixes tensor, pipeline and expert).
+
+Time limits and preemption: `#SBATCH --signal=B:USR1@<signal_seconds>` sends USR1 to the batch shell before
+the time limit (`scancel --signal=USR1 --batch JOB` does the same by hand). The shell hands it to the
+training step (srun -> torchrun agents -> trainers); the trainers finish the current step, save a
+checkpoint and exit, and the shell requeues the job (`scontrol requeue`; the job keeps its id and appends
+to its log). Started again, the trainer finds the checkpoint in the run directory and resumes bit-exactly.
+A SIGTERM (scancel, or SLURM's own preemption) is handed on too, but never requeues.
+
+Run directories are the study's (`study.plan_study`): `study run` skips runs finished this way and resumes
+partial ones, and `study report` reads them. Each run directory gains:
+
+    run.toml       the resolved run config (what `study run` also writes)
+    slurm.sbatch   the rendered job script; `sbatch run_dir/slurm.sbatch` resubmits it by hand
+    slurm.json     every submission: job id, array task, time, script, log, layout, versions, git commit
+    slurm-<job>.out  the job's log, all attempts of one job (job arrays log to <study>/slurm/ instead)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from megatron_moe.config import ConfigError, from_dict, load_toml, save_toml, to_toml, validate
+from megatron_moe.utils import atomic_write_json, atomic_write_text
+
+STOP_SIGNALS_FOR_TORCHRUN = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
+"""Signals torchrun agents hand on to their workers (TORCHELASTIC_SIGNALS_TO_HANDLE; USR1 is not by default)."""
+LIVE_STATES = {
+    "PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "SUSPENDED", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED",
+    "RESIZING", "SIGNALING", "STAGE_OUT",
+}
+"""squeue states of a job that will still run (or is running): its run is not submitted again."""
+
+
+class LaunchError(RuntimeError):
+    """A scheduler command failed; the message is one line."""
+
+
+# ================================================================ options
+
+
+@dataclass
+class LaunchConfig:
+    """Where and how each run is submitted. Flags of `study launch`, or keys of a --launch-config TOML."""
+
+    nodes: int = 1
+    """Nodes per run."""
+    gpus_per_node: int = 0
+    """GPUs requested per node (0 = a CPU job); also the default processes per node."""
+    nproc_per_node: int = 0
+    """Trainer processes per node (0 = gpus_per_node, else the study's study.nproc_per_node)."""
+    partition: str = ""
+    """SLURM partition (empty = the cluster default)."""
+    account: str = ""
+    """SLURM account to charge (empty = your default)."""
+    qos: str = ""
+    """SLURM quality of service (empty = the default)."""
+    time: str = ""
+    """Time limit of each job attempt in SLURM syntax, e.g. 04:00:00 or 1-00:00:00 (empty = partition default)."""
+    cpus_per_task: int = 0
+    """CPUs per node task, i.e. for one torchrun agent and its trainers (0 = SLURM's default)."""
+    mem: str = ""
+    """Memory per node in SLURM syntax, e.g. 200G or 0 for all of it (empty = SLURM's default)."""
+    exclusive: bool = False
+    """Ask for whole nodes."""
+    signal_seconds: int = 300
+    """USR1 reaches the batch shell this many seconds before the time limit: checkpoint, then requeue."""
+    master_port: int = 0
+    """Rendezvous port on the head node (0 = 20000 + job id mod 20000, so jobs sharing a node differ)."""
+    container_image: str = ""
+    """Container image for the training step (pyxis/enroot `srun --container-image`; empty = none)."""
+    container_mounts: str = ""
+    """`srun --container-mounts`, e.g. /lustre:/lustre (the run directories must be visible inside)."""
+    python: str = ""
+    """Python on the compute nodes (default: this interpreter's path; `python` inside a container)."""
+    workdir: str = ""
+    """Directory the job runs in and puts on PYTHONPATH (default: this checkout of megatron-moe)."""
+    setup: list[str] = field(default_factory=list)
+    """Shell lines run before training, e.g. `module load cuda` or `source /path/venv/bin/activate`."""
+    sbatch_args: list[str] = field(default_factory=list)
+    """Extra #SBATCH options, e.g. --constraint=h100 or --reservation=r1."""
+    srun_args: list[str] = field(default_factory=list)
+    """Extra options of the training step's srun, e.g. --cpu-bind=none."""
+    log_dir: str = ""
+    """Where job logs go (default: each run directory; <study>/slurm for job arrays)."""
+    array: bool = False
+    """Submit one job array over the runs instead of one job per run."""
+    max_parallel: int = 0
+    """Job arrays: at most this many runs at once (0 = no limit)."""
+
+
+_TIME = re.compile(r"^(\d+-\d+(:\d+){0,2}|\d+(:\d+){0,2})$")
+
+
+def time_limit_seconds(text: str) -> int | None:
+    """Seconds of a SLURM time limit (None for empty, INFINITE or UNLIMITED); ConfigError when malformed."""
+    if text in ("", "INFINITE", "UNLIMITED"):
+        return None
+    if not _TIME.match(text):
+        raise ConfigError(
+            f"--time = {text!r} is not a SLURM time limit; use minutes, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS"
+        )
+    days, _, rest = text.rpartition("-")
+    parts = [int(p) for p in rest.split(":")]
+    if days:  # D-HH[:MM[:SS]]
+        h, m, s = (parts + [0, 0])[:3]
+        return ((int(days) * 24 + h) * 60 + m) * 60 + s
+    if len(parts) == 1:
+        return parts[0] * 60  # minutes
+    if len(parts) == 2:
+        return parts[0] * 60 + parts[1]  # minutes:seconds
+    return (parts[0] * 60 + parts[1]) * 60 + parts[2]
+
+
+def validate_launch(lc: LaunchConfig) -> None:
+    """Check the options; raises ConfigError naming the flag."""
+    for name in ("nodes",):
+        if getattr(lc, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} = {getattr(lc, name)} must be >= 1")
+    for name in ("gpus_per_node", "nproc_per_node", "cpus_per_task", "max_parallel"):
+        if getattr(lc, name) < 0:
+            raise ConfigError(f"--{name.replace('_', '-')} = {getattr(lc, name)} must be >= 0")
+    if not 1 <= lc.signal_seconds <= 65535:
+        raise ConfigError(f"--signal-seconds = {lc.signal_seconds} must be in [1, 65535]")
+    if lc.master_port and not 1024 <= lc.master_port <= 65535:
+        raise ConfigError(f"--master-port = {lc.master_port} must be 0 (derived from the job id) or in [1024, 65535]")
+    if lc.max_parallel and not lc.array:
+        raise ConfigError("--max-parallel applies to job arrays; add --array")
+    for name in ("partition", "account", "qos", "time", "mem", "container_image", "container_mounts", "log_dir"):
+        value = getattr(lc, name)
+        if re.search(r"\s", value):
+            raise ConfigError(f"--{name.replace('_', '-')} = {value!r} must not contain whitespace")
+    for name in ("sbatch_args", "srun_args"):
+        for arg in getattr(lc, name):
+            if not arg.startswith("-") or "\n" in arg:
+                raise ConfigError(f"--{name.replace('_', '-')[:-5]}-arg {arg!r} must be one option such as --foo=bar")
+    if any("\n" in line for line in lc.setup):
+        raise ConfigError("--setup takes one shell line per flag")
+    limit = time_limit_seconds(lc.time)
+    if limit is not None and limit <= lc.signal_seconds:
+        raise ConfigError(
+            f"--time = {lc.time} ({limit} s) leaves no training before the stop signal at --signal-seconds = "
+            f"{lc.signal_seconds} s before the limit; lower --signal-seconds or raise --time"
+        )
+
+
+def load_launch_config(path: str | None, flags: dict[str, Any]) -> LaunchConfig:
+    """A --launch-config TOML (top-level keys = LaunchConfig fields), then the flags given (None = not given)."""
+    data = load_toml(path) if path else {}
+    for key, value in flags.items():
+        if value is not None and value != []:
+            data[key] = value
+    lc = from_dict(LaunchConfig, data, "launch")
+    validate_launch(lc)
+    return lc
+
+
+def processes_per_node(lc: LaunchConfig, study_nproc: int = 1) -> int:
+    """Trainer processes per node: --nproc-per-node, else --gpus-per-node, else the study's nproc_per_node."""
+    return lc.nproc_per_node or lc.gpus_per_node or study_nproc
+
+
+def package_root() -> Path:
+    import megatron_moe
+
+    return Path(megatron_moe.__file__).resolve().parent.parent
+
+
+# ================================================================ rendering
+
+
+def torchrun_command(python: str, run_toml: str, *, nnodes: int, nproc_per_node: int, endpoint: str,
+                     rdzv_id: str, node_rank: int | None = None) -> list[str]:
+    """One node's torchrun agent (c10d rendezvous at `endpoint`) training the run config `run_toml`."""
+    cmd = [python, "-m", "torch.distributed.run", "--nnodes", str(nnodes), "--nproc-per-node", str(nproc_per_node),
+           "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", rdzv_id, "--max-restarts", "0"]
+    if node_rank is not None:  # c10d assigns ranks itself; a fixed node rank only orders the nodes
+        cmd += ["--node-rank", str(node_rank)]
+    return [*cmd, "-m", "megatron_moe.cli", "train", run_toml]
+
+
+def _sh(arg: str) -> str:
+    """Quote for bash; arguments naming our own shell variables ($VAR) stay expandable."""
+    return f'"{arg}"' if "$" in arg else shlex.quote(arg)
+
+
+def sbatch_directives(lc: LaunchConfig, job_name: str, output: str, gpus_per_node: int, extra: Sequence[str] = ()
+                      ) -> list[str]:
+    """The #SBATCH lines: layout, queue, log, requeue and the stop signal."""
+    opts = [f"--job-name={job_name}", f"--nodes={lc.nodes}", "--ntasks-per-node=1"]
+    if gpus_per_node:
+        opts.append(f"--gpus-per-node={gpus_per_node}")
+    if lc.cpus_per_task:
+        opts.append(f"--cpus-per-task={lc.cpus_per_task}")
+    if lc.mem:
+        opts.append(f"--mem={lc.mem}")
+    for name in ("partition", "account", "qos", "time"):
+        if getattr(lc, name):
+            opts.append(f"--{name}={getattr(lc, name)}")
+    if lc.exclusive:
+        opts.append("--exclusive")
+    opts += [f"--output={output}", "--open-mode=append", "--requeue", f"--signal=B:USR1@{lc.signal_seconds}",
+             *extra, *lc.sbatch_args]
+    return [f"#SBATCH {o}" for o in opts]
+
+
+def render_run_script(lc: LaunchConfig, *, run_dir: Path, job_name: str, nproc_per_node: int, output: str,
+                      title: str) -> str:
+    """The batch script of one run: rendezvous on the head node, srun + torchrun, stop signal -> requeue."""
+    python = lc.python or ("python" if lc.container_image else sys.executable)
+    workdir = lc.workdir or str(package_root())
+    world = lc.nodes * nproc_per_node
+    port = str(lc.master_port) if lc.master_port else "$((20000 + SLURM_JOB_ID % 20000))"
+    srun = ["srun", "--ntasks-per-node=1", "--kill-on-bad-exit=1"]
+    if lc.cpus_per_task:  # srun does not inherit sbatch's --cpus-per-task (Slurm >= 22.05)
+        srun.append(f"--cpus-per-task={lc.cpus_per_task}")
+    if lc.container_image:
+        srun += [f"--container-image={lc.container_image}", f"--container-workdir={workdir}"]
+        if lc.container_mounts:
+            srun.append(f"--container-mounts={lc.container_mounts}")
+    srun += lc.srun_args
+    agent = torchrun_command(python, "$RUN_DIR/run.toml", nnodes=lc.nodes, nproc_per_node=nproc_per_node,
+                             endpoint="$MASTER_ADDR:$MASTER_PORT", rdzv_id="$SLURM_JOB_ID")
+    shutdown_s = max(30, lc.signal_seconds - 30)
+    lines = [
+        "#!/bin/bash",
+        f"# {title}",
+        f"# {lc.nodes} node(s) x {nproc_per_node} process(es) = world size {world}. Rendered by `megatron-moe study "
+        "launch`; resubmit with `sbatch` on this file.",
+        *sbatch_directives(lc, job_name, output, lc.gpus_per_node),
+        "",
+        f"RUN_DIR={shlex.quote(str(run_dir))}",
+        f"cd {shlex.quote(workdir)} || exit 1",
+        f"export PYTHONPATH={shlex.quote(workdir)}${{PYTHONPATH:+:$PYTHONPATH}}",
+        "export PYTHONUNBUFFERED=1",
+        "# torchrun agents hand USR1 on to the trainers too, and give them this long to checkpoint before SIGKILL",
+        f"export TORCHELASTIC_SIGNALS_TO_HANDLE={STOP_SIGNALS_FOR_TORCHRUN}",
+        f"export TORCH_ELASTIC_SHUTDOWN_TIMEOUT={shutdown_s}",
+        *lc.setup,
+        "",
+        'export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)  # the head node',
+        f"export MASTER_PORT={port}",
+        'echo "==== $(date -Is) job $SLURM_JOB_ID attempt $(( ${SLURM_RESTART_COUNT:-0} + 1 )) on $SLURM_JOB_NODELIST,'
+        ' rendezvous $MASTER_ADDR:$MASTER_PORT"',
+        "",
+        "# SLURM signals this shell (--signal=B:USR1@..., scancel --batch); hand the first signal to the training step.",
+        'stop_signal=""',
+        "forward() {",
+        '  [ -n "$stop_signal" ] && return',
+        "  stop_signal=$1",
+        '  echo "==== $(date -Is) SIG$1: the trainers checkpoint after the current step and stop"',
+        '  [ -n "${step_pid:-}" ] && kill -s "$1" "$step_pid" 2>/dev/null',
+        "}",
+        "trap 'forward USR1' USR1",
+        "trap 'forward TERM' TERM",
+        "",
+        "# one torchrun agent per node, c10d rendezvous on the head node",
+        " \\\n    ".join(_sh(a) for a in [*srun, *agent]) + " &",
+        "step_pid=$!",
+        "while :; do",
+        '  wait "$step_pid"; rc=$?',
+        '  kill -0 "$step_pid" 2>/dev/null || break  # wait returns early when a trapped signal arrives',
+        "done",
+        'if [ -f "$RUN_DIR/result.json" ]; then',
+        '  echo "==== $(date -Is) run complete"',
+        "  exit 0",
+        "fi",
+        'if [ "$stop_signal" = USR1 ]; then',
+        '  echo "==== $(date -Is) requeueing job $SLURM_JOB_ID: it resumes from the checkpoint in $RUN_DIR"',
+        '  scontrol requeue "$SLURM_JOB_ID" && exit 0',
+        "  exit 75",
+        "fi",
+        'echo "==== $(date -Is) training step failed (exit $rc)"',
+        'exit $(( rc ? rc : 1 ))',
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def render_array_script(lc: LaunchConfig, *, scripts: Sequence[Path], job_name: str, output: str, title: str) -> str:
+    """A job array whose task i runs the i-th run's own script (same body, so the same signal handling)."""
+    spec = f"0-{len(scripts) - 1}" + (f"%{lc.max_parallel}" if lc.max_parallel else "")
+    lines = [
+        "#!/bin/bash",
+        f"# {title}",
+        "# Task i runs the i-th run script below (rendered by `megatron-moe study launch --array`).",
+        *sbatch_directives(lc, job_name, output, lc.gpus_per_node, extra=[f"--array={spec}"]),
+        "",
+        "RUN_SCRIPTS=(",
+        *(f"  {shlex.quote(str(s))}" for s in scripts),
+        ")",
+        'exec bash "${RUN_SCRIPTS[$SLURM_ARRAY_TASK_ID]}"',
+        "",
+    ]
+    return "\n".join(lines)
+
+
+# ================================================================ the scheduler
+
+
+def _scheduler(cmd: list[str], timeout: float = 60) -> subprocess.CompletedProcess:
+    if shutil.which(cmd[0]) is None:
+        raise LaunchError(f"{cmd[0]} not found on PATH: run on a SLURM login node, or use --dry-run to only render")
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise LaunchError(f"{' '.join(cmd)} did not answer within {timeout:.0f} s") from None
+
+
+def parse_job_id(stdout: str) -> str:
+    """The job id from `sbatch --parsable` ('123' or '123;cluster') or its plain 'Submitted batch job 123'."""
+    m = re.match(r"\s*(\d+)(;\S+)?\s*$", stdout) or re.search(r"Submitted batch job (\d+)", stdout)
+    if not m:
+        raise LaunchError(f"could not read a job id from sbatch's output {stdout.strip()!r}")
+    return m.group(1)
+
+
+def submit(script: Path) -> str:
+    """sbatch a script; returns the job id."""
+    proc = _scheduler(["sbatch", "--parsable", str(script)])
+    if proc.returncode:
+        raise LaunchError(f"sbatch {script} failed (exit {proc.returncode}): {proc.stderr.strip() or proc.stdout.strip()}")
+    return parse_job_id(proc.stdout)
+
+
+def job_state(job: str) -> str | None:
+    """squeue's state of a job or array task ('123', '123_4'); None when SLURM no longer knows it."""
+    if shutil.which("squeue") is None:
+        return None
+    proc = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True, timeout=60)
+    states = proc.stdout.split() if proc.returncode == 0 else []
+    return states[0] if states else None
+
+
+# ================================================================ a study
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _submissions(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / "slurm.json"
+    return json.loads(path.read_text())["submissions"] if path.is_file() else []
+
+
+def live_job(run_dir: Path) -> tuple[str, str] | None:
+    """(job, state) of the run's last submission when it is still queued or running."""
+    subs = _submissions(run_dir)
+    if not subs:
+        return None
+    last = subs[-1]
+    job = last["job_id"] + (f"_{last['array_task']}" if last.get("array_task") is not None else "")
+    state = job_state(job)
+    return (job, state) if state in LIVE_STATES else None
+
+
+def _record_submission(run_dir: Path, entry: dict[str, Any]) -> None:
+    atomic_write_json(run_dir / "slurm.json", {"submissions": [*_submissions(run_dir), entry]})
+
+
+def launch_study(cfg: Any, lc: LaunchConfig, out_dir: str | Path | None = None, *, study_file: str | None = None,
+                 dry_run: bool = False, data_check: bool = True, echo: Callable[[str], None] = print) -> int:
+    """Render (and unless dry_run, submit) a SLURM job for every run of the study not complete nor queued."""
+    from megatron_moe import study as st
+
+    plan = st.plan_study(cfg, out_dir)
+    out = plan.out_dir
+    nproc = processes_per_node(lc, cfg.study.nproc_per_node)
+    world = lc.nodes * nproc
+    for run in plan.runs:
+        try:
+            validate(run.config, world)
+        except ConfigError as exc:
+            raise ConfigError(f"run {run.name} on --nodes {lc.nodes} x {nproc} processes: {exc}") from None
+    if re.search(r"\s", str(out)):
+        raise ConfigError(f"study directory {str(out)!r} must not contain whitespace (SLURM log paths)")
+    p = cfg.parallel
+    echo(f"study {cfg.study.name}: {len(plan.runs)} runs in {out}; each {lc.nodes} node(s) x {nproc} process(es) = "
+         f"world size {world} (tensor {p.tensor} x pipeline {p.pipeline} x data {world // (p.tensor * p.pipeline)}"
+         f", expert {p.expert})")
+    data = st.data_check(plan) if data_check else None
+
+    todo, statuses = [], []
+    for run in plan.runs:
+        if st.run_status(run) == "done":
+            statuses.append(f"{run.arm} seed {run.seed}: complete, skipped ({run.name})")
+            continue
+        live = None if dry_run else live_job(run.dir)
+        if live:
+            statuses.append(f"{run.arm} seed {run.seed}: already queued as job {live[0]} ({live[1]}), skipped")
+            continue
+        todo.append(run)
+    for line in statuses:
+        echo(line)
+    if not todo:
+        echo("nothing to submit")
+        return 0
+
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "study.toml", to_toml(dataclasses.asdict(cfg)))
+    atomic_write_json(out / "study.json", st.manifest(plan, study_file, data))
+    log_dir = Path(lc.log_dir).resolve() if lc.log_dir else None
+    scripts = []
+    for run in todo:
+        run.dir.mkdir(parents=True, exist_ok=True)
+        save_toml(run.config, run.dir / "run.toml")
+        if lc.array:
+            output = str((log_dir or out / "slurm") / "%x-%A_%a.out")
+        else:
+            output = str((log_dir or run.dir) / "slurm-%j.out")
+        script = run.dir / "slurm.sbatch"
+        title = f"megatron-moe study {cfg.study.name}: run {run.name} (arm {run.arm}, seed {run.seed})"
+        atomic_write_text(script, render_run_script(lc, run_dir=run.dir, job_name=f"{cfg.study.name}-{run.name}",
+                                                    nproc_per_node=nproc, output=output, title=title))
+        scripts.append(script)
+    (log_dir or out / "slurm").mkdir(parents=True, exist_ok=True) if (lc.array or log_dir) else None
+    array_script = None
+    if lc.array:
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        array_script = out / "slurm" / f"array-{stamp}.sbatch"
+        atomic_write_text(array_script, render_array_script(
+            lc, scripts=scripts, job_name=cfg.study.name, output=str((log_dir or out / "slurm") / "%x-%A_%a.out"),
+            title=f"megatron-moe study {cfg.study.name}: {len(scripts)} runs as one job array"))
+
+    if dry_run:
+        echo(f"dry run: rendered {len(scripts)} script(s), submitted nothing")
+        for run, script in zip(todo, scripts):
+            echo(f"  {run.arm} seed {run.seed}: {script}")
+        if array_script:
+            echo(f"  job array: {array_script}")
+        echo(f"---- {array_script or scripts[0]}")
+        echo((array_script or scripts[0]).read_text().rstrip())
+        return 0
+
+    env, git = st.environment(), st.git_state()
+    common = {"nodes": lc.nodes, "nproc_per_node": nproc, "world_size": world, "versions": env, "git": git}
+    if array_script:
+        job = submit(array_script)
+        echo(f"submitted job array {job} ({len(todo)} tasks): {array_script}")
+        for i, run in enumerate(todo):
+            _record_submission(run.dir, {"job_id": job, "array_task": i, "submitted": _now(), "script": str(scripts[i]),
+                                         "array_script": str(array_script),
+                                         "log": str((log_dir or out / "slurm") / f"{cfg.study.name}-{job}_{i}.out"),
+                                         **common})
+            echo(f"  {run.arm} seed {run.seed}: task {job}_{i} -> runs/{run.name}")
+        return 0
+    for run, script in zip(todo, scripts):
+        job = submit(script)
+        _record_submission(run.dir, {"job_id": job, "array_task": None, "submitted": _now(), "script": str(script),
+                                     "log": str((log_dir or run.dir) / f"slurm-{job}.out"), **common})
+        echo(f"{run.arm} seed {run.seed}: submitted job {job} -> runs/{run.name}")
+    return 0
+
+
+def launch_main(study_path: str, overrides: list[str], *, output_dir: str | None = None, slurm: bool = False,
+                dry_run: bool = False, data_check: bool = True, launch_config: str | None = None,
+                flags: dict[str, Any] | None = None) -> int:
+    """Entry point of `megatron-moe study launch`."""
+    from megatron_moe.study import load_study
+
+    if not slurm:
+        raise ConfigError("study launch needs a scheduler: add --slurm (the only one supported)")
+    lc = load_launch_config(launch_config, flags or {})
+    cfg = load_study(study_path, overrides)
+    try:
+        return launch_study(cfg, lc, output_dir, study_file=str(Path(study_path).resolve()), dry_run=dry_run,
+                            data_check=data_check, echo=lambda line: print(line, flush=True))
+    except LaunchError as exc:
+        print(f"megatron-moe: error: {exc}", file=sys.stderr)
+        return 1

@@ -1,0 +1,304 @@
+"""Studies: spec loading, arm derivation by the planner, the example configs, and a real 2-arm x 2-seed study
+that is interrupted, resumed without redoing finished runs, and reported."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from megatron_moe import planner as P
+from megatron_moe import study as S
+from megatron_moe.config import ConfigError, RunConfig
+from tests.conftest import REPO, cli
+
+EXAMPLES = REPO / "examples"
+
+# The smallest study the trainer runs in a few seconds per run (the TINY model of conftest, as a study file).
+MINI = """
+[study]
+name = "mini"
+arms = ["dense_active", "moe"]
+seeds = [1, 2]
+
+[model]
+vocab_size = 1024
+seq_length = 32
+num_layers = 2
+hidden_size = 64
+num_attention_heads = 4
+num_query_groups = 2
+ffn_hidden_size = 128
+
+[model.moe]
+num_experts = 4
+top_k = 2
+expert_ffn_hidden_size = 64
+
+[data]
+synthetic_documents = 400
+
+[train]
+train_steps = 4
+micro_batch_size = 4
+global_batch_size = 8
+lr_warmup_steps = 1
+log_interval = 1
+eval_interval = 2
+eval_iters = 2
+"""
+
+
+def _write(tmp_path: Path, text: str = MINI, name: str = "mini.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+# ---------------------------------------------------------------- spec
+
+
+@pytest.mark.parametrize("override, message", [
+    ("study.arms=['moe', 'dense_wide']", r"study.arms: 'dense_wide' is not allowed; expected one of moe, "),
+    ("study.arms=['moe', 'moe']", r"lists an arm twice"),
+    ("study.arms=['moe', 'equal_resources']", r"put it alone in a study"),
+    ("study.seeds=[1, 1]", r"study.seeds = \[1, 1\] must be a non-empty list of distinct seeds"),
+    ("study.seeds=[]", r"study.seeds"),
+    ("study.budget_tokens=1000", None),
+    ("study.colour='red'", r"unknown key 'study.colour'; valid keys here: name, arms, seeds"),
+    ("study.match.resize='depth'", r"study.match.resize = 'depth' is not allowed"),
+    ("model.moe.num_experts=0", r"a study's base model must be the MoE"),
+])
+def test_bad_study_specs_fail_with_one_line(tmp_path, override, message):
+    path = _write(tmp_path)
+    if message is None:  # budget_tokens alone is fine; with budget_flops it is not
+        S.load_study(path, [override])
+        override, message = "study.budget_flops=1e12", "are both set; set one"
+        with pytest.raises(ConfigError, match=message):
+            S.load_study(path, ["study.budget_tokens=1000", override])
+        return
+    with pytest.raises(ConfigError, match=message) as exc:
+        S.load_study(path, [override])
+    assert "\n" not in str(exc.value)
+
+
+def test_arms_are_derived_by_the_planner(tmp_path):
+    cfg = S.load_study(_write(tmp_path), ["study.arms=['dense_active', 'moe', 'dense_total', 'dense_flops']"])
+    plan = S.plan_study(cfg, tmp_path / "out")
+    arms = {a.name: a for a in plan.arms}
+    assert list(arms) == ["dense_active", "moe", "dense_total", "dense_flops"]
+    base = cfg.base()
+    assert arms["moe"].config.model == base.model and arms["moe"].match == {}
+    for contract in ("active", "total", "flops"):
+        arm, m = arms[f"dense_{contract}"], P.match_dense(base.model, contract)
+        assert arm.config.model == m.config and not arm.config.model.is_moe
+        assert arm.match["residual_pct"] == m.residual_pct and arm.match["target"] == m.target
+        assert arm.changed_fields == m.changed_fields  # only model.* fields differ from the base
+    # Everything but the model is identical across arms: data, optimizer, schedule, evaluation, steps.
+    for a in plan.arms:
+        assert a.config.data == base.data
+        assert dataclasses.replace(a.config.train, output_dir="") == dataclasses.replace(base.train, output_dir="")
+    assert [(p["name"], p["baseline"], p["moe"]) for p in plan.pairs] == [
+        ("matched-active", "dense_active", "moe"), ("matched-total", "dense_total", "moe"),
+        ("matched-flops", "dense_flops", "moe")]
+    # One run per (arm, seed): the seed is the model-init seed, the data seed stays; dirs keyed by a hash.
+    assert len(plan.runs) == 8
+    for r in plan.runs:
+        assert r.config.train.seed == r.seed and r.config.data.seed == base.data.seed
+        assert r.dir == (tmp_path / "out" / "runs" / f"{r.arm}-s{r.seed}-{r.hash}").resolve()
+        assert r.config.train.output_dir == str(r.dir)
+    assert len({r.dir for r in plan.runs}) == 8
+    # Two contracts may derive the same model (here flops = active): same hash, still one directory per arm.
+    assert arms["dense_flops"].config.model == arms["dense_active"].config.model
+    assert len({r.hash for r in plan.runs}) == 6
+
+
+def test_run_hash_ignores_bookkeeping_only():
+    cfg = RunConfig()
+    h = S.run_hash(cfg)
+    for section, name, value in (("train", "output_dir", "elsewhere"), ("train", "log_interval", 1),
+                                 ("train", "save_interval", 7)):
+        changed = dataclasses.replace(cfg, **{section: dataclasses.replace(getattr(cfg, section), **{name: value})})
+        assert S.run_hash(changed) == h
+    for section, name, value in (("train", "lr", 1e-3), ("train", "seed", 7), ("data", "seed", 7),
+                                 ("model", "hidden_size", 256)):
+        changed = dataclasses.replace(cfg, **{section: dataclasses.replace(getattr(cfg, section), **{name: value})})
+        assert S.run_hash(changed) != h
+
+
+def test_budgets(tmp_path):
+    path = _write(tmp_path)
+    tokens_per_step = 8 * 32
+    plan = S.plan_study(S.load_study(path, ["study.budget_tokens=2600"]))
+    assert {a.config.train.train_steps for a in plan.arms} == {2600 // tokens_per_step}
+    # A compute budget: each arm trains floor(C / (training FLOPs/token x tokens/step)) steps.
+    c = 1e12
+    plan = S.plan_study(S.load_study(path, ["study.budget_flops=1e12", "study.arms=['moe', 'dense_total']"]))
+    for a in plan.arms:
+        assert a.config.train.train_steps == int(c // (a.ledger.flops_train_per_token * tokens_per_step))
+    steps = {a.name: a.config.train.train_steps for a in plan.arms}
+    assert steps["dense_total"] < steps["moe"]  # the total-matched dense is dearer per token
+    with pytest.raises(ConfigError, match=r"= 1 steps, not above train.lr_warmup_steps = 1"):
+        S.plan_study(S.load_study(path, ["study.budget_tokens=300"]))
+
+
+# ---------------------------------------------------------------- the examples
+
+
+def test_tiny_three_arm_examples():
+    for name, max_total in (("cpu", 3e6), ("gpu", 25e6)):
+        cfg = S.load_study(EXAMPLES / "tiny_three_arm" / f"{name}.toml")
+        plan = S.plan_study(cfg)
+        arms = {a.name: a for a in plan.arms}
+        assert list(arms) == ["dense_active", "moe", "dense_total"] and cfg.study.seeds == [1, 2, 3]
+        moe = arms["moe"].config.model
+        assert (moe.moe.num_experts, moe.moe.top_k, moe.moe.topk_renormalize) == (4, 2, True)
+        assert moe.moe.aux_loss_coeff > 0 and moe.moe.z_loss_coeff > 0
+        assert (moe.normalization, moe.activation, moe.position_embedding) == ("RMSNorm", "swiglu", "rope")
+        assert cfg.data.path == ""  # runs with no dataset downloaded
+        for a in plan.arms:  # width-resized at fixed depth, tight match, sub-25M
+            assert a.config.model.num_layers == moe.num_layers
+            assert a.ledger.total_params < max_total
+            if a.match:
+                assert abs(a.match["residual_pct"]) < 0.5
+        assert len({a.config.train.train_steps for a in plan.arms}) == 1
+
+
+@pytest.mark.parametrize("name, n_total", [("cpu", None), ("2b", 2.0e9), ("7b", 6.5e9)])
+def test_equal_resources_examples(name, n_total):
+    cfg = S.load_study(EXAMPLES / "equal_resources" / f"{name}.toml")
+    plan = S.plan_study(cfg)
+    fam = plan.family
+    if n_total:
+        assert fam["total_params"] == pytest.approx(n_total, rel=0.005)
+    dense, *moes = plan.arms
+    assert dense.name == "er_dense" and not dense.config.model.is_moe and dense.config.parallel.expert == 1
+    assert len(moes) >= 3
+    rates = [a.ledger.r_a for a in moes]
+    assert min(rates) <= 0.21 and max(rates) >= 0.45 and all(0.09 <= r <= 0.55 for r in rates)
+    tokens_per_step = fam["tokens_per_step"]
+    for a in plan.arms:
+        m, e = a.config.model, a.config.model.moe
+        # equal N (within the planner's 0.5%), equal C (to one step of tokens), equal unique tokens D
+        assert abs(a.ledger.nonembedding_params - fam["total_params"]) <= 0.005 * fam["total_params"]
+        spent = a.config.train.train_steps * tokens_per_step * a.match["flops_per_token"]
+        assert 0 <= fam["compute"] - spent < (tokens_per_step + 1) * a.match["flops_per_token"]
+        assert a.config.data.unique_tokens == fam["unique_tokens"] and a.config.data.epochs == 0
+        assert a.config.data == dense.config.data  # one token stream for every arm: same fingerprint
+        if m.is_moe:  # first layer dense, shared expert of size K x D_e, repeats > 1 (strict reuse)
+            assert e.first_k_dense == 1 and e.shared_expert_ffn_hidden_size == e.top_k * m.expert_ffn
+            assert a.match["repeats"] > 1 and e.num_experts % cfg.parallel.expert == 0
+    assert dense.match["repeats"] == 1
+    if name != "cpu":
+        assert cfg.study.nproc_per_node == 8 and cfg.train.precision == "bf16"
+
+
+def test_study_help_is_fast_and_shows_examples():
+    t0 = time.perf_counter()
+    proc = cli("study", "run", "--help")
+    assert "study run examples/tiny_three_arm/cpu.toml" in proc.stdout and time.perf_counter() - t0 < 10
+    assert "torch" not in subprocess.run(
+        [sys.executable, "-c", "import sys, megatron_moe.cli, megatron_moe.study, megatron_moe.report; "
+                               "print(' '.join(sys.modules))"], capture_output=True, text=True, cwd=REPO).stdout.split()
+
+
+def test_bad_study_file_exits_2(tmp_path):
+    proc = cli("study", "run", str(_write(tmp_path)), "study.arms=['dense']", check=False)
+    assert proc.returncode == 2 and "study.arms: 'dense' is not allowed" in proc.stderr
+
+
+# ---------------------------------------------------------------- a real study
+
+
+def _metrics_best(run_dir: Path) -> float:
+    evals = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if row["kind"] == "eval":
+            evals[row["step"]] = row["val_loss"]
+    return min(evals.values())
+
+
+def test_study_runs_is_interrupted_resumes_and_reports(tmp_path):
+    study_file, out = _write(tmp_path), tmp_path / "study"
+    cmd = [sys.executable, "-m", "megatron_moe.cli", "study", "run", str(study_file), "-o", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONUNBUFFERED": "1"}
+    # 1. Start the runner and stop it (SIGTERM) once its first run is complete and the second has begun.
+    runner = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and len(list(out.glob("runs/*/result.json"))) < 1:
+            time.sleep(0.2)
+        while time.time() < deadline and len((out / "log.jsonl").read_text().splitlines()) < 3:
+            time.sleep(0.1)  # wait for the second run's start event
+        runner.send_signal(signal.SIGTERM)
+        output, _ = runner.communicate(timeout=60)
+    finally:
+        if runner.poll() is None:
+            os.killpg(runner.pid, signal.SIGKILL)
+        runner.wait()
+    assert runner.returncode == 130, output
+    assert "interrupted (SIGTERM)" in output
+    first = sorted(out.glob("runs/*/result.json"))
+    assert len(first) == 1
+    first_mtime = first[0].stat().st_mtime_ns
+    log = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    assert [e["event"] for e in log] == ["start", "done", "start", "interrupted"]
+    interrupted = log[-1]["run"]
+    assert interrupted == log[2]["run"] and not (out / "runs" / interrupted / "result.json").exists()
+    info = json.loads((out / "runs" / interrupted / "run.json").read_text())
+    assert info["attempts"][-1]["interrupted"] == "SIGTERM"
+
+    # 2. The same command again: the finished run is skipped, the interrupted one resumed, the rest started.
+    proc = cli("study", "run", str(study_file), "-o", str(out), "--quiet")
+    assert "complete, skipped" in proc.stdout and "study complete: 4 runs" in proc.stdout
+    log = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()][4:]
+    assert [(e["event"], e["run"]) for e in log[:2]] == [("skip", first[0].parent.name), ("resume", interrupted)]
+    assert [e["event"] for e in log] == ["skip", "resume", "done", "start", "done", "start", "done"]
+    assert first[0].stat().st_mtime_ns == first_mtime  # not redone
+    # 3. A third time: nothing to do.
+    proc = cli("study", "run", str(study_file), "-o", str(out), "--quiet")
+    log = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()][11:]
+    assert [e["event"] for e in log] == ["skip"] * 4
+
+    # Provenance: resolved config, versions and git commit per run; manifest with the planner's residuals.
+    man = json.loads((out / "study.json").read_text())
+    assert [a["name"] for a in man["arms"]] == ["dense_active", "moe"] and man["data_fingerprints_equal"]
+    assert man["arms"][0]["match"]["residual_pct"] == pytest.approx(
+        P.match_dense(S.load_study(study_file).model, "active").residual_pct)
+    for entry in man["runs"]:
+        run_dir = out / entry["dir"]
+        assert entry["dir"] == f"runs/{entry['arm']}-s{entry['seed']}-{entry['hash']}"
+        info = json.loads((run_dir / "run.json").read_text())
+        assert info["versions"]["torch"] and info["versions"]["megatron-core"] == "0.16.1"
+        assert info["versions"]["python"] and info["versions"]["megatron-moe"]
+        assert "git" in info and (info["git"] is None or len(info["git"]["commit"]) == 40)
+        assert (run_dir / "config.toml").is_file() and (run_dir / "run.toml").is_file()
+
+    # 4. The report's numbers are the ones recomputed from metrics.jsonl.
+    proc = cli("study", "report", str(out))
+    assert "Paired gaps" in proc.stdout
+    results = json.loads((out / "results.json").read_text())
+    best = {(e["arm"], e["seed"]): _metrics_best(out / e["dir"]) for e in man["runs"]}
+    for arm in results["arms"]:
+        vals = [best[(arm["arm"], s)] for s in (1, 2)]
+        assert arm["best_val_loss"]["per_seed"] == {"1": vals[0], "2": vals[1]}
+        assert arm["best_val_loss"]["mean"] == pytest.approx(sum(vals) / 2, abs=1e-12)
+        assert arm["best_val_loss"]["std"] == pytest.approx(abs(vals[0] - vals[1]) / math.sqrt(2), abs=1e-12)
+    (gap,) = results["gaps"]
+    diffs = [best[("dense_active", s)] - best[("moe", s)] for s in (1, 2)]
+    assert gap["name"] == "matched-active" and gap["per_seed"] == {"1": diffs[0], "2": diffs[1]}
+    assert gap["mean"] == pytest.approx(sum(diffs) / 2, abs=1e-12)
+    assert [p["step"] for p in gap["over_training"]] == [2, 4]
+    assert results["data_fingerprints_equal"] and not results["warnings"]
+    for name in ("report.md", "report.html", "results.json"):
+        assert (out / name).is_file()
