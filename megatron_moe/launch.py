@@ -279,6 +279,7 @@ def render_run_script(lc: LaunchConfig, *, run_dir: Path, job_name: str, nproc_p
         "# one torchrun agent per node, c10d rendezvous on the head node",
         " \\\n    ".join(_sh(a) for a in [*srun, *agent]) + " &",
         "step_pid=$!",
+        '[ -n "$stop_signal" ] && kill -s "$stop_signal" "$step_pid" 2>/dev/null  # a signal that came before the step',
         "while :; do",
         '  wait "$step_pid"; rc=$?',
         '  kill -0 "$step_pid" 2>/dev/null || break  # wait returns early when a trapped signal arrives',
@@ -436,7 +437,8 @@ def launch_study(cfg: Any, lc: LaunchConfig, out_dir: str | Path | None = None, 
         atomic_write_text(script, render_run_script(lc, run_dir=run.dir, job_name=f"{cfg.study.name}-{run.name}",
                                                     nproc_per_node=nproc, output=output, title=title))
         scripts.append(script)
-    (log_dir or out / "slurm").mkdir(parents=True, exist_ok=True) if (lc.array or log_dir) else None
+    if lc.array or log_dir:  # sbatch does not create the directory of --output: the job would fail silently
+        (log_dir or out / "slurm").mkdir(parents=True, exist_ok=True)
     array_script = None
     if lc.array:
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
