@@ -194,8 +194,8 @@ def _add_plan(sub: argparse._SubParsersAction) -> None:
 STUDY_EPILOG = """examples:
   megatron-moe study run examples/tiny_three_arm/cpu.toml             # 3 arms x 3 seeds on CPU, ~15 min
   megatron-moe study run examples/tiny_three_arm/cpu.toml --dry-run   # derived arms, runs and their status
-  megatron-moe study run examples/tiny_three_arm/cpu.toml study.seeds=[1] train.train_steps=20 -o runs/quick
-  megatron-moe study run examples/equal_resources/cpu.toml data.path=data/tinystories
+  megatron-moe study run examples/tiny_three_arm/cpu.toml study.seeds=[1] study.budget_tokens=40960 -o runs/quick
+  megatron-moe study run examples/equal_resources/cpu.toml data.path=data/tinystories model.vocab_size=4096
   megatron-moe study report runs/study/tiny_three_arm_cpu            # report.md, report.html, results.json
 """
 
@@ -239,6 +239,82 @@ def _add_study(sub: argparse._SubParsersAction) -> None:
         return report_main(args.dir, args.output_dir, args.confidence)
 
     rep.set_defaults(func=do_report)
+    _add_study_launch(verbs)
+
+
+# ---------------------------------------------------------------- study launch (owner: launch, issue #8)
+
+LAUNCH_EPILOG = """examples:
+  megatron-moe study launch examples/tiny_three_arm/cpu.toml --slurm --dry-run   # render scripts, submit nothing
+  megatron-moe study launch study.toml --slurm --nodes 2 --gpus-per-node 8 --partition batch --account proj \\
+      --time 04:00:00 --container-image nvcr.io/nvidia/pytorch:25.01-py3 --container-mounts /lustre:/lustre
+  megatron-moe study launch study.toml --slurm --array --max-parallel 4 --launch-config cluster.toml
+  scancel --signal=USR1 --batch JOBID     # checkpoint now and requeue (what --signal-seconds does before --time)
+"""
+
+
+def _add_study_launch(verbs: argparse._SubParsersAction) -> None:
+    p = verbs.add_parser(
+        "launch",
+        help="submit every (arm, seed) of a study as SLURM jobs (srun + torchrun); idempotent",
+        description="Render one sbatch script per run (saved in its run directory) or one job array, and submit "
+        "them. World size = --nodes x processes per node; the run config fixes tensor/pipeline/expert, data "
+        "parallel takes the rest. Before --time runs out the job checkpoints and requeues itself; it resumes "
+        "where it stopped. Complete runs and runs still queued are skipped; `study run` and `study report` work "
+        "on the same run directories. Options may also come from a --launch-config TOML (keys = option names "
+        "with underscores); flags override it.",
+        epilog=LAUNCH_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("study", help="study TOML")
+    p.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. study.seeds=[1,2]")
+    p.add_argument("--slurm", action="store_true", help="submit to SLURM (the only scheduler supported)")
+    p.add_argument("-o", "--output-dir", help="study directory (default study.output_dir, else runs/study/<name>)")
+    p.add_argument("--dry-run", action="store_true", help="render and save the scripts, submit nothing")
+    p.add_argument("--skip-data-check", action="store_true", help="do not build each arm's data source first")
+    p.add_argument("--launch-config", help="TOML of launch options (a cluster profile); flags override it")
+    g = p.add_argument_group("layout")
+    g.add_argument("--nodes", type=int, help="nodes per run (default 1)")
+    g.add_argument("--gpus-per-node", type=int, help="GPUs per node (default 0 = CPU job); default processes per node")
+    g.add_argument("--nproc-per-node", type=int, help="trainer processes per node (default: --gpus-per-node, "
+                   "else study.nproc_per_node)")
+    g.add_argument("--cpus-per-task", type=int, help="CPUs per node task (default: SLURM's)")
+    g.add_argument("--mem", help="memory per node, e.g. 200G (default: SLURM's)")
+    g.add_argument("--exclusive", action="store_true", default=None, help="whole nodes")
+    g.add_argument("--master-port", type=int, help="rendezvous port (default 20000 + job id mod 20000)")
+    g = p.add_argument_group("queue")
+    g.add_argument("--partition", help="SLURM partition")
+    g.add_argument("--account", help="SLURM account")
+    g.add_argument("--qos", help="SLURM quality of service")
+    g.add_argument("--time", help="time limit per attempt, e.g. 04:00:00 or 1-00:00:00")
+    g.add_argument("--signal-seconds", type=int, help="USR1 this long before --time: checkpoint and requeue "
+                   "(default 300)")
+    g.add_argument("--array", action="store_true", default=None, help="one job array over the runs")
+    g.add_argument("--max-parallel", type=int, help="job array: at most this many runs at once")
+    g.add_argument("--sbatch-arg", dest="sbatch_args", action="append", metavar="OPT",
+                   help="extra #SBATCH option, e.g. --sbatch-arg=--constraint=h100 (repeatable)")
+    g = p.add_argument_group("environment")
+    g.add_argument("--container-image", help="container image for the training step (pyxis/enroot)")
+    g.add_argument("--container-mounts", help="srun --container-mounts, e.g. /lustre:/lustre")
+    g.add_argument("--python", help="python on the compute nodes (default: this one; `python` in a container)")
+    g.add_argument("--workdir", help="directory the job runs in and puts on PYTHONPATH (default: this checkout)")
+    g.add_argument("--setup", action="append", metavar="LINE", help="shell line run before training (repeatable)")
+    g.add_argument("--srun-arg", dest="srun_args", action="append", metavar="OPT",
+                   help="extra option of the training srun (repeatable)")
+    g.add_argument("--log-dir", help="job logs (default: each run directory; <study>/slurm for arrays)")
+
+    launch_flags = ("nodes", "gpus_per_node", "nproc_per_node", "cpus_per_task", "mem", "exclusive", "master_port",
+                    "partition", "account", "qos", "time", "signal_seconds", "array", "max_parallel", "sbatch_args",
+                    "container_image", "container_mounts", "python", "workdir", "setup", "srun_args", "log_dir")
+
+    def run(args: argparse.Namespace) -> int:
+        from megatron_moe.launch import launch_main
+
+        return launch_main(args.study, args.overrides, output_dir=args.output_dir, slurm=args.slurm,
+                           dry_run=args.dry_run, data_check=not args.skip_data_check,
+                           launch_config=args.launch_config, flags={k: getattr(args, k) for k in launch_flags})
+
+    p.set_defaults(func=run)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -30,6 +30,7 @@ partial ones, and `study report` reads them. Each run directory gains:
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
 import re
 import shlex
@@ -43,6 +44,10 @@ from pathlib import Path
 from typing import Any
 
 from megatron_moe.config import ConfigError, from_dict, load_toml, save_toml, to_toml, validate
+from megatron_moe.study import (
+    Plan, Run, StudyConfig, environment, git_state, load_study, manifest, plan_study, run_status,
+)
+from megatron_moe.study import data_check as run_data_check
 from megatron_moe.utils import atomic_write_json, atomic_write_text
 
 STOP_SIGNALS_FOR_TORCHRUN = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
@@ -206,6 +211,24 @@ def _sh(arg: str) -> str:
     return f'"{arg}"' if "$" in arg else shlex.quote(arg)
 
 
+def _command_lines(cmd: Sequence[str], width: int = 100) -> str:
+    """A long command as bash continuation lines, each option kept with its value."""
+    groups: list[str] = []
+    for arg in cmd:
+        if groups and not arg.startswith("-") and groups[-1].startswith("-") and " " not in groups[-1]:
+            groups[-1] += " " + _sh(arg)  # an option's value
+        else:
+            groups.append(_sh(arg))
+    lines, line = [], ""
+    for g in groups:
+        if line and len(line) + 1 + len(g) > width:
+            lines.append(line)
+            line = "    " + g
+        else:
+            line = f"{line} {g}" if line else g
+    return " \\\n".join([*lines, line])
+
+
 def sbatch_directives(lc: LaunchConfig, job_name: str, output: str, gpus_per_node: int, extra: Sequence[str] = ()
                       ) -> list[str]:
     """The #SBATCH lines: layout, queue, log, requeue and the stop signal."""
@@ -227,7 +250,7 @@ def sbatch_directives(lc: LaunchConfig, job_name: str, output: str, gpus_per_nod
 
 
 def render_run_script(lc: LaunchConfig, *, run_dir: Path, job_name: str, nproc_per_node: int, output: str,
-                      title: str) -> str:
+                      title: str, keep_checkpoints: bool = True) -> str:
     """The batch script of one run: rendezvous on the head node, srun + torchrun, stop signal -> requeue."""
     python = lc.python or ("python" if lc.container_image else sys.executable)
     workdir = lc.workdir or str(package_root())
@@ -265,7 +288,7 @@ def render_run_script(lc: LaunchConfig, *, run_dir: Path, job_name: str, nproc_p
         'echo "==== $(date -Is) job $SLURM_JOB_ID attempt $(( ${SLURM_RESTART_COUNT:-0} + 1 )) on $SLURM_JOB_NODELIST,'
         ' rendezvous $MASTER_ADDR:$MASTER_PORT"',
         "",
-        "# SLURM signals this shell (--signal=B:USR1@..., scancel --batch); hand the first signal to the training step.",
+        "# SLURM signals this shell (--signal=B:USR1@..., scancel --batch): hand the first signal to the step.",
         'stop_signal=""',
         "forward() {",
         '  [ -n "$stop_signal" ] && return',
@@ -277,7 +300,8 @@ def render_run_script(lc: LaunchConfig, *, run_dir: Path, job_name: str, nproc_p
         "trap 'forward TERM' TERM",
         "",
         "# one torchrun agent per node, c10d rendezvous on the head node",
-        " \\\n    ".join(_sh(a) for a in [*srun, *agent]) + " &",
+        _command_lines(srun) + " \\",
+        "  " + _command_lines(agent).replace("\n    ", "\n      ") + " &",
         "step_pid=$!",
         '[ -n "$stop_signal" ] && kill -s "$stop_signal" "$step_pid" 2>/dev/null  # a signal that came before the step',
         "while :; do",
@@ -286,6 +310,7 @@ def render_run_script(lc: LaunchConfig, *, run_dir: Path, job_name: str, nproc_p
         "done",
         'if [ -f "$RUN_DIR/result.json" ]; then',
         '  echo "==== $(date -Is) run complete"',
+        *(() if keep_checkpoints else ['  rm -rf "$RUN_DIR/checkpoints"  # study.keep_checkpoints = false']),
         "  exit 0",
         "fi",
         'if [ "$stop_signal" = USR1 ]; then',
@@ -342,7 +367,8 @@ def submit(script: Path) -> str:
     """sbatch a script; returns the job id."""
     proc = _scheduler(["sbatch", "--parsable", str(script)])
     if proc.returncode:
-        raise LaunchError(f"sbatch {script} failed (exit {proc.returncode}): {proc.stderr.strip() or proc.stdout.strip()}")
+        why = proc.stderr.strip() or proc.stdout.strip()
+        raise LaunchError(f"sbatch {script} failed (exit {proc.returncode}): {why}")
     return parse_job_id(proc.stdout)
 
 
@@ -382,13 +408,49 @@ def _record_submission(run_dir: Path, entry: dict[str, Any]) -> None:
     atomic_write_json(run_dir / "slurm.json", {"submissions": [*_submissions(run_dir), entry]})
 
 
-def launch_study(cfg: Any, lc: LaunchConfig, out_dir: str | Path | None = None, *, study_file: str | None = None,
-                 dry_run: bool = False, data_check: bool = True, echo: Callable[[str], None] = print) -> int:
-    """Render (and unless dry_run, submit) a SLURM job for every run of the study not complete nor queued."""
-    from megatron_moe import study as st
+def _runs_to_submit(plan: Plan, check_queue: bool, echo: Callable[[str], None]) -> list[Run]:
+    """The runs neither complete nor (when check_queue) still queued or running from an earlier launch."""
+    todo = []
+    for run in plan.runs:
+        if run_status(run) == "done":
+            echo(f"{run.arm} seed {run.seed}: complete, skipped ({run.name})")
+        elif check_queue and (live := live_job(run.dir)):
+            echo(f"{run.arm} seed {run.seed}: already queued as job {live[0]} ({live[1]}), skipped")
+        else:
+            todo.append(run)
+    return todo
 
-    plan = st.plan_study(cfg, out_dir)
+
+def _check_no_local_runner(out: Path) -> None:
+    """Refuse while a `study run` holds the study directory's lock: it would train the same runs."""
+    lock_path = out / ".lock"
+    if not lock_path.is_file():
+        return
+    with lock_path.open("a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise ConfigError(f"a `study run` is using {out} (lock {lock_path}); launch when it has stopped") from None
+
+
+def _write_study_files(plan: Plan, study_file: str | None, data: dict[str, Any] | None) -> None:
+    """study.toml and study.json, as `study run` writes them, so `study report` reads launched runs too."""
     out = plan.out_dir
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "study.toml", to_toml(dataclasses.asdict(plan.study)))
+    man = manifest(plan, study_file, data)
+    previous = json.loads((out / "study.json").read_text()) if (out / "study.json").is_file() else {}
+    if data is None and previous.get("base", {}).get("data") == man["base"]["data"]:  # keep an earlier data check
+        man["data"], man["data_fingerprints_equal"] = previous.get("data"), previous.get("data_fingerprints_equal")
+    atomic_write_json(out / "study.json", man)
+
+
+def launch_study(cfg: StudyConfig, lc: LaunchConfig, out_dir: str | Path | None = None, *,
+                 study_file: str | None = None, dry_run: bool = False, data_check: bool = True,
+                 echo: Callable[[str], None] = print) -> int:
+    """Render (and unless dry_run, submit) a SLURM job for every run of the study not complete nor queued."""
+    plan = plan_study(cfg, out_dir)
+    out, name = plan.out_dir, cfg.study.name
     nproc = processes_per_node(lc, cfg.study.nproc_per_node)
     world = lc.nodes * nproc
     for run in plan.runs:
@@ -399,74 +461,56 @@ def launch_study(cfg: Any, lc: LaunchConfig, out_dir: str | Path | None = None, 
     if re.search(r"\s", str(out)):
         raise ConfigError(f"study directory {str(out)!r} must not contain whitespace (SLURM log paths)")
     p = cfg.parallel
-    echo(f"study {cfg.study.name}: {len(plan.runs)} runs in {out}; each {lc.nodes} node(s) x {nproc} process(es) = "
+    echo(f"study {name}: {len(plan.runs)} runs in {out}; each {lc.nodes} node(s) x {nproc} process(es) = "
          f"world size {world} (tensor {p.tensor} x pipeline {p.pipeline} x data {world // (p.tensor * p.pipeline)}"
          f", expert {p.expert})")
-    data = st.data_check(plan) if data_check else None
-
-    todo, statuses = [], []
-    for run in plan.runs:
-        if st.run_status(run) == "done":
-            statuses.append(f"{run.arm} seed {run.seed}: complete, skipped ({run.name})")
-            continue
-        live = None if dry_run else live_job(run.dir)
-        if live:
-            statuses.append(f"{run.arm} seed {run.seed}: already queued as job {live[0]} ({live[1]}), skipped")
-            continue
-        todo.append(run)
-    for line in statuses:
-        echo(line)
+    data = run_data_check(plan) if data_check else None
+    todo = _runs_to_submit(plan, check_queue=not dry_run, echo=echo)
     if not todo:
         echo("nothing to submit")
         return 0
+    _check_no_local_runner(out)
+    _write_study_files(plan, study_file, data)
 
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "study.toml", to_toml(dataclasses.asdict(cfg)))
-    atomic_write_json(out / "study.json", st.manifest(plan, study_file, data))
-    log_dir = Path(lc.log_dir).resolve() if lc.log_dir else None
+    # Logs: each run directory (one job per run: requeued attempts append to slurm-<job>.out), or one folder.
+    log_dir = Path(lc.log_dir).resolve() if lc.log_dir else (out / "slurm" if lc.array else None)
+    if log_dir:
+        log_dir.mkdir(parents=True, exist_ok=True)  # sbatch does not create it: the job would fail silently
     scripts = []
     for run in todo:
         run.dir.mkdir(parents=True, exist_ok=True)
         save_toml(run.config, run.dir / "run.toml")
-        if lc.array:
-            output = str((log_dir or out / "slurm") / "%x-%A_%a.out")
-        else:
-            output = str((log_dir or run.dir) / "slurm-%j.out")
+        output = str(log_dir / "%x-%A_%a.out") if lc.array else str((log_dir or run.dir) / "slurm-%j.out")
         script = run.dir / "slurm.sbatch"
-        title = f"megatron-moe study {cfg.study.name}: run {run.name} (arm {run.arm}, seed {run.seed})"
-        atomic_write_text(script, render_run_script(lc, run_dir=run.dir, job_name=f"{cfg.study.name}-{run.name}",
-                                                    nproc_per_node=nproc, output=output, title=title))
+        atomic_write_text(script, render_run_script(
+            lc, run_dir=run.dir, job_name=f"{name}-{run.name}", nproc_per_node=nproc, output=output,
+            title=f"megatron-moe study {name}: run {run.name} (arm {run.arm}, seed {run.seed})",
+            keep_checkpoints=cfg.study.keep_checkpoints))
         scripts.append(script)
-    if lc.array or log_dir:  # sbatch does not create the directory of --output: the job would fail silently
-        (log_dir or out / "slurm").mkdir(parents=True, exist_ok=True)
     array_script = None
     if lc.array:
-        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-        array_script = out / "slurm" / f"array-{stamp}.sbatch"
+        array_script = out / "slurm" / f"array-{datetime.now().strftime('%Y%m%d-%H%M%S')}.sbatch"
         atomic_write_text(array_script, render_array_script(
-            lc, scripts=scripts, job_name=cfg.study.name, output=str((log_dir or out / "slurm") / "%x-%A_%a.out"),
-            title=f"megatron-moe study {cfg.study.name}: {len(scripts)} runs as one job array"))
+            lc, scripts=scripts, job_name=name, output=str(log_dir / "%x-%A_%a.out"),
+            title=f"megatron-moe study {name}: {len(scripts)} runs as one job array"))
 
     if dry_run:
         echo(f"dry run: rendered {len(scripts)} script(s), submitted nothing")
         for run, script in zip(todo, scripts):
             echo(f"  {run.arm} seed {run.seed}: {script}")
-        if array_script:
-            echo(f"  job array: {array_script}")
-        echo(f"---- {array_script or scripts[0]}")
-        echo((array_script or scripts[0]).read_text().rstrip())
+        shown = array_script or scripts[0]
+        echo(f"---- {shown}\n{shown.read_text().rstrip()}")
         return 0
 
-    env, git = st.environment(), st.git_state()
-    common = {"nodes": lc.nodes, "nproc_per_node": nproc, "world_size": world, "versions": env, "git": git}
+    common = {"nodes": lc.nodes, "nproc_per_node": nproc, "world_size": world, "versions": environment(),
+              "git": git_state()}
     if array_script:
         job = submit(array_script)
         echo(f"submitted job array {job} ({len(todo)} tasks): {array_script}")
-        for i, run in enumerate(todo):
-            _record_submission(run.dir, {"job_id": job, "array_task": i, "submitted": _now(), "script": str(scripts[i]),
+        for i, (run, script) in enumerate(zip(todo, scripts)):
+            _record_submission(run.dir, {"job_id": job, "array_task": i, "submitted": _now(), "script": str(script),
                                          "array_script": str(array_script),
-                                         "log": str((log_dir or out / "slurm") / f"{cfg.study.name}-{job}_{i}.out"),
-                                         **common})
+                                         "log": str(log_dir / f"{name}-{job}_{i}.out"), **common})
             echo(f"  {run.arm} seed {run.seed}: task {job}_{i} -> runs/{run.name}")
         return 0
     for run, script in zip(todo, scripts):
@@ -481,8 +525,6 @@ def launch_main(study_path: str, overrides: list[str], *, output_dir: str | None
                 dry_run: bool = False, data_check: bool = True, launch_config: str | None = None,
                 flags: dict[str, Any] | None = None) -> int:
     """Entry point of `megatron-moe study launch`."""
-    from megatron_moe.study import load_study
-
     if not slurm:
         raise ConfigError("study launch needs a scheduler: add --slurm (the only one supported)")
     lc = load_launch_config(launch_config, flags or {})

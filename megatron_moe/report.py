@@ -143,10 +143,13 @@ class RunData:
     @property
     def best(self) -> tuple[float, int] | None:
         """(best validation loss, its step) from metrics.jsonl."""
-        if not self.evals:
-            return None
-        row = min(self.evals, key=lambda r: (r["val_loss"], r["step"]))
-        return row["val_loss"], row["step"]
+        row = self.best_row
+        return None if row is None else (row["val_loss"], row["step"])
+
+    @property
+    def best_row(self) -> dict[str, Any] | None:
+        """The eval row with the lowest validation loss (the earliest of equal ones)."""
+        return min(self.evals, key=lambda r: (r["val_loss"], r["step"])) if self.evals else None
 
 
 def _rows_by_step(rows: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
@@ -215,10 +218,12 @@ def build_results(study_dir: str | Path, confidence: float = 0.95) -> dict[str, 
         name = a["name"]
         st = summarize([best[name][s] for s in sorted(best[name])], confidence)
         finals = [r.train[-1]["loss"] for r in complete if r.arm == name and r.train]
+        bpb = [r.best_row["val_bpb"] for r in complete if r.arm == name and r.best_row and "val_bpb" in r.best_row]
         arms_out.append({
             "arm": name, "contract": a["contract"], "is_moe": a["is_moe"],
             "seeds": sorted(best[name]), "missing_seeds": [s for s in man["seeds"] if s not in best[name]],
             "best_val_loss": {**st.to_dict(), "per_seed": {str(s): v for s, v in sorted(best[name].items())}},
+            "best_val_bpb": summarize(bpb, confidence).to_dict(),
             "final_train_loss": summarize(finals, confidence).to_dict(),
         })
 
@@ -232,7 +237,7 @@ def build_results(study_dir: str | Path, confidence: float = 0.95) -> dict[str, 
                          confidence, tokens_per_step[p["baseline"]])})
 
     contract, data_ok, fingerprints = contract_table(man, complete)
-    if not data_ok:
+    if data_ok is False:
         warnings.insert(0, "DATA DIFFERS ACROSS ARMS: data fingerprints are not all equal "
                            f"({', '.join(f'{k}: {sorted(v)}' for k, v in fingerprints.items())}); the comparison is not fair")
     missing = [f"{r['arm']} seed {r['seed']}" for r in run_rows if not r["complete"]]
@@ -275,15 +280,17 @@ def gap_over_training(baseline: list[RunData], moe: list[RunData], confidence: f
     return out
 
 
-def contract_table(man: dict[str, Any], complete: list[RunData]) -> tuple[list[dict[str, Any]], bool, dict[str, set[str]]]:
+def contract_table(man: dict[str, Any], complete: list[RunData]) -> tuple[list[dict[str, Any]], bool | None, dict[str, set[str]]]:
     """Per arm: parameters (total/active, with the planner's residual), FLOPs/token, tokens and the data
-    fingerprints its complete runs report; and whether one fingerprint holds across all arms."""
+    fingerprints its complete runs report; and whether one fingerprint holds across all arms (None: unknown)."""
     fingerprints: dict[str, set[str]] = {}
     rows = []
     for a in man["arms"]:
         datas = [r.result.get("data") or {} for r in complete if r.arm == a["name"] and r.result]
         planned = (man.get("data") or {}).get(a["name"]) or {}
-        fingerprints[a["name"]] = {d.get("fingerprint") for d in datas} if datas else {planned.get("fingerprint")}
+        # what the complete runs report; before any completes, what the runner's data check planned (if known)
+        fingerprints[a["name"]] = {d.get("fingerprint") for d in datas} if datas else (
+            {planned["fingerprint"]} if planned.get("fingerprint") else set())
 
         def same(key: str) -> Any:
             """The value all complete runs report (a list when they disagree); the planned one before any ran."""
@@ -293,6 +300,9 @@ def contract_table(man: dict[str, Any], complete: list[RunData]) -> tuple[list[d
             return json.loads(vals[0]) if len(vals) == 1 else [json.loads(v) for v in vals]
 
         match = a.get("match") or {}
+        consumed = same("consumed_tokens")
+        tokens = consumed if isinstance(consumed, int) else a["planned_tokens"]
+        flops_per_token = match.get("flops_per_token", a["flops_train_per_token"])  # the family's convention if any
         rows.append({
             "arm": a["name"], "contract": a["contract"],
             "total_params": a["total_params"], "active_params": a["active_params"],
@@ -302,13 +312,14 @@ def contract_table(man: dict[str, Any], complete: list[RunData]) -> tuple[list[d
             "achieved": match.get("achieved"), "residual_pct": match.get("residual_pct"),
             "flops_train_per_token": a["flops_train_per_token"], "flops_er_per_token": a["flops_er_per_token"],
             "train_steps": a["train_steps"], "planned_tokens": a["planned_tokens"],
-            "consumed_tokens": same("consumed_tokens"), "unique_tokens": same("unique_tokens"),
+            "consumed_tokens": consumed, "unique_tokens": same("unique_tokens"),
+            "train_flops": tokens * flops_per_token,
             "epochs": same("epochs"),
-            "fingerprint": ", ".join(sorted(str(x) for x in fingerprints[a["name"]])),
+            "fingerprint": ", ".join(sorted(str(x) for x in fingerprints[a["name"]])) or None,
             "changed_fields": a["changed_fields"], "changes": a.get("changes", {}),
         })
     seen = set().union(*fingerprints.values()) if fingerprints else set()
-    data_ok = len(seen) <= 1 and None not in seen
+    data_ok = None if not seen else (len(seen) == 1 and None not in seen)
     return rows, data_ok, fingerprints
 
 
@@ -326,7 +337,13 @@ def make_plots(results: dict[str, Any], study_dir: str | Path) -> dict[str, byte
     except ImportError:
         return {}
     man, runs = load_study_dir(study_dir)
-    tps = {a["name"]: a["tokens_per_step"] for a in man["arms"]}
+    # x axis: training tokens; for an equal-resources family training compute, where every arm ends at C
+    if man.get("family"):
+        tps = {a["name"]: a["tokens_per_step"] * a["match"]["flops_per_token"] for a in man["arms"]}
+        xlabel = f"training FLOPs ({man['family']['flops']} convention)"
+    else:
+        tps = {a["name"]: a["tokens_per_step"] for a in man["arms"]}
+        xlabel = "training tokens"
     arm_names = [a["name"] for a in man["arms"]]
     colors = {a: plt.get_cmap("tab10")(i % 10) for i, a in enumerate(arm_names)}
     out: dict[str, bytes] = {}
@@ -353,7 +370,7 @@ def make_plots(results: dict[str, Any], study_dir: str | Path) -> dict[str, byte
             if len(series) > 1:
                 ax.fill_between(x, [min(s[t] for s in series) for t in steps], [max(s[t] for s in series) for t in steps],
                                 color=colors[arm], alpha=0.2, linewidth=0)
-        ax.set_xlabel("training tokens")
+        ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3)
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
@@ -446,9 +463,10 @@ def tables(results: dict[str, Any]) -> list[tuple[str, str, list[str], list[list
     out.append((
         "Best validation loss per arm",
         f"Minimum over periodic evaluations; mean ± sample std over seeds, {conf} t interval.",
-        ["arm", "n", "mean ± std", f"{conf} CI", *[f"seed {s}" for s in seeds], "final train loss"],
+        ["arm", "n", "mean ± std", f"{conf} CI", *[f"seed {s}" for s in seeds], "bits/byte at best",
+         "final train loss"],
         [[a["arm"], str(a["best_val_loss"]["n"]), _pm(a["best_val_loss"]), _ci(a["best_val_loss"]),
-          *[_f(a["best_val_loss"]["per_seed"].get(s)) for s in seeds], _pm(a["final_train_loss"])]
+          *[_f(a["best_val_loss"]["per_seed"].get(s)) for s in seeds], _pm(a["best_val_bpb"]), _pm(a["final_train_loss"])]
          for a in results["arms"]],
     ))
     if results["gaps"]:
@@ -470,14 +488,18 @@ def tables(results: dict[str, Any]) -> list[tuple[str, str, list[str], list[list
             ))
     out.append((
         "Contract",
-        "Parameters and FLOPs from the planner's ledger (non-embedding N, N_a; r_a = N_a / N); the matched quantity's "
-        "target, achieved value and residual; tokens, epochs and data fingerprint from each run's result.json.",
+        "Parameters and FLOPs/token from the planner's ledger (exact count; non-embedding N, N_a; r_a = N_a / N); the "
+        "matched quantity's target, achieved value and residual; tokens, epochs and data fingerprint from each run's "
+        "result.json; train FLOPs = consumed tokens x FLOPs/token (an equal-resources family's convention when it has "
+        "one).",
         ["arm", "params total", "params active", "N", "N_a", "r_a", "matched", "target", "achieved", "resid %",
-         "train FLOPs/tok", "steps", "consumed tok", "unique tok", "epochs", "data fingerprint", "changed vs base"],
+         "train FLOPs/tok", "steps", "consumed tok", "train FLOPs", "unique tok", "epochs", "data fingerprint",
+         "changed vs base"],
         [[c["arm"], _big(c["total_params"]), _big(c["active_params"]), _big(c["nonembedding_params"]),
           _big(c["nonembedding_active_params"]), f"{c['r_a']:.3f}", c["matched_quantity"] or "(base)",
           _big(c["target"]), _big(c["achieved"]), "-" if c["residual_pct"] is None else f"{c['residual_pct']:+.3f}",
-          _big(c["flops_train_per_token"]), str(c["train_steps"]), _big(c["consumed_tokens"]), _big(c["unique_tokens"]),
+          _big(c["flops_train_per_token"]), str(c["train_steps"]), _big(c["consumed_tokens"]), _big(c["train_flops"]),
+          _big(c["unique_tokens"]),
           "n/a" if c["epochs"] is None else (_big(c["epochs"]) if isinstance(c["epochs"], list) else f"{c['epochs']:.3f}"),
           c["fingerprint"] or "n/a",
           ", ".join(f"{k.removeprefix('model.')}={v}" for k, v in c["changes"].items()) or "-"]
@@ -502,7 +524,8 @@ def render_markdown(results: dict[str, Any], plot_files: list[str]) -> str:
     lines.append(f"Generated {results['generated']} from `{results['study_dir']}`. Metric: {results['metric']}. "
                  f"Seeds {results['seeds']} (model init); data seed {results['data_seed']} fixed across arms.")
     lines.append("")
-    fp = "equal across arms" if results["data_fingerprints_equal"] else "**NOT EQUAL ACROSS ARMS**"
+    fp = {True: "equal across arms", False: "**NOT EQUAL ACROSS ARMS**", None: "unknown (no run complete)"}[
+        results["data_fingerprints_equal"]]
     lines.append(f"Data fingerprint: {fp}.")
     lines.append("")
     for w in results["warnings"]:
@@ -541,7 +564,8 @@ def render_html(results: dict[str, Any], plots: dict[str, bytes]) -> str:
              f"<p>Generated {e(results['generated'])} from <code>{e(results['study_dir'])}</code>. Metric: "
              f"{e(results['metric'])}. Seeds {e(str(results['seeds']))} (model init); data seed "
              f"{e(str(results['data_seed']))} fixed across arms.</p>",
-             f"<p>Data fingerprint: {'equal across arms' if results['data_fingerprints_equal'] else '<b>NOT EQUAL ACROSS ARMS</b>'}.</p>"]
+             "<p>Data fingerprint: " + {True: "equal across arms", False: "<b>NOT EQUAL ACROSS ARMS</b>",
+                                         None: "unknown (no run complete)"}[results["data_fingerprints_equal"]] + ".</p>"]
     parts += [f"<p class='warn'>WARNING: {e(w)}</p>" for w in results["warnings"]]
     for title, note, header, rows in tables(results):
         parts.append(f"<h2>{e(title)}</h2>")

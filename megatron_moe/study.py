@@ -46,9 +46,9 @@ import dataclasses
 import fcntl
 import hashlib
 import json
-import math
 import os
 import platform
+import shutil
 import signal
 import subprocess
 import sys
@@ -66,6 +66,8 @@ from megatron_moe.utils import atomic_write_json, atomic_write_text
 
 MATCHED_ARMS = ("moe", "dense_active", "dense_total", "dense_flops")
 ARM_CHOICES = (*MATCHED_ARMS, "equal_resources")
+PREEMPTED_EXIT_CODE = 75
+"""The trainer's exit code after a stop signal (checkpoint saved; megatron_moe.training.PREEMPTED_EXIT_CODE)."""
 BOOKKEEPING_FIELDS = ("output_dir", "log_interval", "save_interval")
 """train.* fields left out of the run hash: they cannot change the trained model."""
 
@@ -135,6 +137,8 @@ class StudySpec:
     """Study directory (default runs/study/<name>)."""
     nproc_per_node: int = 1
     """Processes per run (> 1: each run under torch.distributed.run)."""
+    keep_checkpoints: bool = True
+    """Keep a run's checkpoints/ once it is complete (false: delete them; metrics and result stay)."""
     match: MatchSpec = field(default_factory=MatchSpec)
     equal_resources: EqualResourcesSpec = field(default_factory=EqualResourcesSpec)
 
@@ -224,11 +228,11 @@ class Arm:
     contract: str
     """What the arm holds equal to its reference: 'base', 'active', 'total', 'flops', 'equal_resources'."""
     config: RunConfig
-    """Run config without seed and output_dir (filled per run)."""
+    """The arm's run config; train.seed and train.output_dir are set per run."""
     ledger: Any
     """planner.Ledger of the arm's model."""
     changed_fields: tuple[str, ...]
-    """Dotted fields that differ from the base config (model and train.train_steps)."""
+    """Dotted model.* / parallel.* fields that differ from the base config (steps and data are shown apart)."""
     match: dict[str, Any]
     """Matched quantity, target, achieved and residual_pct (empty for the base MoE)."""
 
@@ -592,7 +596,8 @@ def format_plan(plan: Plan) -> str:
 
 
 class _Stop(Exception):
-    """SIGTERM/SIGINT reached the runner: stop the current run and leave it resumable."""
+    """SIGTERM/SIGINT/SIGUSR1 reached the runner: stop the current run (the trainer checkpoints on SIGTERM) and
+    exit with PREEMPTED_EXIT_CODE; the same command resumes."""
 
 
 def _log_event(out: Path, event: str, **fields: Any) -> None:
@@ -625,9 +630,9 @@ def _train_subprocess(run: Run, nproc: int, echo: Callable[[str], None], prefix:
                 echo(f"{prefix} {line.rstrip()}")
             return proc.wait()
         except BaseException:
-            proc.terminate()
+            proc.terminate()  # the trainer saves a checkpoint on SIGTERM and exits
             try:
-                proc.wait(timeout=30)
+                proc.wait(timeout=120)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
@@ -705,7 +710,7 @@ def _run_locked(plan: Plan, data: dict[str, Any], study_file: str | None, *, kee
     def on_signal(signum: int, frame: Any) -> None:
         raise _Stop(signal.Signals(signum).name)
 
-    old = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    old = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)}
     for sig in old:
         signal.signal(sig, on_signal)
     env, git = environment(), git_state()
@@ -738,6 +743,10 @@ def _run_locked(plan: Plan, data: dict[str, Any], study_file: str | None, *, kee
             _record_attempt(run, attempt)
             current = None
             complete = rc == 0 and (run.dir / "result.json").is_file()
+            if rc == PREEMPTED_EXIT_CODE:  # the trainer got a stop signal itself, saved and exited: stop too
+                _log_event(out, "interrupted", signal="trainer stopped", run=run.name, returncode=rc)
+                echo(f"{tag}: stopped by a signal with a checkpoint saved; run the same command again to resume")
+                return PREEMPTED_EXIT_CODE
             if not complete:
                 _log_event(out, "failed", run=run.name, returncode=rc, elapsed_s=elapsed)
                 echo(f"{tag}: FAILED (exit {rc}); see {run.dir / 'train.log'}")
@@ -745,6 +754,8 @@ def _run_locked(plan: Plan, data: dict[str, Any], study_file: str | None, *, kee
                 if not keep_going:
                     break
                 continue
+            if not s.keep_checkpoints:
+                shutil.rmtree(run.dir / "checkpoints", ignore_errors=True)
             result = json.loads((run.dir / "result.json").read_text())
             _log_event(out, "done", run=run.name, elapsed_s=elapsed, best_val_loss=result.get("best_val_loss"))
             steps_run += steps
@@ -761,7 +772,7 @@ def _run_locked(plan: Plan, data: dict[str, Any], study_file: str | None, *, kee
             _record_attempt(run, attempt)
         _log_event(out, "interrupted", signal=str(exc), run=current[0].name if current else None)
         echo(f"interrupted ({exc}); run the same command again to resume")
-        return 130
+        return PREEMPTED_EXIT_CODE
     finally:
         for sig, handler in old.items():
             signal.signal(sig, handler)

@@ -5,8 +5,8 @@ ports, every file under one temp directory), starts the daemons in the foregroun
 and waits until the nodes are idle. Two slurmd emulate two nodes on this host (Debian builds slurmd with
 multiple-slurmd support), named after two host names that resolve to this machine (its short host name and
 `localhost`), so a `--nodes=2` job's head node resolves without touching /etc/hosts. `stop()` cancels every
-job, stops the daemons and kills any process left from a job; the daemons also die with this process
-(PR_SET_PDEATHSIG), so an interrupted test session leaves none behind.
+job, stops the daemons, kills any process left from a job and removes the directory; the daemons also die
+with this process (PR_SET_PDEATHSIG), so an interrupted test session leaves none behind.
 
 Needs root (slurmd launches jobs as their user) and Debian's `slurmctld slurmd slurm-client munge`.
 `unavailable_reason()` says why a cluster cannot start here; tests skip with that reason.
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import random
 import shutil
 import signal
 import socket
@@ -32,6 +33,9 @@ import time
 from pathlib import Path
 
 DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "srun", "squeue", "scontrol", "scancel", "sinfo")
+ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE",
+         "PREEMPTED", ""}
+"""Job states after which a job will not run again ('' = the controller forgot it)."""
 MARKER = "MEGATRON_MOE_SLURM_FIXTURE"
 """Environment variable naming the fixture directory; every process the cluster starts inherits it."""
 
@@ -70,7 +74,8 @@ def unavailable_reason() -> str | None:
     """Why a local SLURM cannot start here, or None."""
     missing = [d for d in DAEMONS if shutil.which(d) is None and not Path("/usr/sbin", d).exists()]
     if missing:
-        return f"SLURM/munge not installed ({', '.join(missing)} missing; apt-get install slurmctld slurmd slurm-client munge)"
+        return (f"SLURM/munge not installed ({', '.join(missing)} missing; "
+                "apt-get install slurmctld slurmd slurm-client munge)")
     if os.geteuid() != 0:
         return "a local SLURM needs root (slurmd starts jobs as their user)"
     return None
@@ -84,6 +89,7 @@ class LocalSlurm:
     """A private SLURM cluster; use as a context manager or call start()/stop()."""
 
     def __init__(self, root: str | Path | None = None, partition: str = "debug"):
+        self.owns_root = root is None  # a temp directory of ours: removed by stop()
         self.root = Path(root or tempfile.mkdtemp(prefix="mmoe-slurm-"))
         self.partition = partition
         self.nodes = node_names()
@@ -104,6 +110,7 @@ class LocalSlurm:
         log.close()
 
     def _write_conf(self) -> None:
+        # A random first job id: jobs derive their rendezvous port from it, and two test sessions may run at once.
         cpus = os.cpu_count() or 1
         r = self.root
         if len(self.nodes) == 1:
@@ -116,6 +123,7 @@ class LocalSlurm:
             ]
         conf = f"""\
 ClusterName=mmoe{os.getpid()}
+FirstJobId={random.randrange(1000, 1_000_000)}
 SlurmctldHost={socket.gethostname().split('.')[0]}(127.0.0.1)
 SlurmctldPort={_free_port()}
 SlurmdPort={_free_port()}
@@ -216,8 +224,7 @@ PartitionName={self.partition} Nodes=ALL Default=YES MaxTime=INFINITE State=UP
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             state = self.job_state(job_id)
-            if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
-                         "DEADLINE", "PREEMPTED", ""):
+            if state in ENDED:
                 return state
             if release and state == "PENDING":
                 self.release_now(job_id)
@@ -257,6 +264,8 @@ PartitionName={self.partition} Nodes=ALL Default=YES MaxTime=INFINITE State=UP
                 p.wait()
         self.procs.clear()
         self._kill_leftovers()
+        if self.owns_root:
+            shutil.rmtree(self.root, ignore_errors=True)
 
     def _kill_leftovers(self) -> None:
         """Kill processes that carry this cluster's marker in their environment (slurmstepd, job tasks)."""

@@ -19,7 +19,7 @@ from tests.conftest import REPO, TINY, TINY_MOE, cli
 
 pytestmark = pytest.mark.slow
 RUN = ["train.train_steps=40", "train.save_interval=5", "train.eval_interval=10"]
-TIMING_KEYS = ("tokens_per_s", "elapsed_s")
+TIMING_KEYS = ("tokens_per_s", "elapsed_s", "tflops_per_device", "mfu")
 
 
 def rows(run_dir):

@@ -105,6 +105,7 @@ def test_results_from_run_directories(tmp_path):
     res = R.build_results(study_dir)
     arms = {a["arm"]: a for a in res["arms"]}
     assert arms["moe"]["best_val_loss"]["per_seed"] == {"1": 1.60, "2": 1.60, "3": 1.56}
+    assert arms["moe"]["best_val_bpb"]["mean"] == pytest.approx((1.60 + 1.60 + 1.56) / 3 / math.log(2), abs=1e-12)
     # the resumed run's stale step-4 eval (1.45) is replaced by the row logged after the resume (1.50)
     assert arms["dense_total"]["best_val_loss"]["per_seed"] == {"1": 1.50, "2": 1.52}
     assert arms["dense_total"]["missing_seeds"] == [3] and arms["dense_total"]["best_val_loss"]["n"] == 2
@@ -175,3 +176,15 @@ def test_report_of_a_non_study_directory_fails_with_one_line(tmp_path):
     assert "\n" not in str(exc.value)
     proc = cli("study", "report", str(tmp_path), check=False)
     assert proc.returncode == 2 and "is not a study directory" in proc.stderr
+
+
+def test_report_before_any_run_is_complete(tmp_path):
+    study_dir = _fake_study(tmp_path)
+    for path in study_dir.glob("runs/*/result.json"):
+        path.unlink()
+    man = json.loads((study_dir / "study.json").read_text())
+    atomic_write_json(study_dir / "study.json", {**man, "data": None})  # as `study launch` without a data check
+    res = R.build_results(study_dir)
+    assert res["data_fingerprints_equal"] is None and all(a["best_val_loss"]["n"] == 0 for a in res["arms"])
+    assert [w for w in res["warnings"] if "DATA" in w] == [] and "9 of 9 runs are not complete" in res["warnings"][0]
+    assert "unknown (no run complete)" in R.render_markdown(res, [])

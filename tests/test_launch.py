@@ -1,0 +1,326 @@
+"""`study launch --slurm`: rendered scripts, multi-node torchrun, and a real SLURM on this machine.
+
+Three groups:
+- rendering and bad input (no scheduler needed): a 2-node x 8-GPU layout gives the right counts, rendezvous
+  and container flags; bad flags fail with one line and exit 2;
+- two torchrun agents on loopback (`--nnodes 2`, c10d rendezvous, one process each) form one job whose
+  expert-parallel losses match the single-process run: the multi-node launch path without a cluster;
+- a local SLURM (tests/slurm_fixture.py: munged, slurmctld and two slurmd emulating two nodes, all started
+  here and torn down after): a 2-task srun forms one gloo group; a study launched as a job array runs to
+  completion and `study run`/`study report` reuse its run directories; a USR1 checkpoints and requeues a
+  run's job, which resumes and ends with the losses of the uninterrupted run; a 2-node job trains like one
+  process.
+The SLURM group skips, saying why, where a cluster cannot start (not root, packages missing).
+
+Every process runs with OMP_NUM_THREADS=1: the machine is small and shared, and runs compared bit for bit
+must use the same thread count.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from megatron_moe.cli import main
+from megatron_moe.config import load_run_config, save_toml
+from megatron_moe.launch import parse_job_id, time_limit_seconds, torchrun_command
+from tests.conftest import REPO, TINY_MOE, train_losses, train_rows
+from tests.slurm_fixture import ENDED, LocalSlurm, unavailable_reason
+
+STEPS = 40
+RUN = [*TINY_MOE, f"train.train_steps={STEPS}", "train.seed=1"]
+STUDY = '[study]\nname = "tiny"\narms = ["moe"]\nseeds = [1]\n'
+TOLERANCE = 2e-4  # nats; other layouts sum in another order (see test_parallel.py), resumed runs are exact
+
+
+def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    return {**os.environ, **(extra or {}), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def _cli(*args: str, env: dict[str, str] | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "megatron_moe.cli", *args], cwd=REPO, env=_env(env),
+                          capture_output=True, text=True, timeout=300)
+    if check and proc.returncode:
+        raise AssertionError(f"megatron-moe {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
+                             f"{proc.stderr[-3000:]}")
+    return proc
+
+
+def _study_file(tmp_path: Path) -> Path:
+    path = tmp_path / "study.toml"
+    path.write_text(STUDY)
+    return path
+
+
+def _close(got: list[float], ref: list[float]) -> None:
+    assert len(got) == len(ref) == STEPS
+    worst = max(abs(a - b) for a, b in zip(got, ref))
+    assert worst < TOLERANCE, f"largest loss difference {worst:.2e}"
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> list[float]:
+    """Losses of the single-process run every launched run is compared with."""
+    out = tmp_path_factory.mktemp("reference")
+    _cli("train", *RUN, f"train.output_dir={out}")
+    return train_losses(out)
+
+
+# ================================================================ rendering and bad input
+
+
+def test_render_two_nodes_by_eight_gpus(tmp_path):
+    out = tmp_path / "study"
+    proc = _cli(
+        "study", "launch", str(_study_file(tmp_path)), *TINY_MOE,
+        "train.global_batch_size=16", "train.micro_batch_size=1",
+        "--slurm", "--dry-run", "--skip-data-check", "-o", str(out), "--nodes", "2", "--gpus-per-node", "8",
+        "--partition", "batch", "--account", "proj", "--qos", "high", "--time", "04:00:00", "--signal-seconds", "600",
+        "--container-image", "nvcr.io/nvidia/pytorch:25.01-py3", "--container-mounts", "/lustre:/lustre",
+        "--setup", "module load nccl",
+    )
+    assert "world size 16 (tensor 1 x pipeline 1 x data 16, expert 1)" in proc.stdout
+    (run_dir,) = (out / "runs").iterdir()
+    script = (run_dir / "slurm.sbatch").read_text()
+    directives = re.findall(r"^#SBATCH (\S+)$", script, re.M)
+    for d in ("--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=8", "--partition=batch", "--account=proj",
+              "--qos=high", "--time=04:00:00", "--requeue", "--open-mode=append", "--signal=B:USR1@600",
+              f"--output={run_dir}/slurm-%j.out"):
+        assert d in directives, (d, directives)
+    flat = re.sub(r"\s*\\\n\s*", " ", script)  # join continuation lines
+    assert "--nnodes 2 --nproc-per-node 8 --rdzv-backend c10d" in flat
+    assert '--rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv-id "$SLURM_JOB_ID"' in flat
+    assert 'export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)' in script
+    assert "export MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))" in script
+    assert "--container-image=nvcr.io/nvidia/pytorch:25.01-py3" in flat and "--container-mounts=/lustre:/lustre" in flat
+    assert re.search(r"srun --ntasks-per-node=1 --kill-on-bad-exit=1 .*python -m torch\.distributed\.run", flat)
+    assert '-m megatron_moe.cli train "$RUN_DIR/run.toml" &' in flat
+    assert "TORCHELASTIC_SIGNALS_TO_HANDLE=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1" in script
+    assert "module load nccl" in script and 'scontrol requeue "$SLURM_JOB_ID"' in script
+    assert subprocess.run(["bash", "-n", str(run_dir / "slurm.sbatch")]).returncode == 0
+    # The run directory is the study's: study run/report read it; a dry run submits nothing.
+    assert (run_dir / "run.toml").is_file() and (out / "study.json").is_file()
+    assert not (run_dir / "slurm.json").exists()
+    assert load_run_config(run_dir / "run.toml").train.output_dir == str(run_dir)
+
+
+def test_render_job_array(tmp_path):
+    out = tmp_path / "study"
+    _cli("study", "launch", str(_study_file(tmp_path)), *TINY_MOE, "study.seeds=[1,2,3]", "--slurm", "--dry-run",
+         "--skip-data-check", "-o", str(out), "--array", "--max-parallel", "2", "--master-port", "29500")
+    (array,) = (out / "slurm").glob("array-*.sbatch")
+    text = array.read_text()
+    assert "#SBATCH --array=0-2%2" in text and f"#SBATCH --output={out}/slurm/%x-%A_%a.out" in text
+    runs = sorted((out / "runs").iterdir())
+    assert len(runs) == 3 and all(str(r / "slurm.sbatch") in text for r in runs)
+    assert "export MASTER_PORT=29500" in (runs[0] / "slurm.sbatch").read_text()
+    assert subprocess.run(["bash", "-n", str(array)]).returncode == 0
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ([], "add --slurm"),
+        (["--slurm", "--nodes", "0"], "--nodes = 0 must be >= 1"),
+        (["--slurm", "--time", "4h"], "--time = '4h' is not a SLURM time limit"),
+        (["--slurm", "--time", "5", "--signal-seconds", "300"], "leaves no training before the stop signal"),
+        (["--slurm", "--nodes", "3"], "not divisible by train.micro_batch_size x data parallel"),
+        (["--slurm", "--max-parallel", "2"], "--max-parallel applies to job arrays"),
+        (["--slurm", "--sbatch-arg", "constraint=h100"], "must be one option such as --foo=bar"),
+        (["--slurm", "--partition", "a b"], "must not contain whitespace"),
+        (["--slurm", "--launch-config", "LAUNCH"], "unknown key 'launch.gpus'"),
+    ],
+)
+def test_bad_launch_input_is_one_line_and_exit_2(tmp_path, capsys, args, message):
+    (tmp_path / "launch.toml").write_text("gpus = 8\n")
+    args = [a.replace("LAUNCH", str(tmp_path / "launch.toml")) for a in args]
+    rc = main(["study", "launch", str(_study_file(tmp_path)), *TINY_MOE, "-o", str(tmp_path / "s"), "--dry-run",
+               "--skip-data-check", *args])
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err and err.startswith("megatron-moe: error:") and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "s").exists()
+
+
+def test_time_limits_and_job_ids():
+    assert [time_limit_seconds(t) for t in ("90", "90:30", "04:00:00", "1-00", "1-02:03", "2-00:00:01", "")] == [
+        5400, 5430, 14400, 86400, 93780, 172801, None]
+    assert parse_job_id("1234\n") == "1234" and parse_job_id("77;cluster") == "77"
+    assert parse_job_id("Submitted batch job 9") == "9"
+
+
+# ================================================================ two nodes on loopback, no scheduler
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_torchrun_agents_on_loopback_match_single_process(reference, tmp_path):
+    cfg = load_run_config(None, [*RUN, "parallel.expert=2", f"train.output_dir={tmp_path / 'run'}"], world_size=2)
+    save_toml(cfg, tmp_path / "run.toml")
+    endpoint = f"127.0.0.1:{_free_port()}"
+    agents = [
+        subprocess.Popen(torchrun_command(sys.executable, str(tmp_path / "run.toml"), nnodes=2, nproc_per_node=1,
+                                          endpoint=endpoint, rdzv_id="loopback", node_rank=rank),
+                         cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for rank in (0, 1)
+    ]
+    outputs = [a.communicate(timeout=300)[0] for a in agents]
+    assert [a.returncode for a in agents] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    assert "world 2 = tp 1 x pp 1 x dp 2 (ep 2)" in "".join(outputs)
+    _close(train_losses(tmp_path / "run"), reference)
+
+
+# ================================================================ a real SLURM on this machine
+
+
+@pytest.fixture(scope="module")
+def slurm():
+    reason = unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    cluster = LocalSlurm()
+    try:
+        cluster.start()
+    except RuntimeError as exc:
+        pytest.skip(f"local SLURM did not start: {str(exc).splitlines()[0]}")
+    yield cluster
+    cluster.stop()
+
+
+def _launch(slurm: LocalSlurm, tmp_path: Path, out: Path, *flags: str) -> tuple[str, Path]:
+    """`study launch --slurm` the one-run study into `out`; returns (job id, run directory)."""
+    proc = _cli("study", "launch", str(_study_file(tmp_path)), *RUN, "--slurm", "-o", str(out), *flags, env=slurm.env)
+    job = re.search(r"submitted job (\d+)", proc.stdout).group(1)
+    (run_dir,) = (out / "runs").iterdir()
+    return job, run_dir
+
+
+def _job_log(run_dir: Path, job: str) -> str:
+    path = run_dir / f"slurm-{job}.out"
+    return path.read_text() if path.is_file() else f"(no log {path} yet)"
+
+
+@pytest.mark.slow
+def test_srun_two_tasks_form_one_gloo_group(slurm, tmp_path):
+    worker = tmp_path / "worker.py"
+    worker.write_text(
+        "import os, torch, torch.distributed as dist\n"
+        "rank, world = int(os.environ['SLURM_PROCID']), int(os.environ['SLURM_NTASKS'])\n"
+        "dist.init_process_group('gloo', init_method='env://', rank=rank, world_size=world)\n"
+        "x = torch.tensor([rank + 1.0])\n"
+        "dist.all_reduce(x)\n"
+        f"open('{tmp_path}/rank%d' % rank, 'w').write('%s %g' % (os.environ['SLURMD_NODENAME'], x.item()))\n"
+        "dist.destroy_process_group()\n"
+    )
+    nodes = len(slurm.nodes)
+    job_script = tmp_path / "job.sh"
+    job_script.write_text(
+        f"#!/bin/bash\n#SBATCH --nodes={nodes}\n#SBATCH --ntasks=2\n#SBATCH --output={tmp_path}/job.out\n"
+        'export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)\n'
+        f"export MASTER_PORT={_free_port()}\n"
+        f"srun --kill-on-bad-exit=1 {sys.executable} {worker}\n"
+    )
+    job = parse_job_id(slurm.run("sbatch", "--parsable", str(job_script)).stdout)
+    assert slurm.wait_job(job, timeout=120) == "COMPLETED", (tmp_path / "job.out").read_text()
+    results = [(tmp_path / f"rank{r}").read_text().split() for r in (0, 1)]
+    assert [float(v) for _, v in results] == [3.0, 3.0]  # 1 + 2, on both ranks
+    if nodes == 2:
+        assert {n for n, _ in results} == set(slurm.nodes)  # one task on each emulated node
+    assert slurm.drained() == ""
+
+
+SEEDS = "study.seeds=[1,2]"
+
+
+@pytest.fixture(scope="module")
+def slurm_study(slurm, tmp_path_factory) -> tuple[Path, str, list[Path]]:
+    """The study over seeds 1 and 2 launched as a job array on the local SLURM and run to completion:
+    (study directory, array job id, run directories by seed)."""
+    tmp = tmp_path_factory.mktemp("slurm_study")
+    out = tmp / "study"
+    proc = _cli("study", "launch", str(_study_file(tmp)), *RUN, SEEDS, "--slurm", "--array", "-o", str(out),
+                env=slurm.env)
+    job = re.search(r"submitted job array (\d+) \(2 tasks\)", proc.stdout).group(1)
+    runs = sorted((out / "runs").iterdir())  # moe-s1-..., moe-s2-...
+    for i, run_dir in enumerate(runs):
+        state = slurm.wait_job(f"{job}_{i}", timeout=240)
+        log = out / "slurm" / f"tiny-{job}_{i}.out"
+        assert (run_dir / "result.json").is_file(), f"task {job}_{i} ended {state}:\n" + (
+            log.read_text()[-3000:] if log.is_file() else "(no log)")
+    return out, job, runs
+
+
+@pytest.mark.slow
+def test_job_array_runs_every_seed_and_logs_each_task(slurm_study):
+    out, job, runs = slurm_study
+    (array,) = (out / "slurm").glob("array-*.sbatch")
+    assert "#SBATCH --array=0-1" in array.read_text()
+    for i, run_dir in enumerate(runs):
+        sub = json.loads((run_dir / "slurm.json").read_text())["submissions"][-1]
+        assert (sub["job_id"], sub["array_task"], sub["world_size"]) == (job, i, 1)
+        assert sub["log"] == str(out / "slurm" / f"tiny-{job}_{i}.out")
+        assert "run complete" in Path(sub["log"]).read_text()
+        assert (run_dir / "slurm.sbatch").is_file() and (run_dir / "run.toml").is_file()
+
+
+@pytest.mark.slow
+def test_launched_study_completes_and_study_commands_reuse_it(slurm, slurm_study, reference):
+    out, _, runs = slurm_study
+    _close(train_losses(runs[0]), reference)  # seed 1 is the reference config
+    study_file = out.parent / "study.toml"
+    # study run finds the runs complete; a second launch submits nothing; the report reads the same directory.
+    again = _cli("study", "run", str(study_file), *RUN, SEEDS, "-o", str(out))
+    assert again.stdout.count("complete, skipped") == 2
+    relaunch = _cli("study", "launch", str(study_file), *RUN, SEEDS, "--slurm", "-o", str(out), "--skip-data-check",
+                    env=slurm.env)
+    assert relaunch.stdout.count("complete, skipped") == 2 and "nothing to submit" in relaunch.stdout
+    _cli("study", "report", str(out))
+    results = json.loads((out / "results.json").read_text())
+    assert [(r["seed"], r["complete"], r["steps"]) for r in results["runs"]] == [(1, True, STEPS), (2, True, STEPS)]
+
+
+@pytest.mark.slow
+def test_usr1_checkpoints_requeues_and_resumes_exactly(slurm, slurm_study, tmp_path):
+    uninterrupted = slurm_study[2][0]
+    job, run_dir = _launch(slurm, tmp_path, tmp_path / "study")
+    assert run_dir.name == uninterrupted.name  # same config, same hash
+    again = _cli("study", "launch", str(tmp_path / "study.toml"), *RUN, "--slurm", "-o", str(tmp_path / "study"),
+                 "--skip-data-check", env=slurm.env)
+    assert f"already queued as job {job}" in again.stdout  # a queued run is not submitted twice
+    deadline = time.monotonic() + 180
+    while not ((run_dir / "metrics.jsonl").is_file() and train_rows(run_dir)):
+        assert time.monotonic() < deadline and slurm.job_state(job) not in ENDED, _job_log(run_dir, job)
+        time.sleep(0.1)
+    slurm.run("scancel", "--signal=USR1", "--batch", job)  # what --signal=B:USR1@... does before the time limit
+    state = slurm.wait_job(job, timeout=240, release=True)  # release: skip the requeued job's start delay
+    log = _job_log(run_dir, job)
+    assert state == "COMPLETED" and (run_dir / "result.json").is_file(), log[-3000:]
+    stopped = re.search(r"stopped by signal at step (\d+)", log)
+    assert stopped and int(stopped.group(1)) < STEPS, log[-3000:]
+    assert "requeueing job" in log and "attempt 2" in log and "resumed from" in log
+    assert train_losses(run_dir) == train_losses(uninterrupted)  # bit-exact resume
+
+
+@pytest.mark.slow
+def test_two_node_job_trains_like_one_process(slurm, reference, tmp_path):
+    if len(slurm.nodes) < 2:
+        pytest.skip("only one host name resolves to this machine: cannot emulate two nodes")
+    job, run_dir = _launch(slurm, tmp_path, tmp_path / "study", "--nodes", "2", "--skip-data-check")
+    state = slurm.wait_job(job, timeout=240)
+    log = _job_log(run_dir, job)
+    assert state == "COMPLETED" and (run_dir / "result.json").is_file(), log[-3000:]
+    assert "world 2 = tp 1 x pp 1 x dp 2" in log
+    assert re.search(r"attempt 1 on \S+,\S+, rendezvous \S+:\d+", log)  # two nodes in the job's node list
+    _close(train_losses(run_dir), reference)
