@@ -64,3 +64,16 @@ def train_losses(run_dir: Path) -> list[float]:
 @pytest.fixture(scope="session")
 def shared_tmp(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("shared")
+
+
+@pytest.fixture(scope="session")
+def single_process():
+    """This pytest process as a one-rank megatron-core job (CPU layer applied when there is no CUDA)."""
+    from megatron_moe.config import ParallelConfig
+    from megatron_moe.parallel import initialize_parallel
+    from megatron_moe.platform import seed_everything, setup_platform
+
+    device = setup_platform()
+    info = initialize_parallel(ParallelConfig(), device)
+    seed_everything(0, info.tp_rank, info.ep_rank)
+    yield device

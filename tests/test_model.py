@@ -2,21 +2,9 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from megatron_moe.config import ModelConfig, MoEConfig, ParallelConfig
-
-
-@pytest.fixture(scope="module")
-def single_process():
-    from megatron_moe.parallel import initialize_parallel
-    from megatron_moe.platform import seed_everything, setup_platform
-
-    device = setup_platform()
-    info = initialize_parallel(ParallelConfig(), device)
-    seed_everything(0, info.tp_rank, info.ep_rank)
-    yield device
 
 
 def small(**moe) -> ModelConfig:

@@ -283,17 +283,6 @@ def test_plan_command_table_and_errors(tmp_path, capsys):
 # ---------------------------------------------------------------- against the built model (torch)
 
 
-@pytest.fixture(scope="module")
-def single_process():
-    from megatron_moe.parallel import initialize_parallel
-    from megatron_moe.platform import seed_everything, setup_platform
-
-    device = setup_platform()
-    info = initialize_parallel(ParallelConfig(), device)
-    seed_everything(0, info.tp_rank, info.ep_rank)
-    yield device
-
-
 def _unique_params(model):
     seen: dict[int, tuple[str, object]] = {}
     for name, p in model.named_parameters():
