@@ -59,7 +59,7 @@ from pathlib import Path
 from typing import Any, Callable, Literal
 
 from megatron_moe.config import (
-    ConfigError, DataConfig, ModelConfig, ParallelConfig, RunConfig, TrainConfig, apply_overrides, from_dict,
+    ConfigError, DataConfig, ModelConfig, RunConfig, apply_overrides, from_dict,
     load_toml, save_toml, to_toml, validate,
 )
 from megatron_moe.utils import atomic_write_json, atomic_write_text
@@ -144,13 +144,9 @@ class StudySpec:
 
 
 @dataclass
-class StudyConfig:
+class StudyConfig(RunConfig):
     """A study file: the base MoE run config plus [study]."""
 
-    model: ModelConfig = field(default_factory=ModelConfig)
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
     study: StudySpec = field(default_factory=StudySpec)
 
     def base(self) -> RunConfig:
