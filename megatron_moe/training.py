@@ -26,7 +26,8 @@ import torch
 import torch.distributed as dist
 
 from megatron_moe.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from megatron_moe.config import ConfigError, RunConfig, load_run_config, save_toml
+from megatron_moe.config import ConfigError, RunConfig, load_run_config, save_toml, validate
+from megatron_moe.planner import ledger
 from megatron_moe.utils import atomic_write_json, atomic_write_text, read_jsonl
 
 
@@ -239,8 +240,6 @@ class Trainer:
         on_gpu = self.device.type == "cuda"
         params_dtype, fp8 = resolve_precision(cfg.train.precision, on_gpu)
         world = int(os.environ.get("WORLD_SIZE", "1"))
-        from megatron_moe.config import validate
-
         validate(cfg, world)
         self.par = initialize_parallel(cfg.parallel, self.device)
         t = cfg.train
@@ -265,8 +264,6 @@ class Trainer:
             if cfg.model.is_moe
             else None
         )
-        from megatron_moe.planner import ledger
-
         self.flops_per_token = ledger(cfg.model, cfg.parallel.tensor).flops_train_per_token
         self.device_name, self.peak_flops = device_peak_flops(fp8)
         tcfg = model.config
