@@ -317,6 +317,51 @@ def _add_study_launch(verbs: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+# ---------------------------------------------------------------- bench (issues #5, #7)
+
+BENCH_EPILOG = """examples:
+  megatron-moe bench examples/bench/cpu.toml --out runs/bench-cpu       # MoE + active-matched dense, CPU
+  megatron-moe bench examples/bench/cpu.toml model.moe.num_experts=0    # the dense model alone
+  megatron-moe bench examples/tiny_three_arm/gpu.toml --out runs/bench-arms   # every arm of a study
+  megatron-moe bench examples/bench/gpu_1b_dense.toml train.precision=fp8 --baseline none
+"""
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "bench",
+        help="tokens/s, TFLOP/s and MFU of our megatron-core path against the same model in plain PyTorch",
+        description="Measure training throughput of a run config (an MoE also gets its active-parameter-"
+        "matched dense model) or of every arm of a study config, each in a fresh single-device process, "
+        "against the same model written in plain PyTorch (eager on CPU, torch.compile on GPU by default). "
+        "Prints a Markdown table; with --out writes bench.json and bench.md.",
+        epilog=BENCH_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("config", nargs="?", help="run or study config TOML (omit for the built-in tiny MoE)")
+    p.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per measurement (default 10)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed first steps per measurement (default 3)")
+    p.add_argument("--repeats", type=int, default=2, help="alternating fresh-process measurements per path (default 2)")
+    p.add_argument("--baseline", default="auto", help="plain-PyTorch baseline: auto (compile on GPU, eager on CPU), "
+                   "eager, compile or none")
+    p.add_argument("--out", help="directory for bench.json and bench.md")
+
+    def run(args: argparse.Namespace) -> int:
+        from megatron_moe.bench import bench
+
+        config, overrides = _split_config(args.config, args.overrides)
+        try:
+            bench(config, overrides, steps=args.steps, warmup=args.warmup, repeats=args.repeats,
+                  baseline=args.baseline, out_dir=args.out)
+        except RuntimeError as exc:
+            print(f"megatron-moe: error: {exc}", file=sys.stderr)
+            return 1
+        return 0
+
+    p.set_defaults(func=run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="megatron-moe",
@@ -329,6 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data(sub)
     _add_plan(sub)
     _add_study(sub)
+    _add_bench(sub)
     return parser
 
 

@@ -6,6 +6,8 @@ Transformer Engine spec when TE is importable and CUDA is present) and returns a
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import re
 from collections import Counter
@@ -56,7 +58,7 @@ def transformer_config(
         bf16=params_dtype == torch.bfloat16,
         pipeline_dtype=params_dtype,
         use_cpu_initialization=not on_gpu,
-        # Fused kernels are CUDA-only; the unfused paths compute the same functions.
+        # Fused kernels are CUDA-only (or torch.compile'd); the unfused paths compute the same functions.
         bias_activation_fusion=False,
         bias_dropout_fusion=False,
         masked_softmax_fusion=on_gpu,
@@ -104,16 +106,70 @@ class TorchNorm:
         return norm
 
 
+@functools.lru_cache(maxsize=None)
+def _sdpa_attention_class():
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+    from megatron.core.transformer.enums import AttnMaskType
+
+    class SDPAttention(DotProductAttention):
+        """megatron-core's local `DotProductAttention` slot computed by `F.scaled_dot_product_attention`.
+
+        The local core attention materialises the [b, heads, s, s] scores (baddbmm, masked softmax, bmm)
+        and repeats grouped K/V heads; torch's fused SDPA computes the same softmax(QK^T * scale) V with
+        a flash kernel on CPU and CUDA, causal masking built in and grouped heads handled natively.
+        Constructor, parameters and checkpoint layout are the parent's; cases SDPA does not express (a
+        softmax offset, sliding windows, query-key layer scaling) fall back to the parent's forward.
+        """
+
+        def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None, packed_seq_params=None):
+            mask_type = self.attn_mask_type if attn_mask_type is None else attn_mask_type
+            plain = (
+                self.softmax_offset is None
+                and self.scale_mask_softmax.window_size is None
+                and not self.config.apply_query_key_layer_scaling
+                and attention_bias is None
+                and packed_seq_params is None
+                and (attention_mask is None or mask_type != AttnMaskType.causal)
+            )
+            if not plain:
+                return super().forward(query, key, value, attention_mask, attn_mask_type, attention_bias, packed_seq_params)
+            # [s, b, heads, d] -> [b, heads, s, d]
+            q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+            dropout = self.attention_dropout.p if self.training else 0.0
+            rng = get_cuda_rng_tracker().fork() if dropout and not self.config.sequence_parallel else contextlib.nullcontext()
+            with rng:
+                context = F.scaled_dot_product_attention(
+                    q, k, v,
+                    attn_mask=None if attention_mask is None else ~attention_mask,  # megatron: True = masked out
+                    dropout_p=dropout,
+                    is_causal=attention_mask is None and mask_type == AttnMaskType.causal,
+                    scale=self.softmax_scale,
+                    enable_gqa=q.shape[1] != k.shape[1],
+                )
+            # [b, heads, s, d] -> [s, b, heads * d]
+            return context.permute(2, 0, 1, 3).reshape(query.shape[0], query.shape[1], self.hidden_size_per_partition)
+
+    return SDPAttention
+
+
 def layer_spec(m: ModelConfig, tcfg, use_te: bool):
-    """The decoder block spec: megatron-core's, with dense and MoE layers placed by `moe_layer_freq`."""
+    """The decoder block spec: megatron-core's, with dense and MoE layers placed by `moe_layer_freq`.
+
+    With Transformer Engine it is used as is. Without it (CPU, or CUDA without TE) two slots of the
+    local spec are filled: the norms (`TorchNorm`, sequence-parallel aware) and the core attention
+    (`SDPAttention`, torch's fused attention instead of the unfused local one).
+    """
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 
     block = get_gpt_decoder_block_spec(tcfg, use_transformer_engine=use_te, normalization=m.normalization)
     if not use_te:
+        attention = _sdpa_attention_class()
         block.layer_norm = TorchNorm
         for spec in block.layer_specs:
             spec.submodules.input_layernorm = TorchNorm
             spec.submodules.pre_mlp_layernorm = TorchNorm
+            spec.submodules.self_attention.submodules.core_attention = attention
     return block
 
 

@@ -83,3 +83,30 @@ def test_init_depends_only_on_seed(single_process):
     # Output projections use the depth-scaled std: 0.02 / sqrt(2 x 2 layers) = 0.01.
     proj = a["decoder.layers.1.self_attention.linear_proj.weight"]
     assert 0.008 < proj.std().item() < 0.012
+
+
+def test_sdpa_core_attention_equals_megatron_local_attention(single_process):
+    """The core-attention slot we fill computes what megatron-core's unfused local attention computes."""
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+    from megatron.core.transformer.enums import AttnMaskType
+
+    from megatron_moe.model import build_model
+
+    cfg = small()
+    model = build_model(cfg, ParallelConfig())
+    core = model.decoder.layers[0].self_attention.core_attention
+    assert type(core).__name__ == "SDPAttention" and isinstance(core, DotProductAttention)
+    s, b, heads, groups, d = cfg.seq_length, 3, cfg.num_attention_heads, cfg.kv_heads, cfg.hidden_size // cfg.num_attention_heads
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(s, b, n, d, requires_grad=True) for n in (heads, groups, groups))
+    ours = core(q, k, v, None, AttnMaskType.causal)
+    grads = torch.autograd.grad(ours.square().sum(), (q, k, v))
+    reference = DotProductAttention.forward(core, q, k, v, None, AttnMaskType.causal)
+    ref_grads = torch.autograd.grad(reference.square().sum(), (q, k, v))
+    assert ours.shape == reference.shape == (s, b, heads * d)
+    torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
+    # An explicit mask (True = masked out, megatron's convention) gives the same as the causal flag.
+    causal = torch.ones(s, s, dtype=torch.bool).triu(1).view(1, 1, s, s)
+    torch.testing.assert_close(core(q, k, v, causal, AttnMaskType.padding), ours, rtol=1e-5, atol=1e-5)
