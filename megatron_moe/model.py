@@ -15,7 +15,7 @@ from collections import Counter
 import torch
 import torch.nn.functional as F
 
-from megatron_moe.config import ModelConfig, ParallelConfig
+from megatron_moe.config import ConfigError, ModelConfig, ParallelConfig
 from megatron_moe.planner import padded_vocab_size
 
 
@@ -188,6 +188,9 @@ def build_model(
 
     if use_te is None:
         use_te = have_transformer_engine()
+    if m.moe.grouped_gemm and torch.cuda.is_available() and not use_te:
+        raise ConfigError("model.moe.grouped_gemm = true needs Transformer Engine on CUDA, which is not installed; "
+                          "set it to false")
     tcfg = transformer_config(m, p, params_dtype, fp8)
     model = GPTModel(
         config=tcfg,

@@ -320,11 +320,15 @@ def test_flops_equal_torch_flop_counter(single_process, name):
     batch = 3
     tokens = torch.randint(0, m.vocab_size, (batch, m.seq_length))
     positions = torch.arange(m.seq_length).unsqueeze(0).expand(batch, -1)
+    # The counter has no formula for the fused CPU attention kernel: count attention through SDPA's math
+    # backend, which computes the same products as matmuls.
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
     forward = FlopCounterMode(display=False)
-    with forward:
+    with forward, sdpa_kernel(SDPBackend.MATH):
         loss = model(tokens, positions, None, labels=tokens)
     training = FlopCounterMode(display=False)
-    with training:
+    with training, sdpa_kernel(SDPBackend.MATH):
         model(tokens, positions, None, labels=tokens).mean().backward()
     led = P.ledger(m)
     assert forward.get_total_flops() == led.flops_fwd_per_token * batch * m.seq_length
