@@ -50,15 +50,10 @@ def test_bf16_moe_trains_and_reports_throughput(tmp_path):
         assert all(0 < r["mfu"] < 1 for r in rows)
 
 
-def test_layer_spec_uses_transformer_engine_when_installed(tmp_path):
+def test_layer_spec_uses_transformer_engine_when_installed(single_process):
     from megatron_moe.config import ModelConfig, MoEConfig, ParallelConfig
     from megatron_moe.model import build_model
-    from megatron_moe.parallel import initialize_parallel
-    from megatron_moe.platform import seed_everything, setup_platform
 
-    device = setup_platform()
-    info = initialize_parallel(ParallelConfig(), device)
-    seed_everything(0, info.tp_rank, info.ep_rank)
     m = ModelConfig(vocab_size=1000, seq_length=32, num_layers=2, hidden_size=64, num_attention_heads=4,
                     moe=MoEConfig(num_experts=4, top_k=2))
     model = build_model(m, ParallelConfig(), params_dtype=torch.bfloat16)
