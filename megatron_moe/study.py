@@ -694,6 +694,8 @@ def run_study(
 def _run_locked(plan: Plan, data: dict[str, Any], study_file: str | None, *, keep_going: bool, quiet: bool,
                 echo: Callable[[str], None]) -> int:
     """The runner proper, under the study directory's lock: manifest, then every run not yet complete."""
+    from megatron_moe.launch import live_job
+
     cfg, s, out = plan.study, plan.study.study, plan.out_dir
     statuses = {r.name: run_status(r) for r in plan.runs}
     atomic_write_text(out / "study.toml", to_toml(dataclasses.asdict(cfg)))
@@ -712,7 +714,7 @@ def _run_locked(plan: Plan, data: dict[str, Any], study_file: str | None, *, kee
     env, git = environment(), git_state()
     total = len(plan.runs)
     steps_left = sum(r.config.train.train_steps for r in plan.runs if statuses[r.name] != "done")
-    steps_run, time_run, failed = 0, 0.0, []
+    steps_run, time_run, failed, queued = 0, 0.0, [], []
     start_all = time.perf_counter()
     current: tuple[Run, dict[str, Any]] | None = None
     try:
@@ -721,6 +723,11 @@ def _run_locked(plan: Plan, data: dict[str, Any], study_file: str | None, *, kee
             if statuses[run.name] == "done":
                 echo(f"{tag}: complete, skipped ({run.name})")
                 _log_event(out, "skip", run=run.name)
+                continue
+            if live := live_job(run.dir):  # launched with `study launch --slurm` and still queued or running
+                echo(f"{tag}: queued on SLURM as job {live[0]} ({live[1]}), skipped ({run.name})")
+                _log_event(out, "skip", run=run.name, slurm_job=live[0])
+                queued.append(run.name)
                 continue
             resumed = statuses[run.name] == "partial"
             steps = run.config.train.train_steps
@@ -775,9 +782,12 @@ def _run_locked(plan: Plan, data: dict[str, Any], study_file: str | None, *, kee
     if failed:
         echo(f"{len(failed)} run(s) failed: {', '.join(failed)}")
         return 1
-    remaining = [r.name for r in plan.runs if run_status(r) != "done"]
+    remaining = [r.name for r in plan.runs if run_status(r) != "done" and r.name not in queued]
     if remaining:
         return 1
+    if queued:
+        echo(f"{len(queued)} run(s) are queued or running on SLURM; once they finish: megatron-moe study report {out}")
+        return 0
     echo(f"study complete: {total} runs in {out}; next: megatron-moe study report {out}")
     return 0
 

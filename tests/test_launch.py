@@ -314,6 +314,20 @@ def test_usr1_checkpoints_requeues_and_resumes_exactly(slurm, slurm_study, tmp_p
 
 
 @pytest.mark.slow
+def test_study_run_skips_runs_queued_on_slurm(slurm, tmp_path):
+    out = tmp_path / "study"
+    job, run_dir = _launch(slurm, tmp_path, out, "--sbatch-arg=--hold", "--skip-data-check")
+    try:
+        assert slurm.job_state(job) == "PENDING"
+        local = _cli("study", "run", str(tmp_path / "study.toml"), *RUN, "-o", str(out), env=slurm.env)
+        assert f"queued on SLURM as job {job} (PENDING), skipped" in local.stdout
+        assert "1 run(s) are queued or running on SLURM" in local.stdout
+        assert not (run_dir / "metrics.jsonl").exists()  # nothing trained locally
+    finally:
+        slurm.run("scancel", job)
+
+
+@pytest.mark.slow
 def test_two_node_job_trains_like_one_process(slurm, reference, tmp_path):
     if len(slurm.nodes) < 2:
         pytest.skip("only one host name resolves to this machine: cannot emulate two nodes")
