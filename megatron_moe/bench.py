@@ -326,6 +326,7 @@ def bench(
     """Measure every case; returns (and writes to `out_dir`) the results."""
     import torch
 
+    from megatron_moe.study import environment
     from megatron_moe.training import device_peak_flops, resolve_precision
 
     if baseline not in BASELINES:
@@ -406,8 +407,7 @@ def bench(
         "steps": steps,
         "warmup": warmup,
         "repeats": repeats,
-        "torch": torch.__version__,
-        "megatron_core": _version("megatron-core"),
+        "versions": environment(),
         "cases": rows,
     }
     table = markdown(result)
@@ -419,15 +419,6 @@ def bench(
         atomic_write_text(out / "bench.md", table + "\n")
         echo(f"\nwrote {out / 'bench.json'} and {out / 'bench.md'}")
     return result
-
-
-def _version(dist: str) -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(dist)
-    except PackageNotFoundError:
-        return None
 
 
 def _peak_source(peak: float | None, fp8: bool) -> str:
@@ -456,8 +447,8 @@ def markdown(result: dict[str, Any]) -> str:
         head += [f"{_path_label(base)} tok/s", "ours / plain"]
     head += ["step / active-matched dense step"]
     lines = [
-        f"**{result['name']}** on {result['device']} ({result['precision']}; torch {result['torch']}, "
-        f"megatron-core {result['megatron_core']}). Peak for MFU: {result['peak_source']}. "
+        f"**{result['name']}** on {result['device']} ({result['precision']}; torch {result['versions']['torch']}, "
+        f"megatron-core {result['versions']['megatron-core']}). Peak for MFU: {result['peak_source']}. "
         f"Median of {result['repeats']} fresh-process measurement(s) x {result['steps']} steps.",
         "",
         "| " + " | ".join(head) + " |",
