@@ -15,8 +15,11 @@ Things that bite (checked on Debian 12, Slurm 22.05):
 - munged refuses a socket directory that is not mode 755, and a key file readable by others.
 - A cgroup plugin without cgroup.conf makes jobs fail to launch while the job can still end COMPLETED:
   tests check a job's output files, never only its state.
-- `scontrol requeue` delays the job's next start by about two minutes (its begin time); `release_now()`
-  sets it to now.
+- `scontrol requeue` delays the job's next start by the job credential lifetime (`cred_expire`, 120 s by
+  default) so that nodes forget the old job's revoked credential first, and the builtin scheduler may only
+  look again a minute later. Starting it before the credential expired (StartTime=now at once) sometimes
+  fails with "Job credential revoked" and the job ends FAILED. Here `cred_expire=10`, and
+  `wait_job(release=True)` sets StartTime=now once that has passed.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import time
 from pathlib import Path
 
 DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "srun", "squeue", "scontrol", "scancel", "sinfo")
+CRED_EXPIRE_S = 10  # job credential lifetime, which is also the requeue delay
 ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE",
          "PREEMPTED", ""}
 """Job states after which a job will not run again ('' = the controller forgot it)."""
@@ -131,7 +135,7 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket={r}/munge/munge.socket.2
+AuthInfo=socket={r}/munge/munge.socket.2,cred_expire={CRED_EXPIRE_S}
 StateSaveLocation={r}/spool/ctld
 SlurmdSpoolDir={r}/spool/d/%n
 SlurmctldPidFile={r}/run/slurmctld.pid
@@ -215,19 +219,19 @@ PartitionName={self.partition} Nodes=ALL Default=YES MaxTime=INFINITE State=UP
                 return field.split("=", 1)[1]
         return ""
 
-    def release_now(self, job_id: str) -> None:
-        """Start a requeued job now instead of after its requeue delay."""
-        self.run("scontrol", "update", f"jobid={job_id}", "StartTime=now", check=False)
-
     def wait_job(self, job_id: str, timeout: float = 120, release: bool = False) -> str:
-        """Wait until the job has ended; returns its final state."""
+        """Wait until the job has ended; returns its final state. `release`: start a requeued (PENDING) job
+        as soon as its old credential has expired instead of at the scheduler's next look."""
         deadline = time.monotonic() + timeout
+        pending_since = None
         while time.monotonic() < deadline:
             state = self.job_state(job_id)
             if state in ENDED:
                 return state
             if release and state == "PENDING":
-                self.release_now(job_id)
+                pending_since = pending_since or time.monotonic()
+                if time.monotonic() - pending_since > CRED_EXPIRE_S + 2:
+                    self.run("scontrol", "update", f"jobid={job_id}", "StartTime=now", check=False)
             time.sleep(0.5)
         raise TimeoutError(f"job {job_id} still {self.job_state(job_id)} after {timeout:.0f} s; logs:\n{self.logs()}")
 

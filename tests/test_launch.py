@@ -304,7 +304,7 @@ def test_usr1_checkpoints_requeues_and_resumes_exactly(slurm, slurm_study, tmp_p
         assert time.monotonic() < deadline and slurm.job_state(job) not in ENDED, _job_log(run_dir, job)
         time.sleep(0.1)
     slurm.run("scancel", "--signal=USR1", "--batch", job)  # what --signal=B:USR1@... does before the time limit
-    state = slurm.wait_job(job, timeout=240, release=True)  # release: skip the requeued job's start delay
+    state = slurm.wait_job(job, timeout=240, release=True)  # start the requeued job once it may
     log = _job_log(run_dir, job)
     assert state == "COMPLETED" and (run_dir / "result.json").is_file(), log[-3000:]
     stopped = re.search(r"stopped by signal at step (\d+)", log)
