@@ -4,7 +4,7 @@
 #   tools/gpu_check.sh [OUT_DIR]          # default: $OUT when set (the device tool), else runs/gpu_check
 #
 # Needs torch with CUDA. megatron-core is installed from .whl/megatron_core-*.whl when it is not importable
-# (machines without network: download the wheel beside the checkout first, see README "GPU"); Transformer
+# (machines without network: download it into .whl/ in this checkout first, see README "GPU"); Transformer
 # Engine is used when importable (TE spec, FP8, grouped GEMM tests), otherwise those tests skip.
 # Writes: gpu_check.log (nvidia-smi, test output, bench tables) and bench_<name>/bench.{json,md}.
 set -uo pipefail
