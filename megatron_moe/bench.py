@@ -341,6 +341,10 @@ def bench(
     if baseline != "none" and any(c.config.model.moe.capacity_factor for c in cases):
         raise ConfigError("model.moe.capacity_factor > 0: the plain-PyTorch baseline is dropless; "
                           "set it to 0 or use --baseline none")
+    layouts = {(c.config.parallel.tensor, c.config.parallel.pipeline, c.config.parallel.expert) for c in cases}
+    if layouts != {(1, 1, 1)}:
+        t, p, e = sorted(layouts)[-1]
+        echo(f"note: bench measures one device; the config's layout (tensor {t}, pipeline {p}, expert {e}) is set to 1")
     cases = [dataclasses.replace(c, config=bench_config(c.config, steps, warmup)) for c in cases]
     _, fp8 = resolve_precision(cases[0].config.train.precision, on_gpu)
     device, label = device_description()
@@ -444,7 +448,8 @@ def markdown(result: dict[str, Any]) -> str:
     base = result["baseline"]
     head = ["model", "params (total / active)", "megatron-core tok/s", "TFLOP/s", "MFU"]
     if base != "none":
-        head += [f"{_path_label(base)} tok/s", "ours / plain"]
+        plain_precision = " (bf16)" if result["precision"] == "fp8" else ""
+        head += [f"{_path_label(base)}{plain_precision} tok/s", "ours / plain"]
     head += ["step / active-matched dense step"]
     lines = [
         f"**{result['name']}** on {result['device']} ({result['precision']}; torch {result['versions']['torch']}, "

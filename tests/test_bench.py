@@ -56,8 +56,9 @@ def test_cases_of_a_run_config_and_of_a_study():
 
 def test_bench_cli_measures_both_paths_and_writes_json_and_markdown(tmp_path):
     out = tmp_path / "bench"
-    proc = cli("bench", *TINY_MOE, "--steps", "2", "--warmup", "1", "--repeats", "1", "--out", str(out))
+    proc = cli("bench", *TINY_MOE, "parallel.expert=2", "--steps", "2", "--warmup", "1", "--repeats", "1", "--out", str(out))
     assert "[4/4]" in proc.stdout  # progress: 2 models x 2 paths
+    assert "layout (tensor 1, pipeline 1, expert 2) is set to 1" in proc.stdout  # one device, said so
     result = json.loads((out / "bench.json").read_text())
     assert result["device_label"] == "CPU" and result["baseline"] == "eager" and result["peak_flops"] is None
     moe, dense = result["cases"]
