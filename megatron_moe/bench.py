@@ -18,6 +18,7 @@ are written as bench.json and bench.md (a Markdown table naming the device) to -
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -238,7 +239,7 @@ def run_plain(cfg: RunConfig, steps: int, warmup: int, compile_model: bool) -> l
         start = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         for chunk in batch.chunk(micro):
-            with amp or _null():
+            with amp or contextlib.nullcontext():
                 _, total = step_fn(chunk[:, :-1], chunk[:, 1:])
             (total / micro).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip_grad)
@@ -246,12 +247,6 @@ def run_plain(cfg: RunConfig, steps: int, warmup: int, compile_model: bool) -> l
         _sync()
         times.append(time.perf_counter() - start)
     return times[warmup:]
-
-
-def _null():
-    import contextlib
-
-    return contextlib.nullcontext()
 
 
 def run_megatron(cfg: RunConfig, steps: int, warmup: int) -> list[float]:
