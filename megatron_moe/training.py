@@ -245,7 +245,14 @@ class Trainer:
         t = cfg.train
         self.num_micro_batches = t.global_batch_size // (t.micro_batch_size * self.par.data)
 
+        # A cold data cache (the synthetic corpus) is built once per machine: local rank 0 first, then the
+        # other ranks read what it wrote (one barrier, passed by every rank once).
+        builds_first = int(os.environ.get("LOCAL_RANK", "0")) == 0
+        if not builds_first:
+            dist.barrier()
         self.data = build_data_source(cfg.data, cfg.model.seq_length, t.global_batch_size, t.train_steps)
+        if builds_first:
+            dist.barrier()
         if self.data.vocab_size > cfg.model.vocab_size:
             raise ConfigError(
                 f"model.vocab_size = {cfg.model.vocab_size} is smaller than the tokenizer's vocabulary "

@@ -36,8 +36,9 @@ TINY_MOE = TINY + [
 ]
 
 
-def cli(*args: str, nproc: int = 1, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
-    """Run `megatron-moe ARGS` in a fresh process (under torchrun when nproc > 1)."""
+def cli(*args: str, nproc: int = 1, check: bool = True, timeout: float = 300,
+        env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run `megatron-moe ARGS` in a fresh process (under torchrun when nproc > 1), `env` added."""
     if nproc == 1:
         cmd = [sys.executable, "-m", "megatron_moe.cli", *args]
     else:
@@ -45,7 +46,7 @@ def cli(*args: str, nproc: int = 1, check: bool = True, timeout: float = 300) ->
             sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
             "-m", "megatron_moe.cli", *args,
         ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1" if nproc > 1 else "2", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1" if nproc > 1 else "2", "PYTHONUNBUFFERED": "1", **(env or {})}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{cmd} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")

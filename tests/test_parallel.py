@@ -36,7 +36,12 @@ def reference(tmp_path_factory):
     ids=["tp2", "ep2", "pp2", "dp2"],
 )
 def test_two_process_layout_matches_single_process(reference, tmp_path, layout):
-    cli("train", *TINY_MOE, *STEPS, *layout, f"train.output_dir={tmp_path}", nproc=2)
+    # Data parallel 2 starts from an empty data cache: rank 0 builds the synthetic corpus, rank 1 reads it.
+    cache = tmp_path / "cache"
+    cli("train", *TINY_MOE, *STEPS, *layout, f"train.output_dir={tmp_path}", nproc=2,
+        env={"MEGATRON_MOE_CACHE": str(cache)} if not layout else None)
+    if not layout:
+        assert [p.name for p in cache.iterdir()] == ["synthetic-v1-docs400-vocab512"], list(cache.iterdir())
     rows = train_rows(tmp_path)
     assert len(rows) == len(reference)
     for got, ref in zip(rows, reference):
