@@ -424,7 +424,8 @@ class Trainer:
         if self.par.is_logging_rank and not self.quiet:
             print(text, flush=True)
 
-    def fit(self) -> dict[str, Any]:
+    def fit(self, stop: StopFlag | None = None) -> dict[str, Any]:
+        """Train to `train.train_steps`; a stop signal (see `StopFlag`) saves and raises `Preempted`."""
         t = self.cfg.train
         tokens_per_step = t.global_batch_size * self.cfg.model.seq_length
         self.log(
@@ -441,7 +442,7 @@ class Trainer:
                 best = {"val_loss": row["val_loss"], "step": row["step"]}
         last: dict[str, Any] = next((r for r in reversed(self.metrics.rows) if r["kind"] == "train"), {})
         start = time.perf_counter() - last.get("elapsed_s", 0.0)
-        stop = StopFlag()
+        stop = stop or StopFlag()
         run_start, run_first_step = time.perf_counter(), self.step
         window_start, window_steps = run_start, 0
         while self.step < t.train_steps:
@@ -498,8 +499,13 @@ class Trainer:
 
 
 def train(cfg: RunConfig, *, quiet: bool = False) -> dict[str, Any]:
-    """Train one run on this process (one rank of a torchrun job, or alone)."""
-    return Trainer(cfg, quiet=quiet).fit()
+    """Train one run on this process (one rank of a torchrun job, or alone).
+
+    The stop signals are caught from before start-up (data, model, checkpoint loading), so a signal that
+    arrives then also ends in a checkpoint after the first step rather than killing the process.
+    """
+    stop = StopFlag()
+    return Trainer(cfg, quiet=quiet).fit(stop)
 
 
 def train_main(config_path: str | None, overrides: list[str]) -> int:

@@ -88,6 +88,21 @@ def test_stop_signal_saves_exits_75_and_resumes(tmp_path, straight):
     assert_same_run(run_dir, straight)
 
 
+def test_stop_signal_during_start_up_checkpoints_after_the_first_step(tmp_path):
+    cache, run_dir = tmp_path / "cache", tmp_path / "run"
+    cmd = [sys.executable, "-m", "megatron_moe.cli", "train", *ARGS, "data.synthetic_documents=20000",
+           f"train.output_dir={run_dir}"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, env={**os.environ, "MEGATRON_MOE_CACHE": str(cache)})
+    # The trainer is building the synthetic corpus into the empty cache: start-up, before any step.
+    wait_for(lambda: cache.is_dir() and any(p.name.startswith(".synthetic") for p in cache.iterdir()), proc)
+    os.kill(proc.pid, signal.SIGUSR1)
+    _, stderr = proc.communicate(timeout=240)
+    assert proc.returncode == 75, stderr[-2000:]
+    assert "stopped by signal at step 1; checkpoint saved" in stderr
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_0000001"
+
+
 def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path):
     proc = cli(
         "train", *TINY, "train.train_steps=8", "train.lr=1e6", "train.min_lr=0", "train.clip_grad=0",
