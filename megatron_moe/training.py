@@ -502,7 +502,7 @@ def train(cfg: RunConfig, *, quiet: bool = False) -> dict[str, Any]:
     """Train one run on this process (one rank of a torchrun job, or alone).
 
     The stop signals are caught from before start-up (data, model, checkpoint loading), so a signal that
-    arrives then also ends in a checkpoint after the first step rather than killing the process.
+    arrives then also ends in a checkpoint after the first step (before, it went unanswered).
     """
     stop = StopFlag()
     return Trainer(cfg, quiet=quiet).fit(stop)
