@@ -219,6 +219,7 @@ def run_plain(cfg: RunConfig, steps: int, warmup: int, compile_model: bool) -> l
     import torch
 
     from megatron_moe.data import build_data_source
+    from megatron_moe.training import resolve_precision
 
     t = cfg.train
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -229,7 +230,9 @@ def run_plain(cfg: RunConfig, steps: int, warmup: int, compile_model: bool) -> l
         weight_decay=t.weight_decay, fused=device.type == "cuda",
     )
     step_fn = torch.compile(model) if compile_model else model
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and t.precision != "fp32" else None
+    # Mixed precision where our path trains in bf16 or FP8 (the baseline has no FP8: bf16 there).
+    params_dtype, _ = resolve_precision(t.precision, device.type == "cuda")
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if params_dtype != torch.float32 else None
     data = build_data_source(cfg.data, cfg.model.seq_length, t.global_batch_size, t.train_steps)
     micro = t.global_batch_size // t.micro_batch_size
     times = []
@@ -341,10 +344,10 @@ def bench(
         t, p, e = sorted(layouts)[-1]
         echo(f"note: bench measures one device; the config's layout (tensor {t}, pipeline {p}, expert {e}) is set to 1")
     cases = [dataclasses.replace(c, config=bench_config(c.config, steps, warmup)) for c in cases]
-    _, fp8 = resolve_precision(cases[0].config.train.precision, on_gpu)
+    params_dtype, fp8 = resolve_precision(cases[0].config.train.precision, on_gpu)
     device, label = device_description()
     _, peak = device_peak_flops(fp8)
-    precision = "fp8" if fp8 else ("bf16" if on_gpu and cases[0].config.train.precision != "fp32" else "fp32")
+    precision = "fp8" if fp8 else ("bf16" if params_dtype == torch.bfloat16 else "fp32")
     kinds = ["megatron"] + ([] if baseline == "none" else [baseline])
     total = len(cases) * len(kinds) * repeats
     echo(f"benchmark {name!r} on {device}: {len(cases)} model(s) x {len(kinds)} path(s) x {repeats} repeat(s), "

@@ -12,6 +12,7 @@ import json
 import pytest
 import torch
 
+from megatron_moe.model import have_transformer_engine
 from tests.conftest import TINY_MOE, cli, train_rows
 
 pytestmark = [
@@ -20,15 +21,7 @@ pytestmark = [
 ]
 
 
-def _have_te() -> bool:
-    try:
-        import transformer_engine.pytorch  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-needs_te = pytest.mark.skipif(not _have_te(), reason="Transformer Engine is not installed")
+needs_te = pytest.mark.skipif(not have_transformer_engine(), reason="Transformer Engine is not installed")
 needs_hopper = pytest.mark.skipif(
     not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0), reason="FP8 needs compute capability 9.0+"
 )
@@ -58,7 +51,7 @@ def test_layer_spec_uses_transformer_engine_when_installed(single_process):
                     moe=MoEConfig(num_experts=4, top_k=2))
     model = build_model(m, ParallelConfig(), params_dtype=torch.bfloat16)
     core = type(model.decoder.layers[0].self_attention.core_attention).__name__
-    assert core == ("TEDotProductAttention" if _have_te() else "SDPAttention")
+    assert core == ("TEDotProductAttention" if have_transformer_engine() else "SDPAttention")
     assert next(model.parameters()).is_cuda
 
 
