@@ -7,6 +7,7 @@ planner stay fast.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 from megatron_moe.config import ConfigError
@@ -380,6 +381,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # A CUDA build of torch on a machine without a GPU (a cluster's login node) logs "No CUDA runtime is
+    # found" when megatron-core imports torch.utils.cpp_extension: noise on every command, and it would
+    # break the one-line error contract.
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     try:
         return int(args.func(args) or 0)
     except ConfigError as exc:
