@@ -248,7 +248,7 @@ def _add_study(sub: argparse._SubParsersAction) -> None:
 LAUNCH_EPILOG = """examples:
   megatron-moe study launch examples/tiny_three_arm/cpu.toml --slurm --dry-run   # render scripts, submit nothing
   megatron-moe study launch study.toml --slurm --nodes 2 --gpus-per-node 8 --partition batch --account proj \\
-      --time 04:00:00 --container-image nvcr.io/nvidia/pytorch:25.01-py3 --container-mounts /lustre:/lustre
+      --time 04:00:00 --container-image nvcr.io#nvidia/pytorch:26.04-py3 --container-mounts /lustre:/lustre
   megatron-moe study launch study.toml --slurm --array --max-parallel 4 --launch-config cluster.toml
   scancel --signal=USR1 --batch JOBID     # checkpoint now and requeue (what --signal-seconds does before --time)
 """

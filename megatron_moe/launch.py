@@ -2,7 +2,7 @@
 
     megatron-moe study launch examples/tiny_three_arm/cpu.toml --slurm --dry-run      # render, submit nothing
     megatron-moe study launch study.toml --slurm --nodes 2 --gpus-per-node 8 --partition batch \
-        --account proj --time 04:00:00 --container-image nvcr.io/nvidia/pytorch:25.01-py3 \
+        --account proj --time 04:00:00 --container-image nvcr.io#nvidia/pytorch:26.04-py3 \
         --container-mounts /lustre:/lustre
     megatron-moe study launch study.toml --slurm --array --max-parallel 4 --launch-config cluster.toml
 

@@ -84,7 +84,7 @@ def test_render_two_nodes_by_eight_gpus(tmp_path):
         "train.global_batch_size=16", "train.micro_batch_size=1",
         "--slurm", "--dry-run", "--skip-data-check", "-o", str(out), "--nodes", "2", "--gpus-per-node", "8",
         "--partition", "batch", "--account", "proj", "--qos", "high", "--time", "04:00:00", "--signal-seconds", "600",
-        "--container-image", "nvcr.io/nvidia/pytorch:25.01-py3", "--container-mounts", "/lustre:/lustre",
+        "--container-image", "nvcr.io#nvidia/pytorch:26.04-py3", "--container-mounts", "/lustre:/lustre",
         "--setup", "module load nccl",
     )
     assert "world size 16 (tensor 1 x pipeline 1 x data 16, expert 1)" in proc.stdout
@@ -100,7 +100,7 @@ def test_render_two_nodes_by_eight_gpus(tmp_path):
     assert '--rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv-id "$SLURM_JOB_ID"' in flat
     assert 'export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)' in script
     assert "export MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))" in script
-    assert "--container-image=nvcr.io/nvidia/pytorch:25.01-py3" in flat and "--container-mounts=/lustre:/lustre" in flat
+    assert "--container-image=nvcr.io#nvidia/pytorch:26.04-py3" in flat and "--container-mounts=/lustre:/lustre" in flat
     assert re.search(r"srun --ntasks-per-node=1 --kill-on-bad-exit=1 .*python -m torch\.distributed\.run", flat)
     assert '-m megatron_moe.cli train "$RUN_DIR/run.toml" &' in flat
     assert "TORCHELASTIC_SIGNALS_TO_HANDLE=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1" in script
