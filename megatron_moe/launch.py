@@ -200,7 +200,9 @@ def torchrun_command(python: str, run_toml: str, *, nnodes: int, nproc_per_node:
                      rdzv_id: str, node_rank: int | None = None) -> list[str]:
     """One node's torchrun agent (c10d rendezvous at `endpoint`) training the run config `run_toml`."""
     cmd = [python, "-m", "torch.distributed.run", "--nnodes", str(nnodes), "--nproc-per-node", str(nproc_per_node),
-           "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", rdzv_id, "--max-restarts", "0"]
+           "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", rdzv_id, "--max-restarts", "0",
+           # the agent hands these on to the trainers (USR1: checkpoint and stop) instead of dying of them
+           "--signals-to-handle", STOP_SIGNALS_FOR_TORCHRUN]
     if node_rank is not None:  # c10d assigns ranks itself; a fixed node rank only orders the nodes
         cmd += ["--node-rank", str(node_rank)]
     return [*cmd, "-m", "megatron_moe.cli", "train", run_toml]
@@ -278,8 +280,7 @@ def render_run_script(lc: LaunchConfig, *, run_dir: Path, job_name: str, nproc_p
         f"cd {shlex.quote(workdir)} || exit 1",
         f"export PYTHONPATH={shlex.quote(workdir)}${{PYTHONPATH:+:$PYTHONPATH}}",
         "export PYTHONUNBUFFERED=1",
-        "# torchrun agents hand USR1 on to the trainers too, and give them this long to checkpoint before SIGKILL",
-        f"export TORCHELASTIC_SIGNALS_TO_HANDLE={STOP_SIGNALS_FOR_TORCHRUN}",
+        "# torchrun agents (torch >= 2.13; 30 s before) give the trainers this long to checkpoint before SIGKILL",
         f"export TORCH_ELASTIC_SHUTDOWN_TIMEOUT={shutdown_s}",
         *lc.setup,
         "",

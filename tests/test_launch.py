@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -103,7 +104,7 @@ def test_render_two_nodes_by_eight_gpus(tmp_path):
     assert "--container-image=nvcr.io#nvidia/pytorch:26.04-py3" in flat and "--container-mounts=/lustre:/lustre" in flat
     assert re.search(r"srun --ntasks-per-node=1 --kill-on-bad-exit=1 .*python -m torch\.distributed\.run", flat)
     assert '-m megatron_moe.cli train "$RUN_DIR/run.toml" &' in flat
-    assert "TORCHELASTIC_SIGNALS_TO_HANDLE=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1" in script
+    assert "--signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1" in flat
     assert "module load nccl" in script and 'scontrol requeue "$SLURM_JOB_ID"' in script
     assert subprocess.run(["bash", "-n", str(run_dir / "slurm.sbatch")]).returncode == 0
     # The run directory is the study's: study run/report read it; a dry run submits nothing.
@@ -180,6 +181,29 @@ def test_two_torchrun_agents_on_loopback_match_single_process(reference, tmp_pat
     assert [a.returncode for a in agents] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
     assert "world 2 = tp 1 x pp 1 x dp 2 (ep 2)" in "".join(outputs)
     _close(train_losses(tmp_path / "run"), reference)
+
+
+def test_torchrun_agent_hands_usr1_to_the_trainer(tmp_path):
+    """USR1 to the agent alone (what srun delivers to its task) reaches the trainer, which checkpoints and
+    stops; an agent that does not handle USR1 dies of it and leaves the trainer running on, orphaned."""
+    run_dir = tmp_path / "run"
+    cfg = load_run_config(None, [*TINY_MOE, "train.train_steps=2000", f"train.output_dir={run_dir}"], world_size=1)
+    save_toml(cfg, tmp_path / "run.toml")
+    agent = subprocess.Popen(torchrun_command(sys.executable, str(tmp_path / "run.toml"), nnodes=1, nproc_per_node=1,
+                                              endpoint=f"127.0.0.1:{_free_port()}", rdzv_id="usr1"),
+                             cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             start_new_session=True)  # its own process group: only the agent is signalled
+    try:
+        deadline = time.monotonic() + 120
+        while not ((run_dir / "metrics.jsonl").is_file() and train_rows(run_dir)):
+            assert time.monotonic() < deadline and agent.poll() is None, agent.stdout.read()[-3000:]
+            time.sleep(0.1)
+        agent.send_signal(signal.SIGUSR1)
+        output = agent.communicate(timeout=120)[0]
+    finally:
+        os.killpg(agent.pid, signal.SIGKILL) if agent.poll() is None else None
+    assert re.search(r"stopped by signal at step \d+", output), output[-3000:]
+    assert list((run_dir / "checkpoints").iterdir()), output[-3000:]
 
 
 # ================================================================ a real SLURM on this machine
