@@ -471,9 +471,6 @@ class Trainer:
                     + f" | eta {eta:,.0f}s"
                 )
             at_end = self.step == t.train_steps
-            if not at_end and stop.agreed():
-                save_checkpoint(self, self.checkpoint_dir)
-                raise Preempted(f"stopped by signal at step {self.step}; checkpoint saved, run again to resume")
             paused = time.perf_counter()  # evaluation and saving stay out of the throughput window
             if at_end or (t.eval_interval and self.step % t.eval_interval == 0):
                 ev = self.evaluate()
@@ -481,8 +478,15 @@ class Trainer:
                 if ev["val_loss"] < best["val_loss"]:
                     best = {"val_loss": ev["val_loss"], "step": self.step}
                 self.log(f"eval at step {self.step}: val loss {ev['val_loss']:.4f} | {ev['val_bpb']:.4f} bits/byte")
-            if t.save_interval and (self.step % t.save_interval == 0 or at_end):
+            saved = bool(t.save_interval) and (self.step % t.save_interval == 0 or at_end)
+            if saved:
                 save_checkpoint(self, self.checkpoint_dir)
+            # A stop lands after this step's evaluation: a resumed run starts at the next step and would never
+            # evaluate this one, so its eval rows and best validation loss would differ from an uninterrupted run's.
+            if not at_end and stop.agreed():
+                if not saved:
+                    save_checkpoint(self, self.checkpoint_dir)
+                raise Preempted(f"stopped by signal at step {self.step}; checkpoint saved, run again to resume")
             window_start += time.perf_counter() - paused
         result = {
             "steps": self.step,

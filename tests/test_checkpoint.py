@@ -89,9 +89,10 @@ def test_stop_signal_saves_exits_75_and_resumes(tmp_path, straight):
 
 
 def test_stop_signal_during_start_up_checkpoints_after_the_first_step(tmp_path):
+    """...and after that step's evaluation (eval every step here): a resumed run would never evaluate it."""
     cache, run_dir = tmp_path / "cache", tmp_path / "run"
     cmd = [sys.executable, "-m", "megatron_moe.cli", "train", *ARGS, "data.synthetic_documents=20000",
-           f"train.output_dir={run_dir}"]
+           "train.eval_interval=1", f"train.output_dir={run_dir}"]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             start_new_session=True, env={**os.environ, "MEGATRON_MOE_CACHE": str(cache)})
     # The trainer is building the synthetic corpus into the empty cache: start-up, before any step.
@@ -101,6 +102,7 @@ def test_stop_signal_during_start_up_checkpoints_after_the_first_step(tmp_path):
     assert proc.returncode == 75, stderr[-2000:]
     assert "stopped by signal at step 1; checkpoint saved" in stderr
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_0000001"
+    assert [(r["kind"], r["step"]) for r in rows(run_dir)] == [("train", 1), ("eval", 1)]
 
 
 def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path):
