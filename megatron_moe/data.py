@@ -31,6 +31,7 @@ from __future__ import annotations
 import bz2
 import gzip
 import hashlib
+import itertools
 import json
 import lzma
 import os
@@ -40,6 +41,7 @@ import struct
 import sys
 import tempfile
 import time
+import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -313,7 +315,7 @@ def _lines(path: Path) -> Iterator[tuple[int, str]]:
                     yield n, raw.decode("utf-8")
                 except UnicodeDecodeError as exc:
                     raise ConfigError(f"{path}:{n}: not UTF-8 text (byte {exc.start} of the line)") from None
-    except (lzma.LZMAError, OSError, EOFError) as exc:
+    except (lzma.LZMAError, zlib.error, OSError, EOFError) as exc:
         raise ConfigError(f"{path}: cannot read ({exc})") from None
 
 
@@ -413,8 +415,19 @@ class TokenStore:
         return cls(tokens, offsets[doc_idx[:-1]], offsets[doc_idx[1:]] - offsets[doc_idx[:-1]])
 
 
+_MANIFEST_FIELDS: list[tuple[tuple[str, ...], type]] = [
+    *((("splits", split, key), kind) for split in ("train", "valid") for key, kind in
+      (("prefix", str), ("documents", int), ("tokens", int), ("bytes_per_token", float))),
+    *((("tokenizer", key), kind) for key, kind in
+      (("kind", str), ("file", str), ("vocab_size", int), ("eod_id", int), ("eod_token", str), ("sha256", str))),
+    (("checksums",), dict), (("checksums", "train.bin"), str), (("checksums", "train.idx"), str),
+]
+"""(key path, type) of every manifest field the loader reads."""
+
+
 def read_manifest(path: str | Path) -> dict[str, Any]:
-    """The manifest of a prepared dataset directory; ConfigError when it is not one."""
+    """The manifest of a prepared dataset directory; ConfigError when it is not one, or is incomplete, or a file
+    it lists is missing."""
     path = Path(path)
     mf = path / MANIFEST
     if not path.is_dir():
@@ -425,14 +438,20 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
         manifest = json.loads(mf.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{mf}: not valid JSON ({exc})") from None
-    if manifest.get("format") != "megatron-moe-dataset" or manifest.get("version") != DATASET_VERSION:
+    if (not isinstance(manifest, dict) or manifest.get("format") != "megatron-moe-dataset"
+            or manifest.get("version") != DATASET_VERSION):
         raise ConfigError(f"{mf}: not a megatron-moe dataset manifest of version {DATASET_VERSION}")
-    try:
-        for split in ("train", "valid"):
-            manifest["splits"][split]["prefix"], manifest["splits"][split]["tokens"]
-        manifest["tokenizer"]["file"], manifest["tokenizer"]["vocab_size"], manifest["checksums"]["train.bin"]
-    except (KeyError, TypeError) as exc:
-        raise ConfigError(f"{mf}: incomplete manifest (missing {exc})") from None
+    for keys, kind in _MANIFEST_FIELDS:
+        node = manifest
+        for key in keys:
+            node = node.get(key) if isinstance(node, dict) else None
+        if not isinstance(node, kind) or isinstance(node, bool):
+            raise ConfigError(f"{mf}: incomplete manifest ({'.'.join(keys)} is missing or not of type {kind.__name__})")
+    for name, digest in manifest["checksums"].items():
+        if not isinstance(digest, str):
+            raise ConfigError(f"{mf}: incomplete manifest (checksums.{name} is not a str)")
+        if not (path / name).is_file():
+            raise ConfigError(f"dataset file {str(path / name)!r} is missing")
     return manifest
 
 
@@ -442,8 +461,6 @@ def verify_dataset(path: str | Path, manifest: dict[str, Any] | None = None) -> 
     manifest = manifest or read_manifest(path)
     for name, digest in manifest["checksums"].items():
         f = path / name
-        if not f.is_file():
-            raise ConfigError(f"dataset file {str(f)!r} is missing")
         if _sha256_file(f) != digest:
             raise ConfigError(f"dataset file {str(f)!r} is corrupt (sha256 differs from {MANIFEST})")
 
@@ -582,7 +599,6 @@ def _write_dataset(
 
     # Pass 2: encode and write. The first chunk is read before the builder import pulls in torch +
     # megatron-core (seconds), so that bad input near the start is refused at once.
-    import itertools
     import warnings
 
     chunks = _chunks(source, valid_fraction, split_seed, stats)
@@ -720,6 +736,8 @@ def prepare_dataset(
         raise ConfigError(f"--valid-fraction {valid_fraction} must be in [0, 1)")
     if workers < 1:
         raise ConfigError(f"--workers {workers} must be >= 1")
+    if not -(2**63) <= split_seed < 2**63:
+        raise ConfigError(f"--split-seed {split_seed} must be a signed 64-bit integer, in [-2**63, 2**63 - 1]")
     files = expand_inputs(inputs)
     valid_files = expand_inputs(valid_inputs) if valid_inputs else []
     if valid_files:
@@ -842,8 +860,13 @@ def synthetic_dataset(num_documents: int = 2000, vocab_size: int = 512, root: Pa
     out = root / f"synthetic-v{SYNTHETIC_VERSION}-docs{num_documents}-vocab{vocab_size}"
     if (out / MANIFEST).is_file():
         return out
-    root.mkdir(parents=True, exist_ok=True)
     docs = synthetic_documents(num_documents)
+    if not any(_text_split_value(t, 0) < SYNTHETIC_VALID_FRACTION for t in docs):
+        first = next(i for i in itertools.count(num_documents)
+                     if _text_split_value(synthetic_story(i), 0) < SYNTHETIC_VALID_FRACTION)
+        raise ConfigError(f"data.synthetic_documents = {num_documents} leaves the synthetic corpus no validation "
+                          f"documents; use >= {first + 1}")
+    root.mkdir(parents=True, exist_ok=True)
 
     def source() -> Iterator[tuple[Document, str | None]]:
         return ((Document(t, f"synthetic:{i}"), None) for i, t in enumerate(docs))
@@ -1029,7 +1052,8 @@ class DataSource:
         if need > self.valid.num_tokens:
             raise ConfigError(
                 f"validation split has {self.valid.num_tokens:,} tokens; {num_batches} batches of {batch_size} x "
-                f"{s + 1} need {need:,} (lower the eval batches or hold out more documents)"
+                f"{s + 1} need {need:,} (lower the eval batches or "
+                f"{'raise data.synthetic_documents' if self.synthetic else 'hold out more documents'})"
             )
         stream = np.asarray(self.valid.tokens[:need], np.int64)  # one sequence per document, stored in order
         all_samples = _samples(stream, count, s)
@@ -1059,11 +1083,12 @@ class DataSource:
     def describe(self, train_steps: int | None = None) -> dict[str, Any]:
         """Documents, unique tokens (budget actually used), consumed tokens, epochs, fingerprint and so on.
 
-        With an unbounded schedule, `train_steps` gives the consumed tokens and epochs of a run that long.
+        Consumed tokens and epochs are those of a run of `train_steps` (default: the run's length given to
+        `build_data_source`, else the whole schedule); `schedule_tokens` is what the schedule provides.
         """
         sch = self.schedule
         train_steps = train_steps if train_steps is not None else self.train_steps
-        steps = self.num_steps if self.num_steps is not None else train_steps
+        steps = train_steps if train_steps is not None else self.num_steps
         consumed = None if steps is None else steps * self.global_batch_size * self.seq_length
         return {
             "source": "synthetic" if self.synthetic else str(self.path),
@@ -1162,10 +1187,10 @@ def inspect_main(args: Any) -> int:
     seq_length = args.seq_length or seq_length
     gbs = args.global_batch_size or gbs
     steps = args.train_steps if args.train_steps is not None else steps
-    ds = build_data_source(cfg, seq_length, gbs)
+    ds = build_data_source(cfg, seq_length, gbs, steps)
     if args.verify:
         verify_dataset(ds.path, ds.manifest)
-    info = ds.describe(train_steps=steps)
+    info = ds.describe()
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -1183,8 +1208,7 @@ def inspect_main(args: Any) -> int:
                    + (f" (budget {cfg.unique_tokens:,})" if cfg.unique_tokens else " (all)")),
         ("schedule", f"{fmt(info['schedule_tokens'])} tokens, {fmt(info['schedule_samples'])} samples, "
                      f"{fmt(info['num_steps'])} steps"),
-        ("consumed", f"{fmt(info['consumed_tokens'])} tokens" + (f" ({steps} train steps)" if ds.num_steps is None
-                                                                 and steps else "")),
+        ("consumed", f"{fmt(info['consumed_tokens'])} tokens" + ("" if steps is None else f" ({steps} train steps)")),
         ("epochs", fmt(info["epochs"])),
         ("fingerprint", info["fingerprint"]),
     ]

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import lzma
+import re
 import shutil
 from pathlib import Path
 
@@ -234,6 +236,27 @@ def test_synthetic_source_batches(cache):
         ds.valid_batches(64, 100)
 
 
+def test_describe_reports_the_steps_trained_not_the_whole_bounded_schedule(cache):
+    cfg = DataConfig(synthetic_documents=400, epochs=4)
+    ds = build_data_source(cfg, seq_length=32, global_batch_size=8, train_steps=10)
+    d = ds.describe()  # the run's length, as the trainer calls it
+    assert d["consumed_tokens"] == 10 * 8 * 32 and d["epochs"] == pytest.approx(10 * 8 * 32 / d["unique_tokens"])
+    assert d["schedule_tokens"] == 4 * d["unique_tokens"] and d["num_steps"] > 10
+    assert ds.describe(5)["consumed_tokens"] == 5 * 8 * 32  # as the study calls it
+    whole = build_data_source(cfg, seq_length=32, global_batch_size=8).describe()  # no run length: the schedule
+    assert whole["consumed_tokens"] == whole["num_steps"] * 8 * 32 and whole["epochs"] == pytest.approx(4, rel=0.01)
+
+
+def test_synthetic_corpus_needs_a_validation_document(cache):
+    with pytest.raises(ConfigError) as exc:
+        build_data_source(DataConfig(synthetic_documents=20), seq_length=32, global_batch_size=8)
+    assert str(exc.value) == (
+        "data.synthetic_documents = 20 leaves the synthetic corpus no validation documents; use >= 21"
+    )
+    ds = build_data_source(DataConfig(synthetic_documents=21), seq_length=32, global_batch_size=8)
+    assert ds.valid.num_documents == 1 and ds.train.num_documents == 20
+
+
 def test_synthetic_corpus_is_identical_when_rebuilt(tmp_path):
     a = synthetic_dataset(300, 300, root=tmp_path / "a")
     b = synthetic_dataset(300, 300, root=tmp_path / "b")
@@ -283,6 +306,10 @@ def _bad_cases(tmp: Path) -> dict[str, tuple[list[str], str]]:
     (tmp / "badjson.jsonl").write_text('{"text": "ok"}\n{"text": \n')
     (tmp / "bad_tokenizer.json").write_text('{"not": "a tokenizer"}')
     good = _write_text(tmp / "good.txt", DOCS)
+    packed = bytearray(gzip.compress(good.read_bytes()))
+    for k in range(12, 20):  # the deflate block's code tables, just after the 10-byte gzip header
+        packed[k] ^= 0xFF
+    (tmp / "corrupt.txt.gz").write_bytes(bytes(packed))  # zlib.error ("invalid code lengths set"), not OSError
     return {
         "empty": ([str(tmp / "empty.txt")], "corpus is empty"),
         "undecodable": ([str(tmp / "binary.txt")], "binary.txt:2: not UTF-8"),
@@ -291,11 +318,15 @@ def _bad_cases(tmp: Path) -> dict[str, tuple[list[str], str]]:
         "bad-tokenizer": ([str(good), "--tokenizer", str(tmp / "bad_tokenizer.json")], "does not load"),
         "missing-input": ([str(tmp / "nope.txt")], "does not exist"),
         "no-valid-docs": ([str(good), "--valid-fraction", "0"], "valid split is empty"),
+        "corrupt-gzip": ([str(tmp / "corrupt.txt.gz")], "corrupt.txt.gz: cannot read (Error -3"),
+        "split-seed-overflow": ([str(good), "--split-seed", str(2**63)],
+                                f"--split-seed {2**63} must be a signed 64-bit integer"),
     }
 
 
 @pytest.mark.parametrize(
-    "case", ["empty", "undecodable", "missing-field", "bad-json", "bad-tokenizer", "missing-input", "no-valid-docs"]
+    "case", ["empty", "undecodable", "missing-field", "bad-json", "bad-tokenizer", "missing-input", "no-valid-docs",
+             "corrupt-gzip", "split-seed-overflow"]
 )
 def test_prepare_refuses_bad_input(tmp_path, case):
     args, message = _bad_cases(tmp_path)[case]
@@ -308,11 +339,23 @@ def test_prepare_refuses_bad_input(tmp_path, case):
     assert not out.exists() and not list(tmp_path.glob(".outdir*"))  # nothing half-written
 
 
-@pytest.mark.parametrize("damage", ["truncate-idx", "truncate-bin", "corrupt-header", "flip-bin-byte", "no-manifest"])
-def test_inspect_refuses_corrupt_dataset(prepared, tmp_path, damage):
+@pytest.mark.parametrize("damage, message", [
+    ("truncate-idx", "train.idx' is corrupt or truncated"),
+    ("truncate-bin", "train.bin' is corrupt or truncated"),
+    ("corrupt-header", "bad header"),
+    ("flip-bin-byte", "train.bin' is corrupt (sha256"),
+    ("no-manifest", "has no manifest.json"),
+    ("no-tokenizer-file", "tokenizer.json' is missing"),
+    ("manifest-is-a-list", "not a megatron-moe dataset manifest"),
+    ("no-eod-id", "incomplete manifest (tokenizer.eod_id is missing"),
+    ("no-idx-checksum", "incomplete manifest (checksums.train.idx is missing"),
+    ("no-valid-bytes-per-token", "incomplete manifest (splits.valid.bytes_per_token is missing"),
+])
+def test_inspect_refuses_corrupt_dataset(prepared, tmp_path, damage, message):
     d = tmp_path / "ds"
     shutil.copytree(prepared / "out", d)
-    idx, bin_ = d / "train.idx", d / "train.bin"
+    idx, bin_, mf = d / "train.idx", d / "train.bin", d / "manifest.json"
+    m = json.loads(mf.read_text())
     if damage == "truncate-idx":
         idx.write_bytes(idx.read_bytes()[:-9])
     elif damage == "truncate-bin":
@@ -323,13 +366,23 @@ def test_inspect_refuses_corrupt_dataset(prepared, tmp_path, damage):
         raw = bytearray(bin_.read_bytes())
         raw[10] ^= 0xFF
         bin_.write_bytes(bytes(raw))
+    elif damage == "no-manifest":
+        mf.unlink()
+    elif damage == "no-tokenizer-file":
+        (d / "tokenizer.json").unlink()
+    elif damage == "manifest-is-a-list":
+        mf.write_text("[]")
     else:
-        (d / "manifest.json").unlink()
-    with pytest.raises(ConfigError):
+        node, key = {"no-eod-id": (m["tokenizer"], "eod_id"), "no-idx-checksum": (m["checksums"], "train.idx"),
+                     "no-valid-bytes-per-token": (m["splits"]["valid"], "bytes_per_token")}[damage]
+        del node[key]
+        mf.write_text(json.dumps(m))
+    with pytest.raises(ConfigError, match=re.escape(message)):
         DataSource(d, DataConfig(), 16, 2)
     proc = cli("data", "inspect", str(d), "--seq-length", "16", check=False)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert lines[0].startswith("megatron-moe: error:") and message in lines[0], proc.stderr
 
 
 def test_cli_prepare_and_inspect(prepared, tmp_path):
@@ -350,6 +403,10 @@ def test_cli_prepare_and_inspect(prepared, tmp_path):
 def test_cli_inspect_synthetic(cache):
     proc = cli("data", "inspect", "--train-steps", "10")
     assert "synthetic" in proc.stdout and "fingerprint" in proc.stdout
+    info = json.loads(cli("data", "inspect", "--train-steps", "10", "--epochs", "2", "--json").stdout)
+    assert info["consumed_tokens"] == 10 * 8 * 256 and info["schedule_tokens"] == 2 * info["unique_tokens"]
+    proc = cli("data", "inspect", "--train-steps", "100000", "--epochs", "2", check=False)
+    assert proc.returncode == 2 and "exceeds the" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
 
 
 # ---------------------------------------------------------------- real data: TinyStories excerpts
