@@ -454,6 +454,8 @@ def match_dense(
     """
     if contract not in CONTRACTS:
         raise ConfigError(f"contract {contract!r} is not allowed; expected one of {', '.join(CONTRACTS)}")
+    if multiple_of < 1:
+        raise ConfigError(f"multiple_of = {multiple_of} must be >= 1 (plan --multiple-of, study.match.multiple_of)")
     source = _numbers(_shape(model_cfg, tensor), causal_attention)
     target = _metric(source, contract, count, flops)
     dense = _dense_of(model_cfg)
@@ -544,6 +546,42 @@ DEFAULT_R_A_GRID = (0.1, 0.15, 0.2, 0.25, 0.3)
 DEFAULT_TOP_K = (2, 3, 4, 6, 8)
 
 
+def _er_option(name: str) -> str:
+    """Where an equal-resources option is set: the `plan` flag and the study field of the same name."""
+    return f"plan --{name.replace('_', '-')}, study.equal_resources.{name}"
+
+
+def _check_family_inputs(
+    r_a_grid: tuple[float, ...], total_params: int | None, unique_tokens: int | None, tokens_per_param: float,
+    top_k_choices: tuple[int, ...], max_experts: int, multiple_of: int,
+) -> None:
+    """One-line ConfigErrors, naming the option, for equal-resources inputs out of range."""
+
+    def bad(name: str, value: Any, allowed: str) -> ConfigError:
+        return ConfigError(f"equal-resources {name} = {value} is not allowed: {allowed} ({_er_option(name)})")
+
+    if not r_a_grid:
+        raise bad("r_a", "[]", "give at least one activation rate in (0, 1)")
+    for r in r_a_grid:
+        if not (math.isfinite(r) and 0 < r < 1):
+            raise bad("r_a", f"{r:g}", "activation rates must be in (0, 1)")
+    if total_params is not None and total_params <= 0:
+        raise bad("total_params", total_params, "N must be > 0")
+    if unique_tokens is not None and unique_tokens <= 0:
+        raise bad("unique_tokens", unique_tokens, "D must be > 0")
+    if not (math.isfinite(tokens_per_param) and tokens_per_param > 0):
+        raise bad("tokens_per_param", f"{tokens_per_param:g}", "must be a finite number > 0")
+    if not top_k_choices:
+        raise bad("top_k", "[]", "give at least one top-k >= 1")
+    for k in top_k_choices:
+        if k < 1:
+            raise bad("top_k", k, "top-k choices must be >= 1")
+    if max_experts < 2:
+        raise bad("max_experts", max_experts, "must be >= 2")
+    if multiple_of < 1:
+        raise bad("multiple_of", multiple_of, "must be >= 1")
+
+
 def equal_resources_family(
     model_cfg: ModelConfig,
     r_a_grid: tuple[float, ...] = DEFAULT_R_A_GRID,
@@ -579,8 +617,11 @@ def equal_resources_family(
     choices whose N is within `tolerance_pct`, the nearest r_a (to 0.005), then the smallest N residual
     (to 0.1%), then the smallest K and fewest experts. Each arm consumes floor(C / its FLOPs per token)
     tokens, that / D repeats of the unique data. Raises ConfigError, naming the reachable range, when a
-    target r_a is further than `r_a_rel_tolerance` x target from every reachable one.
+    target r_a is further than `r_a_rel_tolerance` x target from every reachable one, and when no layout's N
+    is within `tolerance_pct` of the baseline's (naming the smallest N a layout has).
     """
+    _check_family_inputs(tuple(r_a_grid), total_params, unique_tokens, tokens_per_param, tuple(top_k_choices),
+                         max_experts, multiple_of)
     src_moe = model_cfg.moe
     step = math.lcm(tensor, multiple_of)
     n_total = total_params if total_params is not None else ledger(model_cfg, tensor).nonembedding_params
@@ -633,6 +674,7 @@ def equal_resources_family(
     base = _shape(layout, tensor)
     # Enumerate (K, E, D_e): N is linear in D_e, so solve for it and keep the two nearest legal values.
     candidates: list[tuple[float, float, int, int, int]] = []  # (r_a, N residual %, K, E, D_e)
+    smallest_n = math.inf  # the smallest N of any layout (D_e = one step)
     for k in top_k_choices:
         for e in range(max(k + 1, expert), max_experts + 1):
             if e % expert:
@@ -640,6 +682,7 @@ def equal_resources_family(
             s = base._replace(experts=e, top_k=k)
             n1 = _numbers(s._replace(expert_ffn=step, shared_ffn=k * step)).nonemb_total
             n2 = _numbers(s._replace(expert_ffn=2 * step, shared_ffn=2 * k * step)).nonemb_total
+            smallest_n = min(smallest_n, n1)
             units = (n_total - n1) / (n2 - n1) + 1
             for u in {max(1, math.floor(units)), max(1, math.ceil(units))}:
                 nums = _numbers(s._replace(expert_ffn=u * step, shared_ffn=k * u * step))
@@ -647,7 +690,24 @@ def equal_resources_family(
                 candidates.append((nums.nonemb_active / nums.nonemb_total, resid, k, e, u * step))
     if not candidates:
         raise ConfigError(f"no MoE layout: top_k_choices = {list(top_k_choices)}, max_experts = {max_experts}")
-    within = [c for c in candidates if abs(c[1]) <= tolerance_pct] or candidates
+    backbone = (f"{model_cfg.num_layers} layers, width {model_cfg.hidden_size}, first_k_dense = {fkd}, "
+                f"every_n = {n_every}, top_k in {list(top_k_choices)}, <= {max_experts} experts, expert size "
+                f"a multiple of {step}")
+    within = [c for c in candidates if abs(c[1]) <= tolerance_pct]
+    if not within:  # no arm could have equal N: an error, not an arm with another N
+        target = r_a_grid[0]
+        near = [c for c in candidates if abs(c[0] - target) <= r_a_rel_tolerance * target] or candidates
+        best = min(near, key=lambda c: abs(c[1]))
+        if smallest_n > n_total:
+            hint = (f"the smallest MoE layout has N = {_fmt(smallest_n)}: raise total_params "
+                    f"({_er_option('total_params')}) to about that or more, or use a smaller backbone")
+        else:
+            hint = f"expert sizes are too coarse at this N: lower multiple_of ({_er_option('multiple_of')})"
+        raise ConfigError(
+            f"equal-resources arm r_a = {target:g}: no MoE layout has N within tolerance_pct = {tolerance_pct:g}% "
+            f"of the dense baseline's N = {_fmt(n_total)} with {backbone} (nearest: {best[1]:+.1f}% at r_a "
+            f"{best[0]:.3f}); {hint}"
+        )
     lo, hi = min(c[0] for c in within), max(c[0] for c in within)
     members = []
     for target in r_a_grid:
@@ -656,10 +716,8 @@ def equal_resources_family(
         )
         if abs(r_a - target) > r_a_rel_tolerance * target:
             raise ConfigError(
-                f"activation rate r_a = {target:g} is not reachable at N = {_fmt(n_total)} with "
-                f"{model_cfg.num_layers} layers, width {model_cfg.hidden_size}, first_k_dense = {fkd}, "
-                f"every_n = {n_every}, top_k in {list(top_k_choices)}, <= {max_experts} experts, expert size "
-                f"a multiple of {step}; reachable r_a: {lo:.3f} to {hi:.3f} (nearest {r_a:.3f})"
+                f"activation rate r_a = {target:g} is not reachable at N = {_fmt(n_total)} with {backbone}; "
+                f"reachable r_a: {lo:.3f} to {hi:.3f} (nearest {r_a:.3f})"
             )
         cfg = dataclasses.replace(
             layout,

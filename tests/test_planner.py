@@ -280,6 +280,67 @@ def test_plan_command_table_and_errors(tmp_path, capsys):
     assert load_run_config(tmp_path / "er" / "er_moe_ra0.30.toml").model.moe.num_experts % 2 == 0
 
 
+@pytest.mark.parametrize("source", ["moe", "dense"])
+@pytest.mark.parametrize("flags, named", [
+    (["--total-params", "-5"], "total_params = -5"),
+    (["--total-params", "0"], "total_params = 0"),
+    (["--unique-tokens", "-1"], "unique_tokens = -1"),
+    (["--multiple-of", "0"], "multiple_of = 0"),
+    (["--multiple-of", "-8"], "multiple_of = -8"),
+    (["--top-k", "-1"], "top_k = -1"),
+    (["--top-k", "2,0"], "top_k = 0"),
+    (["--max-experts", "-3"], "max_experts = -3"),
+    (["--tokens-per-param", "nan"], "tokens_per_param = nan"),
+    (["--tokens-per-param", "inf"], "tokens_per_param = inf"),
+    (["--tokens-per-param", "-1"], "tokens_per_param = -1"),
+    (["--r-a", "0.2,nan"], "r_a = nan"),
+    (["--r-a", "1.5"], "r_a = 1.5"),
+    (["--r-a="], "r_a = []"),
+])
+def test_plan_equal_resources_bad_input_exits_2(tmp_path, capsys, source, flags, named):
+    """Out-of-range equal-resources options: exit 2, one line naming the value, the flag and the study field."""
+    from megatron_moe.cli import main
+
+    path = _write_run_config(tmp_path / "run.toml")
+    overrides = ["model.moe.num_experts=0", "parallel.expert=1"] if source == "dense" else []
+    assert main(["plan", str(path), *overrides, "--match", "equal-resources", *flags]) == 2
+    out, err = capsys.readouterr()
+    field = named.split(" = ")[0]
+    assert out == "" and err.startswith("megatron-moe: error: ") and err.count("\n") == 1
+    assert f"equal-resources {named} is not allowed" in err
+    assert f"--{field.replace('_', '-')}" in err and f"study.equal_resources.{field}" in err
+
+
+@pytest.mark.parametrize("value", ["0", "-8"])
+def test_plan_match_bad_multiple_of_exits_2(tmp_path, capsys, value):
+    from megatron_moe.cli import main
+
+    path = _write_run_config(tmp_path / "run.toml")
+    assert main(["plan", str(path), "--match", "active", "--multiple-of", value]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"multiple_of = {value} must be >= 1" in err and "--multiple-of" in err
+
+
+def test_plan_equal_resources_unreachable_n_is_an_error(tmp_path, capsys):
+    """No MoE layout at this backbone reaches a small N: an error naming r_a, the nearest residual and the
+    smallest N a layout has, never arms silently off equal N (they were +94% / +52% before)."""
+    from megatron_moe.cli import main
+
+    path = _write_run_config(tmp_path / "run.toml")
+    assert main(["plan", str(path), "--match", "equal-resources", "--total-params", "300000", "--r-a", "0.6,0.7"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1
+    found = re.search(r"arm r_a = 0.6: no MoE layout has N within tolerance_pct = 0.5% of the dense baseline's "
+                      r"N = ([\d.]+)k .* \(nearest: \+([\d.]+)% at r_a [\d.]+\); the smallest MoE layout has "
+                      r"N = ([\d.]+)k: raise total_params \(plan --total-params", err)
+    assert found, err
+    n, resid, smallest = map(float, found.groups())
+    assert resid > 0.5 and smallest > n
+    # a family whose N a layout can reach still derives, every arm within the tolerance
+    fam = P.equal_resources_family(load_run_config(path).model, (0.6, 0.7), total_params=round(2 * smallest * 1e3))
+    assert all(abs(m.params_residual_pct) <= 0.5 for m in fam.members)
+
+
 # ---------------------------------------------------------------- against the built model (torch)
 
 
