@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import tomllib
 import types
 import typing
@@ -153,8 +154,8 @@ class DataConfig:
             raise ConfigError(
                 f"data.epochs = {self.epochs} and data.consumed_tokens = {self.consumed_tokens} are both set; set one"
             )
-        if self.synthetic_documents < 20:
-            raise ConfigError(f"data.synthetic_documents = {self.synthetic_documents} must be >= 20")
+        if self.synthetic_documents < 21:  # 20 stories hold no validation document (data.synthetic_dataset)
+            raise ConfigError(f"data.synthetic_documents = {self.synthetic_documents} must be >= 21")
         if not 260 <= self.synthetic_vocab_size <= 65000:
             raise ConfigError(f"data.synthetic_vocab_size = {self.synthetic_vocab_size} must be in [260, 65000]")
 
@@ -255,6 +256,8 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{path} = {value!r} has the wrong type; expected float")
+        if not math.isfinite(value):  # TOML has nan and inf literals; no field means either
+            raise ConfigError(f"{path} = {value!r} is not allowed; expected a finite number")
         return float(value)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
@@ -344,7 +347,9 @@ def to_toml(data: dict[str, Any]) -> str:
         if isinstance(v, (int, float)):
             return repr(v)
         if isinstance(v, str):
-            return json.dumps(v)
+            # A TOML basic string: JSON's escapes except that characters outside the BMP stay literal
+            # (JSON would write surrogate pairs, which TOML rejects).
+            return json.dumps(v, ensure_ascii=False).replace("\x7f", "\\u007f")
         if isinstance(v, list):
             return "[" + ", ".join(fmt(x) for x in v) + "]"
         raise TypeError(v)
@@ -378,10 +383,18 @@ def _positive(value: int | float, path: str, allow_zero: bool = False) -> None:
 def validate_model(m: ModelConfig, tensor: int = 1, expert: int = 1, pipeline: int = 1) -> None:
     for name in ("vocab_size", "seq_length", "num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size"):
         _positive(getattr(m, name), f"model.{name}")
+    _positive(m.num_query_groups, "model.num_query_groups", allow_zero=True)
+    for name in ("init_method_std", "norm_epsilon"):
+        _positive(getattr(m, name), f"model.{name}")
     if m.hidden_size % m.num_attention_heads:
         raise ConfigError(
             f"model.hidden_size = {m.hidden_size} is not divisible by model.num_attention_heads = "
             f"{m.num_attention_heads}"
+        )
+    if m.position_embedding == "rope" and (m.hidden_size // m.num_attention_heads) % 2:
+        raise ConfigError(
+            f"model.hidden_size / model.num_attention_heads = {m.hidden_size // m.num_attention_heads} is odd; "
+            "rotary position embeddings need an even head dimension"
         )
     if m.num_attention_heads % m.kv_heads:
         raise ConfigError(
@@ -455,6 +468,10 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
     for name in ("lr_warmup_steps", "log_interval", "eval_interval", "save_interval", "min_lr", "weight_decay", "clip_grad"):
         _positive(getattr(t, name), f"train.{name}", allow_zero=True)
     _positive(t.lr, "train.lr")
+    _positive(t.adam_eps, "train.adam_eps")
+    for name in ("adam_beta1", "adam_beta2"):
+        if not 0 <= getattr(t, name) < 1:
+            raise ConfigError(f"train.{name} = {getattr(t, name)} must be in [0, 1)")
     if t.lr_warmup_steps >= t.train_steps:
         raise ConfigError(
             f"train.lr_warmup_steps = {t.lr_warmup_steps} must be below train.train_steps = {t.train_steps}"

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from megatron_moe.config import ConfigError, RunConfig, apply_overrides, from_dict, load_run_config, to_toml, validate
+from megatron_moe.config import (
+    ConfigError, RunConfig, apply_overrides, from_dict, load_run_config, save_toml, to_toml, validate,
+)
 from tests.conftest import cli
 
 
@@ -31,6 +33,8 @@ def test_overrides_parse_toml_values_and_bare_strings():
         ({"model": {"moe": {"top_k": 1.5}}}, "model.moe.top_k = 1.5 has the wrong type"),
         ({"train": {"precision": "fp16"}}, "train.precision = 'fp16' is not allowed; expected one of 'auto'"),
         ({"model": "x"}, "model must be a table"),
+        ({"train": {"lr": float("nan")}}, "train.lr = nan is not allowed; expected a finite number"),
+        ({"data": {"epochs": float("inf")}}, "data.epochs = inf is not allowed; expected a finite number"),
     ],
 )
 def test_strict_loading_names_the_dotted_path(data, message):
@@ -48,6 +52,12 @@ def test_strict_loading_names_the_dotted_path(data, message):
         (["train.global_batch_size=6", "train.micro_batch_size=4"], 1, "train.global_batch_size = 6 is not divisible"),
         (["parallel.expert=2"], 2, "parallel.expert = 2 needs an MoE model"),
         (["parallel.sequence_parallel=true"], 1, "parallel.sequence_parallel = true needs parallel.tensor > 1"),
+        (["model.num_query_groups=-2"], 1, "model.num_query_groups = -2 must be >= 0"),
+        (["model.hidden_size=12", "model.num_attention_heads=4"], 1, "= 3 is odd; rotary position embeddings need"),
+        (["train.adam_beta1=1.0"], 1, "train.adam_beta1 = 1.0 must be in [0, 1)"),
+        (["train.adam_eps=0"], 1, "train.adam_eps = 0.0 must be > 0"),
+        (["model.norm_epsilon=0"], 1, "model.norm_epsilon = 0.0 must be > 0"),
+        (["data.synthetic_documents=20"], 1, "data.synthetic_documents = 20 must be >= 21"),
     ],
 )
 def test_validation_spells_out_the_arithmetic(overrides, world, message):
@@ -77,3 +87,11 @@ def test_bad_config_via_cli_is_one_line_and_nonzero(tmp_path, toml, expected):
     assert len(lines) == 1, proc.stderr
     assert lines[0].startswith("megatron-moe: error:") and expected in lines[0]
     assert "Traceback" not in proc.stderr + proc.stdout
+
+
+@pytest.mark.parametrize("value", ["runs/\U0001F600", 'quote " back \\ slash', "tab\tnew\nline\r", "del\x7f", "ctl\x01\x1f", "\u00e9\u4e2d\u2028"])
+def test_saved_toml_reads_back_any_string(tmp_path, value):
+    cfg = load_run_config(None, [])
+    cfg.train.output_dir = value
+    save_toml(cfg, tmp_path / "run.toml")
+    assert load_run_config(str(tmp_path / "run.toml"), []).train.output_dir == value
