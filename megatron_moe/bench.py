@@ -79,8 +79,8 @@ def cases_for(path: str | None, overrides: list[str]) -> tuple[list[Case], str]:
     if path and "study" in load_toml(path):
         from megatron_moe.study import derive_arms, load_study
 
-        study = load_study(path, overrides)
-        arms, _, _ = derive_arms(study)
+        study = load_study(path, overrides, check_world=False)  # measured on one device
+        arms, _, _ = derive_arms(study, check_world=False)
         dense_active = next((a.name for a in arms if not a.config.model.is_moe and a.contract == "active"), None)
         return [Case(a.name, a.config, dense_active if a.config.model.is_moe else None) for a in arms], study.study.name
     cfg = load_run_config(path, overrides, world_size=None)

@@ -450,7 +450,7 @@ def launch_study(cfg: StudyConfig, lc: LaunchConfig, out_dir: str | Path | None 
                  study_file: str | None = None, dry_run: bool = False, data_check: bool = True,
                  echo: Callable[[str], None] = print) -> int:
     """Render (and unless dry_run, submit) a SLURM job for every run of the study not complete nor queued."""
-    plan = plan_study(cfg, out_dir)
+    plan = plan_study(cfg, out_dir, check_world=False)  # checked below against this launch's world size
     out, name = plan.out_dir, cfg.study.name
     nproc = processes_per_node(lc, cfg.study.nproc_per_node)
     world = lc.nodes * nproc
@@ -529,7 +529,7 @@ def launch_main(study_path: str, overrides: list[str], *, output_dir: str | None
     if not slurm:
         raise ConfigError("study launch needs a scheduler: add --slurm (the only one supported)")
     lc = load_launch_config(launch_config, flags or {})
-    cfg = load_study(study_path, overrides)
+    cfg = load_study(study_path, overrides, check_world=False)
     try:
         return launch_study(cfg, lc, output_dir, study_file=str(Path(study_path).resolve()), dry_run=dry_run,
                             data_check=data_check, echo=lambda line: print(line, flush=True))

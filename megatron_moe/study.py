@@ -153,24 +153,30 @@ class StudyConfig(RunConfig):
         return RunConfig(model=self.model, parallel=self.parallel, data=self.data, train=self.train)
 
 
-def load_study(path: str | Path, overrides: list[str] = ()) -> StudyConfig:
-    """Load a study file with dotted overrides (e.g. study.seeds=[1], train.train_steps=20) and check it."""
+def load_study(path: str | Path, overrides: list[str] = (), *, check_world: bool = True) -> StudyConfig:
+    """Load a study file with dotted overrides (e.g. study.seeds=[1], train.train_steps=20) and check it.
+
+    `check_world=False` leaves out the checks against the world size of `study run` (study.nproc_per_node), for
+    callers that run elsewhere: `study launch` checks its own world size, `bench` runs on one device.
+    """
     cfg = from_dict(StudyConfig, apply_overrides(load_toml(path), list(overrides)))
     if not cfg.study.name:
         cfg.study.name = Path(path).stem
-    validate_study(cfg)
+    validate_study(cfg, check_world=check_world)
     return cfg
 
 
-def validate_study(cfg: StudyConfig) -> None:
+def validate_study(cfg: StudyConfig, *, check_world: bool = True) -> None:
     """Check the [study] table and the base run config; raises ConfigError naming the field."""
     s = cfg.study
+    if s.nproc_per_node < 1:
+        raise ConfigError(f"study.nproc_per_node = {s.nproc_per_node} must be >= 1")
     base = cfg.base()
     if s.budget_tokens or s.budget_flops or "equal_resources" in s.arms:
         # train.train_steps is not used: each arm's steps come from the budget (arms are validated when derived)
         t = base.train
         base = dataclasses.replace(base, train=dataclasses.replace(t, train_steps=max(t.train_steps, t.lr_warmup_steps + 1)))
-    validate(base, s.nproc_per_node)
+    validate(base, s.nproc_per_node if check_world else None)
     if not cfg.model.is_moe:
         raise ConfigError("model.moe.num_experts = 0: a study's base model must be the MoE (the planner derives the dense arms)")
     if not s.arms:
@@ -193,8 +199,6 @@ def validate_study(cfg: StudyConfig) -> None:
         raise ConfigError(
             f"study.budget_tokens = {s.budget_tokens} and study.budget_flops = {s.budget_flops:g} are both set; set one"
         )
-    if s.nproc_per_node < 1:
-        raise ConfigError(f"study.nproc_per_node = {s.nproc_per_node} must be >= 1")
     if s.arms == ["equal_resources"]:
         d = cfg.data
         if d.unique_tokens or d.epochs or d.consumed_tokens:
@@ -355,7 +359,9 @@ def _steps_for(cfg: StudyConfig, flops_per_token: int, what: str) -> int:
     return steps
 
 
-def derive_arms(cfg: StudyConfig) -> tuple[list[Arm], list[dict[str, str]], dict[str, Any] | None]:
+def derive_arms(
+    cfg: StudyConfig, *, check_world: bool = True
+) -> tuple[list[Arm], list[dict[str, str]], dict[str, Any] | None]:
     """The study's arms (planner only: no torch, no data), its paired comparisons and the ER family summary."""
     from megatron_moe.planner import equal_resources_family, ledger, match_dense
 
@@ -435,14 +441,14 @@ def derive_arms(cfg: StudyConfig) -> tuple[list[Arm], list[dict[str, str]], dict
                     pairs.append({"name": f"matched-{arm.contract}", "baseline": arm.name, "moe": "moe",
                                   "description": f"dense matched to the MoE's {arm.match['quantity']}"})
     for a in arms:
-        validate(a.config, s.nproc_per_node)
+        validate(a.config, s.nproc_per_node if check_world else None)
     return arms, pairs, family_info
 
 
-def plan_study(cfg: StudyConfig, out_dir: str | Path | None = None) -> Plan:
+def plan_study(cfg: StudyConfig, out_dir: str | Path | None = None, *, check_world: bool = True) -> Plan:
     """Arms and runs of a study; run directories are `out_dir/runs/<arm>-s<seed>-<hash>`."""
     out = Path(out_dir or cfg.study.output_dir or Path("runs") / "study" / cfg.study.name).resolve()
-    arms, pairs, family = derive_arms(cfg)
+    arms, pairs, family = derive_arms(cfg, check_world=check_world)
     runs = []
     for arm in arms:
         for seed in cfg.study.seeds:

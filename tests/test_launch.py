@@ -126,6 +126,17 @@ def test_render_job_array(tmp_path):
     assert subprocess.run(["bash", "-n", str(array)]).returncode == 0
 
 
+def test_layout_is_checked_against_the_launch_world_size(tmp_path):
+    """Expert parallel 2 needs two processes: the launch's, not `study run`'s study.nproc_per_node = 1."""
+    args = ["study", "launch", str(_study_file(tmp_path)), *TINY_MOE, "parallel.expert=2", "--slurm", "--dry-run",
+            "--skip-data-check"]
+    _cli(*args, "-o", str(tmp_path / "two"), "--nproc-per-node", "2")
+    (run_dir,) = (tmp_path / "two" / "runs").iterdir()
+    assert "--nproc-per-node 2" in (run_dir / "slurm.sbatch").read_text()
+    one = _cli(*args, "-o", str(tmp_path / "one"), check=False)
+    assert one.returncode == 2 and "parallel.expert = 2 does not divide data x tensor = 1 x 1 = 1" in one.stderr
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
