@@ -598,8 +598,8 @@ def format_plan(plan: Plan) -> str:
 
 
 class _Stop(Exception):
-    """SIGTERM/SIGINT/SIGUSR1 reached the runner: stop the current run (the trainer checkpoints on SIGTERM) and
-    exit with PREEMPTED_EXIT_CODE; the same command resumes."""
+    """SIGTERM/SIGINT/SIGHUP/SIGUSR1 reached the runner: stop the current run (the trainer checkpoints on SIGTERM)
+    and exit with PREEMPTED_EXIT_CODE; the same command resumes."""
 
 
 def _log_event(out: Path, event: str, **fields: Any) -> None:
@@ -615,7 +615,12 @@ def _train_command(run: Run, nproc: int) -> list[str]:
 
 
 def _train_subprocess(run: Run, nproc: int, echo: Callable[[str], None], prefix: str) -> int:
-    """Run the trainer in a fresh process, tee its output to run_dir/train.log; returns its exit code."""
+    """Run the trainer in a fresh process, tee its output to run_dir/train.log; returns its exit code.
+
+    The trainer gets a session of its own, so a terminal's Ctrl-C reaches the runner only, which hands it on as
+    SIGTERM (checkpoint, then exit). A trainer that saved and stopped on a signal of its own returns
+    PREEMPTED_EXIT_CODE, also under torchrun, which reports a failed worker as 1.
+    """
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(_package_root()), env.get("PYTHONPATH")) if p)
     env["PYTHONUNBUFFERED"] = "1"
@@ -623,21 +628,25 @@ def _train_subprocess(run: Run, nproc: int, echo: Callable[[str], None], prefix:
         log.write(f"==== {_now()} {' '.join(_train_command(run, nproc))}\n")
         log.flush()
         proc = subprocess.Popen(_train_command(run, nproc), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, bufsize=1, env=env)
+                                text=True, bufsize=1, env=env, start_new_session=True)
+        preempted = False
         try:
             assert proc.stdout is not None
             for line in proc.stdout:
                 log.write(line)
                 log.flush()
                 echo(f"{prefix} {line.rstrip()}")
-            return proc.wait()
+                preempted = preempted or "megatron-moe: stopped by signal at step" in line
+            rc = proc.wait()
+            return PREEMPTED_EXIT_CODE if rc and preempted else rc
         except BaseException:
             proc.terminate()  # the trainer saves a checkpoint on SIGTERM and exits
             try:
-                proc.wait(timeout=120)
+                rest = proc.communicate(timeout=120)[0]
             except subprocess.TimeoutExpired:
                 proc.kill()
-                proc.wait()
+                rest = proc.communicate()[0]
+            log.write(rest or "")  # what it said while stopping
             raise
 
 
@@ -714,7 +723,7 @@ def _run_locked(plan: Plan, data: dict[str, Any], study_file: str | None, *, kee
     def on_signal(signum: int, frame: Any) -> None:
         raise _Stop(signal.Signals(signum).name)
 
-    old = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)}
+    old = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)}
     for sig in old:
         signal.signal(sig, on_signal)
     env, git = environment(), git_state()

@@ -234,7 +234,8 @@ def test_study_runs_is_interrupted_resumes_and_reports(tmp_path):
     extra = ["train.save_interval=2", "study.keep_checkpoints=false"]  # checkpoints, deleted once complete
     cmd = [sys.executable, "-m", "megatron_moe.cli", "study", "run", str(study_file), *extra, "-o", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONUNBUFFERED": "1"}
-    # 1. Start the runner and stop it (SIGTERM) once its first run is complete and the second has begun.
+    # 1. Start the runner and stop it with a Ctrl-C (SIGINT to its process group) once its first run is complete
+    #    and the second has begun: the trainer, in a session of its own, gets SIGTERM from the runner and saves.
     runner = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               start_new_session=True)
     try:
@@ -243,14 +244,17 @@ def test_study_runs_is_interrupted_resumes_and_reports(tmp_path):
             time.sleep(0.2)
         while time.time() < deadline and len((out / "log.jsonl").read_text().splitlines()) < 3:
             time.sleep(0.1)  # wait for the second run's start event
-        runner.send_signal(signal.SIGTERM)
+        second = out / "runs" / json.loads((out / "log.jsonl").read_text().splitlines()[2])["run"]
+        while time.time() < deadline and not (second / "metrics.jsonl").is_file():
+            time.sleep(0.1)  # and for it to train
+        os.killpg(runner.pid, signal.SIGINT)
         output, _ = runner.communicate(timeout=60)
     finally:
         if runner.poll() is None:
             os.killpg(runner.pid, signal.SIGKILL)
         runner.wait()
     assert runner.returncode == 75, output  # EX_TEMPFAIL, as the trainer after a stop signal
-    assert "interrupted (SIGTERM)" in output
+    assert "interrupted (SIGINT)" in output
     first = sorted(out.glob("runs/*/result.json"))
     assert len(first) == 1
     first_mtime = first[0].stat().st_mtime_ns
@@ -259,7 +263,8 @@ def test_study_runs_is_interrupted_resumes_and_reports(tmp_path):
     interrupted = log[-1]["run"]
     assert interrupted == log[2]["run"] and not (out / "runs" / interrupted / "result.json").exists()
     info = json.loads((out / "runs" / interrupted / "run.json").read_text())
-    assert info["attempts"][-1]["interrupted"] == "SIGTERM"
+    assert info["attempts"][-1]["interrupted"] == "SIGINT"
+    assert "megatron-moe: stopped by signal at step" in (out / "runs" / interrupted / "train.log").read_text()
 
     # 2. The same command again: the finished run is skipped, the interrupted one resumed, the rest started.
     proc = cli("study", "run", str(study_file), *extra, "-o", str(out), "--quiet")
