@@ -120,8 +120,8 @@ _TIME = re.compile(r"^(\d+-\d+(:\d+){0,2}|\d+(:\d+){0,2})$")
 
 
 def time_limit_seconds(text: str) -> int | None:
-    """Seconds of a SLURM time limit (None for empty, INFINITE or UNLIMITED); ConfigError when malformed."""
-    if text in ("", "INFINITE", "UNLIMITED"):
+    """Seconds of a SLURM time limit (None for none: empty, 0, INFINITE or UNLIMITED); ConfigError when malformed."""
+    if text.upper() in ("", "0", "INFINITE", "UNLIMITED"):
         return None
     if not _TIME.match(text):
         raise ConfigError(
@@ -377,7 +377,10 @@ def job_state(job: str) -> str | None:
     """squeue's state of a job or array task ('123', '123_4'); None when SLURM no longer knows it."""
     if shutil.which("squeue") is None:
         return None
-    proc = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True, timeout=60)
+    try:
+        proc = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        raise LaunchError(f"squeue -j {job} did not answer within 60 s: cannot tell whether it is still queued") from None
     states = proc.stdout.split() if proc.returncode == 0 else []
     return states[0] if states else None
 

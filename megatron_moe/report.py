@@ -457,7 +457,7 @@ def _ci(st: dict[str, Any], digits: int = 4) -> str:
 
 def tables(results: dict[str, Any]) -> list[tuple[str, str, list[str], list[list[str]]]]:
     """(title, note, header, rows) of every table of the report, shared by the Markdown and HTML renderers."""
-    conf = f"{round(100 * results['confidence'])}%"
+    conf = f"{100 * results['confidence']:g}%"
     seeds = [str(s) for s in results["seeds"]]
     out = []
     out.append((

@@ -810,6 +810,12 @@ def _run_locked(plan: Plan, data: dict[str, Any], study_file: str | None, *, kee
 def run_main(path: str, overrides: list[str], *, output_dir: str | None = None, keep_going: bool = False,
              dry_run: bool = False, quiet: bool = False) -> int:
     """Entry point of `megatron-moe study run`."""
+    from megatron_moe.launch import LaunchError
+
     cfg = load_study(path, overrides)
-    return run_study(cfg, output_dir, study_file=str(Path(path).resolve()), keep_going=keep_going,
-                     dry_run=dry_run, quiet=quiet, echo=lambda line: print(line, flush=True))
+    try:
+        return run_study(cfg, output_dir, study_file=str(Path(path).resolve()), keep_going=keep_going,
+                         dry_run=dry_run, quiet=quiet, echo=lambda line: print(line, flush=True))
+    except LaunchError as exc:  # squeue did not answer about a run launched on SLURM
+        print(f"megatron-moe: error: {exc}", file=sys.stderr)
+        return 1

@@ -164,6 +164,7 @@ def test_bad_launch_input_is_one_line_and_exit_2(tmp_path, capsys, args, message
 def test_time_limits_and_job_ids():
     assert [time_limit_seconds(t) for t in ("90", "90:30", "04:00:00", "1-00", "1-02:03", "2-00:00:01", "")] == [
         5400, 5430, 14400, 86400, 93780, 172801, None]
+    assert [time_limit_seconds(t) for t in ("0", "infinite", "UNLIMITED")] == [None] * 3  # SLURM: no limit
     assert parse_job_id("1234\n") == "1234" and parse_job_id("77;cluster") == "77"
     assert parse_job_id("Submitted batch job 9") == "9"
 

@@ -140,6 +140,12 @@ def test_results_from_run_directories(tmp_path):
     assert len(res["warnings"]) == 1 and "dense_total seed 3" in res["warnings"][0]
 
 
+def test_confidence_level_is_labelled_exactly(tmp_path):
+    res = R.build_results(_fake_study(tmp_path), confidence=0.975)
+    headers = [h for _, _, header, _ in R.tables(res) for h in header]
+    assert "97.5% CI" in headers and "98% CI" not in headers
+
+
 def test_unequal_data_is_flagged_loudly(tmp_path):
     study_dir = _fake_study(tmp_path, fingerprints={"moe": "beef"})
     paths = R.write_report(study_dir)
