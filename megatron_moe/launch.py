@@ -462,6 +462,10 @@ def launch_study(cfg: StudyConfig, lc: LaunchConfig, out_dir: str | Path | None 
             validate(run.config, world)
         except ConfigError as exc:
             raise ConfigError(f"run {run.name} on --nodes {lc.nodes} x {nproc} processes: {exc}") from None
+    data_path = cfg.data.path
+    if data_path and not Path(data_path).is_absolute():  # the job runs in --workdir, not here
+        raise ConfigError(f"data.path = {data_path!r} is relative; jobs run in the package directory (or "
+                          "--workdir), so give an absolute path")
     if re.search(r"\s", str(out)):
         raise ConfigError(f"study directory {str(out)!r} must not contain whitespace (SLURM log paths)")
     p = cfg.parallel

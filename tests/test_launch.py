@@ -161,6 +161,13 @@ def test_bad_launch_input_is_one_line_and_exit_2(tmp_path, capsys, args, message
     assert not (tmp_path / "s").exists()
 
 
+def test_relative_data_path_is_refused(tmp_path):
+    proc = _cli("study", "launch", str(_study_file(tmp_path)), *TINY_MOE, "data.path=data/ts", "--slurm", "--dry-run",
+                "--skip-data-check", "-o", str(tmp_path / "s"), check=False)
+    assert proc.returncode == 2 and proc.stderr.startswith("megatron-moe: error: data.path = 'data/ts' is relative")
+    assert not (tmp_path / "s").exists()
+
+
 def test_time_limits_and_job_ids():
     assert [time_limit_seconds(t) for t in ("90", "90:30", "04:00:00", "1-00", "1-02:03", "2-00:00:01", "")] == [
         5400, 5430, 14400, 86400, 93780, 172801, None]
