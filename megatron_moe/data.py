@@ -1052,7 +1052,7 @@ class DataSource:
         if need > self.valid.num_tokens:
             raise ConfigError(
                 f"validation split has {self.valid.num_tokens:,} tokens; {num_batches} batches of {batch_size} x "
-                f"{s + 1} need {need:,} (lower the eval batches or "
+                f"{s + 1} need {need:,} (lower train.eval_iters or "
                 f"{'raise data.synthetic_documents' if self.synthetic else 'hold out more documents'})"
             )
         stream = np.asarray(self.valid.tokens[:need], np.int64)  # one sequence per document, stored in order

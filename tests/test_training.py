@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from tests.conftest import TINY_MOE, cli, train_rows
+from tests.conftest import TINY, TINY_MOE, cli, train_rows
 
 
 def test_tiny_moe_loss_falls_and_metrics_are_written(tmp_path):
@@ -71,3 +71,12 @@ def test_load_balancing_gradient_independent_of_dp_size_and_micro_batches(tmp_pa
     assert scale > 1e-6  # the aux loss does reach the router
     for other in (four, dp2):
         assert max(abs(a - b) for a, b in zip(one, other)) < 1e-5 * scale
+
+
+def test_too_small_validation_split_is_refused_before_training(tmp_path):
+    proc = cli("train", *TINY, "data.synthetic_documents=21", "train.eval_iters=50", f"train.output_dir={tmp_path}",
+               check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("megatron-moe: error: validation split has") and "lower train.eval_iters" in last
+    assert not (tmp_path / "metrics.jsonl").exists()  # refused before any step
