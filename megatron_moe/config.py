@@ -43,7 +43,8 @@ class MoEConfig:
     """Router score function."""
     topk_renormalize: bool = True
     """True: softmax over the selected top-k logits (weights sum to 1); False: softmax over all experts,
-    then keep the top-k probabilities as they are (Switch/GShard style)."""
+    then keep the top-k probabilities as they are (Switch/GShard style). Sigmoid scores with top_k > 1 are
+    always renormalised (megatron-core), so False is refused there."""
     aux_loss_coeff: float = 0.01
     """Switch load-balancing loss coefficient (0 = off)."""
     z_loss_coeff: float = 0.001
@@ -428,6 +429,11 @@ def validate_model(m: ModelConfig, tensor: int = 1, expert: int = 1, pipeline: i
         raise ConfigError(
             "model.moe.topk_renormalize = true with model.moe.top_k = 1 gives every token weight 1 and the router "
             "no gradient; set model.moe.topk_renormalize = false"
+        )
+    if e.score_function == "sigmoid" and not e.topk_renormalize and e.top_k > 1:
+        raise ConfigError(
+            "model.moe.topk_renormalize = false has no effect with model.moe.score_function = 'sigmoid' (megatron-core "
+            "renormalises sigmoid top-k weights); set model.moe.topk_renormalize = true"
         )
     if e.num_experts % expert:
         raise ConfigError(f"model.moe.num_experts = {e.num_experts} is not divisible by parallel.expert = {expert}")

@@ -58,6 +58,8 @@ def test_strict_loading_names_the_dotted_path(data, message):
         (["train.adam_eps=0"], 1, "train.adam_eps = 0.0 must be > 0"),
         (["model.norm_epsilon=0"], 1, "model.norm_epsilon = 0.0 must be > 0"),
         (["data.synthetic_documents=20"], 1, "data.synthetic_documents = 20 must be >= 21"),
+        (["model.moe.num_experts=4", "model.moe.score_function='sigmoid'", "model.moe.topk_renormalize=false"], 1,
+         "model.moe.topk_renormalize = false has no effect with model.moe.score_function = 'sigmoid'"),
     ],
 )
 def test_validation_spells_out_the_arithmetic(overrides, world, message):
