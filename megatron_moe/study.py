@@ -193,6 +193,10 @@ def validate_study(cfg: StudyConfig, *, check_world: bool = True) -> None:
         )
     if not s.seeds or len(set(s.seeds)) != len(s.seeds):
         raise ConfigError(f"study.seeds = {s.seeds} must be a non-empty list of distinct seeds")
+    for name, value in (("match.tolerance_pct", s.match.tolerance_pct),
+                        ("equal_resources.r_a_rel_tolerance", s.equal_resources.r_a_rel_tolerance)):
+        if value <= 0:
+            raise ConfigError(f"study.{name} = {value} must be > 0")
     if s.budget_tokens < 0 or s.budget_flops < 0:
         raise ConfigError("study.budget_tokens and study.budget_flops must be >= 0")
     if s.budget_tokens and s.budget_flops:

@@ -77,6 +77,7 @@ def _write(tmp_path: Path, text: str = MINI, name: str = "mini.toml") -> Path:
     ("study.match.resize='depth'", r"study.match.resize = 'depth' is not allowed"),
     ("model.moe.num_experts=0", r"a study's base model must be the MoE"),
     ("study.nproc_per_node=0", r"study.nproc_per_node = 0 must be >= 1"),
+    ("study.match.tolerance_pct=-1", r"study.match.tolerance_pct = -1.0 must be > 0"),
     ("study.budget_flops=nan", r"study.budget_flops = nan is not allowed; expected a finite number"),
 ])
 def test_bad_study_specs_fail_with_one_line(tmp_path, override, message):
