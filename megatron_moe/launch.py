@@ -22,7 +22,8 @@ Run directories are the study's (`study.plan_study`): `study run` skips runs fin
 partial ones, and `study report` reads them. Each run directory gains:
 
     run.toml       the resolved run config (what `study run` also writes)
-    slurm.sbatch   the rendered job script; `sbatch run_dir/slurm.sbatch` resubmits it by hand
+    slurm.sbatch   the rendered job script (resubmit with `study launch`, which records the job: a job
+                   submitted by hand with `sbatch` is not in slurm.json, so `study run` cannot see it queued)
     slurm.json     every submission: job id, array task, time, script, log, layout, versions, git commit
     slurm-<job>.out  the job's log, all attempts of one job (job arrays log to <study>/slurm/ instead)
 """
@@ -273,7 +274,7 @@ def render_run_script(lc: LaunchConfig, *, run_dir: Path, job_name: str, nproc_p
         "#!/bin/bash",
         f"# {title}",
         f"# {lc.nodes} node(s) x {nproc_per_node} process(es) = world size {world}. Rendered by `megatron-moe study "
-        "launch`; resubmit with `sbatch` on this file.",
+        "launch`; resubmit with `study launch` (a plain sbatch of this file is not recorded in slurm.json).",
         *sbatch_directives(lc, job_name, output, lc.gpus_per_node),
         "",
         f"RUN_DIR={shlex.quote(str(run_dir))}",
