@@ -381,7 +381,7 @@ def job_state(job: str) -> str | None:
     try:
         proc = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True, timeout=60)
     except subprocess.TimeoutExpired:
-        raise LaunchError(f"squeue -j {job} did not answer within 60 s: cannot tell whether it is still queued") from None
+        raise LaunchError(f"squeue -j {job} did not answer within 60 s: cannot tell whether it is queued") from None
     states = proc.stdout.split() if proc.returncode == 0 else []
     return states[0] if states else None
 

@@ -91,7 +91,9 @@ def test_bad_config_via_cli_is_one_line_and_nonzero(tmp_path, toml, expected):
     assert "Traceback" not in proc.stderr + proc.stdout
 
 
-@pytest.mark.parametrize("value", ["runs/\U0001F600", 'quote " back \\ slash', "tab\tnew\nline\r", "del\x7f", "ctl\x01\x1f", "\u00e9\u4e2d\u2028"])
+@pytest.mark.parametrize(
+    "value", ["runs/\U0001F600", 'quote " back \\ slash', "tab\tnew\nline\r", "del\x7f", "ctl\x01\x1f", "\u00e9\u4e2d\u2028"]
+)
 def test_saved_toml_reads_back_any_string(tmp_path, value):
     cfg = load_run_config(None, [])
     cfg.train.output_dir = value
