@@ -247,12 +247,15 @@ def test_describe_reports_the_steps_trained_not_the_whole_bounded_schedule(cache
     assert whole["consumed_tokens"] == whole["num_steps"] * 8 * 32 and whole["epochs"] == pytest.approx(4, rel=0.01)
 
 
-def test_synthetic_corpus_needs_a_validation_document(cache):
+def test_synthetic_corpus_needs_a_validation_document(cache, tmp_path):
     with pytest.raises(ConfigError) as exc:
-        build_data_source(DataConfig(synthetic_documents=20), seq_length=32, global_batch_size=8)
+        synthetic_dataset(20, 512, root=tmp_path / "c")
     assert str(exc.value) == (
         "data.synthetic_documents = 20 leaves the synthetic corpus no validation documents; use >= 21"
     )
+    assert not (tmp_path / "c").exists()  # refused before anything is written
+    with pytest.raises(ConfigError, match="data.synthetic_documents = 20 must be >= 21"):  # the config says so first
+        build_data_source(DataConfig(synthetic_documents=20), seq_length=32, global_batch_size=8)
     ds = build_data_source(DataConfig(synthetic_documents=21), seq_length=32, global_batch_size=8)
     assert ds.valid.num_documents == 1 and ds.train.num_documents == 20
 
