@@ -295,7 +295,9 @@ def component_of(name: str) -> str:
         return "embedding"
     if "output_layer" in name:
         return "output_layer"
-    if "layernorm" in name or "norm" in name.rsplit(".", 2)[-2]:
+    # local spec: "...input_layernorm.weight", "decoder.final_layernorm.weight"; Transformer Engine fuses
+    # the pre-attention and pre-MLP norms into the next linear: "...linear_qkv.layer_norm_weight"
+    if "layernorm" in name or "norm" in name.rsplit(".", 2)[-2] or "norm" in name.rsplit(".", 1)[-1]:
         return "norms"
     if ".router." in name:
         return "router"

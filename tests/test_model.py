@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from megatron_moe.config import ModelConfig, MoEConfig, ParallelConfig
@@ -110,3 +111,19 @@ def test_sdpa_core_attention_equals_megatron_local_attention(single_process):
     # An explicit mask (True = masked out, megatron's convention) gives the same as the causal flag.
     causal = torch.ones(s, s, dtype=torch.bool).triu(1).view(1, 1, s, s)
     torch.testing.assert_close(core(q, k, v, causal, AttnMaskType.padding), ours, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name, component", [
+    ("decoder.layers.0.input_layernorm.weight", "norms"),
+    ("decoder.final_layernorm.weight", "norms"),
+    ("decoder.layers.0.self_attention.linear_qkv.layer_norm_weight", "norms"),  # Transformer Engine's fused norm
+    ("decoder.layers.1.mlp.linear_fc1.layer_norm_bias", "norms"),
+    ("decoder.layers.0.self_attention.linear_qkv.weight", "attention"),
+    ("decoder.layers.1.mlp.experts.local_experts.0.linear_fc1.weight", "routed_experts"),
+    ("decoder.layers.1.mlp.router.weight", "router"),
+    ("output_layer.weight", "output_layer"),
+])
+def test_parameter_components_by_name(name, component):
+    from megatron_moe.model import component_of
+
+    assert component_of(name) == component
