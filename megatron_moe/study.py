@@ -601,6 +601,10 @@ def format_plan(plan: Plan) -> str:
 # ================================================================ the runner
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
+"""Signals that stop `study run` (and, handed on as SIGTERM, its trainer) with a checkpoint."""
+
+
 class _Stop(Exception):
     """SIGTERM/SIGINT/SIGHUP/SIGUSR1 reached the runner: stop the current run (the trainer checkpoints on SIGTERM)
     and exit with PREEMPTED_EXIT_CODE; the same command resumes."""
@@ -645,12 +649,20 @@ def _train_subprocess(run: Run, nproc: int, echo: Callable[[str], None], prefix:
             return PREEMPTED_EXIT_CODE if rc and preempted else rc
         except BaseException:
             proc.terminate()  # the trainer saves a checkpoint on SIGTERM and exits
+            # A second signal must not cut this wait short: the study's lock would go while the trainer still saves.
+            # A second signal must not cut this wait short (the study's lock would go while the trainer still
+            # saves): the runner is stopping already, so it is ignored.
+            previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in STOP_SIGNALS}
             try:
-                rest = proc.communicate(timeout=120)[0]
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                rest = proc.communicate()[0]
-            log.write(rest or "")  # what it said while stopping
+                try:
+                    rest = proc.communicate(timeout=120)[0]
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    rest = proc.communicate()[0]
+                log.write(rest or "")  # what it said while stopping
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
             raise
 
 
@@ -727,7 +739,7 @@ def _run_locked(plan: Plan, data: dict[str, Any], study_file: str | None, *, kee
     def on_signal(signum: int, frame: Any) -> None:
         raise _Stop(signal.Signals(signum).name)
 
-    old = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)}
+    old = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
     for sig in old:
         signal.signal(sig, on_signal)
     env, git = environment(), git_state()

@@ -4,6 +4,7 @@ that is interrupted, resumed without redoing finished runs, and reported."""
 from __future__ import annotations
 
 import dataclasses
+import contextlib
 import json
 import math
 import os
@@ -249,6 +250,9 @@ def test_study_runs_is_interrupted_resumes_and_reports(tmp_path):
         while time.time() < deadline and not (second / "metrics.jsonl").is_file():
             time.sleep(0.1)  # and for it to train
         os.killpg(runner.pid, signal.SIGINT)
+        time.sleep(0.3)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(runner.pid, signal.SIGINT)  # an impatient second Ctrl-C: the runner still waits for the save
         output, _ = runner.communicate(timeout=60)
     finally:
         if runner.poll() is None:
