@@ -1045,16 +1045,22 @@ class DataSource:
         stream = _read_segments(self.train, self.schedule.segments(first * s, length), length)
         return _samples(stream, count, s)
 
-    def valid_batches(self, batch_size: int, num_batches: int) -> list[np.ndarray]:
-        """The first batch_size x num_batches held-out samples (validation documents in stored order)."""
-        s, count = self.seq_length, batch_size * num_batches
-        need = count * s + 1
+    def check_valid_size(self, batch_size: int, num_batches: int) -> None:
+        """ConfigError when the validation split is too small for `valid_batches(batch_size, num_batches)`."""
+        s = self.seq_length
+        need = batch_size * num_batches * s + 1
         if need > self.valid.num_tokens:
             raise ConfigError(
                 f"validation split has {self.valid.num_tokens:,} tokens; {num_batches} batches of {batch_size} x "
                 f"{s + 1} need {need:,} (lower train.eval_iters or "
                 f"{'raise data.synthetic_documents' if self.synthetic else 'hold out more documents'})"
             )
+
+    def valid_batches(self, batch_size: int, num_batches: int) -> list[np.ndarray]:
+        """The first batch_size x num_batches held-out samples (validation documents in stored order)."""
+        self.check_valid_size(batch_size, num_batches)
+        s, count = self.seq_length, batch_size * num_batches
+        need = count * s + 1
         stream = np.asarray(self.valid.tokens[:need], np.int64)  # one sequence per document, stored in order
         all_samples = _samples(stream, count, s)
         return [all_samples[i * batch_size : (i + 1) * batch_size] for i in range(num_batches)]

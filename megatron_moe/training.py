@@ -258,7 +258,7 @@ class Trainer:
                 f"model.vocab_size = {cfg.model.vocab_size} is smaller than the tokenizer's vocabulary "
                 f"({self.data.vocab_size}); set model.vocab_size >= {self.data.vocab_size}"
             )
-        self.data.valid_batches(t.global_batch_size, t.eval_iters)  # too small a split: refused now, not at eval
+        self.data.check_valid_size(t.global_batch_size, t.eval_iters)  # refused now, not at the first evaluation
 
         # megatron-core's aux-loss tracker is a process global sized by the first model that used it.
         from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
