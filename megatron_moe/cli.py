@@ -1,14 +1,22 @@
-"""The `megatron-moe` command line: one subcommand per verb.
+"""The `megatron-moe` command line: one subcommand per verb, each a thin handler over library functions.
 
-Heavy imports (torch, megatron-core) happen inside the subcommand that needs them, so `--help` and the
-planner stay fast.
+Every handler imports what it needs when it runs, so `--help` and the planner start without torch. Errors the
+user can fix (`ConfigError`) are one line on stderr with exit code 2; `TrainingError` and `LaunchError` exit 1;
+a trainer stopped by a signal exits with `train.stop.PREEMPTED_EXIT_CODE`.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
+import dataclasses
+import inspect
+import json
 import logging
+import os
 import sys
+import time
+from pathlib import Path
 
 from megatron_moe.config import ConfigError
 
@@ -38,16 +46,31 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("config", nargs="?", help="run config TOML (omit for the built-in tiny MoE defaults)")
     p.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. train.lr=1e-3")
 
-    def run(args: argparse.Namespace) -> int:
-        from megatron_moe.training import train_main
-
-        config, overrides = _split_config(args.config, args.overrides)
-        return train_main(config, overrides)
-
-    p.set_defaults(func=run)
+    p.set_defaults(func=train_main)
 
 
-# ---------------------------------------------------------------- data (owner: data layer, issue #4)
+def train_main(args: argparse.Namespace) -> int:
+    from megatron_moe.config import load_run_config
+    from megatron_moe.parallel import destroy_parallel
+    from megatron_moe.train.stop import PREEMPTED_EXIT_CODE, Preempted, TrainingError
+    from megatron_moe.train.trainer import train
+
+    config, overrides = _split_config(args.config, args.overrides)
+    cfg = load_run_config(config, overrides, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+    try:
+        train(cfg)
+    except TrainingError as exc:
+        print(f"megatron-moe: error: {exc}", file=sys.stderr)
+        return 1
+    except Preempted as exc:
+        print(f"megatron-moe: {exc}", file=sys.stderr)
+        return PREEMPTED_EXIT_CODE
+    finally:
+        destroy_parallel()
+    return 0
+
+
+# ---------------------------------------------------------------- data
 
 DATA_EPILOG = """examples:
   megatron-moe data prepare corpus.jsonl.xz -o data/mycorpus --vocab-size 8192 --workers 2
@@ -90,12 +113,7 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     prep.add_argument("--force", action="store_true", help="replace an existing output directory")
     prep.add_argument("--quiet", action="store_true", help="no progress display")
 
-    def run_prepare(args: argparse.Namespace) -> int:
-        from megatron_moe.data import prepare_main
-
-        return prepare_main(args)
-
-    prep.set_defaults(func=run_prepare)
+    prep.set_defaults(func=prepare_main)
 
     insp = verbs.add_parser(
         "inspect",
@@ -115,15 +133,80 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     insp.add_argument("--verify", action="store_true", help="verify every file's sha256 against the manifest")
     insp.add_argument("--json", action="store_true", help="print the description as JSON")
 
-    def run_inspect(args: argparse.Namespace) -> int:
-        from megatron_moe.data import inspect_main
-
-        return inspect_main(args)
-
-    insp.set_defaults(func=run_inspect)
+    insp.set_defaults(func=inspect_main)
 
 
-# ---------------------------------------------------------------- plan (owner: planner, issue #3)
+def prepare_main(args: argparse.Namespace) -> int:
+    from megatron_moe.data.prepare import prepare_dataset
+
+    t0 = time.perf_counter()
+    m = prepare_dataset(
+        args.inputs, args.output, tokenizer=args.tokenizer, vocab_size=args.vocab_size, eod_token=args.eod_token,
+        text_key=args.text_key, separator=args.separator, valid_fraction=args.valid_fraction,
+        valid_inputs=args.valid_input or [], split_seed=args.split_seed, workers=args.workers, force=args.force,
+        progress=not args.quiet,
+    )
+    secs = time.perf_counter() - t0
+    tr, va = m["splits"]["train"], m["splits"]["valid"]
+    print(f"wrote {args.output}: {m['documents']:,} documents ({tr['documents']:,} train, {va['documents']:,} valid), "
+          f"{m['tokens']:,} tokens, {m['bytes'] / 1e6:.2f} MB, {m['bytes_per_token']:.3f} bytes/token, "
+          f"vocab {m['tokenizer']['vocab_size']:,}, {secs:.1f} s ({m['bytes'] / 1e6 / secs:.2f} MB/s)")
+    if m["skipped_empty_documents"]:
+        print(f"skipped {m['skipped_empty_documents']:,} empty documents")
+    return 0
+
+
+def inspect_main(args: argparse.Namespace) -> int:
+    from megatron_moe.config import DataConfig, load_run_config
+    from megatron_moe.data.source import build_data_source
+    from megatron_moe.data.store import verify_dataset
+
+    seq_length, gbs, steps = 256, 8, None
+    cfg = DataConfig()
+    if args.config:
+        run = load_run_config(args.config)
+        cfg, seq_length, gbs, steps = run.data, run.model.seq_length, run.train.global_batch_size, run.train.train_steps
+    if args.path is not None:
+        cfg.path = args.path
+    for name in ("seed", "unique_tokens", "epochs", "consumed_tokens"):
+        if getattr(args, name) is not None:
+            setattr(cfg, name, getattr(args, name))
+    seq_length = args.seq_length or seq_length
+    gbs = args.global_batch_size or gbs
+    steps = args.train_steps if args.train_steps is not None else steps
+    ds = build_data_source(cfg, seq_length, gbs, steps)
+    if args.verify:
+        verify_dataset(ds.path, ds.manifest)
+    info = ds.describe()
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    m = ds.manifest
+    fmt = lambda v: "unbounded" if v is None else f"{v:,}" if isinstance(v, int) else f"{v:.4g}"  # noqa: E731
+    rows = [
+        ("dataset", f"{info['source']} ({ds.path})" if ds.synthetic else info["source"]),
+        ("tokenizer", f"{m['tokenizer']['kind']}, vocab {ds.vocab_size:,}, eod {ds.eod_id}, "
+                      f"sha256 {m['tokenizer']['sha256'][:12]}"),
+        ("documents", f"{m['documents']:,} ({info['train_documents']:,} train, {info['valid_documents']:,} valid)"),
+        ("tokens", f"{m['tokens']:,} ({info['train_tokens']:,} train, {info['valid_tokens']:,} valid)"),
+        ("bytes/token", f"{ds.bytes_per_token:.4f} (validation split)"),
+        ("sequence", f"seq_length {seq_length}, global batch {gbs}, seed {cfg.seed}"),
+        ("unique", f"{info['unique_tokens']:,} tokens in {info['unique_documents']:,} documents"
+                   + (f" (budget {cfg.unique_tokens:,})" if cfg.unique_tokens else " (all)")),
+        ("schedule", f"{fmt(info['schedule_tokens'])} tokens, {fmt(info['schedule_samples'])} samples, "
+                     f"{fmt(info['num_steps'])} steps"),
+        ("consumed", f"{fmt(info['consumed_tokens'])} tokens" + ("" if steps is None else f" ({steps} train steps)")),
+        ("epochs", fmt(info["epochs"])),
+        ("fingerprint", info["fingerprint"]),
+    ]
+    if args.verify:
+        rows.append(("checksums", "verified"))
+    for k, v in rows:
+        print(f"{k:>12}  {v}")
+    return 0
+
+
+# ---------------------------------------------------------------- plan
 
 PLAN_EPILOG = """examples:
   megatron-moe plan examples/tiny_moe.toml                      # ledger + active/total/flops-matched dense
@@ -176,21 +259,39 @@ def _add_plan(sub: argparse._SubParsersAction) -> None:
     er.add_argument("--top-k", type=_csv(int), default=(2, 3, 4, 6, 8), help="top-k choices (default 2,3,4,6,8)")
     er.add_argument("--max-experts", type=int, default=256, help="largest expert count tried (default 256)")
 
-    def run(args: argparse.Namespace) -> int:
-        from megatron_moe.planner import plan_main
-
-        return plan_main(
-            args.config, args.overrides, match=args.match, as_json=args.json, write_dir=args.write_dir,
-            multiple_of=args.multiple_of, resize=args.resize, count=args.count.replace("-", "_"),
-            causal_attention=args.causal_attention, r_a_grid=args.r_a, total_params=args.total_params,
-            unique_tokens=args.unique_tokens, tokens_per_param=args.tokens_per_param,
-            top_k_choices=args.top_k, max_experts=args.max_experts,
-        )
-
-    p.set_defaults(func=run)
+    p.set_defaults(func=plan_main)
 
 
-# ---------------------------------------------------------------- study (owner: studies, issue #6)
+def plan_main(args: argparse.Namespace) -> int:
+    from megatron_moe.planner.format import format_plan
+    from megatron_moe.planner.match import CONTRACTS
+    from megatron_moe.planner.plan import load_plan_config, plan_config
+
+    run_cfg = load_plan_config(args.config, args.overrides)
+    family = None
+    if args.match == "equal-resources":
+        family = dict(r_a_grid=tuple(args.r_a), total_params=args.total_params, unique_tokens=args.unique_tokens,
+                      tokens_per_param=args.tokens_per_param, top_k_choices=tuple(args.top_k),
+                      max_experts=args.max_experts)
+    contracts = CONTRACTS if args.match == "all" else (args.match,) if args.match in CONTRACTS else ()
+    plan = plan_config(run_cfg, contracts, equal_resources=family, multiple_of=args.multiple_of, resize=args.resize,
+                       count=args.count.replace("-", "_"), causal_attention=args.causal_attention)
+    plan_dict = plan.to_dict(str(args.config))
+    if args.write_dir is not None:
+        plan_dict = plan.write(Path(args.write_dir), str(args.config))
+    if args.json:
+        print(json.dumps(plan_dict, indent=2))
+        return 0
+    print(format_plan(plan, str(args.config)))
+    if args.write_dir is not None:
+        print(f"\nwrote {len(plan.arms)} run configs, source.toml and plan.json to {args.write_dir}")
+        changed = [name for name, cfg in plan.arms.items() if cfg.parallel != run_cfg.parallel]
+        if changed:
+            print(f"note: parallel.expert set to 1 in {', '.join(changed)} (a dense model has no experts)")
+    return 0
+
+
+# ---------------------------------------------------------------- study
 
 STUDY_EPILOG = """examples:
   megatron-moe study run examples/tiny_three_arm/cpu.toml             # 3 arms x 3 seeds on CPU, ~15 min
@@ -221,29 +322,50 @@ def _add_study(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--keep-going", action="store_true", help="go on to the next run when one fails")
     run.add_argument("--quiet", action="store_true", help="do not echo the trainer's output")
 
-    def do_run(args: argparse.Namespace) -> int:
-        from megatron_moe.study import run_main
-
-        return run_main(args.study, args.overrides, output_dir=args.output_dir, keep_going=args.keep_going,
-                        dry_run=args.dry_run, quiet=args.quiet)
-
-    run.set_defaults(func=do_run)
+    run.set_defaults(func=study_run_main)
     rep = verbs.add_parser("report", help="tables, plots and paired statistics of a study directory",
                            epilog=STUDY_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     rep.add_argument("dir", help="study directory (holding study.json)")
     rep.add_argument("-o", "--output-dir", help="where to write the report (default: the study directory)")
     rep.add_argument("--confidence", type=float, default=0.95, help="confidence level of the t intervals (default 0.95)")
 
-    def do_report(args: argparse.Namespace) -> int:
-        from megatron_moe.report import report_main
-
-        return report_main(args.dir, args.output_dir, args.confidence)
-
-    rep.set_defaults(func=do_report)
+    rep.set_defaults(func=study_report_main)
     _add_study_launch(verbs)
 
 
-# ---------------------------------------------------------------- study launch (owner: launch, issue #8)
+def study_run_main(args: argparse.Namespace) -> int:
+    from megatron_moe.study.runner import run_study
+    from megatron_moe.study.slurm import LaunchError
+    from megatron_moe.study.spec import load_study
+
+    cfg = load_study(args.study, args.overrides)
+    try:
+        return run_study(cfg, args.output_dir, study_file=str(Path(args.study).resolve()),
+                         keep_going=args.keep_going, dry_run=args.dry_run, quiet=args.quiet,
+                         echo=lambda line: print(line, flush=True))
+    except LaunchError as exc:  # squeue did not answer about a run launched on SLURM
+        print(f"megatron-moe: error: {exc}", file=sys.stderr)
+        return 1
+
+
+def study_report_main(args: argparse.Namespace) -> int:
+    from megatron_moe.study.report import tables, write_report
+
+    paths = write_report(args.dir, args.output_dir, args.confidence)
+    results = json.loads(paths["results.json"].read_text())
+    for w in results["warnings"]:
+        print(f"WARNING: {w}")
+    for title, _, header, rows in tables(results)[:2]:
+        print(f"\n{title}")
+        widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+        print("  ".join(h.ljust(w) for h, w in zip(header, widths)))
+        for r in rows:
+            print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
+    print(f"\nwrote {', '.join(str(p) for p in paths.values())}")
+    return 0
+
+
+# ---------------------------------------------------------------- study launch
 
 LAUNCH_EPILOG = """examples:
   megatron-moe study launch examples/tiny_three_arm/cpu.toml --slurm --dry-run   # render scripts, submit nothing
@@ -274,51 +396,72 @@ def _add_study_launch(verbs: argparse._SubParsersAction) -> None:
     p.add_argument("--dry-run", action="store_true", help="render and save the scripts, submit nothing")
     p.add_argument("--skip-data-check", action="store_true", help="do not build each arm's data source first")
     p.add_argument("--launch-config", help="TOML of launch options (a cluster profile); flags override it")
-    g = p.add_argument_group("layout")
-    g.add_argument("--nodes", type=int, help="nodes per run (default 1)")
-    g.add_argument("--gpus-per-node", type=int, help="GPUs per node (default 0 = CPU job); default processes per node")
-    g.add_argument("--nproc-per-node", type=int, help="trainer processes per node (default: --gpus-per-node, "
-                   "else study.nproc_per_node)")
-    g.add_argument("--cpus-per-task", type=int, help="CPUs per node task (default: SLURM's)")
-    g.add_argument("--mem", help="memory per node, e.g. 200G (default: SLURM's)")
-    g.add_argument("--exclusive", action="store_true", default=None, help="whole nodes")
-    g.add_argument("--master-port", type=int, help="rendezvous port (default 20000 + job id mod 20000)")
-    g = p.add_argument_group("queue")
-    g.add_argument("--partition", help="SLURM partition")
-    g.add_argument("--account", help="SLURM account")
-    g.add_argument("--qos", help="SLURM quality of service")
-    g.add_argument("--time", help="time limit per attempt, e.g. 04:00:00 or 1-00:00:00")
-    g.add_argument("--signal-seconds", type=int, help="USR1 this long before --time: checkpoint and requeue "
-                   "(default 300)")
-    g.add_argument("--array", action="store_true", default=None, help="one job array over the runs")
-    g.add_argument("--max-parallel", type=int, help="job array: at most this many runs at once")
-    g.add_argument("--sbatch-arg", dest="sbatch_args", action="append", metavar="OPT",
-                   help="extra #SBATCH option, e.g. --sbatch-arg=--constraint=h100 (repeatable)")
-    g = p.add_argument_group("environment")
-    g.add_argument("--container-image", help="container image for the training step (pyxis/enroot)")
-    g.add_argument("--container-mounts", help="srun --container-mounts, e.g. /lustre:/lustre")
-    g.add_argument("--python", help="python on the compute nodes (default: this one; `python` in a container)")
-    g.add_argument("--workdir", help="directory the job runs in and puts on PYTHONPATH (default: this checkout)")
-    g.add_argument("--setup", action="append", metavar="LINE", help="shell line run before training (repeatable)")
-    g.add_argument("--srun-arg", dest="srun_args", action="append", metavar="OPT",
-                   help="extra option of the training srun (repeatable)")
-    g.add_argument("--log-dir", help="job logs (default: each run directory; <study>/slurm for arrays)")
-
-    launch_flags = ("nodes", "gpus_per_node", "nproc_per_node", "cpus_per_task", "mem", "exclusive", "master_port",
-                    "partition", "account", "qos", "time", "signal_seconds", "array", "max_parallel", "sbatch_args",
-                    "container_image", "container_mounts", "python", "workdir", "setup", "srun_args", "log_dir")
-
-    def run(args: argparse.Namespace) -> int:
-        from megatron_moe.launch import launch_main
-
-        return launch_main(args.study, args.overrides, output_dir=args.output_dir, slurm=args.slurm,
-                           dry_run=args.dry_run, data_check=not args.skip_data_check,
-                           launch_config=args.launch_config, flags={k: getattr(args, k) for k in launch_flags})
-
-    p.set_defaults(func=run)
+    p.set_defaults(func=study_launch_main, launch_flags=_add_launch_flags(p))
 
 
-# ---------------------------------------------------------------- bench (issues #5, #7)
+# LaunchConfig fields by help group; a field missing here still gets its flag, under "launch options".
+LAUNCH_GROUPS = {
+    "layout": ("nodes", "gpus_per_node", "nproc_per_node", "cpus_per_task", "mem", "exclusive", "master_port"),
+    "queue": ("partition", "account", "qos", "time", "signal_seconds", "array", "max_parallel", "sbatch_args"),
+    "environment": ("container_image", "container_mounts", "python", "workdir", "setup", "srun_args", "log_dir"),
+}
+
+
+def _field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each field of a dataclass (the one place its options are described)."""
+    body = ast.parse(inspect.getsource(cls)).body[0].body
+    docs = {}
+    for node, after in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(after, ast.Expr)
+                and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)):
+            docs[node.target.id] = " ".join(after.value.value.split())
+    return docs
+
+
+def _add_launch_flags(p: argparse.ArgumentParser) -> tuple[str, ...]:
+    """One flag per LaunchConfig field, help from its docstring; every default is None (= not given), so a
+    --launch-config TOML and then the dataclass defaults fill what the flags leave out."""
+    from megatron_moe.study.slurm import LaunchConfig
+
+    docs = _field_docs(LaunchConfig)
+    groups = {name: p.add_argument_group(name) for name in LAUNCH_GROUPS}
+    fields = dataclasses.fields(LaunchConfig)
+    for f in fields:
+        group = next((groups[g] for g, names in LAUNCH_GROUPS.items() if f.name in names), None)
+        group = group or groups.setdefault("launch options", p.add_argument_group("launch options"))
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        doc = docs.get(f.name, "").removesuffix(".")
+        help_text = doc[:1].lower() + doc[1:] + ("" if default in ("", 0, [], False) else f" (default {default})")
+        flag = "--" + f.name.removesuffix("_args").replace("_", "-") + ("-arg" if f.name.endswith("_args") else "")
+        if f.type in ("bool", bool):
+            group.add_argument(flag, dest=f.name, action="store_true", default=None, help=help_text)
+        elif str(f.type).startswith("list"):
+            group.add_argument(flag, dest=f.name, action="append", metavar="LINE" if f.name == "setup" else "OPT",
+                               help=help_text + " (repeatable)")
+        else:
+            kind = int if f.type in ("int", int) else str
+            group.add_argument(flag, dest=f.name, type=kind, help=help_text)
+    return tuple(f.name for f in fields)
+
+
+def study_launch_main(args: argparse.Namespace) -> int:
+    from megatron_moe.study.slurm import LaunchError, launch_study, load_launch_config
+    from megatron_moe.study.spec import load_study
+
+    if not args.slurm:
+        raise ConfigError("study launch needs a scheduler: add --slurm (the only one supported)")
+    lc = load_launch_config(args.launch_config, {k: getattr(args, k) for k in args.launch_flags})
+    cfg = load_study(args.study, args.overrides, check_world=False)
+    try:
+        return launch_study(cfg, lc, args.output_dir, study_file=str(Path(args.study).resolve()),
+                            dry_run=args.dry_run, data_check=not args.skip_data_check,
+                            echo=lambda line: print(line, flush=True))
+    except LaunchError as exc:
+        print(f"megatron-moe: error: {exc}", file=sys.stderr)
+        return 1
+
+
+# ---------------------------------------------------------------- bench
 
 BENCH_EPILOG = """examples:
   megatron-moe bench examples/bench/cpu.toml --out runs/bench-cpu       # MoE + active-matched dense, CPU
@@ -348,19 +491,20 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
                    "eager, compile or none")
     p.add_argument("--out", help="directory for bench.json and bench.md")
 
-    def run(args: argparse.Namespace) -> int:
-        from megatron_moe.bench import bench
+    p.set_defaults(func=bench_main)
 
-        config, overrides = _split_config(args.config, args.overrides)
-        try:
-            bench(config, overrides, steps=args.steps, warmup=args.warmup, repeats=args.repeats,
-                  baseline=args.baseline, out_dir=args.out)
-        except RuntimeError as exc:
-            print(f"megatron-moe: error: {exc}", file=sys.stderr)
-            return 1
-        return 0
 
-    p.set_defaults(func=run)
+def bench_main(args: argparse.Namespace) -> int:
+    from megatron_moe.bench.measure import bench
+
+    config, overrides = _split_config(args.config, args.overrides)
+    try:
+        bench(config, overrides, steps=args.steps, warmup=args.warmup, repeats=args.repeats,
+              baseline=args.baseline, out_dir=args.out)
+    except RuntimeError as exc:
+        print(f"megatron-moe: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -8,7 +8,6 @@ Configs are pure data; translation to megatron-core objects happens in `megatron
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import tomllib
@@ -126,6 +125,10 @@ class ParallelConfig:
     sequence_parallel: bool = False
     """Sequence parallelism (needs tensor > 1)."""
 
+    def data_parallel_size(self, world_size: int) -> int:
+        """Data-parallel replicas in a world of `world_size` processes (validate checks divisibility)."""
+        return world_size // (self.tensor * self.pipeline)
+
 
 @dataclass
 class DataConfig:
@@ -205,6 +208,10 @@ class TrainConfig:
     output_dir: str = "runs/default"
     """Run directory: metrics.jsonl, result.json, checkpoints."""
 
+    def micro_batches(self, data_parallel: int) -> int:
+        """Micro-batches per optimizer step on each data-parallel rank."""
+        return self.global_batch_size // (self.micro_batch_size * data_parallel)
+
 
 @dataclass
 class RunConfig:
@@ -218,9 +225,31 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def config_hash(self) -> str:
-        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
-        return hashlib.sha256(blob).hexdigest()[:12]
+    def with_model(self, model: ModelConfig) -> RunConfig:
+        """This run with another model; a dense model gets parallel.expert = 1 (it has no experts)."""
+        parallel = self.parallel if model.is_moe else dataclasses.replace(self.parallel, expert=1)
+        return dataclasses.replace(self, model=model, parallel=parallel)
+
+
+def changed_fields(a: Any, b: Any, prefix: str = "") -> tuple[str, ...]:
+    """Dotted names of the fields in which two configs of the same dataclass differ."""
+    out: list[str] = []
+    for f in dataclasses.fields(a):
+        x, y = getattr(a, f.name), getattr(b, f.name)
+        name = f"{prefix}.{f.name}" if prefix else f.name
+        if dataclasses.is_dataclass(x):
+            out.extend(changed_fields(x, y, name))
+        elif x != y:
+            out.append(name)
+    return tuple(out)
+
+
+def get_dotted(cfg: Any, dotted: str) -> Any:
+    """The field of a (nested) config named by a dotted path relative to `cfg`."""
+    node = cfg
+    for part in dotted.split("."):
+        node = getattr(node, part)
+    return node
 
 
 # ---------------------------------------------------------------- loading
@@ -336,7 +365,7 @@ def load_run_config(path: str | Path | None, overrides: list[str] = (), world_si
 
 def save_toml(cfg: Any, path: str | Path) -> None:
     """Write a dataclass config as TOML, atomically."""
-    from megatron_moe.utils import atomic_write_text
+    from megatron_moe.files import atomic_write_text
 
     atomic_write_text(path, to_toml(dataclasses.asdict(cfg)))
 
@@ -494,7 +523,7 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
             f"world size {world_size} is not divisible by parallel.tensor x parallel.pipeline = "
             f"{p.tensor} x {p.pipeline} = {model_parallel}"
         )
-    dp = world_size // model_parallel
+    dp = p.data_parallel_size(world_size)
     if (dp * p.tensor) % p.expert:
         raise ConfigError(
             f"parallel.expert = {p.expert} does not divide data x tensor = {dp} x {p.tensor} = {dp * p.tensor} "

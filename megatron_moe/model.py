@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_moe.config import ConfigError, ModelConfig, ParallelConfig
-from megatron_moe.planner import padded_vocab_size
+from megatron_moe.planner.ledger import COMPONENTS, padded_vocab_size
 
 
 def have_transformer_engine() -> bool:
@@ -285,9 +285,6 @@ def init_weights(model, m: ModelConfig, seed: int) -> None:
 
 
 # ---------------------------------------------------------------- parameter report
-
-COMPONENTS = ("embedding", "attention", "dense_mlp", "routed_experts", "shared_experts", "router", "norms", "output_layer")
-
 
 def component_of(name: str) -> str:
     """Which ledger component a megatron-core parameter name belongs to."""

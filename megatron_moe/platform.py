@@ -199,10 +199,6 @@ def setup_platform() -> torch.device:
     return torch.device("cpu")
 
 
-def is_cpu_enabled() -> bool:
-    return _ENABLED
-
-
 def seed_everything(seed: int, tp_rank: int, ep_rank: int, etp_rank: int = 0) -> None:
     """Seed torch and megatron-core's named RNG states the way `model_parallel_cuda_manual_seed` does."""
     from megatron.core.tensor_parallel import random as mrandom

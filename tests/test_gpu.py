@@ -1,4 +1,4 @@
-"""GPU path (issue #7): bf16, Transformer Engine spec, FP8, all-to-all expert parallelism, grouped GEMM, bench.
+"""GPU path: bf16, Transformer Engine spec, FP8, all-to-all expert parallelism, grouped GEMM, bench.
 
 Marked `gpu` and skipped without CUDA, so CI (CPU-only) skips them; `tools/gpu_check.sh` runs them on a
 GPU machine. Tests that need Transformer Engine, a Hopper GPU or two GPUs skip with the reason when those

@@ -30,7 +30,9 @@ def main() -> int:
     args = ap.parse_args()
 
     from megatron_moe.config import DataConfig
-    from megatron_moe.data import DataSource, prepare_dataset, synthetic_story
+    from megatron_moe.data.prepare import prepare_dataset
+    from megatron_moe.data.source import DataSource
+    from megatron_moe.data.synthetic import synthetic_story
 
     with warnings.catch_warnings():  # import torch + megatron-core now so it is not timed
         warnings.simplefilter("ignore")

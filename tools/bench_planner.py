@@ -15,7 +15,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without installing
 
 from megatron_moe.config import ModelConfig, MoEConfig
-from megatron_moe.planner import CONTRACTS, equal_resources_family, ledger, match_dense
+from megatron_moe.planner.family import equal_resources_family
+from megatron_moe.planner.ledger import ledger
+from megatron_moe.planner.match import CONTRACTS, match_dense
 
 
 def random_configs(n: int, seed: int = 0) -> list[tuple[ModelConfig, int]]:

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU checks of issue #7, in one call: GPU tests, then the benchmarks, results under OUT_DIR.
+# The GPU checks in one call: GPU tests, then the benchmarks, results under OUT_DIR.
 #
 #   tools/gpu_check.sh [OUT_DIR]          # default: $OUT when set (the device tool), else runs/gpu_check
 #

@@ -15,7 +15,7 @@ import torch
 
 def main() -> None:
     from megatron_moe.config import load_run_config
-    from megatron_moe.training import Trainer
+    from megatron_moe.train.trainer import Trainer
 
     out_path, overrides = sys.argv[1], sys.argv[2:]
     trainer = Trainer(load_run_config(None, overrides), quiet=True)

@@ -1,15 +1,13 @@
-"""Study reports: pure functions from a study directory (study.json + run directories) to numbers, tables and
-plots. Nothing here parses stdout; every number comes from `metrics.jsonl`, `result.json` and the manifest.
+"""Study reports: pure functions from a study directory (study.json, read through `rundir.load_manifest`, and
+the run directories) to numbers, tables and plots; every number comes from `metrics.jsonl`, `result.json` and
+the manifest, never from stdout.
 
-Statistics, per arm: the best (minimum over evaluations) validation loss of each seed, then mean, sample
-standard deviation (ddof = 1) and a Student-t confidence interval over seeds. Per pair (baseline arm, MoE
-arm): the per-seed paired gap best_val(baseline) - best_val(MoE) (positive = the MoE is better), its mean,
-std and t interval; and the same gap at every evaluation step both arms have ("gap over training").
-`t_quantile` is computed here (regularised incomplete beta + bisection): no scipy.
+Per arm: each seed's best (minimum over evaluations) validation loss, then mean, sample std and a Student-t
+interval over seeds (`stats`). Per pair (baseline, MoE): the per-seed gap best_val(baseline) - best_val(MoE)
+(positive = the MoE is better) with the same statistics, also at every evaluation step both arms reached.
 
-Outputs of `write_report(study_dir)`: report.md, report.html (self-contained: PNGs inlined as base64),
-results.json and plots/*.png, each written atomically. Plots need matplotlib (`pip install
-megatron-moe[plot]`); without it the report says so and carries tables only.
+`write_report` writes report.md, report.html (self-contained: PNGs inlined as base64), results.json and
+plots/*.png atomically; plots need matplotlib (`pip install megatron-moe[plot]`), else tables only.
 """
 
 from __future__ import annotations
@@ -25,101 +23,10 @@ from pathlib import Path
 from typing import Any
 
 from megatron_moe.config import ConfigError
-from megatron_moe.utils import atomic_write_bytes, atomic_write_json, atomic_write_text, read_jsonl
-
-# ================================================================ statistics
-
-
-def _betacf(a: float, b: float, x: float) -> float:
-    """Continued fraction of the incomplete beta function (modified Lentz)."""
-    tiny, eps = 1e-300, 1e-15
-    c, d = 1.0, 1.0 - (a + b) * x / (a + 1.0)
-    d = 1.0 / (d if abs(d) > tiny else tiny)
-    h = d
-    for m in range(1, 500):
-        m2 = 2 * m
-        for num in (m * (b - m) * x / ((a - 1.0 + m2) * (a + m2)),
-                    -(a + m) * (a + b + m) * x / ((a + m2) * (a + 1.0 + m2))):
-            d = 1.0 + num * d
-            d = 1.0 / (d if abs(d) > tiny else tiny)
-            c = 1.0 + num / c
-            c = c if abs(c) > tiny else tiny
-            h *= d * c
-        if abs(d * c - 1.0) < eps:
-            break
-    return h
-
-
-def betainc(a: float, b: float, x: float) -> float:
-    """Regularised incomplete beta function I_x(a, b)."""
-    if x <= 0.0:
-        return 0.0
-    if x >= 1.0:
-        return 1.0
-    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x))
-    if x < (a + 1.0) / (a + b + 2.0):
-        return front * _betacf(a, b, x) / a
-    return 1.0 - front * _betacf(b, a, 1.0 - x) / b
-
-
-def t_cdf(t: float, df: float) -> float:
-    """P(T <= t) for Student's t with `df` degrees of freedom."""
-    tail = 0.5 * betainc(df / 2.0, 0.5, df / (df + t * t))
-    return 1.0 - tail if t >= 0 else tail
-
-
-def t_quantile(p: float, df: float) -> float:
-    """The p-quantile of Student's t (e.g. p = 0.975, df = 2 gives 4.3027), by bisection on `t_cdf`."""
-    if not 0.0 < p < 1.0 or df <= 0:
-        raise ValueError(f"t_quantile needs 0 < p < 1 and df > 0, got p = {p}, df = {df}")
-    if p < 0.5:
-        return -t_quantile(1.0 - p, df)
-    lo, hi = 0.0, 1.0
-    while t_cdf(hi, df) < p:
-        lo, hi = hi, hi * 2.0
-    for _ in range(200):
-        mid = 0.5 * (lo + hi)
-        lo, hi = (mid, hi) if t_cdf(mid, df) < p else (lo, mid)
-        if hi - lo < 1e-13 * max(1.0, hi):
-            break
-    return 0.5 * (lo + hi)
-
-
-@dataclass(frozen=True)
-class Stats:
-    """Mean, sample std (ddof = 1) and a two-sided t confidence interval of a few values (seeds)."""
-
-    n: int
-    mean: float | None
-    std: float | None
-    """None when n < 2."""
-    ci_low: float | None
-    ci_high: float | None
-    confidence: float
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"n": self.n, "mean": self.mean, "std": self.std, "ci": [self.ci_low, self.ci_high],
-                "confidence": self.confidence}
-
-
-def summarize(values: list[float], confidence: float = 0.95) -> Stats:
-    """Mean ± std and the t interval mean ± t_{(1+c)/2, n-1} x std / sqrt(n)."""
-    n = len(values)
-    if n == 0:
-        return Stats(0, None, None, None, None, confidence)
-    mean = sum(values) / n
-    if n < 2:
-        return Stats(1, mean, None, None, None, confidence)
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
-    half = t_quantile(0.5 + confidence / 2.0, n - 1) * std / math.sqrt(n)
-    return Stats(n, mean, std, mean - half, mean + half, confidence)
-
-
-def paired(baseline: dict[int, float], moe: dict[int, float], confidence: float = 0.95) -> tuple[dict[int, float], Stats]:
-    """Per-seed gaps baseline - moe over the seeds both have, and their statistics."""
-    seeds = sorted(set(baseline) & set(moe))
-    gaps = {s: baseline[s] - moe[s] for s in seeds}
-    return gaps, summarize(list(gaps.values()), confidence)
+from megatron_moe.files import atomic_write_bytes, atomic_write_json, atomic_write_text, read_jsonl
+from megatron_moe.planner.format import human
+from megatron_moe.study.rundir import StudyManifest, load_manifest
+from megatron_moe.study.stats import paired, summarize
 
 
 # ================================================================ loading run directories
@@ -169,14 +76,10 @@ def load_run(study_dir: Path, entry: dict[str, Any]) -> RunData:
                    result=result, train=_rows_by_step(rows, "train"), evals=_rows_by_step(rows, "eval"))
 
 
-def load_study_dir(study_dir: str | Path) -> tuple[dict[str, Any], list[RunData]]:
+def load_study_dir(study_dir: str | Path) -> tuple[StudyManifest, list[RunData]]:
     """The manifest (study.json) and every run it lists."""
-    study_dir = Path(study_dir)
-    path = study_dir / "study.json"
-    if not path.is_file():
-        raise ConfigError(f"{str(study_dir)!r} is not a study directory (no study.json; run `megatron-moe study run` first)")
-    man = json.loads(path.read_text())
-    return man, [load_run(study_dir, e) for e in man["runs"]]
+    man = load_manifest(study_dir)
+    return man, [load_run(Path(study_dir), e) for e in man.runs]
 
 
 # ================================================================ numbers
@@ -191,7 +94,7 @@ def build_results(study_dir: str | Path, confidence: float = 0.95) -> dict[str, 
     study_dir = Path(study_dir)
     man, runs = load_study_dir(study_dir)
     warnings: list[str] = []
-    arm_names = [a["name"] for a in man["arms"]]
+    arm_names = [a["name"] for a in man.arms]
     complete = [r for r in runs if r.complete]
     best: dict[str, dict[int, float]] = {a: {} for a in arm_names}
     run_rows = []
@@ -214,22 +117,22 @@ def build_results(study_dir: str | Path, confidence: float = 0.95) -> dict[str, 
             warnings.append(f"{row['dir']}: result.json best_val_loss {rb} differs from metrics.jsonl's {b[0]}")
 
     arms_out = []
-    for a in man["arms"]:
+    for a in man.arms:
         name = a["name"]
         st = summarize([best[name][s] for s in sorted(best[name])], confidence)
         finals = [r.train[-1]["loss"] for r in complete if r.arm == name and r.train]
         bpb = [r.best_row["val_bpb"] for r in complete if r.arm == name and r.best_row and "val_bpb" in r.best_row]
         arms_out.append({
             "arm": name, "contract": a["contract"], "is_moe": a["is_moe"],
-            "seeds": sorted(best[name]), "missing_seeds": [s for s in man["seeds"] if s not in best[name]],
+            "seeds": sorted(best[name]), "missing_seeds": [s for s in man.seeds if s not in best[name]],
             "best_val_loss": {**st.to_dict(), "per_seed": {str(s): v for s, v in sorted(best[name].items())}},
             "best_val_bpb": summarize(bpb, confidence).to_dict(),
             "final_train_loss": summarize(finals, confidence).to_dict(),
         })
 
-    tokens_per_step = {a["name"]: a["tokens_per_step"] for a in man["arms"]}
+    tokens_per_step = {a["name"]: a["tokens_per_step"] for a in man.arms}
     gaps = []
-    for p in man["pairs"]:
+    for p in man.pairs:
         per_seed, st = paired(best[p["baseline"]], best[p["moe"]], confidence)
         gaps.append({**p, "per_seed": {str(s): v for s, v in per_seed.items()}, **st.to_dict(),
                      "over_training": gap_over_training(
@@ -244,23 +147,23 @@ def build_results(study_dir: str | Path, confidence: float = 0.95) -> dict[str, 
     if missing:
         warnings.append(f"{len(missing)} of {len(runs)} runs are not complete (left out): {', '.join(missing)}")
     return {
-        "study": man["name"],
+        "study": man.name,
         "study_dir": str(study_dir),
         "generated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "confidence": confidence,
         "metric": "best validation loss (minimum over periodic evaluations), nats/token",
-        "gap_sign": man.get("gap_sign", "gap = loss(baseline) - loss(MoE); positive = the MoE is better"),
-        "seeds": man["seeds"],
-        "data_seed": man.get("data_seed"),
+        "gap_sign": man.gap_sign or "gap = loss(baseline) - loss(MoE); positive = the MoE is better",
+        "seeds": man.seeds,
+        "data_seed": man.data_seed,
         "arms": arms_out,
         "gaps": gaps,
         "contract": contract,
         "data_fingerprints_equal": data_ok,
         "fingerprints": {k: sorted(v) for k, v in fingerprints.items()},
-        "family": man.get("family"),
+        "family": man.family,
         "runs": run_rows,
-        "environment": man.get("environment"),
-        "git": man.get("git"),
+        "environment": man.environment,
+        "git": man.git,
         "warnings": warnings,
     }
 
@@ -280,14 +183,14 @@ def gap_over_training(baseline: list[RunData], moe: list[RunData], confidence: f
     return out
 
 
-def contract_table(man: dict[str, Any], complete: list[RunData]) -> tuple[list[dict[str, Any]], bool | None, dict[str, set[str]]]:
+def contract_table(man: StudyManifest, complete: list[RunData]) -> tuple[list[dict[str, Any]], bool | None, dict[str, set[str]]]:
     """Per arm: parameters (total/active, with the planner's residual), FLOPs/token, tokens and the data
     fingerprints its complete runs report; and whether one fingerprint holds across all arms (None: unknown)."""
     fingerprints: dict[str, set[str]] = {}
     rows = []
-    for a in man["arms"]:
+    for a in man.arms:
         datas = [r.result.get("data") or {} for r in complete if r.arm == a["name"] and r.result]
-        planned = (man.get("data") or {}).get(a["name"]) or {}
+        planned = (man.data or {}).get(a["name"]) or {}
         # what the complete runs report; before any completes, what the runner's data check planned (if known)
         fingerprints[a["name"]] = {d.get("fingerprint") for d in datas} if datas else (
             {planned["fingerprint"]} if planned.get("fingerprint") else set())
@@ -338,13 +241,13 @@ def make_plots(results: dict[str, Any], study_dir: str | Path) -> dict[str, byte
         return {}
     man, runs = load_study_dir(study_dir)
     # x axis: training tokens; for an equal-resources family training compute, where every arm ends at C
-    if man.get("family"):
-        tps = {a["name"]: a["tokens_per_step"] * a["match"]["flops_per_token"] for a in man["arms"]}
-        xlabel = f"training FLOPs ({man['family']['flops']} convention)"
+    if man.family:
+        tps = {a["name"]: a["tokens_per_step"] * a["match"]["flops_per_token"] for a in man.arms}
+        xlabel = f"training FLOPs ({man.family['flops']} convention)"
     else:
-        tps = {a["name"]: a["tokens_per_step"] for a in man["arms"]}
+        tps = {a["name"]: a["tokens_per_step"] for a in man.arms}
         xlabel = "training tokens"
-    arm_names = [a["name"] for a in man["arms"]]
+    arm_names = [a["name"] for a in man.arms]
     colors = {a: plt.get_cmap("tab10")(i % 10) for i, a in enumerate(arm_names)}
     out: dict[str, bytes] = {}
 
@@ -434,14 +337,12 @@ def _f(x: Any, digits: int = 4) -> str:
 
 
 def _big(x: Any) -> str:
+    """`human` for a count that may be unknown (None) or differ across runs (a list, shown a / b)."""
     if x is None:
         return "n/a"
     if isinstance(x, list):
         return " / ".join(_big(v) for v in x)
-    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(x) >= scale:
-            return f"{x / scale:.4g}{unit}"
-    return f"{x:.4g}" if isinstance(x, float) else str(x)
+    return human(x)
 
 
 def _pm(st: dict[str, Any], digits: int = 4) -> str:
@@ -515,10 +416,6 @@ def tables(results: dict[str, Any]) -> list[tuple[str, str, list[str], list[list
     return out
 
 
-def _md_escape(text: str) -> str:
-    return text.replace("|", "\\|")
-
-
 def render_markdown(results: dict[str, Any], plot_files: list[str]) -> str:
     lines = [f"# Study report: {results['study']}", ""]
     lines.append(f"Generated {results['generated']} from `{results['study_dir']}`. Metric: {results['metric']}. "
@@ -536,7 +433,7 @@ def render_markdown(results: dict[str, Any], plot_files: list[str]) -> str:
             lines += [note, ""]
         lines.append("| " + " | ".join(header) + " |")
         lines.append("|" + "|".join("---" for _ in header) + "|")
-        lines += ["| " + " | ".join(_md_escape(c) for c in row) + " |" for row in rows]
+        lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows]
         lines.append("")
     lines += ["## Plots", ""]
     if plot_files:
@@ -603,19 +500,3 @@ def write_report(study_dir: str | Path, out_dir: str | Path | None = None, confi
     atomic_write_text(out / "report.html", render_html(results, plots))
     paths.update({"results.json": out / "results.json", "report.md": out / "report.md", "report.html": out / "report.html"})
     return paths
-
-
-def report_main(study_dir: str, out_dir: str | None = None, confidence: float = 0.95) -> int:
-    """Entry point of `megatron-moe study report`: write the files and print the headline tables."""
-    paths = write_report(study_dir, out_dir, confidence)
-    results = json.loads(paths["results.json"].read_text())
-    for w in results["warnings"]:
-        print(f"WARNING: {w}")
-    for title, _, header, rows in tables(results)[:2]:
-        print(f"\n{title}")
-        widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-        print("  ".join(h.ljust(w) for h, w in zip(header, widths)))
-        for r in rows:
-            print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
-    print(f"\nwrote {', '.join(str(p) for p in paths.values())}")
-    return 0

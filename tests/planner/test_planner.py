@@ -17,10 +17,12 @@ from pathlib import Path
 
 import pytest
 
-from megatron_moe import planner as P
-from megatron_moe.config import ConfigError, ModelConfig, MoEConfig, ParallelConfig, load_run_config
+from megatron_moe.config import ConfigError, MoEConfig, ModelConfig, ParallelConfig, changed_fields, load_run_config
+from megatron_moe.planner.family import equal_resources_family
+from megatron_moe.planner.ledger import COMPONENTS, Ledger, ledger, padded_vocab_size
+from megatron_moe.planner.match import CONTRACTS, match_dense
+from tests.conftest import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 def cfg(**kw) -> ModelConfig:
@@ -59,15 +61,15 @@ GRID = {
 
 
 def test_padded_vocab_size():
-    assert P.padded_vocab_size(cfg(vocab_size=1000)) == 1024
-    assert P.padded_vocab_size(cfg(vocab_size=1024)) == 1024
-    assert P.padded_vocab_size(cfg(vocab_size=1100), tensor=2) == 1280
-    assert P.padded_vocab_size(cfg(vocab_size=1100), tensor=1) == 1152
+    assert padded_vocab_size(cfg(vocab_size=1000)) == 1024
+    assert padded_vocab_size(cfg(vocab_size=1024)) == 1024
+    assert padded_vocab_size(cfg(vocab_size=1100), tensor=2) == 1280
+    assert padded_vocab_size(cfg(vocab_size=1100), tensor=1) == 1152
 
 
 def test_ledger_by_hand():
     m = cfg(num_query_groups=2, moe={**MOE, "shared_expert_ffn_hidden_size": 64, "first_k_dense": 1})
-    led = P.ledger(m)
+    led = ledger(m)
     d, v, s = 64, 1024, 16
     assert led.total == {
         "embedding": v * d,
@@ -89,9 +91,9 @@ def test_ledger_by_hand():
     assert led.flops_fwd_per_token == 2 * matmul + 3 * 4 * s * d
     assert led.flops_train_per_token == 3 * led.flops_fwd_per_token
     assert led.flops_er_per_token == 6 * led.nonembedding_active_params + 12 * d * s * 3
-    causal = P.ledger(m, causal_attention=True)
+    causal = ledger(m, causal_attention=True)
     assert causal.attention_flops_fwd_per_token == 3 * 2 * (s + 1) * d
-    assert P.ledger(cfg()).r_a == 1.0
+    assert ledger(cfg()).r_a == 1.0
 
 
 def test_equal_resources_worked_check():
@@ -102,30 +104,30 @@ def test_equal_resources_worked_check():
         moe=MoEConfig(num_experts=26, top_k=2, expert_ffn_hidden_size=1536, shared_expert_ffn_hidden_size=3072,
                       first_k_dense=1),
     )
-    led = P.ledger(moe)
+    led = ledger(moe)
     assert led.nonembedding_params == pytest.approx(6.5e9, rel=0.01)
     assert led.nonembedding_active_params == pytest.approx(1.3e9, rel=0.01)
     assert led.r_a == pytest.approx(0.20, abs=0.005)
     assert led.flops_er_per_token == pytest.approx(9.07e9, rel=0.01)
     dense = ModelConfig(vocab_size=65536, seq_length=2048, num_layers=32, hidden_size=4096, num_attention_heads=32,
                         ffn_hidden_size=11008)
-    assert P.ledger(dense).flops_er_per_token == pytest.approx(4.21e10, rel=0.005)
+    assert ledger(dense).flops_er_per_token == pytest.approx(4.21e10, rel=0.005)
 
 
 # ---------------------------------------------------------------- matching
 
 
 def _diff(a: ModelConfig, b: ModelConfig) -> set[str]:
-    return set(P.changed_fields(a, b))
+    return set(changed_fields(a, b, "model"))
 
 
-@pytest.mark.parametrize("contract", P.CONTRACTS)
+@pytest.mark.parametrize("contract", CONTRACTS)
 @pytest.mark.parametrize("resize", ["ffn", "ffn+hidden"])
 def test_match_dense_residual_and_diff(contract, resize):
     src = ModelConfig(vocab_size=8000, seq_length=256, num_layers=6, hidden_size=256, num_attention_heads=8,
                       num_query_groups=4, ffn_hidden_size=688, moe=MoEConfig(num_experts=8, top_k=2,
                       shared_expert_ffn_hidden_size=256, first_k_dense=1))
-    m = P.match_dense(src, contract, tensor=2, resize=resize)
+    m = match_dense(src, contract, tensor=2, resize=resize)
     assert abs(m.residual_pct) < 0.5
     assert not m.config.is_moe
     assert m.config.ffn_hidden_size % 8 == 0 and m.config.hidden_size % 8 == 0
@@ -142,14 +144,14 @@ def test_match_dense_residual_and_diff(contract, resize):
     led = m.ledger
     achieved = {"active": led.nonembedding_params, "total": led.nonembedding_params,
                 "flops": led.flops_train_per_token}[contract]
-    assert achieved == m.achieved == P.ledger(m.config, tensor=2).to_dict()[
+    assert achieved == m.achieved == ledger(m.config, tensor=2).to_dict()[
         "flops_train_per_token" if contract == "flops" else "nonembedding_params"]
-    src_led = P.ledger(src, tensor=2)
+    src_led = ledger(src, tensor=2)
     assert m.target == {"active": src_led.nonembedding_active_params, "total": src_led.nonembedding_params,
                         "flops": src_led.flops_train_per_token}[contract]
 
 
-def _value(led: P.Ledger, contract: str) -> int:
+def _value(led: Ledger, contract: str) -> int:
     return led.flops_train_per_token if contract == "flops" else led.nonembedding_params
 
 
@@ -163,10 +165,10 @@ def test_match_residual_under_half_percent_across_configs():
                                   ffn_hidden_size=hidden * 8 // 3 // 8 * 8,
                                   moe=MoEConfig(num_experts=e, top_k=k, first_k_dense=min(fkd, layers - 1),
                                                 topk_renormalize=k > 1))
-                for contract in P.CONTRACTS:
-                    m = P.match_dense(src, contract, multiple_of=8)
+                for contract in CONTRACTS:
+                    m = match_dense(src, contract, multiple_of=8)
                     narrower = dataclasses.replace(m.config, ffn_hidden_size=m.config.ffn_hidden_size - 8)
-                    step = _value(m.ledger, contract) - _value(P.ledger(narrower), contract)
+                    step = _value(m.ledger, contract) - _value(ledger(narrower), contract)
                     if step < 0.01 * m.target:
                         assert abs(m.residual_pct) < 0.5, (src, contract, m.residual_pct)
                         checked += 1
@@ -177,14 +179,14 @@ def test_match_residual_under_half_percent_across_configs():
 
 def test_dense_source_matches_itself():
     src = cfg(num_query_groups=2)
-    for contract in P.CONTRACTS:
-        m = P.match_dense(src, contract, multiple_of=8)
+    for contract in CONTRACTS:
+        m = match_dense(src, contract, multiple_of=8)
         assert m.config == src and m.residual_pct == 0 and m.changed_fields == ()
 
 
 def test_target_below_smallest_width_fails_with_one_line():
     with pytest.raises(ConfigError, match=r"below the smallest legal dense width .* reachable: >= ") as exc:
-        P.match_dense(cfg(moe=MOE), "active", multiple_of=1024)
+        match_dense(cfg(moe=MOE), "active", multiple_of=1024)
     assert "\n" not in str(exc.value)
 
 
@@ -192,7 +194,7 @@ def test_equal_resources_family():
     src = ModelConfig(vocab_size=32000, seq_length=1024, num_layers=12, hidden_size=768, num_attention_heads=12,
                       ffn_hidden_size=2048, moe=MoEConfig(num_experts=32, top_k=4, expert_ffn_hidden_size=512,
                                                           shared_expert_ffn_hidden_size=2048, first_k_dense=1))
-    fam = P.equal_resources_family(src, (0.15, 0.2, 0.3), tokens_per_param=20.0, expert=2)
+    fam = equal_resources_family(src, (0.15, 0.2, 0.3), tokens_per_param=20.0, expert=2)
     n = fam.total_params
     assert fam.dense.ledger.nonembedding_params == n and not fam.dense.config.is_moe
     assert fam.unique_tokens == round(20.0 * n)
@@ -212,12 +214,13 @@ def test_equal_resources_family():
     # lower r_a: cheaper tokens, more of them
     assert fam.members[0].consumed_tokens > fam.members[1].consumed_tokens > fam.members[2].consumed_tokens
     with pytest.raises(ConfigError, match=r"r_a = 0.01 is not reachable .* reachable r_a: ") as exc:
-        P.equal_resources_family(src, (0.01,))
+        equal_resources_family(src, (0.01,))
     assert "\n" not in str(exc.value)
 
 
 def test_planner_does_not_import_torch():
-    code = "import sys, megatron_moe.planner, megatron_moe.cli; assert 'torch' not in sys.modules, 'torch imported'"
+    code = ("import sys, megatron_moe.planner.plan, megatron_moe.planner.format, megatron_moe.study.plan, "
+            "megatron_moe.cli; megatron_moe.cli.build_parser(); assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, env={**os.environ, "PYTHONPATH": str(REPO)})
 
 
@@ -250,14 +253,14 @@ def test_plan_command_json_and_write_dir(tmp_path, capsys):
     assert main(["plan", str(path), "--json", "--write-dir", str(tmp_path / "plan")]) == 0
     plan = json.loads(capsys.readouterr().out)
     assert [m["contract"] for m in plan["matches"]] == ["active", "total", "flops"]
-    assert plan["ledger"]["total_params"] == P.ledger(load_run_config(path).model).total_params
+    assert plan["ledger"]["total_params"] == ledger(load_run_config(path).model).total_params
     source = load_run_config(tmp_path / "plan" / "source.toml")
     assert source == load_run_config(path)
     for m in plan["matches"]:
         arm = load_run_config(tmp_path / "plan" / f"dense_{m['contract']}.toml")
         assert arm.data == source.data and arm.train == source.train
         assert arm.parallel == dataclasses.replace(source.parallel, expert=1)
-        assert set(P.changed_fields(source.model, arm.model)) == set(m["changed_fields"])
+        assert set(changed_fields(source.model, arm.model, "model")) == set(m["changed_fields"])
         assert abs(m["residual_pct"]) < 0.5
 
 
@@ -337,7 +340,7 @@ def test_plan_equal_resources_unreachable_n_is_an_error(tmp_path, capsys):
     n, resid, smallest = map(float, found.groups())
     assert resid > 0.5 and smallest > n
     # a family whose N a layout can reach still derives, every arm within the tolerance
-    fam = P.equal_resources_family(load_run_config(path).model, (0.6, 0.7), total_params=round(2 * smallest * 1e3))
+    fam = equal_resources_family(load_run_config(path).model, (0.6, 0.7), total_params=round(2 * smallest * 1e3))
     assert all(abs(m.params_residual_pct) <= 0.5 for m in fam.members)
 
 
@@ -357,8 +360,8 @@ def test_ledger_equals_built_model(single_process, name):
 
     m = GRID[name]
     model = build_model(m, ParallelConfig())
-    led = P.ledger(m)
-    counts = dict.fromkeys(P.COMPONENTS, 0)
+    led = ledger(m)
+    counts = dict.fromkeys(COMPONENTS, 0)
     for pname, p in _unique_params(model):
         counts[component_of(pname)] += p.numel()
     assert counts == led.total
@@ -391,7 +394,7 @@ def test_flops_equal_torch_flop_counter(single_process, name):
     training = FlopCounterMode(display=False)
     with training, sdpa_kernel(SDPBackend.MATH):
         model(tokens, positions, None, labels=tokens).mean().backward()
-    led = P.ledger(m)
+    led = ledger(m)
     assert forward.get_total_flops() == led.flops_fwd_per_token * batch * m.seq_length
     assert training.get_total_flops() == led.flops_train_per_token * batch * m.seq_length
     assert torch.isfinite(loss).all()
@@ -456,15 +459,15 @@ def test_sharded_counts_sum_to_ledger(tmp_path):
         for rows in ranks:
             for gname, shard, numel, component in rows:
                 assert unique.setdefault((gname, shard), (numel, component)) == (numel, component)
-        counts = dict.fromkeys(P.COMPONENTS, 0)
+        counts = dict.fromkeys(COMPONENTS, 0)
         for numel, component in unique.values():
             counts[component] += numel
-        led = P.ledger(SHARD_MODEL, tensor=tensor)
+        led = ledger(SHARD_MODEL, tensor=tensor)
         assert counts == led.total, (tensor, expert)
         # Each rank really holds a part: no rank has everything under either layout.
         per_rank = [sum(r[2] for r in rows) for rows in ranks]
         assert all(n < led.total_params for n in per_rank)
-    assert P.ledger(SHARD_MODEL, tensor=2).padded_vocab_size == 1280
+    assert ledger(SHARD_MODEL, tensor=2).padded_vocab_size == 1280
 
 
 if __name__ == "__main__":

@@ -13,20 +13,14 @@ import numpy as np
 import pytest
 
 from megatron_moe.config import ConfigError, DataConfig, RunConfig, from_dict
-from megatron_moe.data import (
-    EOD_TEXT,
-    DataSource,
-    Schedule,
-    TokenStore,
-    build_data_source,
-    load_tokenizer,
-    prepare_dataset,
-    read_manifest,
-    synthetic_dataset,
-)
-from tests.conftest import cli
+from megatron_moe.data.prepare import prepare_dataset
+from megatron_moe.data.schedule import Schedule
+from megatron_moe.data.source import DataSource, build_data_source
+from megatron_moe.data.store import TokenStore, read_manifest
+from megatron_moe.data.synthetic import synthetic_dataset
+from megatron_moe.data.tokenizers import EOD_TEXT, load_tokenizer
+from tests.conftest import SHARED_DATA, cli
 
-TINYSTORIES = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tinystories"
 
 DOCS = [
     "Once upon a time, there was a cat named Tom.\nTom liked milk.",
@@ -415,9 +409,9 @@ def test_cli_inspect_synthetic(cache):
 # ---------------------------------------------------------------- real data: TinyStories excerpts
 
 
-@pytest.mark.skipif(not TINYSTORIES.is_dir(), reason=f"TinyStories excerpts not found at {TINYSTORIES}")
+@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"TinyStories excerpts not found at {SHARED_DATA}")
 def test_tinystories_collected(tmp_path):
-    train, valid = TINYSTORIES / "tinystories-collected.txt.xz", TINYSTORIES / "tinystories-collected-valid.txt.xz"
+    train, valid = SHARED_DATA / "tinystories-collected.txt.xz", SHARED_DATA / "tinystories-collected-valid.txt.xz"
     m = prepare_dataset([train], tmp_path / "ts", vocab_size=1024, valid_inputs=[valid], progress=False)
     assert m["splits"]["train"]["documents"] == 10_270 and m["splits"]["valid"]["documents"] == 50
     sep_bytes = len(f"\n{EOD_TEXT}\n") * 10_320  # each story is followed by one separator line
@@ -434,9 +428,9 @@ def test_tinystories_collected(tmp_path):
         DataConfig(path=str(tmp_path / "ts"), unique_tokens=500_000, epochs=4), 256, 16).fingerprint()
 
 
-@pytest.mark.skipif(not TINYSTORIES.is_dir(), reason=f"TinyStories excerpts not found at {TINYSTORIES}")
+@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"TinyStories excerpts not found at {SHARED_DATA}")
 def test_tinystories_v2_sample_has_five_stories(tmp_path):
-    m = prepare_dataset([TINYSTORIES / "tinystories-v2-sample.txt.xz"], tmp_path / "v2", vocab_size=300,
+    m = prepare_dataset([SHARED_DATA / "tinystories-v2-sample.txt.xz"], tmp_path / "v2", vocab_size=300,
                         valid_fraction=0.5, progress=False)
     assert m["documents"] == 5 and m["skipped_empty_documents"] == 0
 

@@ -5,7 +5,7 @@ Three groups:
   and container flags; bad flags fail with one line and exit 2;
 - two torchrun agents on loopback (`--nnodes 2`, c10d rendezvous, one process each) form one job whose
   expert-parallel losses match the single-process run: the multi-node launch path without a cluster;
-- a local SLURM (tests/slurm_fixture.py: munged, slurmctld and two slurmd emulating two nodes, all started
+- a local SLURM (tests/study/slurm_fixture.py: munged, slurmctld and two slurmd emulating two nodes, all started
   here and torn down after): a 2-task srun forms one gloo group; a study launched as a job array runs to
   completion and `study run`/`study report` reuse its run directories; a USR1 checkpoints and requeues a
   run's job, which resumes and ends with the losses of the uninterrupted run; a 2-node job trains like one
@@ -32,9 +32,11 @@ import pytest
 
 from megatron_moe.cli import main
 from megatron_moe.config import load_run_config, save_toml
-from megatron_moe.launch import parse_job_id, time_limit_seconds, torchrun_command
+from megatron_moe.study import slurm as slurm_launch
+from megatron_moe.study.slurm import LaunchConfig, parse_job_id, render_run_script, time_limit_seconds, torchrun_command
+from megatron_moe.train.stop import PREEMPTED_EXIT_CODE, TORCHRUN_SIGNALS
 from tests.conftest import REPO, TINY_MOE, train_losses, train_rows
-from tests.slurm_fixture import ENDED, LocalSlurm, unavailable_reason
+from tests.study.slurm_fixture import ENDED, LocalSlurm, unavailable_reason
 
 STEPS = 40
 RUN = [*TINY_MOE, f"train.train_steps={STEPS}", "train.seed=1"]
@@ -166,6 +168,27 @@ def test_relative_data_path_is_refused(tmp_path):
                 "--skip-data-check", "-o", str(tmp_path / "s"), check=False)
     assert proc.returncode == 2 and proc.stderr.startswith("megatron-moe: error: data.path = 'data/ts' is relative")
     assert not (tmp_path / "s").exists()
+
+
+def _requeue_exit_code(script: str) -> int:
+    """The exit code of the batch script after a USR1 stop whose `scontrol requeue` failed."""
+    m = re.search(r'^  scontrol requeue "\$SLURM_JOB_ID" && exit 0\n  exit (\d+)$', script, re.M)
+    assert m, script
+    return int(m.group(1))
+
+
+def test_stop_contract_is_rendered_from_train_stop(tmp_path, monkeypatch):
+    """The batch script's preempted exit code and torchrun's handed-on signals come from train/stop.py."""
+    def render() -> str:
+        return render_run_script(LaunchConfig(), run_dir=tmp_path / "run", job_name="j", nproc_per_node=2,
+                                 output=str(tmp_path / "slurm-%j.out"), title="t")
+
+    assert _requeue_exit_code(render()) == PREEMPTED_EXIT_CODE == 75
+    monkeypatch.setattr(slurm_launch, "PREEMPTED_EXIT_CODE", 99)
+    assert _requeue_exit_code(render()) == 99
+    cmd = torchrun_command("python", "run.toml", nnodes=1, nproc_per_node=2, endpoint="h:1", rdzv_id="r")
+    assert cmd[cmd.index("--signals-to-handle") + 1] == TORCHRUN_SIGNALS
+    assert f"--signals-to-handle {TORCHRUN_SIGNALS}" in re.sub(r"\s*\\\n\s*", " ", render())
 
 
 def test_time_limits_and_job_ids():

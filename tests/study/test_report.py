@@ -1,5 +1,5 @@
-"""Study reports: t quantiles, paired statistics against hand-computed values, and the report built from a
-fabricated study directory (resumed metrics, an incomplete run, unequal data fingerprints)."""
+"""Study reports: the report built from a fabricated study directory (resumed metrics, an incomplete run,
+unequal data fingerprints), and study.json that cannot be read."""
 
 from __future__ import annotations
 
@@ -9,52 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from megatron_moe import report as R
-from megatron_moe import study as S
+from megatron_moe.study.plan import plan_study
+from megatron_moe.study.report import build_results, render_markdown, tables, write_report
+from megatron_moe.study.rundir import load_manifest, manifest
+from megatron_moe.study.spec import load_study
 from megatron_moe.config import ConfigError
-from megatron_moe.utils import atomic_write_json
+from megatron_moe.files import atomic_write_json
 from tests.conftest import cli
-from tests.test_study import MINI
-
-
-# ---------------------------------------------------------------- statistics
-
-
-@pytest.mark.parametrize("p, df, expected", [
-    (0.975, 1, 12.7062047), (0.975, 2, 4.3026527), (0.975, 3, 3.1824463), (0.975, 4, 2.7764451),
-    (0.975, 5, 2.5705818), (0.975, 10, 2.2281389), (0.975, 30, 2.0422725), (0.975, 1000, 1.9623391),
-    (0.95, 2, 2.9199856), (0.995, 3, 5.8409093), (0.9, 7, 1.4149239), (0.025, 4, -2.7764451),
-])
-def test_t_quantile_matches_tables(p, df, expected):
-    assert R.t_quantile(p, df) == pytest.approx(expected, abs=2e-7)
-    assert R.t_cdf(R.t_quantile(p, df), df) == pytest.approx(p, abs=1e-12)
-
-
-def test_t_cdf_basics():
-    assert R.t_cdf(0.0, 3) == 0.5
-    assert R.t_cdf(1.0, 1) == pytest.approx(0.75, abs=1e-12)  # Cauchy: 1/2 + atan(1)/pi
-    assert R.t_cdf(-2.0, 2) == pytest.approx(0.5 * (1 - 2 / math.sqrt(6)), abs=1e-12)  # closed form for df = 2
-    with pytest.raises(ValueError):
-        R.t_quantile(1.0, 3)
-
-
-def test_paired_statistics_by_hand():
-    baseline = {1: 1.70, 2: 1.65, 3: 1.62, 4: 1.90}  # seed 4 has no MoE partner: left out of the pairing
-    moe = {1: 1.60, 2: 1.60, 3: 1.56}
-    gaps, st = R.paired(baseline, moe)
-    # gaps 0.10, 0.05, 0.06; mean 0.07; deviations .03, -.02, -.01 -> variance .0014 / 2 = .0007
-    assert list(gaps) == [1, 2, 3] and [round(g, 12) for g in gaps.values()] == [0.10, 0.05, 0.06]
-    assert st.n == 3
-    assert st.mean == pytest.approx(0.07, abs=1e-12)
-    assert st.std == pytest.approx(0.0264575131, abs=1e-9)  # sqrt(0.0007)
-    # 95%: t(0.975, 2) = 4.3026527; half width 4.3026527 x 0.0264575 / sqrt(3) = 0.0657243
-    assert st.ci_low == pytest.approx(0.07 - 0.0657243, abs=1e-6)
-    assert st.ci_high == pytest.approx(0.07 + 0.0657243, abs=1e-6)
-    st90 = R.summarize([0.10, 0.05, 0.06], confidence=0.90)  # t(0.95, 2) = 2.9199856
-    assert st90.ci_high - st90.mean == pytest.approx(2.9199856 * math.sqrt(0.0007) / math.sqrt(3), abs=1e-7)
-    one = R.summarize([1.5])
-    assert (one.n, one.mean, one.std, one.ci_low) == (1, 1.5, None, None)
-    assert R.summarize([]).mean is None
+from tests.study.test_study import MINI
 
 
 # ---------------------------------------------------------------- a fabricated study directory
@@ -72,12 +34,12 @@ def _fake_study(tmp_path: Path, fingerprints: dict[str, str] | None = None) -> P
     """study.json from the real planner/manifest, and run directories as the trainer writes them."""
     spec = tmp_path / "mini.toml"
     spec.write_text(MINI)
-    cfg = S.load_study(spec, ["study.arms=['dense_active', 'moe', 'dense_total']", "study.seeds=[1, 2, 3]"])
-    plan = S.plan_study(cfg, tmp_path / "study")
+    cfg = load_study(spec, ["study.arms=['dense_active', 'moe', 'dense_total']", "study.seeds=[1, 2, 3]"])
+    plan = plan_study(cfg, tmp_path / "study")
     fingerprints = fingerprints or {}
     data = {a.name: {"source": "synthetic", "unique_tokens": 34618, "consumed_tokens": 1024, "epochs": 1024 / 34618,
                      "fingerprint": fingerprints.get(a.name, "f00d")} for a in plan.arms}
-    atomic_write_json(plan.out_dir / "study.json", S.manifest(plan, str(spec), data))
+    atomic_write_json(plan.out_dir / "study.json", manifest(plan, str(spec), data))
     for run in plan.runs:
         curve = CURVES[(run.arm, run.seed)]
         rows = []
@@ -102,7 +64,7 @@ def _fake_study(tmp_path: Path, fingerprints: dict[str, str] | None = None) -> P
 
 def test_results_from_run_directories(tmp_path):
     study_dir = _fake_study(tmp_path)
-    res = R.build_results(study_dir)
+    res = build_results(study_dir)
     arms = {a["arm"]: a for a in res["arms"]}
     assert arms["moe"]["best_val_loss"]["per_seed"] == {"1": 1.60, "2": 1.60, "3": 1.56}
     assert arms["moe"]["best_val_bpb"]["mean"] == pytest.approx((1.60 + 1.60 + 1.56) / 3 / math.log(2), abs=1e-12)
@@ -141,14 +103,14 @@ def test_results_from_run_directories(tmp_path):
 
 
 def test_confidence_level_is_labelled_exactly(tmp_path):
-    res = R.build_results(_fake_study(tmp_path), confidence=0.975)
-    headers = [h for _, _, header, _ in R.tables(res) for h in header]
+    res = build_results(_fake_study(tmp_path), confidence=0.975)
+    headers = [h for _, _, header, _ in tables(res) for h in header]
     assert "97.5% CI" in headers and "98% CI" not in headers
 
 
 def test_unequal_data_is_flagged_loudly(tmp_path):
     study_dir = _fake_study(tmp_path, fingerprints={"moe": "beef"})
-    paths = R.write_report(study_dir)
+    paths = write_report(study_dir)
     res = json.loads(paths["results.json"].read_text())
     assert res["data_fingerprints_equal"] is False
     assert res["warnings"][0].startswith("DATA DIFFERS ACROSS ARMS") and "beef" in res["warnings"][0]
@@ -161,7 +123,7 @@ def test_report_files(tmp_path):
     pytest.importorskip("matplotlib")
     study_dir = _fake_study(tmp_path)
     out = tmp_path / "elsewhere"
-    paths = R.write_report(study_dir, out)
+    paths = write_report(study_dir, out)
     assert {p.name for p in paths.values()} == {"loss_curves.png", "gaps.png", "best_val_loss.png", "results.json",
                                                  "report.md", "report.html"}
     md = paths["report.md"].read_text()
@@ -173,15 +135,41 @@ def test_report_files(tmp_path):
     assert not list(out.glob("**/*.tmp"))
     results = json.loads(paths["results.json"].read_text())
     assert results["gaps"][0]["mean"] == pytest.approx(0.07)
-    assert "(no plots" in R.render_markdown(results, [])
+    assert "(no plots" in render_markdown(results, [])
 
 
 def test_report_of_a_non_study_directory_fails_with_one_line(tmp_path):
     with pytest.raises(ConfigError, match="is not a study directory") as exc:
-        R.build_results(tmp_path)
+        build_results(tmp_path)
     assert "\n" not in str(exc.value)
     proc = cli("study", "report", str(tmp_path), check=False)
     assert proc.returncode == 2 and "is not a study directory" in proc.stderr
+
+
+@pytest.mark.parametrize("text, message", [
+    ('{"name": "mini", "runs": [', "is not a readable study.json (Expecting value"),
+    ("[1, 2]", "is not a valid study.json: expected a JSON object, found list"),
+    ("null", "is not a valid study.json: expected a JSON object, found NoneType"),
+    ('{"name": "mini"}', "is not a valid study.json: no 'arms'"),
+])
+def test_corrupt_study_json_fails_with_one_line(tmp_path, text, message):
+    (tmp_path / "study.json").write_text(text)
+    for read in (load_manifest, build_results):
+        with pytest.raises(ConfigError) as exc:
+            read(tmp_path)
+        assert str(exc.value).startswith(f"{tmp_path / 'study.json'} ") and message in str(exc.value)
+        assert "\n" not in str(exc.value)
+
+
+def test_study_json_naming_unknown_arms_is_refused(tmp_path):
+    study_dir = _fake_study(tmp_path)
+    assert load_manifest(study_dir).name == "mini"
+    man = json.loads((study_dir / "study.json").read_text())
+    atomic_write_json(study_dir / "study.json", {**man, "arms": man["arms"][1:]})  # dense_active's runs dangle
+    with pytest.raises(ConfigError, match=r"study.json is not a valid study.json: pair matched-active names arm "
+                                          r"'dense_active', which is not in 'arms'") as exc:
+        build_results(study_dir)
+    assert "\n" not in str(exc.value)
 
 
 def test_report_before_any_run_is_complete(tmp_path):
@@ -190,10 +178,10 @@ def test_report_before_any_run_is_complete(tmp_path):
         path.unlink()
     man = json.loads((study_dir / "study.json").read_text())
     atomic_write_json(study_dir / "study.json", {**man, "data": None})  # as `study launch` without a data check
-    res = R.build_results(study_dir)
+    res = build_results(study_dir)
     assert res["data_fingerprints_equal"] is None and all(a["best_val_loss"]["n"] == 0 for a in res["arms"])
     assert [w for w in res["warnings"] if "DATA" in w] == [] and "9 of 9 runs are not complete" in res["warnings"][0]
-    assert "unknown (no run complete)" in R.render_markdown(res, [])
+    assert "unknown (no run complete)" in render_markdown(res, [])
 
 
 def test_atomic_writes_get_the_usual_file_mode(tmp_path):

@@ -16,8 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from megatron_moe import planner as P
-from megatron_moe import study as S
+from megatron_moe.planner.match import match_dense
+from megatron_moe.study.plan import plan_study, run_hash
+from megatron_moe.study.spec import load_study
 from megatron_moe.config import ConfigError, RunConfig
 from tests.conftest import REPO, cli
 
@@ -84,25 +85,25 @@ def _write(tmp_path: Path, text: str = MINI, name: str = "mini.toml") -> Path:
 def test_bad_study_specs_fail_with_one_line(tmp_path, override, message):
     path = _write(tmp_path)
     if message is None:  # budget_tokens alone is fine; with budget_flops it is not
-        S.load_study(path, [override])
+        load_study(path, [override])
         override, message = "study.budget_flops=1e12", "are both set; set one"
         with pytest.raises(ConfigError, match=message):
-            S.load_study(path, ["study.budget_tokens=1000", override])
+            load_study(path, ["study.budget_tokens=1000", override])
         return
     with pytest.raises(ConfigError, match=message) as exc:
-        S.load_study(path, [override])
+        load_study(path, [override])
     assert "\n" not in str(exc.value)
 
 
 def test_arms_are_derived_by_the_planner(tmp_path):
-    cfg = S.load_study(_write(tmp_path), ["study.arms=['dense_active', 'moe', 'dense_total', 'dense_flops']"])
-    plan = S.plan_study(cfg, tmp_path / "out")
+    cfg = load_study(_write(tmp_path), ["study.arms=['dense_active', 'moe', 'dense_total', 'dense_flops']"])
+    plan = plan_study(cfg, tmp_path / "out")
     arms = {a.name: a for a in plan.arms}
     assert list(arms) == ["dense_active", "moe", "dense_total", "dense_flops"]
     base = cfg.base()
     assert arms["moe"].config.model == base.model and arms["moe"].match == {}
     for contract in ("active", "total", "flops"):
-        arm, m = arms[f"dense_{contract}"], P.match_dense(base.model, contract)
+        arm, m = arms[f"dense_{contract}"], match_dense(base.model, contract)
         assert arm.config.model == m.config and not arm.config.model.is_moe
         assert arm.match["residual_pct"] == m.residual_pct and arm.match["target"] == m.target
         assert arm.changed_fields == m.changed_fields  # only model.* fields differ from the base
@@ -127,31 +128,31 @@ def test_arms_are_derived_by_the_planner(tmp_path):
 
 def test_run_hash_ignores_bookkeeping_only():
     cfg = RunConfig()
-    h = S.run_hash(cfg)
+    h = run_hash(cfg)
     for section, name, value in (("train", "output_dir", "elsewhere"), ("train", "log_interval", 1),
                                  ("train", "save_interval", 7)):
         changed = dataclasses.replace(cfg, **{section: dataclasses.replace(getattr(cfg, section), **{name: value})})
-        assert S.run_hash(changed) == h
+        assert run_hash(changed) == h
     for section, name, value in (("train", "lr", 1e-3), ("train", "seed", 7), ("data", "seed", 7),
                                  ("model", "hidden_size", 256)):
         changed = dataclasses.replace(cfg, **{section: dataclasses.replace(getattr(cfg, section), **{name: value})})
-        assert S.run_hash(changed) != h
+        assert run_hash(changed) != h
 
 
 def test_budgets(tmp_path):
     path = _write(tmp_path)
     tokens_per_step = 8 * 32
-    plan = S.plan_study(S.load_study(path, ["study.budget_tokens=2600"]))
+    plan = plan_study(load_study(path, ["study.budget_tokens=2600"]))
     assert {a.config.train.train_steps for a in plan.arms} == {2600 // tokens_per_step}
     # A compute budget: each arm trains floor(C / (training FLOPs/token x tokens/step)) steps.
     c = 1e12
-    plan = S.plan_study(S.load_study(path, ["study.budget_flops=1e12", "study.arms=['moe', 'dense_total']"]))
+    plan = plan_study(load_study(path, ["study.budget_flops=1e12", "study.arms=['moe', 'dense_total']"]))
     for a in plan.arms:
         assert a.config.train.train_steps == int(c // (a.ledger.flops_train_per_token * tokens_per_step))
     steps = {a.name: a.config.train.train_steps for a in plan.arms}
     assert steps["dense_total"] < steps["moe"]  # the total-matched dense is dearer per token
     with pytest.raises(ConfigError, match=r"= 1 steps, not above train.lr_warmup_steps = 1"):
-        S.plan_study(S.load_study(path, ["study.budget_tokens=300"]))
+        plan_study(load_study(path, ["study.budget_tokens=300"]))
 
 
 # ---------------------------------------------------------------- the examples
@@ -159,8 +160,8 @@ def test_budgets(tmp_path):
 
 def test_tiny_three_arm_examples():
     for name, max_total in (("cpu", 3e6), ("gpu", 25e6)):
-        cfg = S.load_study(EXAMPLES / "tiny_three_arm" / f"{name}.toml")
-        plan = S.plan_study(cfg)
+        cfg = load_study(EXAMPLES / "tiny_three_arm" / f"{name}.toml")
+        plan = plan_study(cfg)
         arms = {a.name: a for a in plan.arms}
         assert list(arms) == ["dense_active", "moe", "dense_total"] and cfg.study.seeds == [1, 2, 3]
         moe = arms["moe"].config.model
@@ -178,8 +179,8 @@ def test_tiny_three_arm_examples():
 
 @pytest.mark.parametrize("name, n_total", [("cpu", None), ("2b", 2.0e9), ("7b", 6.5e9)])
 def test_equal_resources_examples(name, n_total):
-    cfg = S.load_study(EXAMPLES / "equal_resources" / f"{name}.toml")
-    plan = S.plan_study(cfg)
+    cfg = load_study(EXAMPLES / "equal_resources" / f"{name}.toml")
+    plan = plan_study(cfg)
     fam = plan.family
     if n_total:
         assert fam["total_params"] == pytest.approx(n_total, rel=0.005)
@@ -209,14 +210,62 @@ def test_study_help_is_fast_and_shows_examples():
     t0 = time.perf_counter()
     proc = cli("study", "run", "--help")
     assert "study run examples/tiny_three_arm/cpu.toml" in proc.stdout and time.perf_counter() - t0 < 10
-    assert "torch" not in subprocess.run(
-        [sys.executable, "-c", "import sys, megatron_moe.cli, megatron_moe.study, megatron_moe.report; "
-                               "print(' '.join(sys.modules))"], capture_output=True, text=True, cwd=REPO).stdout.split()
+    modules = ", ".join(f"megatron_moe.study.{m}" for m in ("spec", "plan", "rundir", "runner", "slurm", "stats",
+                                                             "report"))
+    proc = subprocess.run([sys.executable, "-c", f"import sys, megatron_moe.cli, {modules}; print(' '.join(sys.modules))"],
+                          capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "megatron_moe.study.runner" in proc.stdout.split() and "torch" not in proc.stdout.split()
 
 
 def test_bad_study_file_exits_2(tmp_path):
     proc = cli("study", "run", str(_write(tmp_path)), "study.arms=['dense']", check=False)
     assert proc.returncode == 2 and "study.arms: 'dense' is not allowed" in proc.stderr
+
+
+# ---------------------------------------------------------------- preemption under torchrun
+
+# Stands in for the trainer: torchrun reports any failed worker as exit code 1, so only the preemption marker
+# tells a trainer that stopped on a signal (checkpoint saved) from one that failed.
+FAKE_TRAINER = """
+import sys
+from pathlib import Path
+from megatron_moe.train.stop import mark_preempted
+run_dir, mode = Path(sys.argv[1]), sys.argv[2]
+if mode == "marker":
+    mark_preempted(run_dir, 3, 15)
+else:
+    print("megatron-moe: stopped by signal at step 3; checkpoint saved, run again to resume")
+sys.exit(1)
+"""
+
+
+@pytest.mark.parametrize("mode", ["marker", "text", "stale marker"])
+def test_study_run_counts_a_trainer_as_preempted_from_its_marker(tmp_path, monkeypatch, mode):
+    from megatron_moe.study import runner
+    from megatron_moe.train.stop import PREEMPTED_EXIT_CODE, PREEMPTED_MARKER, mark_preempted, was_preempted
+
+    cfg = load_study(_write(tmp_path), ["study.arms=['moe']", "study.seeds=[1]"])
+    (run,) = plan_study(cfg, tmp_path / "study").runs
+    monkeypatch.setattr(runner, "_train_command", lambda r, nproc: [
+        sys.executable, "-c", FAKE_TRAINER, str(r.dir), "text" if mode == "stale marker" else mode])
+    if mode == "stale marker":  # left by an earlier attempt: must not count for this one
+        run.dir.mkdir(parents=True)
+        mark_preempted(run.dir, 1, 15)
+    lines: list[str] = []
+    rc = runner.run_study(cfg, tmp_path / "study", echo=lines.append)
+    log = [json.loads(x) for x in (tmp_path / "study" / "log.jsonl").read_text().splitlines()]
+    attempt = json.loads((run.dir / "run.json").read_text())["attempts"][-1]
+    if mode == "marker":
+        assert rc == PREEMPTED_EXIT_CODE and attempt["returncode"] == PREEMPTED_EXIT_CODE
+        assert log[-1] == {**log[-1], "event": "interrupted", "signal": "trainer stopped", "run": run.name}
+        assert any("stopped by a signal with a checkpoint saved" in line for line in lines)
+        assert was_preempted(run.dir)
+    else:  # the trainer's words alone do not make it preempted
+        assert rc == 1 and attempt["returncode"] == 1
+        assert log[-1] == {**log[-1], "event": "failed", "run": run.name, "returncode": 1}
+        assert any("FAILED (exit 1)" in line for line in lines)
+        assert not (run.dir / PREEMPTED_MARKER).exists()
 
 
 # ---------------------------------------------------------------- a real study
@@ -287,7 +336,7 @@ def test_study_runs_is_interrupted_resumes_and_reports(tmp_path):
     man = json.loads((out / "study.json").read_text())
     assert [a["name"] for a in man["arms"]] == ["dense_active", "moe"] and man["data_fingerprints_equal"]
     assert man["arms"][0]["match"]["residual_pct"] == pytest.approx(
-        P.match_dense(S.load_study(study_file).model, "active").residual_pct)
+        match_dense(load_study(study_file).model, "active").residual_pct)
     for entry in man["runs"]:
         run_dir = out / entry["dir"]
         assert entry["dir"] == f"runs/{entry['arm']}-s{entry['seed']}-{entry['hash']}"

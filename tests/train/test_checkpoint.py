@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import time
 
 import pytest
 
+from megatron_moe.train.stop import PREEMPTED_MARKER, was_preempted
 from tests.conftest import REPO, TINY, TINY_MOE, cli
 
 pytestmark = pytest.mark.slow
@@ -84,8 +86,53 @@ def test_stop_signal_saves_exits_75_and_resumes(tmp_path, straight):
     assert proc.returncode == 75, stderr[-2000:]
     step = int((run_dir / "checkpoints" / "latest").read_text().strip().split("_")[1])
     assert f"stopped by signal at step {step}; checkpoint saved" in stderr
+    assert was_preempted(run_dir)
+    assert json.loads((run_dir / PREEMPTED_MARKER).read_text()) == {"step": step, "signal": "SIGUSR1"}
     cli("train", *ARGS, f"train.output_dir={run_dir}")
+    assert not was_preempted(run_dir)  # cleared at start-up
     assert_same_run(run_dir, straight)
+
+
+def test_resume_restores_best_and_elapsed_from_the_train_state(tmp_path, straight):
+    """Nothing is rebuilt from metrics.jsonl: resumed without it, a run reports the uninterrupted run's result."""
+    run_dir = tmp_path / "copy"
+    shutil.copytree(straight, run_dir)
+    reference = json.loads((straight / "result.json").read_text())
+    checkpoints = run_dir / "checkpoints"
+    (checkpoints / "latest").write_text("step_0000035\n")
+    state = json.loads((checkpoints / "step_0000035" / "train_state.json").read_text())
+    assert state["step"] == 35 and state["elapsed_s"] > 0
+    assert state["best_val_loss"] == min(r["val_loss"] for r in rows(straight) if r["kind"] == "eval" and r["step"] <= 35)
+
+    def resume():
+        (run_dir / "metrics.jsonl").unlink()
+        (run_dir / "result.json").unlink()
+        cli("train", *ARGS, f"train.output_dir={run_dir}")
+        return json.loads((run_dir / "result.json").read_text())
+
+    result = resume()  # steps 36 to 40
+    assert rows(run_dir) == [r for r in rows(straight) if r["step"] > 35]
+    first = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["elapsed_s"] > state["elapsed_s"]  # counts the time before the checkpoint
+    for key in ("steps", "final_train_loss", "best_val_loss", "best_val_step"):
+        assert result[key] == reference[key], key
+
+    state = json.loads((checkpoints / "step_0000040" / "train_state.json").read_text())
+    result = resume()  # at the last step already: result.json comes from the train state alone
+    assert not (run_dir / "metrics.jsonl").exists()
+    for key in ("steps", "final_train_loss", "best_val_loss", "best_val_step"):
+        assert result[key] == reference[key], key
+    assert result["train_time_s"] >= state["elapsed_s"] > 0
+
+
+def test_checkpoint_without_train_state_is_refused_in_one_line(tmp_path, straight):
+    run_dir = tmp_path / "run"
+    shutil.copytree(straight / "checkpoints", run_dir / "checkpoints")
+    (run_dir / "checkpoints" / "step_0000040" / "train_state.json").unlink()
+    proc = cli("train", *ARGS, f"train.output_dir={run_dir}", check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("megatron-moe: error: checkpoint") and "has no train_state.json" in last
 
 
 def test_stop_signal_during_start_up_checkpoints_after_the_first_step(tmp_path):
@@ -101,6 +148,7 @@ def test_stop_signal_during_start_up_checkpoints_after_the_first_step(tmp_path):
     _, stderr = proc.communicate(timeout=240)
     assert proc.returncode == 75, stderr[-2000:]
     assert "stopped by signal at step 1; checkpoint saved" in stderr
+    assert json.loads((run_dir / PREEMPTED_MARKER).read_text()) == {"step": 1, "signal": "SIGUSR1"}
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_0000001"
     assert [(r["kind"], r["step"]) for r in rows(run_dir)] == [("train", 1), ("eval", 1)]
 

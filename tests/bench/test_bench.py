@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from megatron_moe.bench import cases_for, markdown, plain_model
-from megatron_moe.config import ModelConfig, MoEConfig
-from megatron_moe.planner import ledger
-
-from conftest import REPO, TINY_MOE, cli
+from megatron_moe.bench.baseline import plain_model
+from megatron_moe.bench.measure import cases_for, markdown
+from megatron_moe.config import MoEConfig, ModelConfig
+from megatron_moe.planner.ledger import ledger
+from tests.conftest import REPO, TINY_MOE, cli
 
 
 @pytest.mark.parametrize(
@@ -46,7 +49,16 @@ def test_plain_baseline_has_the_planned_parameters_and_trains(model):
 
 def test_compiled_baseline_computes_what_eager_does():
     """On GPU `bench` times the plain model under torch.compile by default; checked here on CPU: same LM
-    loss, same objective (the MoE's aux losses are a module attribute set in forward) and same gradients."""
+    loss, same objective (the MoE's aux losses are a module attribute set in forward) and same gradients.
+    Run in a fresh process, as bench runs the baseline: this pytest process may hold the CPU layer's
+    torch-function mode, under which nothing of ours is compiled."""
+    code = "from tests.bench.test_bench import compiled_equals_eager; compiled_equals_eager()"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def compiled_equals_eager():
     model = ModelConfig(vocab_size=1000, seq_length=32, num_layers=2, hidden_size=64, num_attention_heads=4,
                         moe=MoEConfig(num_experts=4, top_k=2, expert_ffn_hidden_size=48))
     torch.manual_seed(0)

@@ -1,10 +1,4 @@
-"""Launching study runs on SLURM: one sbatch script per (arm, seed), or one job array over them.
-
-    megatron-moe study launch examples/tiny_three_arm/cpu.toml --slurm --dry-run      # render, submit nothing
-    megatron-moe study launch study.toml --slurm --nodes 2 --gpus-per-node 8 --partition batch \
-        --account proj --time 04:00:00 --container-image nvcr.io#nvidia/pytorch:26.04-py3 \
-        --container-mounts /lustre:/lustre
-    megatron-moe study launch study.toml --slurm --array --max-parallel 4 --launch-config cluster.toml
+"""`study launch --slurm`: one sbatch script per (arm, seed), or one job array over them, and their submission.
 
 Each run is one SLURM job. `srun` starts one torchrun agent per node; the agents meet at a c10d rendezvous
 on the job's head node (the first host of `$SLURM_JOB_NODELIST`) and each starts `nproc_per_node` trainers,
@@ -13,26 +7,20 @@ from the launch; the run config fixes tensor, pipeline and expert).
 
 Time limits and preemption: `#SBATCH --signal=B:USR1@<signal_seconds>` sends USR1 to the batch shell before
 the time limit (`scancel --signal=USR1 --batch JOB` does the same by hand). The shell hands it to the
-training step (srun -> torchrun agents -> trainers); the trainers finish the current step, save a
-checkpoint and exit, and the shell requeues the job (`scontrol requeue`; the job keeps its id and appends
-to its log). Started again, the trainer finds the checkpoint in the run directory and resumes bit-exactly.
-A SIGTERM (scancel, or SLURM's own preemption) is handed on too, but never requeues.
+training step (srun -> torchrun agents, which pass `TORCHRUN_SIGNALS` on -> trainers); the trainers finish
+the current step, save a checkpoint and exit, and the shell requeues the job (`scontrol requeue`; the job
+keeps its id and appends to its log), or exits with `PREEMPTED_EXIT_CODE` when the requeue fails. Started
+again, the trainer finds the checkpoint in the run directory and resumes bit-exactly. A SIGTERM (scancel, or
+SLURM's own preemption) is handed on too, but never requeues.
 
-Run directories are the study's (`study.plan_study`): `study run` skips runs finished this way and resumes
-partial ones, and `study report` reads them. Each run directory gains:
-
-    run.toml       the resolved run config (what `study run` also writes)
-    slurm.sbatch   the rendered job script (resubmit with `study launch`, which records the job: a job
-                   submitted by hand with `sbatch` is not in slurm.json, so `study run` cannot see it queued)
-    slurm.json     every submission: job id, array task, time, script, log, layout, versions, git commit
-    slurm-<job>.out  the job's log, all attempts of one job (job arrays log to <study>/slurm/ instead)
+Run directories are the study's (`plan.plan_study`): `study run` skips runs finished this way, leaves runs
+still queued to their job, and `study report` reads them. Each run directory gains slurm.sbatch (the rendered
+job script), slurm.json (the submissions, see `rundir`) and slurm-<job>.out (the job's log, all attempts;
+job arrays log to <study>/slurm/ instead).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import fcntl
-import json
 import re
 import shlex
 import shutil
@@ -40,28 +28,18 @@ import subprocess
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from megatron_moe.config import ConfigError, from_dict, load_toml, save_toml, to_toml, validate
-from megatron_moe.study import (
-    Plan, Run, StudyConfig, environment, git_state, load_study, manifest, plan_study, run_status,
-)
-from megatron_moe.study import data_check as run_data_check
-from megatron_moe.utils import atomic_write_json, atomic_write_text
-
-STOP_SIGNALS_FOR_TORCHRUN = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
-"""Signals torchrun agents hand on to their workers (TORCHELASTIC_SIGNALS_TO_HANDLE; USR1 is not by default)."""
-LIVE_STATES = {
-    "PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "SUSPENDED", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED",
-    "RESIZING", "SIGNALING", "STAGE_OUT",
-}
-"""squeue states of a job that will still run (or is running): its run is not submitted again."""
-
-
-class LaunchError(RuntimeError):
-    """A scheduler command failed; the message is one line."""
+from megatron_moe.config import ConfigError, from_dict, load_toml, save_toml, validate
+from megatron_moe.files import atomic_write_text
+from megatron_moe.study.plan import Plan, Run, plan_study
+from megatron_moe.study.plan import data_check as run_data_check
+from megatron_moe.study.rundir import (LaunchError, check_unlocked, environment, git_state, live_job, now,
+                                       package_root, record_submission, run_status, write_study_files)
+from megatron_moe.study.spec import StudyConfig
+from megatron_moe.train.stop import PREEMPTED_EXIT_CODE, TORCHRUN_SIGNALS
 
 
 # ================================================================ options
@@ -188,12 +166,6 @@ def processes_per_node(lc: LaunchConfig, study_nproc: int = 1) -> int:
     return lc.nproc_per_node or lc.gpus_per_node or study_nproc
 
 
-def package_root() -> Path:
-    import megatron_moe
-
-    return Path(megatron_moe.__file__).resolve().parent.parent
-
-
 # ================================================================ rendering
 
 
@@ -203,7 +175,7 @@ def torchrun_command(python: str, run_toml: str, *, nnodes: int, nproc_per_node:
     cmd = [python, "-m", "torch.distributed.run", "--nnodes", str(nnodes), "--nproc-per-node", str(nproc_per_node),
            "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", rdzv_id, "--max-restarts", "0",
            # the agent hands these on to the trainers (USR1: checkpoint and stop) instead of dying of them
-           "--signals-to-handle", STOP_SIGNALS_FOR_TORCHRUN]
+           "--signals-to-handle", TORCHRUN_SIGNALS]
     if node_rank is not None:  # c10d assigns ranks itself; a fixed node rank only orders the nodes
         cmd += ["--node-rank", str(node_rank)]
     return [*cmd, "-m", "megatron_moe.cli", "train", run_toml]
@@ -318,7 +290,7 @@ def render_run_script(lc: LaunchConfig, *, run_dir: Path, job_name: str, nproc_p
         'if [ "$stop_signal" = USR1 ]; then',
         '  echo "==== $(date -Is) requeueing job $SLURM_JOB_ID: it resumes from the checkpoint in $RUN_DIR"',
         '  scontrol requeue "$SLURM_JOB_ID" && exit 0',
-        "  exit 75",
+        f"  exit {PREEMPTED_EXIT_CODE}",
         "fi",
         'echo "==== $(date -Is) training step failed (exit $rc)"',
         'exit $(( rc ? rc : 1 ))',
@@ -374,43 +346,7 @@ def submit(script: Path) -> str:
     return parse_job_id(proc.stdout)
 
 
-def job_state(job: str) -> str | None:
-    """squeue's state of a job or array task ('123', '123_4'); None when SLURM no longer knows it."""
-    if shutil.which("squeue") is None:
-        return None
-    try:
-        proc = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True, timeout=60)
-    except subprocess.TimeoutExpired:
-        raise LaunchError(f"squeue -j {job} did not answer within 60 s: cannot tell whether it is queued") from None
-    states = proc.stdout.split() if proc.returncode == 0 else []
-    return states[0] if states else None
-
-
 # ================================================================ a study
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def _submissions(run_dir: Path) -> list[dict[str, Any]]:
-    path = run_dir / "slurm.json"
-    return json.loads(path.read_text())["submissions"] if path.is_file() else []
-
-
-def live_job(run_dir: Path) -> tuple[str, str] | None:
-    """(job, state) of the run's last submission when it is still queued or running."""
-    subs = _submissions(run_dir)
-    if not subs:
-        return None
-    last = subs[-1]
-    job = last["job_id"] + (f"_{last['array_task']}" if last.get("array_task") is not None else "")
-    state = job_state(job)
-    return (job, state) if state in LIVE_STATES else None
-
-
-def _record_submission(run_dir: Path, entry: dict[str, Any]) -> None:
-    atomic_write_json(run_dir / "slurm.json", {"submissions": [*_submissions(run_dir), entry]})
 
 
 def _runs_to_submit(plan: Plan, check_queue: bool, echo: Callable[[str], None]) -> list[Run]:
@@ -424,30 +360,6 @@ def _runs_to_submit(plan: Plan, check_queue: bool, echo: Callable[[str], None]) 
         else:
             todo.append(run)
     return todo
-
-
-def _check_no_local_runner(out: Path) -> None:
-    """Refuse while a `study run` holds the study directory's lock: it would train the same runs."""
-    lock_path = out / ".lock"
-    if not lock_path.is_file():
-        return
-    with lock_path.open("a") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            raise ConfigError(f"a `study run` is using {out} (lock {lock_path}); launch when it has stopped") from None
-
-
-def _write_study_files(plan: Plan, study_file: str | None, data: dict[str, Any] | None) -> None:
-    """study.toml and study.json, as `study run` writes them, so `study report` reads launched runs too."""
-    out = plan.out_dir
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "study.toml", to_toml(dataclasses.asdict(plan.study)))
-    man = manifest(plan, study_file, data)
-    previous = json.loads((out / "study.json").read_text()) if (out / "study.json").is_file() else {}
-    if data is None and previous.get("base", {}).get("data") == man["base"]["data"]:  # keep an earlier data check
-        man["data"], man["data_fingerprints_equal"] = previous.get("data"), previous.get("data_fingerprints_equal")
-    atomic_write_json(out / "study.json", man)
 
 
 def launch_study(cfg: StudyConfig, lc: LaunchConfig, out_dir: str | Path | None = None, *,
@@ -471,15 +383,15 @@ def launch_study(cfg: StudyConfig, lc: LaunchConfig, out_dir: str | Path | None 
         raise ConfigError(f"study directory {str(out)!r} must not contain whitespace (SLURM log paths)")
     p = cfg.parallel
     echo(f"study {name}: {len(plan.runs)} runs in {out}; each {lc.nodes} node(s) x {nproc} process(es) = "
-         f"world size {world} (tensor {p.tensor} x pipeline {p.pipeline} x data {world // (p.tensor * p.pipeline)}"
+         f"world size {world} (tensor {p.tensor} x pipeline {p.pipeline} x data {p.data_parallel_size(world)}"
          f", expert {p.expert})")
     data = run_data_check(plan) if data_check else None
     todo = _runs_to_submit(plan, check_queue=not dry_run, echo=echo)
     if not todo:
         echo("nothing to submit")
         return 0
-    _check_no_local_runner(out)
-    _write_study_files(plan, study_file, data)
+    check_unlocked(out)
+    write_study_files(plan, study_file, data)
 
     # Logs: each run directory (one job per run: requeued attempts append to slurm-<job>.out), or one folder.
     log_dir = Path(lc.log_dir).resolve() if lc.log_dir else (out / "slurm" if lc.array else None)
@@ -517,30 +429,14 @@ def launch_study(cfg: StudyConfig, lc: LaunchConfig, out_dir: str | Path | None 
         job = submit(array_script)
         echo(f"submitted job array {job} ({len(todo)} tasks): {array_script}")
         for i, (run, script) in enumerate(zip(todo, scripts)):
-            _record_submission(run.dir, {"job_id": job, "array_task": i, "submitted": _now(), "script": str(script),
-                                         "array_script": str(array_script),
-                                         "log": str(log_dir / f"{name}-{job}_{i}.out"), **common})
+            record_submission(run.dir, {"job_id": job, "array_task": i, "submitted": now(), "script": str(script),
+                                        "array_script": str(array_script),
+                                        "log": str(log_dir / f"{name}-{job}_{i}.out"), **common})
             echo(f"  {run.arm} seed {run.seed}: task {job}_{i} -> runs/{run.name}")
         return 0
     for run, script in zip(todo, scripts):
         job = submit(script)
-        _record_submission(run.dir, {"job_id": job, "array_task": None, "submitted": _now(), "script": str(script),
-                                     "log": str((log_dir or run.dir) / f"slurm-{job}.out"), **common})
+        record_submission(run.dir, {"job_id": job, "array_task": None, "submitted": now(), "script": str(script),
+                                    "log": str((log_dir or run.dir) / f"slurm-{job}.out"), **common})
         echo(f"{run.arm} seed {run.seed}: submitted job {job} -> runs/{run.name}")
     return 0
-
-
-def launch_main(study_path: str, overrides: list[str], *, output_dir: str | None = None, slurm: bool = False,
-                dry_run: bool = False, data_check: bool = True, launch_config: str | None = None,
-                flags: dict[str, Any] | None = None) -> int:
-    """Entry point of `megatron-moe study launch`."""
-    if not slurm:
-        raise ConfigError("study launch needs a scheduler: add --slurm (the only one supported)")
-    lc = load_launch_config(launch_config, flags or {})
-    cfg = load_study(study_path, overrides, check_world=False)
-    try:
-        return launch_study(cfg, lc, output_dir, study_file=str(Path(study_path).resolve()), dry_run=dry_run,
-                            data_check=data_check, echo=lambda line: print(line, flush=True))
-    except LaunchError as exc:
-        print(f"megatron-moe: error: {exc}", file=sys.stderr)
-        return 1

@@ -1,0 +1,122 @@
+"""Reading raw corpora: text (documents separated by an end-of-document marker) and JSON lines, plain or
+compressed (.gz, .bz2, .xz), from files, directories or globs.
+"""
+
+from __future__ import annotations
+
+import bz2
+import gzip
+import json
+import lzma
+import zlib
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from megatron_moe.config import ConfigError
+from megatron_moe.data.tokenizers import EOD_TEXT
+
+
+TEXT_SUFFIXES = (".txt", ".text", ".md")
+
+
+JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
+
+
+COMPRESSED = {".xz": lzma.open, ".gz": gzip.open, ".bz2": bz2.open}
+
+
+# ================================================================ reading inputs
+
+
+@dataclass
+class Document:
+    text: str
+    where: str  # "file:line" for error messages
+
+
+def _open_binary(path: Path) -> Any:
+    opener = COMPRESSED.get(path.suffix.lower())
+    return opener(path, "rb") if opener else open(path, "rb")
+
+
+def _base_suffix(path: Path) -> str:
+    """Suffix ignoring a compression suffix: corpus.jsonl.xz -> .jsonl."""
+    name = path.name.lower()
+    for comp in COMPRESSED:
+        if name.endswith(comp):
+            name = name[: -len(comp)]
+    return Path(name).suffix
+
+
+def expand_inputs(inputs: Iterable[str | Path]) -> list[Path]:
+    """Input files: files as given, directories expanded to their text/JSONL files (sorted, recursive)."""
+    files: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            found = sorted(
+                f for f in p.rglob("*")
+                if f.is_file() and not any(part.startswith(".") for part in f.relative_to(p).parts)
+                and _base_suffix(f) in TEXT_SUFFIXES + JSONL_SUFFIXES
+            )
+            if not found:
+                raise ConfigError(f"input directory {str(p)!r} has no .txt or .jsonl files (optionally .xz/.gz/.bz2)")
+            files += found
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise ConfigError(f"input {str(p)!r} does not exist")
+    if not files:
+        raise ConfigError("no input files given")
+    return files
+
+
+def _lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(1-based line number, decoded line) with strict UTF-8 and one-line errors."""
+    try:
+        with _open_binary(path) as f:
+            for n, raw in enumerate(f, 1):
+                try:
+                    yield n, raw.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    raise ConfigError(f"{path}:{n}: not UTF-8 text (byte {exc.start} of the line)") from None
+    except (lzma.LZMAError, zlib.error, OSError, EOFError) as exc:
+        raise ConfigError(f"{path}: cannot read ({exc})") from None
+
+
+def iter_documents(path: Path, separator: str = EOD_TEXT, text_key: str = "text") -> Iterator[Document]:
+    """Documents of one file: JSON lines (field `text_key`) or plain text split on `separator`.
+
+    Plain-text documents are stripped of surrounding whitespace; empty documents are yielded (as "") so that
+    the caller can count them, and are not written.
+    """
+    if _base_suffix(path) in JSONL_SUFFIXES:
+        for n, line in _lines(path):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ConfigError(f"{path}:{n}: not valid JSON ({exc.msg})") from None
+            if not isinstance(obj, dict) or text_key not in obj:
+                raise ConfigError(f"{path}:{n}: JSON line has no field {text_key!r}")
+            if not isinstance(obj[text_key], str):
+                raise ConfigError(f"{path}:{n}: field {text_key!r} is not a string")
+            yield Document(obj[text_key], f"{path}:{n}")
+        return
+    parts: list[str] = []
+    start = 1
+    for n, line in _lines(path):
+        if separator and separator in line:
+            pieces = line.split(separator)
+            parts.append(pieces[0])
+            for piece in pieces[1:]:
+                yield Document("".join(parts).strip(), f"{path}:{start}")
+                parts, start = [piece], n
+        else:
+            parts.append(line)
+    last = "".join(parts).strip()
+    if last:  # text after the final separator is usually just a newline: not a document
+        yield Document(last, f"{path}:{start}")

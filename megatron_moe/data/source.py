@@ -1,0 +1,197 @@
+"""The trainer's data source: a prepared dataset plus a schedule, giving the global batch of each optimizer
+step, the validation batches, and a fingerprint of the whole sample stream.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from megatron_moe.config import ConfigError, DataConfig
+from megatron_moe.data.schedule import STREAM_VERSION, Schedule
+from megatron_moe.data.store import MANIFEST, TokenStore, VERIFY_MAX_BYTES, read_manifest, verify_dataset
+from megatron_moe.data.synthetic import synthetic_dataset
+from megatron_moe.data.tokenizers import TextTokenizer, load_tokenizer
+
+
+def _read_segments(store: TokenStore, segments: Iterable[tuple[int, int, int]], length: int) -> np.ndarray:
+    out = np.empty(length, np.int64)
+    filled = 0
+    for doc, off, n in segments:
+        s = int(store.doc_start[doc]) + off
+        out[filled : filled + n] = store.tokens[s : s + n]
+        filled += n
+    assert filled == length
+    return out
+
+
+def _samples(stream: np.ndarray, count: int, seq_length: int) -> np.ndarray:
+    """`count` samples of seq_length + 1 tokens from a stream, consecutive samples sharing one token."""
+    idx = np.arange(count)[:, None] * seq_length + np.arange(seq_length + 1)[None, :]
+    return stream[idx]
+
+
+# ================================================================ the trainer's interface
+
+
+class DataSource:
+    """Training batches by step, fixed validation batches, and a fingerprint of the sample stream."""
+
+    def __init__(
+        self, path: Path, cfg: DataConfig, seq_length: int, global_batch_size: int, *, synthetic: bool = False
+    ) -> None:
+        if global_batch_size <= 0:
+            raise ConfigError(f"global_batch_size = {global_batch_size} must be > 0")
+        self.path, self.cfg, self.synthetic = path, cfg, synthetic
+        self.seq_length, self.global_batch_size = seq_length, global_batch_size
+        self.manifest = read_manifest(path)
+        self.train = TokenStore.open(path / self.manifest["splits"]["train"]["prefix"])
+        self.valid = TokenStore.open(path / self.manifest["splits"]["valid"]["prefix"])
+        for name, store in (("train", self.train), ("valid", self.valid)):
+            want = self.manifest["splits"][name]
+            if store.num_documents != want["documents"] or store.num_tokens != want["tokens"]:
+                raise ConfigError(f"{path}: the {name} split does not match {MANIFEST} (documents or tokens differ)")
+        size = sum((path / n).stat().st_size for n in self.manifest["checksums"])
+        if size <= VERIFY_MAX_BYTES:  # cheap for small data; large data is checked by `data inspect --verify`
+            verify_dataset(path, self.manifest)
+        tok = self.manifest["tokenizer"]
+        self.vocab_size: int = int(tok["vocab_size"])
+        self.eod_id: int = int(tok["eod_id"])
+        self.bytes_per_token: float = float(self.manifest["splits"]["valid"]["bytes_per_token"])
+        self.schedule = Schedule(self.train.doc_len, seq_length, cfg.seed, cfg.unique_tokens, cfg.epochs,
+                                 cfg.consumed_tokens)
+        self._tokenizer: TextTokenizer | None = None
+        self._fingerprint: str | None = None
+        self.train_steps: int | None = None  # the run's length, if known: describe() reports its consumption
+
+    @property
+    def num_steps(self) -> int | None:
+        """Optimizer steps the schedule provides (None = unbounded); a last partial batch is dropped."""
+        n = self.schedule.num_samples
+        return None if n is None else n // self.global_batch_size
+
+    def train_batch(self, step: int) -> np.ndarray:
+        """int64 [global_batch_size, seq_length + 1] for 0-based optimizer `step`; identical on every rank."""
+        if step < 0 or (self.num_steps is not None and step >= self.num_steps):
+            raise ConfigError(f"data schedule provides {self.num_steps} optimizer steps; step {step} asked")
+        return self.samples(step * self.global_batch_size, self.global_batch_size)
+
+    def samples(self, first: int, count: int) -> np.ndarray:
+        """Training samples [first, first + count) as int64 [count, seq_length + 1]."""
+        s = self.seq_length
+        length = count * s + 1
+        stream = _read_segments(self.train, self.schedule.segments(first * s, length), length)
+        return _samples(stream, count, s)
+
+    def check_valid_size(self, batch_size: int, num_batches: int) -> None:
+        """ConfigError when the validation split is too small for `valid_batches(batch_size, num_batches)`."""
+        s = self.seq_length
+        need = batch_size * num_batches * s + 1
+        if need > self.valid.num_tokens:
+            raise ConfigError(
+                f"validation split has {self.valid.num_tokens:,} tokens; {num_batches} batches of {batch_size} x "
+                f"{s + 1} need {need:,} (lower train.eval_iters or "
+                f"{'raise data.synthetic_documents' if self.synthetic else 'hold out more documents'})"
+            )
+
+    def valid_batches(self, batch_size: int, num_batches: int) -> list[np.ndarray]:
+        """The first batch_size x num_batches held-out samples (validation documents in stored order)."""
+        self.check_valid_size(batch_size, num_batches)
+        s, count = self.seq_length, batch_size * num_batches
+        need = count * s + 1
+        stream = np.asarray(self.valid.tokens[:need], np.int64)  # one sequence per document, stored in order
+        all_samples = _samples(stream, count, s)
+        return [all_samples[i * batch_size : (i + 1) * batch_size] for i in range(num_batches)]
+
+    def fingerprint(self) -> str:
+        """sha256 (16 hex) of the sample stream: dataset checksums, schedule, counts and the first samples."""
+        if self._fingerprint is None:
+            sch = self.schedule
+            h = hashlib.sha256()
+            h.update(json.dumps({
+                "stream_version": STREAM_VERSION,
+                "train": [self.manifest["checksums"][f"train.{ext}"] for ext in ("bin", "idx")],
+                "seq_length": self.seq_length, "global_batch_size": self.global_batch_size,
+                "seed": self.cfg.seed, "unique_tokens": sch.unique_tokens, "total_tokens": sch.total_tokens,
+                "num_steps": self.num_steps,
+            }, sort_keys=True).encode())
+            h.update(sch.selected.tobytes())
+            n = sch.num_samples
+            head = 64 if n is None else min(64, n)
+            h.update(self.samples(0, head).tobytes())
+            if n is not None:
+                h.update(self.samples(n - 1, 1).tobytes())
+            self._fingerprint = h.hexdigest()[:16]
+        return self._fingerprint
+
+    def describe(self, train_steps: int | None = None) -> dict[str, Any]:
+        """Documents, unique tokens (budget actually used), consumed tokens, epochs, fingerprint and so on.
+
+        Consumed tokens and epochs are those of a run of `train_steps` (default: the run's length given to
+        `build_data_source`, else the whole schedule); `schedule_tokens` is what the schedule provides.
+        """
+        sch = self.schedule
+        train_steps = train_steps if train_steps is not None else self.train_steps
+        steps = train_steps if train_steps is not None else self.num_steps
+        consumed = None if steps is None else steps * self.global_batch_size * self.seq_length
+        return {
+            "source": "synthetic" if self.synthetic else str(self.path),
+            "dataset_dir": str(self.path),
+            "tokenizer": {k: self.manifest["tokenizer"][k] for k in ("kind", "vocab_size", "eod_id", "sha256")},
+            "vocab_size": self.vocab_size,
+            "train_documents": self.train.num_documents,
+            "train_tokens": self.train.num_tokens,
+            "valid_documents": self.valid.num_documents,
+            "valid_tokens": self.valid.num_tokens,
+            "bytes_per_token": self.bytes_per_token,
+            "seed": self.cfg.seed,
+            "seq_length": self.seq_length,
+            "global_batch_size": self.global_batch_size,
+            "unique_documents": int(len(sch.selected)),
+            "unique_tokens": sch.unique_tokens,
+            "unique_tokens_requested": self.cfg.unique_tokens,
+            "schedule_tokens": sch.total_tokens,
+            "schedule_samples": sch.num_samples,
+            "num_steps": self.num_steps,
+            "consumed_tokens": consumed,
+            "epochs": None if consumed is None else consumed / sch.unique_tokens,
+            "fingerprint": self.fingerprint(),
+        }
+
+    @property
+    def tokenizer(self) -> TextTokenizer:
+        """The dataset's tokenizer (loaded on first use)."""
+        if self._tokenizer is None:
+            tok = self.manifest["tokenizer"]
+            self._tokenizer = load_tokenizer(self.path / tok["file"], tok["eod_token"])
+        return self._tokenizer
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.tokenizer.decode(ids)
+
+
+def build_data_source(
+    cfg: DataConfig, seq_length: int, global_batch_size: int, train_steps: int | None = None
+) -> DataSource:
+    """The trainer's data: `cfg.path` (a prepared dataset) or, when empty, the built-in synthetic corpus.
+
+    With `train_steps`, a finite schedule that cannot feed that many steps is refused here, at start-up.
+    """
+    cfg.validate()
+    if cfg.path:
+        ds = DataSource(Path(cfg.path), cfg, seq_length, global_batch_size)
+    else:
+        path = synthetic_dataset(cfg.synthetic_documents, cfg.synthetic_vocab_size)
+        ds = DataSource(path, cfg, seq_length, global_batch_size, synthetic=True)
+    if train_steps is not None and ds.num_steps is not None and train_steps > ds.num_steps:
+        raise ConfigError(
+            f"train.train_steps = {train_steps} exceeds the {ds.num_steps} steps the data schedule provides "
+            f"({ds.schedule.total_tokens:,} tokens / ({global_batch_size} x {seq_length}))"
+        )
+    ds.train_steps = train_steps
+    return ds

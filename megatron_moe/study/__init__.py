@@ -1,0 +1,10 @@
+"""Studies: arms x seeds x budgets, derived by the planner, trained, and reported (no torch at import).
+
+- `spec`: the study file ([study] table) and its checks.
+- `plan`: the arms and runs a spec derives (pure: no side effects).
+- `rundir`: the study directory on disk: study.json, run status, the lock, attempts and submissions.
+- `runner`: `study run`, every (arm, seed) in a fresh trainer process, resumable.
+- `slurm`: `study launch --slurm`, sbatch scripts and job submission.
+- `stats`: mean, std and Student-t intervals over seeds, paired gaps.
+- `report`: tables, plots and results.json from a study directory.
+"""

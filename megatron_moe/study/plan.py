@@ -1,0 +1,293 @@
+"""The arms and runs a study spec derives (pure: the planner only, no torch, nothing written).
+
+Arms are never written by hand: `moe` is the base model; `dense_<contract>` is `planner.match_dense(base,
+contract)`, the base with moe.num_experts = 0 and width resized at fixed depth; `equal_resources` expands into
+`er_dense` and `er_moe_ra<r>` with equal non-embedding parameters N, training compute C and unique tokens D.
+Every arm of a study gets the identical data config (same documents, same order, so the same data
+fingerprint); equal-resources arms share data.unique_tokens = D with an unbounded reuse schedule and differ
+only in train.train_steps = the planner's consumed tokens / tokens per step (strict reuse: the dense baseline
+sees D once, each MoE arm `repeats` times).
+
+Each (arm, seed) is a run in `<study>/runs/<arm>-s<seed>-<hash>`. The hash covers the whole resolved run config
+except bookkeeping that cannot change the trained model (`BOOKKEEPING_FIELDS`), so a changed study spec gets
+new run directories and an unchanged one finds its finished runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from megatron_moe.config import ConfigError, DataConfig, ModelConfig, RunConfig, changed_fields, get_dotted, validate
+from megatron_moe.planner.format import human
+from megatron_moe.study.spec import StudyConfig
+
+
+BOOKKEEPING_FIELDS = ("output_dir", "log_interval", "save_interval")
+"""train.* fields left out of the run hash: they cannot change the trained model."""
+
+
+# ================================================================ arms and runs
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One arm: a model derived from the base by the planner, with its run length."""
+
+    name: str
+    """moe, dense_active, ..., er_dense, er_moe_ra0.20."""
+    contract: str
+    """What the arm holds equal to its reference: 'base', 'active', 'total', 'flops', 'equal_resources'."""
+    config: RunConfig
+    """The arm's run config; train.seed and train.output_dir are set per run."""
+    ledger: Any
+    """planner.Ledger of the arm's model."""
+    changed_fields: tuple[str, ...]
+    """Dotted model.* / parallel.* fields that differ from the base config (steps and data are shown apart)."""
+    match: dict[str, Any]
+    """Matched quantity, target, achieved and residual_pct (empty for the base MoE)."""
+
+    @property
+    def tokens_per_step(self) -> int:
+        return tokens_per_step(self.config)
+
+    def to_dict(self) -> dict[str, Any]:
+        led = self.ledger
+        t = self.config.train
+        return {
+            "name": self.name,
+            "contract": self.contract,
+            "is_moe": self.config.model.is_moe,
+            "changed_fields": list(self.changed_fields),
+            "changes": {f: get_dotted(self.config, f) for f in self.changed_fields},
+            "match": self.match,
+            "train_steps": t.train_steps,
+            "tokens_per_step": self.tokens_per_step,
+            "planned_tokens": t.train_steps * self.tokens_per_step,
+            "total_params": led.total_params,
+            "active_params": led.active_params,
+            "nonembedding_params": led.nonembedding_params,
+            "nonembedding_active_params": led.nonembedding_active_params,
+            "r_a": led.r_a,
+            "flops_train_per_token": led.flops_train_per_token,
+            "flops_er_per_token": led.flops_er_per_token,
+            "model": dataclasses.asdict(self.config.model),
+        }
+
+
+@dataclass(frozen=True)
+class Run:
+    """One (arm, seed): a resolved run config and its directory."""
+
+    arm: str
+    seed: int
+    config: RunConfig
+    hash: str
+    dir: Path
+
+    @property
+    def name(self) -> str:
+        return self.dir.name
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything `study run` will do, derived from the study config without training anything."""
+
+    study: StudyConfig
+    out_dir: Path
+    arms: tuple[Arm, ...]
+    runs: tuple[Run, ...]
+    pairs: tuple[dict[str, str], ...]
+    """Paired comparisons: name, baseline arm, moe arm (gap = loss(baseline) - loss(moe))."""
+    family: dict[str, Any] | None
+    """The equal-resources family's N, D, C (None for matched arms)."""
+
+
+def tokens_per_step(cfg: RunConfig) -> int:
+    return cfg.train.global_batch_size * cfg.model.seq_length
+
+
+def _changed(base: RunConfig, arm: RunConfig) -> tuple[str, ...]:
+    """Model and parallel fields an arm changes in the base run config (its steps and data are columns of
+    their own)."""
+    return changed_fields(base.model, arm.model, "model") + changed_fields(base.parallel, arm.parallel, "parallel")
+
+
+def run_hash(cfg: RunConfig) -> str:
+    """12 hex of sha256 over the resolved run config minus bookkeeping (BOOKKEEPING_FIELDS)."""
+    d = cfg.to_dict()
+    for name in BOOKKEEPING_FIELDS:
+        d["train"].pop(name)
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _arm_config(base: RunConfig, model: ModelConfig, train_steps: int, data: DataConfig | None = None) -> RunConfig:
+    arm = base.with_model(model)
+    return dataclasses.replace(
+        arm, data=data or base.data, train=dataclasses.replace(base.train, train_steps=train_steps, output_dir=""),
+    )
+
+
+def _steps_for(cfg: StudyConfig, flops_per_token: int, what: str) -> int:
+    s, t = cfg.study, cfg.train
+    per_step = tokens_per_step(cfg)
+    if s.budget_flops:
+        steps = int(s.budget_flops // (flops_per_token * per_step))
+        source = f"study.budget_flops = {s.budget_flops:g} / ({flops_per_token:,} FLOPs/token x {per_step:,} tokens/step)"
+    elif s.budget_tokens:
+        steps = s.budget_tokens // per_step
+        source = f"study.budget_tokens = {s.budget_tokens:,} / {per_step:,} tokens/step"
+    else:
+        return t.train_steps
+    if steps <= t.lr_warmup_steps:
+        raise ConfigError(f"{what}: {source} = {steps} steps, not above train.lr_warmup_steps = {t.lr_warmup_steps}")
+    return steps
+
+
+def derive_arms(
+    cfg: StudyConfig, *, check_world: bool = True
+) -> tuple[list[Arm], list[dict[str, str]], dict[str, Any] | None]:
+    """The study's arms (planner only: no torch, no data), its paired comparisons and the ER family summary."""
+    from megatron_moe.planner.family import equal_resources_family
+    from megatron_moe.planner.ledger import ledger
+    from megatron_moe.planner.match import match_dense
+
+    s, base = cfg.study, cfg.base()
+    tensor = cfg.parallel.tensor
+    m = s.match
+
+    arms: list[Arm] = []
+    pairs: list[dict[str, str]] = []
+    family_info = None
+    if s.arms == ["equal_resources"]:
+        er = s.equal_resources
+        fam = equal_resources_family(
+            cfg.model, tuple(er.r_a), total_params=er.total_params or None, dense_resize=er.dense_resize,
+            unique_tokens=er.unique_tokens or None, tokens_per_param=er.tokens_per_param,
+            top_k_choices=tuple(er.top_k), max_experts=er.max_experts, tensor=tensor, expert=cfg.parallel.expert,
+            multiple_of=er.multiple_of, flops=er.flops, causal_attention=m.causal_attention,
+            r_a_rel_tolerance=er.r_a_rel_tolerance, tolerance_pct=m.tolerance_pct,
+        )
+        data = dataclasses.replace(cfg.data, unique_tokens=fam.unique_tokens, epochs=0.0, consumed_tokens=0)
+        per_step = tokens_per_step(cfg)
+        family_info = {
+            "total_params": fam.total_params, "unique_tokens": fam.unique_tokens, "compute": fam.compute,
+            "flops": fam.flops, "tokens_per_step": per_step,
+        }
+        for member in (fam.dense, *fam.members):
+            steps = member.consumed_tokens // per_step
+            if steps <= cfg.train.lr_warmup_steps:
+                raise ConfigError(
+                    f"equal-resources arm {member.name}: {member.consumed_tokens:,} tokens / {per_step:,} "
+                    f"tokens/step = {steps} steps, not above train.lr_warmup_steps = {cfg.train.lr_warmup_steps}; "
+                    "raise study.equal_resources.unique_tokens"
+                )
+            name = f"er_{member.name}"
+            arm_cfg = _arm_config(base, member.config, steps, data)
+            arms.append(Arm(
+                name=name, contract="equal_resources", config=arm_cfg, ledger=member.ledger,
+                changed_fields=_changed(base, arm_cfg),
+                match={
+                    "quantity": "non-embedding parameters N (and compute C, unique tokens D)",
+                    "target": fam.total_params, "achieved": member.ledger.nonembedding_params,
+                    "residual_pct": member.params_residual_pct, "target_r_a": member.target_r_a,
+                    "flops_per_token": member.flops_per_token, "consumed_tokens": member.consumed_tokens,
+                    "repeats": member.repeats, "compute": member.consumed_tokens * member.flops_per_token,
+                },
+            ))
+            if member is not fam.dense:
+                pairs.append({"name": f"er-{member.name[4:]}", "baseline": "er_dense", "moe": name,
+                              "description": f"equal N, C, D: dense baseline vs MoE at r_a {member.r_a:.3f}"})
+    else:
+        for arm in s.arms:
+            if arm == "moe":
+                led = ledger(cfg.model, tensor, causal_attention=m.causal_attention)
+                model, match = cfg.model, {}
+                contract = "base"
+            else:
+                contract = arm.removeprefix("dense_")
+                mt = match_dense(cfg.model, contract, tensor, multiple_of=m.multiple_of, resize=m.resize,
+                                 count=m.count, flops=m.flops, causal_attention=m.causal_attention,
+                                 tolerance_pct=m.tolerance_pct)
+                led, model = mt.ledger, mt.config
+                match = {"quantity": mt.quantity, "target": mt.target, "achieved": mt.achieved,
+                         "residual_pct": mt.residual_pct}
+            steps = _steps_for(cfg, led.train_flops(m.flops), f"arm {arm}")
+            arm_cfg = _arm_config(base, model, steps)
+            arms.append(Arm(
+                name=arm, contract=contract, config=arm_cfg, ledger=led,
+                changed_fields=_changed(base, arm_cfg),
+                match=match,
+            ))
+        if "moe" in s.arms:
+            for arm in arms:
+                if arm.name.startswith("dense_"):
+                    pairs.append({"name": f"matched-{arm.contract}", "baseline": arm.name, "moe": "moe",
+                                  "description": f"dense matched to the MoE's {arm.match['quantity']}"})
+    for a in arms:
+        validate(a.config, s.nproc_per_node if check_world else None)
+    return arms, pairs, family_info
+
+
+def plan_study(cfg: StudyConfig, out_dir: str | Path | None = None, *, check_world: bool = True) -> Plan:
+    """Arms and runs of a study; run directories are `out_dir/runs/<arm>-s<seed>-<hash>`."""
+    out = Path(out_dir or cfg.study.output_dir or Path("runs") / "study" / cfg.study.name).resolve()
+    arms, pairs, family = derive_arms(cfg, check_world=check_world)
+    runs = []
+    for arm in arms:
+        for seed in cfg.study.seeds:
+            rc = dataclasses.replace(arm.config, train=dataclasses.replace(arm.config.train, seed=seed))
+            h = run_hash(rc)
+            run_dir = out / "runs" / f"{arm.name}-s{seed}-{h}"
+            rc = dataclasses.replace(rc, train=dataclasses.replace(rc.train, output_dir=str(run_dir)))
+            runs.append(Run(arm=arm.name, seed=seed, config=rc, hash=h, dir=run_dir))
+    return Plan(study=cfg, out_dir=out, arms=tuple(arms), runs=tuple(runs), pairs=tuple(pairs), family=family)
+
+
+def data_check(plan: Plan) -> dict[str, dict[str, Any]]:
+    """Build each arm's data source once (no training) and describe it: catches a schedule too short for an
+    arm's steps, or a dataset too small for the budget, before any compute is spent. Keyed by arm."""
+    from megatron_moe.data.source import build_data_source
+
+    out: dict[str, dict[str, Any]] = {}
+    cache: dict[str, Any] = {}
+    for arm in plan.arms:
+        c = arm.config
+        key = json.dumps([dataclasses.asdict(c.data), c.model.seq_length, c.train.global_batch_size])
+        if key not in cache:
+            cache[key] = build_data_source(c.data, c.model.seq_length, c.train.global_batch_size)
+        ds = cache[key]
+        if ds.num_steps is not None and c.train.train_steps > ds.num_steps:
+            raise ConfigError(
+                f"arm {arm.name}: train.train_steps = {c.train.train_steps} exceeds the {ds.num_steps} steps the data "
+                "schedule provides"
+            )
+        if ds.vocab_size > c.model.vocab_size:
+            raise ConfigError(
+                f"model.vocab_size = {c.model.vocab_size} is smaller than the tokenizer's vocabulary ({ds.vocab_size})"
+            )
+        d = ds.describe(c.train.train_steps)
+        out[arm.name] = {k: d[k] for k in ("source", "unique_tokens", "consumed_tokens", "epochs", "fingerprint")}
+    return out
+
+
+def format_plan(plan: Plan) -> str:
+    """The arm table (what differs, matched quantity and residual, size, FLOPs, steps) and run statuses."""
+    rows = [f"{'arm':<16}{'params':>10}{'active':>10}{'N (non-emb)':>12}{'r_a':>7}{'FLOPs/tok':>11}"
+            f"{'steps':>7}{'tokens':>11}{'epochs':>7}{'resid %':>9}  changed vs base"]
+    for a in plan.arms:
+        led = a.ledger
+        resid = f"{a.match['residual_pct']:+.3f}" if a.match else "-"
+        repeats = f"{a.match['repeats']:.2f}" if "repeats" in a.match else "-"  # planned; the data check has the rest
+        changes = ", ".join(f"{f.removeprefix('model.')}={get_dotted(a.config, f)}" for f in a.changed_fields)
+        rows.append(
+            f"{a.name:<16}{human(led.total_params):>10}{human(led.active_params):>10}{human(led.nonembedding_params):>12}"
+            f"{led.r_a:>7.3f}{human(led.flops_train_per_token):>11}{a.config.train.train_steps:>7}"
+            f"{human(a.config.train.train_steps * a.tokens_per_step):>11}{repeats:>7}{resid:>9}  {changes or '-'}"
+        )
+    return "\n".join(rows)

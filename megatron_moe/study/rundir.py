@@ -1,0 +1,326 @@
+"""The study directory on disk: every file `study run`, `study launch` and `study report` share, and its lock.
+
+    study.toml            the study file as loaded (with overrides)
+    study.json            manifest: spec, base config, arms (changed fields, matched quantity, target,
+                          residual, ledger, steps), pairs, runs, planned data fingerprints, versions, git
+    log.jsonl             one line per runner event: start, resume, skip, done, failed, interrupted
+    .lock                 held by a `study run` while it trains (`study_lock`)
+    runs/<arm>-s<seed>-<hash>/
+        run.toml          the resolved run config the trainer is given
+        run.json          arm, seed, hash, and per attempt: time, exit code, versions, git commit
+        train.log         the trainer's output, all attempts
+        slurm.json        every `study launch` submission: job id, array task, time, script, log, layout,
+                          versions, git commit (a job submitted by hand with sbatch is not in it, so
+                          `study run` cannot see it queued)
+        config.toml, metrics.jsonl, checkpoints/, result.json   written by the trainer (result.json = complete)
+
+The code version (git commit) and package versions are recorded here, never hashed into a run's name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import json
+import platform
+import shutil
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from megatron_moe.config import ConfigError, to_toml
+from megatron_moe.files import atomic_write_json, atomic_write_text
+from megatron_moe.study.plan import Plan, Run
+
+LOCK = ".lock"
+ARM_KEYS = ("name", "contract", "is_moe", "changed_fields", "train_steps", "tokens_per_step", "planned_tokens",
+            "total_params", "active_params", "nonembedding_params", "nonembedding_active_params", "r_a",
+            "flops_train_per_token", "flops_er_per_token")
+"""Keys of each study.json arm that the report reads (see `Arm.to_dict`)."""
+
+LIVE_STATES = {
+    "PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "SUSPENDED", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED",
+    "RESIZING", "SIGNALING", "STAGE_OUT",
+}
+"""squeue states of a job that will still run (or is running): its run is not submitted again."""
+
+
+class LaunchError(RuntimeError):
+    """A scheduler command failed; the message is one line."""
+
+
+# ================================================================ provenance
+
+
+def environment() -> dict[str, str | None]:
+    """Versions of python, torch, megatron-core, numpy and this package (without importing torch)."""
+    from importlib import metadata
+
+    import megatron_moe
+
+    def version(dist: str) -> str | None:
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            return None
+
+    return {
+        "python": platform.python_version(),
+        "torch": version("torch"),
+        "megatron-core": version("megatron-core"),
+        "numpy": version("numpy"),
+        "megatron-moe": megatron_moe.__version__,
+        "platform": platform.platform(),
+    }
+
+
+def package_root() -> Path:
+    """The checkout this package runs from: trainers and jobs get it on PYTHONPATH."""
+    import megatron_moe
+
+    return Path(megatron_moe.__file__).resolve().parent.parent
+
+
+def git_state() -> dict[str, Any] | None:
+    """The commit of the checkout this package runs from and whether tracked files are modified."""
+
+    def git(*args: str) -> str | None:
+        try:
+            proc = subprocess.run(["git", "-C", str(package_root()), *args], capture_output=True, text=True,
+                                  timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return proc.stdout.strip() if proc.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    if commit is None:
+        return None
+    dirty = git("status", "--porcelain", "--untracked-files=no")
+    return {"commit": commit, "dirty": bool(dirty)}
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+# ================================================================ run status and the lock
+
+
+def run_status(run: Run) -> str:
+    """'done' (result.json exists), 'partial' (started, not finished) or 'new'."""
+    if (run.dir / "result.json").is_file():
+        return "done"
+    if (run.dir / "run.json").is_file() or (run.dir / "metrics.jsonl").is_file():
+        return "partial"
+    return "new"
+
+
+@contextmanager
+def study_lock(out: Path) -> Iterator[None]:
+    """Hold the study directory's lock: two runners on one study directory would train the same runs twice."""
+    out.mkdir(parents=True, exist_ok=True)
+    lock = (out / LOCK).open("w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.close()
+        raise ConfigError(f"another `study run` is using {out} (lock {out / LOCK})") from None
+    try:
+        yield
+    finally:
+        lock.close()
+
+
+def check_unlocked(out: Path) -> None:
+    """Refuse while a `study run` holds the study directory's lock: jobs would train the same runs."""
+    lock_path = out / LOCK
+    if not lock_path.is_file():
+        return
+    with lock_path.open("a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise ConfigError(f"a `study run` is using {out} (lock {lock_path}); launch when it has stopped") from None
+
+
+# ================================================================ study.toml and study.json
+
+
+def manifest(plan: Plan, study_file: str | None, data: dict[str, Any] | None) -> dict[str, Any]:
+    """The study-level record written to study.json."""
+    cfg = plan.study
+    prints = {d["fingerprint"] for d in (data or {}).values()}
+    return {
+        "name": cfg.study.name,
+        "study_file": study_file,
+        "updated": now(),
+        "spec": dataclasses.asdict(cfg.study),
+        "base": cfg.base().to_dict(),
+        "seeds": list(cfg.study.seeds),
+        "data_seed": cfg.data.seed,
+        "seed_policy": "train.seed = the run's seed (model init); data.seed fixed for the whole study",
+        "gap_sign": "gap = best val loss(baseline) - best val loss(MoE); positive = the MoE is better",
+        "arms": [a.to_dict() for a in plan.arms],
+        "pairs": list(plan.pairs),
+        "family": plan.family,
+        "data": data,
+        "data_fingerprints_equal": None if data is None else len(prints) == 1,
+        "runs": [{"arm": r.arm, "seed": r.seed, "hash": r.hash, "dir": f"runs/{r.name}"} for r in plan.runs],
+        "environment": environment(),
+        "git": git_state(),
+    }
+
+
+def write_study_files(plan: Plan, study_file: str | None, data: dict[str, Any] | None) -> None:
+    """study.toml and study.json. Without a data check (`data` None) an earlier study.json's planned data
+    fingerprints are kept while the base data config is unchanged: they are what the report compares against
+    before any run is complete."""
+    out = plan.out_dir
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "study.toml", to_toml(dataclasses.asdict(plan.study)))
+    man = manifest(plan, study_file, data)
+    if data is None and (out / "study.json").is_file():
+        previous = load_manifest(out)
+        if previous.base.get("data") == man["base"]["data"]:
+            man["data"], man["data_fingerprints_equal"] = previous.data, previous.data_fingerprints_equal
+    atomic_write_json(out / "study.json", man)
+
+
+@dataclass(frozen=True)
+class StudyManifest:
+    """The parts of study.json that readers use, checked for shape (see `manifest` for what each holds)."""
+
+    path: Path
+    name: str
+    seeds: list[int]
+    arms: list[dict[str, Any]]
+    pairs: list[dict[str, Any]]
+    runs: list[dict[str, Any]]
+    """{arm, seed, hash, dir}; dir relative to the study directory."""
+    base: dict[str, Any]
+    data: dict[str, Any] | None
+    """Planned data description per arm (None: launched without a data check)."""
+    data_fingerprints_equal: bool | None
+    data_seed: int | None
+    gap_sign: str | None
+    family: dict[str, Any] | None
+    environment: dict[str, Any] | None
+    git: dict[str, Any] | None
+
+
+def load_manifest(study_dir: str | Path) -> StudyManifest:
+    """Read `study_dir`/study.json; ConfigError (one line, naming the file) when missing, corrupt or misshapen."""
+    study_dir = Path(study_dir)
+    path = study_dir / "study.json"
+    if not path.is_file():
+        raise ConfigError(f"{str(study_dir)!r} is not a study directory (no study.json; run `megatron-moe study run` first)")
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConfigError(f"{path} is not a readable study.json ({why}); run `megatron-moe study run` again") from None
+
+    def bad(what: str) -> ConfigError:
+        return ConfigError(f"{path} is not a valid study.json: {what}; run `megatron-moe study run` again")
+
+    if not isinstance(raw, dict):
+        raise bad(f"expected a JSON object, found {type(raw).__name__}")
+
+    def field(key: str, kind: type | tuple[type, ...], *, required: bool = True) -> Any:
+        if key not in raw or raw[key] is None:
+            if required:
+                raise bad(f"no {key!r}")
+            return None
+        if not isinstance(raw[key], kind):
+            raise bad(f"{key!r} is a {type(raw[key]).__name__}")
+        return raw[key]
+
+    def records(key: str, keys: tuple[str, ...]) -> list[dict[str, Any]]:
+        items = field(key, list)
+        for i, item in enumerate(items):
+            if not isinstance(item, dict) or any(k not in item for k in keys):
+                raise bad(f"{key}[{i}] lacks one of {', '.join(keys)}")
+        return items
+
+    arms = records("arms", ARM_KEYS)
+    names = {a["name"] for a in arms}
+    pairs = records("pairs", ("name", "baseline", "moe"))
+    runs = records("runs", ("arm", "seed", "dir"))
+    for what, arm in [*((f"pair {p['name']}", p[k]) for p in pairs for k in ("baseline", "moe")),
+                      *((f"run {r['dir']}", r["arm"]) for r in runs)]:
+        if arm not in names:
+            raise bad(f"{what} names arm {arm!r}, which is not in 'arms'")
+    return StudyManifest(
+        path=path,
+        name=field("name", str),
+        seeds=field("seeds", list),
+        arms=arms,
+        pairs=pairs,
+        runs=runs,
+        base=field("base", dict, required=False) or {},
+        data=field("data", dict, required=False),
+        data_fingerprints_equal=field("data_fingerprints_equal", bool, required=False),
+        data_seed=field("data_seed", int, required=False),
+        gap_sign=field("gap_sign", str, required=False),
+        family=field("family", dict, required=False),
+        environment=field("environment", dict, required=False),
+        git=field("git", dict, required=False),
+    )
+
+
+# ================================================================ log.jsonl and run.json
+
+
+def log_event(out: Path, event: str, **fields: Any) -> None:
+    with (out / "log.jsonl").open("a") as f:
+        f.write(json.dumps({"time": now(), "event": event, **fields}) + "\n")
+
+
+def record_attempt(run: Run, attempt: dict[str, Any]) -> None:
+    """Add or update (same start time) one attempt in run.json."""
+    path = run.dir / "run.json"
+    info = json.loads(path.read_text()) if path.is_file() else {
+        "arm": run.arm, "seed": run.seed, "hash": run.hash, "attempts": [],
+    }
+    attempts = [a for a in info["attempts"] if a.get("started") != attempt["started"]] + [attempt]
+    info.update(attempts=attempts, versions=attempt["versions"], git=attempt["git"])
+    atomic_write_json(path, info)
+
+
+# ================================================================ slurm.json
+
+
+def submissions(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / "slurm.json"
+    return json.loads(path.read_text())["submissions"] if path.is_file() else []
+
+
+def record_submission(run_dir: Path, entry: dict[str, Any]) -> None:
+    atomic_write_json(run_dir / "slurm.json", {"submissions": [*submissions(run_dir), entry]})
+
+
+def job_state(job: str) -> str | None:
+    """squeue's state of a job or array task ('123', '123_4'); None when SLURM no longer knows it."""
+    if shutil.which("squeue") is None:
+        return None
+    try:
+        proc = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        raise LaunchError(f"squeue -j {job} did not answer within 60 s: cannot tell whether it is queued") from None
+    states = proc.stdout.split() if proc.returncode == 0 else []
+    return states[0] if states else None
+
+
+def live_job(run_dir: Path) -> tuple[str, str] | None:
+    """(job, state) of the run's last submission when it is still queued or running."""
+    subs = submissions(run_dir)
+    if not subs:
+        return None
+    last = subs[-1]
+    job = last["job_id"] + (f"_{last['array_task']}" if last.get("array_task") is not None else "")
+    state = job_state(job)
+    return (job, state) if state in LIVE_STATES else None

@@ -1,0 +1,217 @@
+"""`study run`: every (arm, seed) of a study not yet complete, one after another, each in a fresh trainer process.
+
+Idempotent: a complete run (result.json) is skipped, a partial one resumed from its checkpoint, a run queued or
+running on SLURM (`study launch`) left to its job. A stop signal (`RUNNER_STOP_SIGNALS`, e.g. Ctrl-C or SLURM's
+SIGTERM) is handed to the trainer as SIGTERM; it checkpoints, and the runner exits with `PREEMPTED_EXIT_CODE`, so
+the same command resumes. The study directory's files are `rundir`'s.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from megatron_moe.config import ConfigError, save_toml
+from megatron_moe.study.plan import Plan, Run, data_check, format_plan, plan_study
+from megatron_moe.study.rundir import (environment, git_state, live_job, log_event, now, package_root, record_attempt,
+                                       run_status, study_lock, write_study_files)
+from megatron_moe.study.spec import StudyConfig
+from megatron_moe.train.stop import PREEMPTED_EXIT_CODE, RUNNER_STOP_SIGNALS, clear_preempted, was_preempted
+
+
+class _Stop(Exception):
+    """A runner stop signal arrived: stop the current run (the trainer checkpoints on SIGTERM) and exit with
+    PREEMPTED_EXIT_CODE; the same command resumes."""
+
+
+def _train_command(run: Run, nproc: int) -> list[str]:
+    cli = ["-m", "megatron_moe.cli", "train", str(run.dir / "run.toml")]
+    if nproc == 1:
+        return [sys.executable, *cli]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *cli]
+
+
+def _train_subprocess(run: Run, nproc: int, echo: Callable[[str], None], prefix: str) -> int:
+    """Run the trainer in a fresh process, tee its output to run_dir/train.log; returns its exit code.
+
+    The trainer gets a session of its own, so a terminal's Ctrl-C reaches the runner only, which hands it on as
+    SIGTERM (checkpoint, then exit). A trainer that saved and stopped on a signal of its own leaves the
+    preemption marker in its run directory; that attempt returns PREEMPTED_EXIT_CODE, also under torchrun,
+    which reports a failed worker as 1. The marker is cleared first, so one left by an earlier attempt cannot
+    count.
+    """
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(package_root()), env.get("PYTHONPATH")) if p)
+    env["PYTHONUNBUFFERED"] = "1"
+    clear_preempted(run.dir)
+    with (run.dir / "train.log").open("a") as log:
+        log.write(f"==== {now()} {' '.join(_train_command(run, nproc))}\n")
+        log.flush()
+        proc = subprocess.Popen(_train_command(run, nproc), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, bufsize=1, env=env, start_new_session=True)
+        try:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                log.write(line)
+                log.flush()
+                echo(f"{prefix} {line.rstrip()}")
+            rc = proc.wait()
+            return PREEMPTED_EXIT_CODE if rc and was_preempted(run.dir) else rc
+        except BaseException:
+            proc.terminate()  # the trainer saves a checkpoint on SIGTERM and exits
+            # A second signal must not cut this wait short (the study's lock would go while the trainer still
+            # saves): the runner is stopping already, so it is ignored.
+            previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in RUNNER_STOP_SIGNALS}
+            try:
+                try:
+                    rest = proc.communicate(timeout=120)[0]
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    rest = proc.communicate()[0]
+                log.write(rest or "")  # what it said while stopping
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+            raise
+
+
+def run_study(
+    cfg: StudyConfig,
+    out_dir: str | Path | None = None,
+    *,
+    study_file: str | None = None,
+    keep_going: bool = False,
+    dry_run: bool = False,
+    quiet: bool = False,
+    echo: Callable[[str], None] = print,
+) -> int:
+    """Train every (arm, seed) not yet complete, one after another; 0 when all runs are complete."""
+    plan = plan_study(cfg, out_dir)
+    out = plan.out_dir
+    s = cfg.study
+    statuses = {r.name: run_status(r) for r in plan.runs}
+    n_done = sum(v == "done" for v in statuses.values())
+    echo(f"study {s.name}: {len(plan.arms)} arms x {len(s.seeds)} seeds = {len(plan.runs)} runs in {out} "
+         f"({n_done} complete, {sum(v == 'partial' for v in statuses.values())} partial)")
+    echo(format_plan(plan))
+    if plan.family:
+        f = plan.family
+        echo(f"equal resources: N = {f['total_params']:,}, D = {f['unique_tokens']:,} unique tokens, "
+             f"C = {f['compute']:.4g} FLOPs ({f['flops']})")
+    data = data_check(plan)
+    prints = {d["fingerprint"] for d in data.values()}
+    if len(prints) != 1:  # cannot happen by construction; refuse rather than train an unfair study
+        raise ConfigError(f"arms would see different data (fingerprints {sorted(prints)}); every arm needs the same data config")
+    d0 = next(iter(data.values()))
+    echo(f"data: {d0['source']}, {d0['unique_tokens']:,} unique tokens, fingerprint {d0['fingerprint']} (all arms)")
+    if dry_run:
+        for r in plan.runs:
+            echo(f"  {statuses[r.name]:<8}{r.name}")
+        return 0
+    with study_lock(out):
+        return _run_locked(plan, data, study_file, keep_going=keep_going, quiet=quiet, echo=echo)
+
+
+def _run_locked(plan: Plan, data: dict[str, Any], study_file: str | None, *, keep_going: bool, quiet: bool,
+                echo: Callable[[str], None]) -> int:
+    """The runner proper, under the study directory's lock: manifest, then every run not yet complete."""
+    s, out = plan.study.study, plan.out_dir
+    statuses = {r.name: run_status(r) for r in plan.runs}
+    write_study_files(plan, study_file, data)
+    known = {r.name for r in plan.runs}
+    stray = [p.name for p in (out / "runs").glob("*") if p.is_dir() and p.name not in known] if (out / "runs").is_dir() else []
+    if stray:
+        echo(f"note: {len(stray)} run directories under {out / 'runs'} belong to another spec (left untouched)")
+
+    def on_signal(signum: int, frame: Any) -> None:
+        raise _Stop(signal.Signals(signum).name)
+
+    old = {sig: signal.getsignal(sig) for sig in RUNNER_STOP_SIGNALS}
+    for sig in old:
+        signal.signal(sig, on_signal)
+    env, git = environment(), git_state()
+    total = len(plan.runs)
+    steps_left = sum(r.config.train.train_steps for r in plan.runs if statuses[r.name] != "done")
+    steps_run, time_run, failed, queued = 0, 0.0, [], []
+    start_all = time.perf_counter()
+    current: tuple[Run, dict[str, Any]] | None = None
+    try:
+        for i, run in enumerate(plan.runs, 1):
+            tag = f"[{i}/{total}] {run.arm} seed {run.seed}"
+            if statuses[run.name] == "done":
+                echo(f"{tag}: complete, skipped ({run.name})")
+                log_event(out, "skip", run=run.name)
+                continue
+            if live := live_job(run.dir):  # launched with `study launch --slurm` and still queued or running
+                echo(f"{tag}: queued on SLURM as job {live[0]} ({live[1]}), skipped ({run.name})")
+                log_event(out, "skip", run=run.name, slurm_job=live[0])
+                queued.append(run.name)
+                continue
+            resumed = statuses[run.name] == "partial"
+            steps = run.config.train.train_steps
+            echo(f"{tag}: {'resuming' if resumed else 'starting'} {steps} steps -> runs/{run.name}")
+            run.dir.mkdir(parents=True, exist_ok=True)
+            save_toml(run.config, run.dir / "run.toml")
+            attempt = {"started": now(), "resumed": resumed, "versions": env, "git": git, "command": None}
+            current = (run, attempt)
+            record_attempt(run, attempt)
+            log_event(out, "resume" if resumed else "start", run=run.name)
+            t0 = time.perf_counter()
+            rc = _train_subprocess(run, s.nproc_per_node, (lambda _: None) if quiet else echo, f"[{i}/{total} {run.arm} s{run.seed}]")
+            elapsed = time.perf_counter() - t0
+            attempt.update(ended=now(), returncode=rc, elapsed_s=elapsed,
+                           command=" ".join(_train_command(run, s.nproc_per_node)))
+            record_attempt(run, attempt)
+            current = None
+            complete = rc == 0 and (run.dir / "result.json").is_file()
+            if rc == PREEMPTED_EXIT_CODE:  # the trainer got a stop signal itself, saved and exited: stop too
+                log_event(out, "interrupted", signal="trainer stopped", run=run.name, returncode=rc)
+                echo(f"{tag}: stopped by a signal with a checkpoint saved; run the same command again to resume")
+                return PREEMPTED_EXIT_CODE
+            if not complete:
+                log_event(out, "failed", run=run.name, returncode=rc, elapsed_s=elapsed)
+                echo(f"{tag}: FAILED (exit {rc}); see {run.dir / 'train.log'}")
+                failed.append(run.name)
+                if not keep_going:
+                    break
+                continue
+            if not s.keep_checkpoints:
+                shutil.rmtree(run.dir / "checkpoints", ignore_errors=True)
+            result = json.loads((run.dir / "result.json").read_text())
+            log_event(out, "done", run=run.name, elapsed_s=elapsed, best_val_loss=result.get("best_val_loss"))
+            steps_run += steps
+            time_run += elapsed
+            steps_left -= steps
+            eta = time_run / steps_run * steps_left if steps_run else 0.0
+            echo(f"{tag}: done in {elapsed:,.0f} s, best val loss {result.get('best_val_loss', float('nan')):.4f} | "
+                 f"study {sum(run_status(r) == 'done' for r in plan.runs)}/{total} complete, "
+                 f"{time.perf_counter() - start_all:,.0f} s so far, eta {eta:,.0f} s")
+    except _Stop as exc:
+        if current is not None:
+            run, attempt = current
+            attempt.update(ended=now(), returncode=None, interrupted=str(exc))
+            record_attempt(run, attempt)
+        log_event(out, "interrupted", signal=str(exc), run=current[0].name if current else None)
+        echo(f"interrupted ({exc}); run the same command again to resume")
+        return PREEMPTED_EXIT_CODE
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+    if failed:
+        echo(f"{len(failed)} run(s) failed: {', '.join(failed)}")
+        return 1
+    remaining = [r.name for r in plan.runs if run_status(r) != "done" and r.name not in queued]
+    if remaining:
+        return 1
+    if queued:
+        echo(f"{len(queued)} run(s) are queued or running on SLURM; once they finish: megatron-moe study report {out}")
+        return 0
+    echo(f"study complete: {total} runs in {out}; next: megatron-moe study report {out}")
+    return 0

@@ -1,0 +1,178 @@
+"""The study file: a run config for the base MoE model plus a [study] table, loaded and checked.
+
+The run config ([model], [model.moe], [parallel], [data], [train]: optimizer, LR schedule, evaluation and
+data-reuse schedule) is shared by every arm; [study] says what is compared::
+
+    [study]
+    name = "tiny_three_arm"
+    arms = ["dense_active", "moe", "dense_total"]  # moe | dense_active | dense_total | dense_flops
+                                                  # | equal_resources (the activation-rate family)
+    seeds = [1, 2, 3]        # model-init seeds (train.seed); the data seed (data.seed) is fixed per study
+    budget_tokens = 0        # training tokens per run (0 = train.train_steps steps for every arm)
+    budget_flops = 0.0       # or training FLOPs per run: each arm trains floor(C / (FLOPs/token x tokens/step))
+    [study.match]            # how dense arms are matched (planner.match_dense)
+    [study.equal_resources]  # the family (planner.equal_resources_family)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from megatron_moe.config import ConfigError, RunConfig, apply_overrides, from_dict, load_toml, validate
+
+
+MATCHED_ARMS = ("moe", "dense_active", "dense_total", "dense_flops")
+
+
+ARM_CHOICES = (*MATCHED_ARMS, "equal_resources")
+
+
+# ================================================================ the spec
+
+
+@dataclass
+class MatchSpec:
+    """How the dense arms are matched to the base MoE (see `planner.match_dense`)."""
+
+    resize: Literal["ffn", "ffn+hidden"] = "ffn"
+    """Widths resized at fixed depth: ffn_hidden_size only, or hidden_size and ffn_hidden_size together."""
+    count: Literal["non_embedding", "all"] = "non_embedding"
+    """Parameters the active/total contracts compare."""
+    multiple_of: int = 8
+    """Resized widths are multiples of this."""
+    flops: Literal["exact", "equal_resources"] = "exact"
+    """FLOP convention of the flops contract and of study.budget_flops."""
+    causal_attention: bool = False
+    """Count (S + 1) / 2 keys per query in attention FLOPs instead of S."""
+    tolerance_pct: float = 0.5
+    """Largest residual (percent) accepted when the target is below the smallest legal width."""
+
+
+@dataclass
+class EqualResourcesSpec:
+    """The equal-resources family (see `planner.equal_resources_family`): equal N, C and unique tokens D."""
+
+    r_a: list[float] = field(default_factory=lambda: [0.1, 0.2, 0.3, 0.5])
+    """Target activation rates N_a / N of the MoE arms."""
+    total_params: int = 0
+    """N, non-embedding parameters (0 = the base model's)."""
+    unique_tokens: int = 0
+    """D, unique training tokens, = the dense baseline's consumed tokens (0 = tokens_per_param x N)."""
+    tokens_per_param: float = 20.0
+    """D / N when unique_tokens is 0."""
+    top_k: list[int] = field(default_factory=lambda: [2, 3, 4, 6, 8])
+    """Top-k choices the planner may use."""
+    max_experts: int = 256
+    """Largest routed-expert count the planner may use."""
+    dense_resize: Literal["ffn", "ffn+hidden"] = "ffn+hidden"
+    """How the dense baseline is resized to N."""
+    multiple_of: int = 8
+    """Expert and dense widths are multiples of this."""
+    flops: Literal["exact", "equal_resources"] = "equal_resources"
+    """FLOP convention of C: 6 N_a + 12 D_m S L (the study's) or the exact count."""
+    r_a_rel_tolerance: float = 0.1
+    """A target r_a further than this fraction from every reachable one is an error."""
+
+
+@dataclass
+class StudySpec:
+    """What a study compares: arms, seeds, budget. Everything else comes from the base run config."""
+
+    name: str = ""
+    """Study name (default: the study file's stem)."""
+    arms: list[str] = field(default_factory=lambda: ["dense_active", "moe", "dense_total"])
+    """Arms by contract: moe, dense_active, dense_total, dense_flops, or equal_resources (alone)."""
+    seeds: list[int] = field(default_factory=lambda: [1, 2, 3])
+    """Model-init seeds (train.seed); data.seed stays fixed across arms and seeds."""
+    budget_tokens: int = 0
+    """Training tokens per run, equal across arms (0 = train.train_steps steps)."""
+    budget_flops: float = 0.0
+    """Training FLOPs per run, equal across arms (0 = off); each arm's steps = C / (FLOPs/token x tokens/step)."""
+    output_dir: str = ""
+    """Study directory (default runs/study/<name>)."""
+    nproc_per_node: int = 1
+    """Processes per run (> 1: each run under torch.distributed.run)."""
+    keep_checkpoints: bool = True
+    """Keep a run's checkpoints/ once it is complete (false: delete them; metrics and result stay)."""
+    match: MatchSpec = field(default_factory=MatchSpec)
+    equal_resources: EqualResourcesSpec = field(default_factory=EqualResourcesSpec)
+
+
+@dataclass
+class StudyConfig(RunConfig):
+    """A study file: the base MoE run config plus [study]."""
+
+    study: StudySpec = field(default_factory=StudySpec)
+
+    def base(self) -> RunConfig:
+        return RunConfig(model=self.model, parallel=self.parallel, data=self.data, train=self.train)
+
+
+def load_study(path: str | Path, overrides: list[str] = (), *, check_world: bool = True) -> StudyConfig:
+    """Load a study file with dotted overrides (e.g. study.seeds=[1], train.train_steps=20) and check it.
+
+    `check_world=False` leaves out the checks against the world size of `study run` (study.nproc_per_node), for
+    callers that run elsewhere: `study launch` checks its own world size, `bench` runs on one device.
+    """
+    cfg = from_dict(StudyConfig, apply_overrides(load_toml(path), list(overrides)))
+    if not cfg.study.name:
+        cfg.study.name = Path(path).stem
+    validate_study(cfg, check_world=check_world)
+    return cfg
+
+
+def validate_study(cfg: StudyConfig, *, check_world: bool = True) -> None:
+    """Check the [study] table and the base run config; raises ConfigError naming the field."""
+    s = cfg.study
+    if s.nproc_per_node < 1:
+        raise ConfigError(f"study.nproc_per_node = {s.nproc_per_node} must be >= 1")
+    base = cfg.base()
+    if s.budget_tokens or s.budget_flops or "equal_resources" in s.arms:
+        # train.train_steps is not used: each arm's steps come from the budget (arms are validated when derived)
+        t = base.train
+        base = dataclasses.replace(base, train=dataclasses.replace(t, train_steps=max(t.train_steps, t.lr_warmup_steps + 1)))
+    validate(base, s.nproc_per_node if check_world else None)
+    if not cfg.model.is_moe:
+        raise ConfigError("model.moe.num_experts = 0: a study's base model must be the MoE (the planner derives the dense arms)")
+    if not s.arms:
+        raise ConfigError(f"study.arms is empty; choose from {', '.join(ARM_CHOICES)}")
+    for arm in s.arms:
+        if arm not in ARM_CHOICES:
+            raise ConfigError(f"study.arms: {arm!r} is not allowed; expected one of {', '.join(ARM_CHOICES)}")
+    if len(set(s.arms)) != len(s.arms):
+        raise ConfigError(f"study.arms = {s.arms} lists an arm twice")
+    if "equal_resources" in s.arms and len(s.arms) > 1:
+        raise ConfigError(
+            "study.arms: equal_resources expands into its own dense baseline and MoE arms with a different data "
+            "budget; put it alone in a study"
+        )
+    if not s.seeds or len(set(s.seeds)) != len(s.seeds):
+        raise ConfigError(f"study.seeds = {s.seeds} must be a non-empty list of distinct seeds")
+    for name, value in (("match.tolerance_pct", s.match.tolerance_pct),
+                        ("equal_resources.r_a_rel_tolerance", s.equal_resources.r_a_rel_tolerance)):
+        if value <= 0:
+            raise ConfigError(f"study.{name} = {value} must be > 0")
+    if s.budget_tokens < 0 or s.budget_flops < 0:
+        raise ConfigError("study.budget_tokens and study.budget_flops must be >= 0")
+    if s.budget_tokens and s.budget_flops:
+        raise ConfigError(
+            f"study.budget_tokens = {s.budget_tokens} and study.budget_flops = {s.budget_flops:g} are both set; set one"
+        )
+    if s.arms == ["equal_resources"]:
+        d = cfg.data
+        if d.unique_tokens or d.epochs or d.consumed_tokens:
+            raise ConfigError(
+                "data.unique_tokens / data.epochs / data.consumed_tokens must stay 0 in an equal-resources study: "
+                "set D with study.equal_resources.unique_tokens (the planner gives each arm its tokens)"
+            )
+        if s.budget_tokens or s.budget_flops:
+            raise ConfigError(
+                "study.budget_tokens / study.budget_flops do not apply to equal_resources: the family's compute "
+                "is the dense baseline's FLOPs over D = study.equal_resources.unique_tokens"
+            )
+        er = s.equal_resources
+        if not er.r_a or any(not 0 < r < 1 for r in er.r_a):
+            raise ConfigError(f"study.equal_resources.r_a = {er.r_a} must be activation rates in (0, 1)")

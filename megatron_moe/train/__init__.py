@@ -1,0 +1,7 @@
+"""Training one run on megatron-core.
+
+- `trainer`: the training loop (megatron-core DDP, optimizer, LR schedule, forward-backward schedules).
+- `monitors`: the loop's side work: metrics sinks, throughput and MFU, expert load, MoE losses.
+- `checkpoint`: saving and resuming the full train state.
+- `stop`: the stop-signal and exit-code contract with whoever runs the trainer (no torch at import).
+"""

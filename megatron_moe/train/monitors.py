@@ -1,0 +1,233 @@
+"""The training loop's side work, each a small object or function the loop calls.
+
+- `Metrics`: the `metrics.jsonl` sink.
+- `ThroughputMeter`: tokens/s, elapsed time, TFLOP/s per device, MFU and ETA.
+- `ExpertLoadMonitor`: tokens per expert, read from megatron-core's routers.
+- `MoELossReader`: the MoE auxiliary losses from megatron-core's tracker.
+- `run_line`, `progress_line`, `eval_line`: what the logging rank prints.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+
+from megatron_moe.files import atomic_write_text, read_jsonl
+
+
+@dataclass
+class Metrics:
+    """Appends one JSON object per line to `metrics.jsonl`; `path` is None off the logging rank."""
+
+    path: Path | None
+
+    @classmethod
+    def open(cls, path: Path | None, resumed_step: int | None) -> Metrics:
+        """The sink for a run starting fresh (`resumed_step` None: old rows go) or resuming at `resumed_step`.
+
+        A resumed run redoes the steps after its checkpoint, so rows logged after that step are dropped.
+        """
+        if path is not None and path.exists():
+            if resumed_step is None:
+                path.unlink()
+            else:
+                kept = [r for r in read_jsonl(path) if r["step"] <= resumed_step]
+                atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
+        return cls(path)
+
+    def log(self, row: dict[str, Any]) -> None:
+        if self.path is not None:
+            with self.path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+
+
+class ThroughputMeter:
+    """Wall-clock accounting of one training process.
+
+    Tokens/s is measured over the steps since the last `report`, leaving out time spent inside `paused()`
+    (evaluation, checkpointing), so it is the training rate alone. `elapsed()` counts everything, including
+    the elapsed time of earlier attempts of a resumed run (`elapsed_before`).
+    """
+
+    def __init__(self, *, tokens_per_step: int, flops_per_token: float, world_size: int,
+                 peak_flops: float | None, first_step: int, elapsed_before: float = 0.0):
+        self.tokens_per_step = tokens_per_step
+        self.flops_per_token = flops_per_token
+        self.world_size = world_size
+        self.peak_flops = peak_flops
+        now = time.perf_counter()
+        self.start = now - elapsed_before
+        self.run_start, self.run_first_step = now, first_step
+        self.window_start, self.window_steps = now, 0
+
+    def step_done(self) -> None:
+        self.window_steps += 1
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Time spent in this block stays out of the tokens/s window."""
+        began = time.perf_counter()
+        yield
+        self.window_start += time.perf_counter() - began
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def report(self) -> dict[str, float]:
+        """Metrics-row fields for the steps since the last report; starts the next window."""
+        now = time.perf_counter()
+        out = {"tokens_per_s": self.window_steps * self.tokens_per_step / (now - self.window_start)}
+        out["elapsed_s"] = now - self.start
+        # Model FLOPs (the planner's training FLOPs/token) per second per process.
+        out["tflops_per_device"] = out["tokens_per_s"] * self.flops_per_token / self.world_size / 1e12
+        if self.peak_flops:
+            out["mfu"] = out["tflops_per_device"] * 1e12 / self.peak_flops
+        self.window_start, self.window_steps = now, 0
+        return out
+
+    def eta(self, step: int, last_step: int) -> float:
+        """Seconds to `last_step` at this attempt's mean step time so far (evaluation included)."""
+        return (time.perf_counter() - self.run_start) / (step - self.run_first_step) * (last_step - step)
+
+
+class ExpertLoadMonitor:
+    """Counts the tokens each router sends to each expert (after any capacity drop) during training.
+
+    A forward hook on each megatron-core router reads its routing map; nothing in the model changes.
+    Counts accumulate between `collect()` calls and are summed over all ranks there.
+    """
+
+    def __init__(self, model, num_layers: int, num_experts: int, top_k: int):
+        from megatron.core.transformer.moe.router import Router
+
+        self.counts = torch.zeros(num_layers, num_experts, dtype=torch.float64)
+        self.routed = torch.zeros(num_layers, dtype=torch.float64)  # tokens x top_k offered per layer
+        self.top_k = top_k
+        for module in model.modules():
+            if isinstance(module, Router):
+                module.register_forward_hook(self._hook)
+
+    def _hook(self, router, inputs, output) -> None:
+        if not (router.training and torch.is_grad_enabled()):
+            return  # evaluation passes are not training load
+        routing_map = output[1]
+        layer = router.layer_number - 1
+        self.counts[layer] += routing_map.sum(dim=0).detach().double().cpu()
+        self.routed[layer] += routing_map.shape[0] * self.top_k
+
+    def collect(self) -> dict[str, Any]:
+        """Per-layer load fractions, mean max/mean imbalance and dropped fraction since the last call."""
+        both = torch.cat([self.counts.flatten(), self.routed])
+        dist.all_reduce(both)
+        counts = both[: self.counts.numel()].view_as(self.counts)
+        routed = both[self.counts.numel() :]
+        self.counts.zero_()
+        self.routed.zero_()
+        layers = routed > 0
+        if not layers.any():
+            return {}
+        counts, routed = counts[layers], routed[layers]
+        load = counts / counts.sum(dim=1, keepdim=True).clamp(min=1)
+        imbalance = counts.max(dim=1).values / counts.mean(dim=1).clamp(min=1e-9)
+        return {
+            "expert_load": [[round(x, 5) for x in row] for row in load.tolist()],
+            "load_imbalance": float(imbalance.mean()),
+            "dropped_fraction": float(1 - counts.sum() / routed.sum()),
+        }
+
+
+class MoELossReader:
+    """The load-balancing and z losses of one optimizer step, from megatron-core's aux-loss tracker.
+
+    Values are coefficient-free means over MoE layers and micro-batches. They reach the gradients through
+    megatron-core's `MoEAuxLossAutoScaler`; the reported LM loss never includes them.
+    """
+
+    def __init__(self, model_cfg, tensor: int, data_parallel: int, micro_batches: int):
+        self.num_layers = model_cfg.num_layers
+        self.moe_layers = sum(model_cfg.moe_layer_pattern())
+        e = model_cfg.moe
+        self.coeffs = {"load_balancing_loss": e.aux_loss_coeff, "z_loss": e.z_loss_coeff}
+        self.tensor = tensor
+        self.data_parallel = data_parallel
+        self.micro_batches = micro_batches
+
+    def read(self) -> dict[str, float]:
+        """The step's losses (a collective: every rank calls it), then clears the tracker."""
+        from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+
+        tracker = get_moe_layer_wise_logging_tracker()
+        out = {}
+        # Each layer's value lives on one pipeline stage (a stage without MoE layers has no entry, but
+        # must join the collective). Within a stage the z-loss is a per-rank mean; the load-balancing
+        # loss is a partial sum over the tensor-parallel ranks (MoE with tensor parallelism always uses
+        # sequence parallelism, so each rank routes its own tokens). Sum over the world, divide by replicas.
+        for name, coeff in self.coeffs.items():
+            if not coeff:
+                continue
+            values = torch.zeros(self.num_layers)
+            if name in tracker:
+                values += tracker[name]["values"].detach().float().cpu()
+            dist.all_reduce(values)
+            replicas = self.data_parallel if name == "load_balancing_loss" else self.data_parallel * self.tensor
+            out[name] = float(values.sum()) / replicas / self.moe_layers / self.micro_batches
+        self.discard()
+        return out
+
+    @staticmethod
+    def discard() -> None:
+        """Drop what the tracker holds (evaluation passes record aux losses too)."""
+        from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker
+
+        clear_aux_losses_tracker()
+
+
+# Dense bf16 tensor-core peaks (datasheet, SXM) used for MFU; FP8 peaks are twice these.
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "B200": 2250e12}
+
+
+def device_peak_flops(fp8: bool) -> tuple[str, float | None]:
+    """(device name, peak FLOP/s) of this GPU, or (name, None) when unknown or on CPU."""
+    if not torch.cuda.is_available():
+        return "cpu", None
+    name = torch.cuda.get_device_name()
+    for key, peak in PEAK_BF16_FLOPS.items():
+        if key in name:
+            return name, peak * (2 if fp8 else 1)
+    return name, None
+
+
+_AUX_NAMES = {"load_balancing_loss": "lb", "z_loss": "z"}
+
+
+def run_line(is_moe: bool, param_counts: dict[str, int], par, train_steps: int, tokens_per_step: int) -> str:
+    """The first line of a run: model, parameters, parallel layout and length."""
+    return (
+        f"training {'MoE' if is_moe else 'dense'} model: "
+        + ", ".join(f"{k} {v:,}" for k, v in param_counts.items() if v)
+        + f" (rank-local) | world {par.world_size} = tp {par.tensor} x pp {par.pipeline}"
+        f" x dp {par.data} (ep {par.expert}) | {train_steps} steps x {tokens_per_step:,} tokens"
+    )
+
+
+def progress_line(row: dict[str, Any], train_steps: int, eta_s: float) -> str:
+    """One logged training step (a metrics row with its throughput fields)."""
+    extra = "".join(f" | {short} {row[k]:.4f}" for k, short in _AUX_NAMES.items() if k in row)
+    return (
+        f"step {row['step']:>{len(str(train_steps))}}/{train_steps} | loss {row['loss']:.4f}{extra}"
+        f" | lr {row['lr']:.2e} | {row['tokens_per_s']:,.0f} tok/s"
+        + (f" | {row['tflops_per_device']:.1f} TFLOP/s | MFU {row['mfu']:.1%}" if "mfu" in row else "")
+        + (f" | imbalance {row['load_imbalance']:.2f}" if "load_imbalance" in row else "")
+        + f" | eta {eta_s:,.0f}s"
+    )
+
+
+def eval_line(step: int, ev: dict[str, float]) -> str:
+    return f"eval at step {step}: val loss {ev['val_loss']:.4f} | {ev['val_bpb']:.4f} bits/byte"

@@ -1,0 +1,73 @@
+"""The stop contract between a trainer and whoever runs it (`study run`, a SLURM job script).
+
+A trainer that gets one of `TRAINER_STOP_SIGNALS` finishes its step, saves a checkpoint, leaves the
+`PREEMPTED_MARKER` file in its output directory and exits with `PREEMPTED_EXIT_CODE`; running the same command
+again resumes. torchrun reports any failed worker as exit code 1, so a runner decides "preempted" from the
+marker (`was_preempted`), not from the exit code alone. Nothing here imports torch at module level: the study
+runner and the launcher read these constants without it.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+from pathlib import Path
+
+from megatron_moe.files import atomic_write_json
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (for example a non-finite loss); the message is one line."""
+
+
+class Preempted(RuntimeError):
+    """A stop signal arrived; a checkpoint was saved and running the same command again resumes."""
+
+
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: try again later
+TRAINER_STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # what SLURM sends before a time limit or preemption
+RUNNER_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
+"""Signals that stop `study run`, which hands them to its trainer as SIGTERM."""
+TORCHRUN_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
+"""torchrun's --signals-to-handle: the agent passes these on to its trainers instead of dying of them."""
+PREEMPTED_MARKER = "preempted.json"
+
+
+def mark_preempted(out_dir: Path, step: int, signum: int) -> None:
+    atomic_write_json(out_dir / PREEMPTED_MARKER, {"step": step, "signal": signal.Signals(signum).name})
+
+
+def clear_preempted(out_dir: Path) -> None:
+    (out_dir / PREEMPTED_MARKER).unlink(missing_ok=True)
+
+
+def was_preempted(out_dir: Path) -> bool:
+    """Whether the last attempt in `out_dir` stopped on a signal with its checkpoint saved."""
+    try:
+        return isinstance(json.loads((out_dir / PREEMPTED_MARKER).read_text()), dict)
+    except (OSError, ValueError):
+        return False
+
+
+class StopFlag:
+    """Set by a trainer stop signal; checked between steps so a stop always lands on a step boundary."""
+
+    def __init__(self) -> None:
+        self.signum = 0
+        if threading.current_thread() is threading.main_thread():
+            for sig in TRAINER_STOP_SIGNALS:
+                signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame) -> None:
+        self.signum = signum
+
+    def agreed(self) -> bool:
+        """True on every rank once any rank was signalled (ranks may receive the signal at different steps)."""
+        import torch
+        import torch.distributed as dist
+
+        flag = torch.tensor([float(self.signum)])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        self.signum = int(flag.item())
+        return bool(self.signum)

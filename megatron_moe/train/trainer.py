@@ -1,0 +1,379 @@
+"""The training loop of one run on megatron-core: DDP, optimizer, LR schedule, forward-backward schedules.
+
+`Trainer` builds this process's share of a run (data, model, optimizer, scheduler, the resumed checkpoint);
+`Trainer.fit` is the loop, `train(cfg)` the whole run. The loop's side work (metrics file, throughput,
+expert load, MoE losses, printed lines) is in `monitors`, checkpoint files in `checkpoint`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from functools import partial
+from pathlib import Path
+from typing import Any, NoReturn
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megatron_moe.config import ConfigError, RunConfig, save_toml, validate
+from megatron_moe.files import atomic_write_json
+from megatron_moe.planner.ledger import ledger
+from megatron_moe.train.checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
+from megatron_moe.train.monitors import (
+    ExpertLoadMonitor,
+    Metrics,
+    MoELossReader,
+    ThroughputMeter,
+    device_peak_flops,
+    eval_line,
+    progress_line,
+    run_line,
+)
+from megatron_moe.train.stop import Preempted, StopFlag, TrainingError, clear_preempted, mark_preempted
+
+
+def _quiet_megatron_warnings() -> None:
+    # megatron-core warns at import that apex/TE are missing; that is expected here and said in README.
+    warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine|apex).*")
+    warnings.filterwarnings("ignore", message=".*cuda_graph_scope.*")
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def resolve_precision(precision: str, on_gpu: bool) -> tuple[torch.dtype, bool]:
+    """(params dtype, fp8) for the configured precision."""
+    if precision == "auto":
+        precision = "bf16" if on_gpu else "fp32"
+    if precision in ("bf16", "fp8") and not on_gpu:
+        raise ConfigError(f"train.precision = {precision!r} needs a GPU; on CPU use 'fp32' or 'auto'")
+    if precision == "fp8":
+        from megatron_moe.model import have_transformer_engine
+
+        if not have_transformer_engine():
+            raise ConfigError("train.precision = 'fp8' needs Transformer Engine; allowed here: 'bf16', 'fp32'")
+    return (torch.float32 if precision == "fp32" else torch.bfloat16), precision == "fp8"
+
+
+def lr_scheduler(optimizer, cfg: RunConfig):
+    """megatron-core's OptimizerParamScheduler, counted in optimizer steps."""
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    t = cfg.train
+    style = {"cosine": "cosine", "wsd": "WSD", "constant": "constant"}[t.lr_schedule]
+    return OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0,
+        max_lr=t.lr,
+        min_lr=t.min_lr if t.lr_schedule != "constant" else t.lr,
+        lr_warmup_steps=t.lr_warmup_steps,
+        lr_decay_steps=t.train_steps,
+        lr_decay_style=style,
+        start_wd=t.weight_decay,
+        end_wd=t.weight_decay,
+        wd_incr_steps=t.train_steps,
+        wd_incr_style="constant",
+        wsd_decay_steps=int(t.train_steps * t.wsd_decay_fraction) if t.lr_schedule == "wsd" else None,
+        lr_wsd_decay_style="cosine" if t.lr_schedule == "wsd" else None,
+    )
+
+
+def _micro_batches(batch: np.ndarray, dp_rank: int, dp: int, micro_batch_size: int, device) -> list[dict]:
+    """This data-parallel rank's share of a global batch [B, S+1], cut into micro-batches."""
+    per_rank = batch.shape[0] // dp
+    mine = torch.from_numpy(np.ascontiguousarray(batch[dp_rank * per_rank : (dp_rank + 1) * per_rank]))
+    seq = mine.shape[1] - 1
+    positions = torch.arange(seq, device=device).unsqueeze(0).expand(micro_batch_size, -1)
+    out = []
+    for start in range(0, per_rank, micro_batch_size):
+        chunk = mine[start : start + micro_batch_size].to(device)
+        out.append(
+            dict(
+                tokens=chunk[:, :-1].contiguous(),
+                labels=chunk[:, 1:].contiguous(),
+                loss_mask=torch.ones(chunk.shape[0], seq, device=device),
+                position_ids=positions,
+            )
+        )
+    return out
+
+
+def _loss_func(loss_mask: torch.Tensor, output: torch.Tensor):
+    losses = output.float()
+    loss_sum = (losses * loss_mask).sum()
+    num_tokens = loss_mask.sum().to(torch.int)
+    return loss_sum, num_tokens, {"lm": torch.stack([loss_sum.detach(), num_tokens.float()])}
+
+
+def _forward_step(data_iterator, model):
+    batch = next(data_iterator)
+    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+    return output, partial(_loss_func, batch["loss_mask"])
+
+
+class Trainer:
+    """Owns the model, optimizer, scheduler, data and train state of one run on this process."""
+
+    def __init__(self, cfg: RunConfig, *, quiet: bool = False):
+        _quiet_megatron_warnings()
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+        from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+        from megatron.core.transformer.module import Float16Module
+        from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+
+        from megatron_moe.data.source import build_data_source
+        from megatron_moe.model import build_model, local_parameter_counts
+        from megatron_moe.parallel import initialize_parallel
+        from megatron_moe.platform import seed_everything, setup_platform
+
+        self.cfg = cfg
+        self.quiet = quiet
+        self.device = setup_platform()
+        on_gpu = self.device.type == "cuda"
+        params_dtype, fp8 = resolve_precision(cfg.train.precision, on_gpu)
+        validate(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+        self.par = initialize_parallel(cfg.parallel, self.device)
+        t = cfg.train
+        self.out_dir = Path(t.output_dir)
+        if self.par.is_logging_rank:
+            clear_preempted(self.out_dir)  # a marker from an earlier attempt must not outlive this one's failure
+        self.num_micro_batches = t.micro_batches(self.par.data)
+        self.tokens_per_step = t.global_batch_size * cfg.model.seq_length
+
+        # A cold data cache (the synthetic corpus) is built once per machine: local rank 0 first, then the
+        # other ranks read what it wrote (one barrier, passed by every rank once).
+        builds_first = int(os.environ.get("LOCAL_RANK", "0")) == 0
+        if not builds_first:
+            dist.barrier()
+        self.data = build_data_source(cfg.data, cfg.model.seq_length, t.global_batch_size, t.train_steps)
+        if builds_first:
+            dist.barrier()
+        if self.data.vocab_size > cfg.model.vocab_size:
+            raise ConfigError(
+                f"model.vocab_size = {cfg.model.vocab_size} is smaller than the tokenizer's vocabulary "
+                f"({self.data.vocab_size}); set model.vocab_size >= {self.data.vocab_size}"
+            )
+        self.data.check_valid_size(t.global_batch_size, t.eval_iters)  # refused now, not at the first evaluation
+
+        # megatron-core's aux-loss tracker is a process global sized by the first model that used it.
+        get_moe_layer_wise_logging_tracker().clear()
+        seed_everything(t.seed, self.par.tp_rank, self.par.ep_rank)
+        model = build_model(cfg.model, cfg.parallel, seed=t.seed, params_dtype=params_dtype, fp8=fp8)
+        self.param_counts = local_parameter_counts(model)
+        self.load_monitor = self.moe_losses = None
+        if cfg.model.is_moe:
+            moe = cfg.model.moe
+            self.load_monitor = ExpertLoadMonitor(model, cfg.model.num_layers, moe.num_experts, moe.top_k)
+            self.moe_losses = MoELossReader(cfg.model, self.par.tensor, self.par.data, self.num_micro_batches)
+        self.flops_per_token = ledger(cfg.model, cfg.parallel.tensor).flops_train_per_token
+        self.device_name, self.peak_flops = device_peak_flops(fp8)
+        tcfg = model.config
+        if params_dtype != torch.float32:
+            model = Float16Module(tcfg, model)
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True,
+            overlap_grad_reduce=False,
+            use_distributed_optimizer=t.distributed_optimizer,
+        )
+        self.model = DistributedDataParallel(tcfg, ddp_config, model)
+        opt_config = OptimizerConfig(
+            optimizer="adam",
+            lr=t.lr,
+            min_lr=t.min_lr,
+            weight_decay=t.weight_decay,
+            adam_beta1=t.adam_beta1,
+            adam_beta2=t.adam_beta2,
+            adam_eps=t.adam_eps,
+            clip_grad=t.clip_grad,
+            bf16=params_dtype == torch.bfloat16,
+            params_dtype=params_dtype,
+            use_distributed_optimizer=t.distributed_optimizer,
+        )
+        self.optimizer = get_megatron_optimizer(opt_config, [self.model])
+        self.scheduler = lr_scheduler(self.optimizer, cfg)
+        tcfg.no_sync_func = self.model.no_sync
+        tcfg.finalize_model_grads_func = finalize_model_grads
+        tcfg.grad_scale_func = self.optimizer.scale_loss
+        self.forward_backward = get_forward_backward_func()
+
+        self.checkpoint_dir = self.out_dir / "checkpoints"
+        self.resumed_from = latest_checkpoint(self.checkpoint_dir)
+        self.state = TrainState() if self.resumed_from is None else load_checkpoint(self, self.resumed_from)
+        metrics_path = None
+        if self.par.is_logging_rank:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            save_toml(cfg, self.out_dir / "config.toml")
+            metrics_path = self.out_dir / "metrics.jsonl"
+        self.metrics = Metrics.open(metrics_path, resumed_step=None if self.resumed_from is None else self.step)
+
+    @property
+    def step(self) -> int:
+        """Optimizer steps taken (resumed runs included)."""
+        return self.state.step
+
+    # ------------------------------------------------------------ one step
+
+    def _run_schedule(self, batch: np.ndarray, forward_only: bool) -> tuple[float, float]:
+        """Forward (and backward) over one global batch; returns (loss_sum, tokens) summed over ranks."""
+        from megatron.core import parallel_state as ps
+
+        micro = _micro_batches(
+            batch, self.par.dp_rank, self.par.data, self.cfg.train.micro_batch_size, self.device
+        )
+        losses = self.forward_backward(
+            forward_step_func=_forward_step,
+            data_iterator=iter(micro),
+            model=[self.model],
+            num_microbatches=len(micro),
+            seq_length=self.cfg.model.seq_length,
+            micro_batch_size=self.cfg.train.micro_batch_size,
+            forward_only=forward_only,
+        )
+        totals = torch.zeros(2, dtype=torch.float64)
+        for item in losses:
+            totals += item["lm"].double().cpu()
+        if self.par.is_last_stage:
+            group = ps.get_data_parallel_group(with_context_parallel=False)
+            dist.all_reduce(totals, group=group)
+        # Pipeline stages other than the last hold zeros: share the last stage's totals with everyone.
+        if self.par.pipeline > 1:
+            dist.all_reduce(totals, group=ps.get_pipeline_model_parallel_group())
+        return float(totals[0]), float(totals[1])
+
+    def train_step(self) -> dict[str, Any]:
+        """One optimizer step; returns its metrics row (without throughput fields)."""
+        self.model.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        batch = self.data.train_batch(self.step)
+        loss_sum, tokens = self._run_schedule(batch, forward_only=False)
+        loss = loss_sum / tokens
+        if not math.isfinite(loss):
+            ckpt = latest_checkpoint(self.checkpoint_dir)
+            kept = f"last good checkpoint {ckpt} is intact" if ckpt else "no checkpoint had been saved"
+            raise TrainingError(f"loss is {loss} at step {self.step + 1}; stopping ({kept})")
+        lr = self.optimizer.param_groups[0]["lr"]  # the rate this step's update uses
+        _, grad_norm, _ = self.optimizer.step()
+        self.scheduler.step(increment=1)
+        self.state.step += 1
+        self.state.last_train_loss = loss
+        row = {"step": self.step, "loss": loss, "tokens": tokens, "lr": lr}
+        if grad_norm is not None:
+            row["grad_norm"] = float(grad_norm)
+        if self.moe_losses is not None:
+            row.update(self.moe_losses.read())
+        return row
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Validation loss (nats/token) and bits per byte over `train.eval_iters` batches."""
+        t = self.cfg.train
+        loss_sum = tokens = 0.0
+        for batch in self.data.valid_batches(t.global_batch_size, t.eval_iters):
+            s, n = self._run_schedule(batch, forward_only=True)
+            loss_sum += s
+            tokens += n
+        if self.moe_losses is not None:
+            self.moe_losses.discard()
+        loss = loss_sum / tokens
+        return {"val_loss": loss, "val_bpb": loss / math.log(2) / self.data.bytes_per_token}
+
+    def save(self, elapsed_s: float) -> None:
+        """Checkpoint this step; `elapsed_s`, the run's wall-clock time so far, goes into the train state."""
+        self.state.elapsed_s = elapsed_s
+        save_checkpoint(self, self.checkpoint_dir)
+
+    # ------------------------------------------------------------ the loop
+
+    def log(self, text: str) -> None:
+        if self.par.is_logging_rank and not self.quiet:
+            print(text, flush=True)
+
+    def fit(self, stop: StopFlag | None = None) -> dict[str, Any]:
+        """Train to `train.train_steps`; a stop signal (see `StopFlag`) saves and raises `Preempted`."""
+        t = self.cfg.train
+        stop = stop or StopFlag()
+        self.log(run_line(self.cfg.model.is_moe, self.param_counts, self.par, t.train_steps, self.tokens_per_step))
+        if self.resumed_from is not None:
+            self.log(f"resumed from {self.resumed_from} at step {self.step}")
+        meter = ThroughputMeter(
+            tokens_per_step=self.tokens_per_step,
+            flops_per_token=self.flops_per_token,
+            world_size=self.par.world_size,
+            peak_flops=self.peak_flops,
+            first_step=self.step,
+            elapsed_before=self.state.elapsed_s,
+        )
+        while self.step < t.train_steps:
+            row = self.train_step()
+            meter.step_done()
+            at_end = self.step == t.train_steps
+            if at_end or self.step % t.log_interval == 0:
+                self._log_train(row, meter)
+            with meter.paused():
+                if self._eval_due(at_end):
+                    self._evaluate_and_log()
+                saved = self._save_due(at_end)
+                if saved:
+                    self.save(meter.elapsed())
+                # A stop lands after this step's evaluation: a resumed run starts at the next step and would never
+                # evaluate this one, so its eval rows and best validation loss would differ from an uninterrupted run's.
+                if not at_end and stop.agreed():
+                    self._stop(stop.signum, saved, meter)
+        return self._write_result(meter)
+
+    def _log_train(self, row: dict[str, Any], meter: ThroughputMeter) -> None:
+        row.update(meter.report())
+        if self.load_monitor is not None:
+            row.update(self.load_monitor.collect())
+        self.metrics.log({"kind": "train", **row})
+        self.log(progress_line(row, self.cfg.train.train_steps, meter.eta(self.step, self.cfg.train.train_steps)))
+
+    def _eval_due(self, at_end: bool) -> bool:
+        interval = self.cfg.train.eval_interval
+        return at_end or (bool(interval) and self.step % interval == 0)
+
+    def _evaluate_and_log(self) -> None:
+        ev = self.evaluate()
+        self.state.record_eval(ev["val_loss"])
+        self.metrics.log({"kind": "eval", "step": self.step, **ev})
+        self.log(eval_line(self.step, ev))
+
+    def _save_due(self, at_end: bool) -> bool:
+        interval = self.cfg.train.save_interval
+        return bool(interval) and (self.step % interval == 0 or at_end)
+
+    def _stop(self, signum: int, saved: bool, meter: ThroughputMeter) -> NoReturn:
+        """Save (unless this step already did), leave the preemption marker, raise `Preempted`."""
+        if not saved:
+            self.save(meter.elapsed())
+        if self.par.is_logging_rank:
+            mark_preempted(self.out_dir, self.step, signum)
+        raise Preempted(f"stopped by signal at step {self.step}; checkpoint saved, run again to resume")
+
+    def _write_result(self, meter: ThroughputMeter) -> dict[str, Any]:
+        result = {
+            "steps": self.step,
+            "final_train_loss": self.state.last_train_loss,
+            "best_val_loss": self.state.best_val_loss,
+            "best_val_step": self.state.best_val_step,
+            "train_time_s": meter.elapsed(),
+            "tokens_per_step": self.tokens_per_step,
+            "data": self.data.describe(),
+        }
+        if self.par.is_logging_rank:
+            atomic_write_json(self.out_dir / "result.json", result)
+        return result
+
+
+def train(cfg: RunConfig, *, quiet: bool = False) -> dict[str, Any]:
+    """Train one run on this process (one rank of a torchrun job, or alone).
+
+    The stop signals are caught from before start-up (data, model, checkpoint loading), so a signal that
+    arrives then still ends in a checkpoint, after the first step.
+    """
+    stop = StopFlag()
+    return Trainer(cfg, quiet=quiet).fit(stop)
