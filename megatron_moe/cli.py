@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+from megatron_moe import __version__
 from megatron_moe.config import ConfigError
 
 EPILOG = """examples:
@@ -75,8 +76,10 @@ def train_main(args: argparse.Namespace) -> int:
 DATA_EPILOG = """examples:
   megatron-moe data prepare corpus.jsonl.xz -o data/mycorpus --vocab-size 8192 --workers 2
   megatron-moe data prepare stories.txt.xz -o data/ts --valid-input valid.txt.xz --tokenizer tokenizer.json
+  megatron-moe data import /data/megatron/corpus_text_document -o data/imported --tokenizer gpt2
   megatron-moe data inspect data/ts --seq-length 256 --unique-tokens 1000000 --epochs 4
   megatron-moe data inspect                      # the built-in synthetic corpus
+  megatron-moe data inspect --corpus tinystories # the built-in real text
 """
 
 
@@ -100,12 +103,14 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     prep.add_argument("inputs", nargs="+", help="input files or directories")
-    prep.add_argument("-o", "--output", required=True, help="output dataset directory (must not exist)")
+    prep.add_argument("-o", "--output-dir", "--output", dest="output", required=True,
+                      help="output dataset directory (must not exist)")
     prep.add_argument("--tokenizer", help="tokenizer.json, SentencePiece *.model or *.tiktoken (default: train a BPE)")
     prep.add_argument("--vocab-size", type=int, default=8192, help="vocab size of a trained BPE (default 8192)")
     prep.add_argument("--eod-token", help="end-of-document token of a loaded tokenizer (default: auto-detect)")
     prep.add_argument("--text-key", default="text", help="JSON field holding the text (default text)")
     prep.add_argument("--separator", default="<|endoftext|>", help="document separator in plain text")
+    prep.add_argument("--line-documents", action="store_true", help="plain text: each non-empty line is a document")
     prep.add_argument("--valid-fraction", type=float, default=0.01, help="held-out fraction of documents")
     prep.add_argument("--valid-input", action="append", help="file/dir of validation documents (repeatable)")
     prep.add_argument("--split-seed", type=int, default=0, help="key of the split hash (default 0)")
@@ -115,13 +120,34 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
 
     prep.set_defaults(func=prepare_main)
 
+    imp = verbs.add_parser(
+        "import",
+        help="turn a Megatron-LM tokenized dataset (PREFIX.bin/.idx) into a prepared dataset, no re-tokenizing",
+        description="Reads a megatron-core indexed dataset written by Megatron-LM's preprocessing (one sequence per "
+        "document), appends the end-of-document token where missing, and writes a prepared dataset (manifest, "
+        "train/validation split, checksums). --tokenizer must be the one the data was tokenized with.",
+        epilog=DATA_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    imp.add_argument("prefix", help="Megatron-LM dataset prefix (PREFIX.bin and PREFIX.idx)")
+    imp.add_argument("-o", "--output-dir", dest="output", required=True, help="output dataset directory (must not exist)")
+    imp.add_argument("--tokenizer", required=True, help="tokenizer.json (or a directory or Hub name), *.model, *.tiktoken")
+    imp.add_argument("--eod-token", help="end-of-document token of the tokenizer (default: auto-detect)")
+    imp.add_argument("--valid-prefix", help="a second Megatron-LM prefix to use as the validation split")
+    imp.add_argument("--valid-fraction", type=float, default=0.01, help="held-out fraction when no --valid-prefix")
+    imp.add_argument("--split-seed", type=int, default=0, help="key of the split hash (default 0)")
+    imp.add_argument("--force", action="store_true", help="replace an existing output directory")
+    imp.add_argument("--quiet", action="store_true", help="no progress display")
+    imp.set_defaults(func=import_main)
+
     insp = verbs.add_parser(
         "inspect",
         help="print a dataset's counts and a schedule's tokens, epochs and fingerprint",
         epilog=DATA_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    insp.add_argument("path", nargs="?", help="prepared dataset directory (omit for the synthetic corpus)")
+    insp.add_argument("path", nargs="?", help="prepared dataset directory (omit for a built-in corpus)")
+    insp.add_argument("--corpus", choices=["synthetic", "tinystories"], help="built-in corpus when no path is given")
     insp.add_argument("--config", help="take data, seq_length, global batch and train steps from a run config")
     insp.add_argument("--seq-length", type=int, help="sequence length (default 256)")
     insp.add_argument("--global-batch-size", type=int, help="sequences per step (default 8)")
@@ -142,7 +168,8 @@ def prepare_main(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     m = prepare_dataset(
         args.inputs, args.output, tokenizer=args.tokenizer, vocab_size=args.vocab_size, eod_token=args.eod_token,
-        text_key=args.text_key, separator=args.separator, valid_fraction=args.valid_fraction,
+        text_key=args.text_key, separator=args.separator, line_documents=args.line_documents,
+        valid_fraction=args.valid_fraction,
         valid_inputs=args.valid_input or [], split_seed=args.split_seed, workers=args.workers, force=args.force,
         progress=not args.quiet,
     )
@@ -153,6 +180,18 @@ def prepare_main(args: argparse.Namespace) -> int:
           f"vocab {m['tokenizer']['vocab_size']:,}, {secs:.1f} s ({m['bytes'] / 1e6 / secs:.2f} MB/s)")
     if m["skipped_empty_documents"]:
         print(f"skipped {m['skipped_empty_documents']:,} empty documents")
+    return 0
+
+
+def import_main(args: argparse.Namespace) -> int:
+    from megatron_moe.data.interop import import_megatron
+
+    m = import_megatron(args.prefix, args.output, tokenizer=args.tokenizer, eod_token=args.eod_token,
+                        valid_prefix=args.valid_prefix, valid_fraction=args.valid_fraction,
+                        split_seed=args.split_seed, force=args.force, progress=not args.quiet)
+    tr, va = m["splits"]["train"], m["splits"]["valid"]
+    print(f"wrote {args.output}: {m['documents']:,} documents ({tr['documents']:,} train, {va['documents']:,} valid), "
+          f"{m['tokens']:,} tokens, {m['bytes_per_token']:.3f} bytes/token, vocab {m['tokenizer']['vocab_size']:,}")
     return 0
 
 
@@ -168,7 +207,7 @@ def inspect_main(args: argparse.Namespace) -> int:
         cfg, seq_length, gbs, steps = run.data, run.model.seq_length, run.train.global_batch_size, run.train.train_steps
     if args.path is not None:
         cfg.path = args.path
-    for name in ("seed", "unique_tokens", "epochs", "consumed_tokens"):
+    for name in ("corpus", "seed", "unique_tokens", "epochs", "consumed_tokens"):
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))
     seq_length = args.seq_length or seq_length
@@ -184,7 +223,7 @@ def inspect_main(args: argparse.Namespace) -> int:
     m = ds.manifest
     fmt = lambda v: "unbounded" if v is None else f"{v:,}" if isinstance(v, int) else f"{v:.4g}"  # noqa: E731
     rows = [
-        ("dataset", f"{info['source']} ({ds.path})" if ds.synthetic else info["source"]),
+        ("dataset", f"{info['source']} ({ds.path})" if ds.builtin else info["source"]),
         ("tokenizer", f"{m['tokenizer']['kind']}, vocab {ds.vocab_size:,}, eod {ds.eod_id}, "
                       f"sha256 {m['tokenizer']['sha256'][:12]}"),
         ("documents", f"{m['documents']:,} ({info['train_documents']:,} train, {info['valid_documents']:,} valid)"),
@@ -211,7 +250,7 @@ def inspect_main(args: argparse.Namespace) -> int:
 PLAN_EPILOG = """examples:
   megatron-moe plan examples/tiny_moe.toml                      # ledger + active/total/flops-matched dense
   megatron-moe plan examples/tiny_moe.toml --match active --json
-  megatron-moe plan examples/tiny_moe.toml --resize ffn+hidden --multiple-of 16 --write-dir runs/plan
+  megatron-moe plan examples/tiny_moe.toml --resize ffn+hidden --multiple-of 16 -o runs/plan
   megatron-moe plan examples/tiny_moe.toml --match equal-resources --r-a 0.2,0.3,0.5 --tokens-per-param 20
 """
 
@@ -242,7 +281,8 @@ def _add_plan(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--match", default="all", choices=["active", "total", "flops", "all", "equal-resources"],
                    help="which matched configs to plan (default all = active, total, flops)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
-    p.add_argument("--write-dir", help="write each matched run config as TOML (plus source.toml, plan.json)")
+    p.add_argument("-o", "--output-dir", "--write-dir", dest="write_dir",
+                   help="write each matched run config as TOML (plus source.toml, plan.json) here")
     p.add_argument("--multiple-of", type=int, default=8,
                    help="resized widths are multiples of this (default 8; FP8 and grouped GEMM want 16)")
     p.add_argument("--resize", default="ffn", choices=["ffn", "ffn+hidden"],
@@ -464,9 +504,9 @@ def study_launch_main(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- bench
 
 BENCH_EPILOG = """examples:
-  megatron-moe bench examples/bench/cpu.toml --out runs/bench-cpu       # MoE + active-matched dense, CPU
+  megatron-moe bench examples/bench/cpu.toml -o runs/bench-cpu       # MoE + active-matched dense, CPU
   megatron-moe bench examples/bench/cpu.toml model.moe.num_experts=0    # the dense model alone
-  megatron-moe bench examples/tiny_three_arm/gpu.toml --out runs/bench-arms   # every arm of a study
+  megatron-moe bench examples/tiny_three_arm/gpu.toml -o runs/bench-arms   # every arm of a study
   megatron-moe bench examples/bench/gpu_1b_dense.toml train.precision=fp8 --baseline none
 """
 
@@ -478,7 +518,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
         description="Measure training throughput of a run config (an MoE also gets its active-parameter-"
         "matched dense model) or of every arm of a study config, each in a fresh single-device process, "
         "against the same model written in plain PyTorch (eager on CPU, torch.compile on GPU by default). "
-        "Prints a Markdown table; with --out writes bench.json and bench.md.",
+        "Prints a Markdown table; with -o writes bench.json and bench.md.",
         epilog=BENCH_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -489,7 +529,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--repeats", type=int, default=2, help="alternating fresh-process measurements per path (default 2)")
     p.add_argument("--baseline", default="auto", help="plain-PyTorch baseline: auto (compile on GPU, eager on CPU), "
                    "eager, compile or none")
-    p.add_argument("--out", help="directory for bench.json and bench.md")
+    p.add_argument("-o", "--output-dir", "--out", dest="out", help="directory for bench.json and bench.md")
 
     p.set_defaults(func=bench_main)
 
@@ -507,6 +547,40 @@ def bench_main(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- config
+
+CONFIG_EPILOG = """examples:
+  megatron-moe config show                                    # every default
+  megatron-moe config show examples/tiny_moe.toml train.lr=1e-3
+  megatron-moe config show examples/tiny_three_arm/cpu.toml   # a study file, [study] included
+"""
+
+
+def _add_config(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("config", help="show a resolved config", epilog=CONFIG_EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    verbs = p.add_subparsers(dest="config_command", required=True, metavar="VERB")
+    show = verbs.add_parser("show", help="print a run or study config with every default filled in, as TOML",
+                            epilog=CONFIG_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    show.add_argument("config", nargs="?", help="run or study config TOML (omit for the defaults)")
+    show.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
+    show.set_defaults(func=config_show_main)
+
+
+def config_show_main(args: argparse.Namespace) -> int:
+    from megatron_moe.config import load_run_config, load_toml, to_toml
+
+    config, overrides = _split_config(args.config, args.overrides)
+    if config is not None and "study" in load_toml(config):
+        from megatron_moe.study.spec import load_study
+
+        cfg = load_study(config, overrides, check_world=False)
+    else:
+        cfg = load_run_config(config, overrides)
+    print(to_toml(dataclasses.asdict(cfg)), end="")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="megatron-moe",
@@ -520,6 +594,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_plan(sub)
     _add_study(sub)
     _add_bench(sub)
+    _add_config(sub)
+    parser.add_argument("--version", action="version", version=f"megatron-moe {__version__}")
     return parser
 
 

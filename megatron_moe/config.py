@@ -135,13 +135,15 @@ class DataConfig:
     """Where tokens come from, and the data-reuse schedule (see `megatron_moe.data`)."""
 
     path: str = ""
-    """Prepared dataset directory (`megatron-moe data prepare`); empty = the built-in synthetic corpus."""
+    """Prepared dataset directory (`megatron-moe data prepare`); empty = the built-in corpus `data.corpus`."""
+    corpus: Literal["synthetic", "tinystories"] = "synthetic"
+    """Built-in corpus used when data.path is empty: real TinyStories text, or templated synthetic stories."""
+    corpus_vocab_size: int = 0
+    """Byte-level BPE vocabulary (tokens) trained for the built-in corpus (0 = 512 synthetic, 4096 tinystories)."""
     seed: int = 1234
     """Data order seed (budget selection and per-epoch shuffles); identical across arms of a study."""
     synthetic_documents: int = 2000
     """Documents generated for the built-in synthetic corpus (train + validation)."""
-    synthetic_vocab_size: int = 512
-    """Byte-level BPE vocabulary size (tokens) trained for the built-in synthetic corpus."""
     unique_tokens: int = 0
     """Unique-token budget in tokens: whole training documents in a seeded order up to this many (0 = all)."""
     epochs: float = 0.0
@@ -158,10 +160,10 @@ class DataConfig:
             raise ConfigError(
                 f"data.epochs = {self.epochs} and data.consumed_tokens = {self.consumed_tokens} are both set; set one"
             )
-        if self.synthetic_documents < 21:  # 20 stories hold no validation document (data.synthetic_dataset)
+        if self.synthetic_documents < 21:  # 20 stories hold no validation document (data.corpora.synthetic_dataset)
             raise ConfigError(f"data.synthetic_documents = {self.synthetic_documents} must be >= 21")
-        if not 260 <= self.synthetic_vocab_size <= 65000:
-            raise ConfigError(f"data.synthetic_vocab_size = {self.synthetic_vocab_size} must be in [260, 65000]")
+        if self.corpus_vocab_size and not 260 <= self.corpus_vocab_size <= 65000:
+            raise ConfigError(f"data.corpus_vocab_size = {self.corpus_vocab_size} must be 0 or in [260, 65000]")
 
 
 @dataclass

@@ -222,18 +222,34 @@ def build_model(
 # ---------------------------------------------------------------- initialisation
 
 _LOCAL_EXPERT = re.compile(r"(\.experts\.local_experts\.)(\d+)(\.)")
-_GROUPED_EXPERT = re.compile(r"(\.experts\.linear_fc\d\.weight)(\d+)$")
+_GROUPED_EXPERT = re.compile(r"\.experts\.linear_fc(\d)\.weight(\d+)$")
+_LAYER = re.compile(r"layers\.(\d+)\.")
 
 
-def _global_name(name: str, num_local_experts: int, ep_rank: int) -> str:
-    """Rename a local expert index to its global index, so every layout names an expert alike."""
+def init_name(name: str, *, num_local_experts: int, ep_rank: int, layer_offset: int, tied: bool) -> str:
+    """The layout-independent name a parameter's initial values are keyed by.
+
+    Local expert and layer indices become global ones, so every parallel layout names a weight alike; grouped
+    experts (`experts.linear_fc2.weight3`, Transformer Engine's grouped GEMM) take the name of the same expert
+    in the sequential layout (`experts.local_experts.3.linear_fc2.weight`), so both start from the same
+    weights; a tied output layer is the embedding.
+    """
     offset = num_local_experts * ep_rank
+    name = _LOCAL_EXPERT.sub(lambda x: f"{x.group(1)}{int(x.group(2)) + offset}{x.group(3)}", name)
+    name = _GROUPED_EXPERT.sub(
+        lambda x: f".experts.local_experts.{int(x.group(2)) + offset}.linear_fc{x.group(1)}.weight", name)
+    name = _LAYER.sub(lambda x: f"layers.{int(x.group(1)) + layer_offset}.", name)
+    if "output_layer" in name and tied:
+        name = "embedding.word_embeddings.weight"
+    return name
 
-    def shift(match: re.Match) -> str:
-        return f"{match.group(1)}{int(match.group(2)) + offset}{match.group(3) if match.lastindex == 3 else ''}"
 
-    name = _LOCAL_EXPERT.sub(shift, name)
-    return _GROUPED_EXPERT.sub(shift, name)
+def init_std(name: str, m: ModelConfig) -> float:
+    """Initial standard deviation of the weight called `name` (an `init_name`): megatron-core's scaled std,
+    std / sqrt(2 * layers), for the projections that write into the residual stream."""
+    if name.endswith(("linear_proj.weight", "linear_fc2.weight")):
+        return m.init_method_std / (2.0 * m.num_layers) ** 0.5
+    return m.init_method_std
 
 
 def _layer_offset(model) -> int:
@@ -260,13 +276,9 @@ def init_weights(model, m: ModelConfig, seed: int) -> None:
     for name, param in model.named_parameters():
         if param.dim() < 2:
             continue
-        gname = _global_name(name, num_local_experts, ep_rank)
-        gname = re.sub(r"layers\.(\d+)\.", lambda x: f"layers.{int(x.group(1)) + layer_offset}.", gname)
-        if "output_layer" in gname and m.tie_embeddings:
-            gname = "embedding.word_embeddings.weight"
-        std = m.init_method_std
-        if gname.endswith(("linear_proj.weight", "linear_fc2.weight")):
-            std /= (2.0 * m.num_layers) ** 0.5
+        gname = init_name(name, num_local_experts=num_local_experts, ep_rank=ep_rank, layer_offset=layer_offset,
+                          tied=m.tie_embeddings)
+        std = init_std(gname, m)
         # Routed experts are sharded by expert-tensor parallelism only, which is always 1 here
         # (`allreduce` cannot tell: megatron-core sets it True on experts when expert parallel is 1).
         routed_expert = ".experts." in gname and ".shared_experts." not in gname

@@ -66,7 +66,8 @@ def test_fp8_trains(tmp_path):
 def test_grouped_gemm_matches_sequential_experts(tmp_path):
     seq = _train(tmp_path / "seq", "train.train_steps=3", "train.log_interval=1")
     grouped = _train(tmp_path / "grouped", "train.train_steps=3", "train.log_interval=1", "model.moe.grouped_gemm=true")
-    # Same initial weights and tokens; bf16 GEMM order differs, so allow bf16-level differences.
+    # Same initial weights (init_name maps grouped to sequential expert names) and tokens; bf16 GEMM order
+    # differs, so allow bf16-level differences.
     for a, b in zip(seq, grouped):
         assert abs(a["loss"] - b["loss"]) < 2e-2, (a["loss"], b["loss"])
 

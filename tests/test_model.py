@@ -127,3 +127,21 @@ def test_parameter_components_by_name(name, component):
     from megatron_moe.model import component_of
 
     assert component_of(name) == component
+
+
+def test_grouped_and_sequential_experts_share_init_names_and_output_scaling():
+    """Grouped-GEMM experts (`experts.linear_fc2.weight3`) draw the same initial weights as the same expert in
+    the sequential layout, and their output projection gets the residual-scaled std like every other one."""
+    from megatron_moe.model import init_name, init_std
+
+    m = small(num_experts=8, top_k=2)
+    keys = dict(num_local_experts=4, ep_rank=1, layer_offset=2, tied=False)
+    for fc in (1, 2):
+        grouped = init_name(f"decoder.layers.0.mlp.experts.linear_fc{fc}.weight3", **keys)
+        sequential = init_name(f"decoder.layers.0.mlp.experts.local_experts.3.linear_fc{fc}.weight", **keys)
+        assert grouped == sequential == f"decoder.layers.2.mlp.experts.local_experts.7.linear_fc{fc}.weight"
+    scaled = m.init_method_std / (2 * m.num_layers) ** 0.5
+    assert init_std(init_name("decoder.layers.0.mlp.experts.linear_fc2.weight3", **keys), m) == scaled
+    assert init_std(init_name("decoder.layers.0.mlp.experts.linear_fc1.weight3", **keys), m) == m.init_method_std
+    assert init_std(init_name("decoder.layers.0.self_attention.linear_proj.weight", **keys), m) == scaled
+    assert init_name("output_layer.weight", **{**keys, "tied": True}) == "embedding.word_embeddings.weight"

@@ -29,6 +29,6 @@ status=0
 "$PY" -m pytest -q -p no:cacheprovider -m gpu -rs tests/test_gpu.py 2>&1 | tee -a "$LOG" || status=1
 for cfg in examples/tiny_three_arm/gpu.toml examples/bench/gpu_1b_dense.toml examples/bench/gpu_1b_moe.toml; do
   name=$(basename "$(dirname "$cfg")")_$(basename "$cfg" .toml)
-  "$PY" -m megatron_moe.cli bench "$cfg" --steps 10 --warmup 3 --repeats 1 --out "$OUT_DIR/bench_$name" 2>&1 | tee -a "$LOG" || status=1
+  "$PY" -m megatron_moe.cli bench "$cfg" --steps 10 --warmup 3 --repeats 1 -o "$OUT_DIR/bench_$name" 2>&1 | tee -a "$LOG" || status=1
 done
 exit $status

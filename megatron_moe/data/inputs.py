@@ -8,6 +8,7 @@ import bz2
 import gzip
 import json
 import lzma
+import sys
 import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -19,15 +20,11 @@ from megatron_moe.data.tokenizers import EOD_TEXT
 
 
 TEXT_SUFFIXES = (".txt", ".text", ".md")
-
-
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 
 
 COMPRESSED = {".xz": lzma.open, ".gz": gzip.open, ".bz2": bz2.open}
-
-
-# ================================================================ reading inputs
+LINES_WARNING = 100  # a text file of this many lines read as one document gets a warning
 
 
 @dataclass
@@ -36,9 +33,20 @@ class Document:
     where: str  # "file:line" for error messages
 
 
-def _open_binary(path: Path) -> Any:
-    opener = COMPRESSED.get(path.suffix.lower())
-    return opener(path, "rb") if opener else open(path, "rb")
+class ReadMeter:
+    """How far reading has got through the input files, in bytes on disk (compressed bytes for compressed files),
+    so that a progress display has a known total."""
+
+    def __init__(self, files: list[Path]) -> None:
+        self.total = sum(f.stat().st_size for f in files)
+        self.done = 0
+        self._raw: Any = None
+
+    def position(self) -> int:
+        try:
+            return self.done + (self._raw.tell() if self._raw is not None else 0)
+        except (OSError, ValueError):  # the file was closed under us
+            return self.done
 
 
 def _base_suffix(path: Path) -> str:
@@ -73,27 +81,38 @@ def expand_inputs(inputs: Iterable[str | Path]) -> list[Path]:
     return files
 
 
-def _lines(path: Path) -> Iterator[tuple[int, str]]:
+def _lines(path: Path, meter: ReadMeter | None = None) -> Iterator[tuple[int, str]]:
     """(1-based line number, decoded line) with strict UTF-8 and one-line errors."""
     try:
-        with _open_binary(path) as f:
-            for n, raw in enumerate(f, 1):
-                try:
-                    yield n, raw.decode("utf-8")
-                except UnicodeDecodeError as exc:
-                    raise ConfigError(f"{path}:{n}: not UTF-8 text (byte {exc.start} of the line)") from None
+        with open(path, "rb") as disk:
+            opener = COMPRESSED.get(path.suffix.lower())
+            if meter is not None:
+                meter._raw = disk
+            with opener(disk) if opener else disk as f:
+                for n, raw in enumerate(f, 1):
+                    try:
+                        yield n, raw.decode("utf-8")
+                    except UnicodeDecodeError as exc:
+                        raise ConfigError(f"{path}:{n}: not UTF-8 text (byte {exc.start} of the line)") from None
     except (lzma.LZMAError, zlib.error, OSError, EOFError) as exc:
         raise ConfigError(f"{path}: cannot read ({exc})") from None
+    finally:
+        if meter is not None and meter._raw is not None:
+            meter.done += path.stat().st_size
+            meter._raw = None
 
 
-def iter_documents(path: Path, separator: str = EOD_TEXT, text_key: str = "text") -> Iterator[Document]:
-    """Documents of one file: JSON lines (field `text_key`) or plain text split on `separator`.
+def iter_documents(path: Path, separator: str = EOD_TEXT, text_key: str = "text",
+                   line_documents: bool = False, meter: ReadMeter | None = None) -> Iterator[Document]:
+    """Documents of one file: JSON lines (field `text_key`), plain text with one document per line
+    (`line_documents`), or plain text split on `separator`.
 
     Plain-text documents are stripped of surrounding whitespace; empty documents are yielded (as "") so that
-    the caller can count them, and are not written.
+    the caller can count them, and are not written. A text file of many lines without a separator is one
+    document: that is said on stderr, since a file of one document per line is the likelier intent.
     """
     if _base_suffix(path) in JSONL_SUFFIXES:
-        for n, line in _lines(path):
+        for n, line in _lines(path, meter):
             if not line.strip():
                 continue
             try:
@@ -106,9 +125,15 @@ def iter_documents(path: Path, separator: str = EOD_TEXT, text_key: str = "text"
                 raise ConfigError(f"{path}:{n}: field {text_key!r} is not a string")
             yield Document(obj[text_key], f"{path}:{n}")
         return
+    if line_documents:
+        for n, line in _lines(path, meter):
+            if line.strip():
+                yield Document(line.strip(), f"{path}:{n}")
+        return
     parts: list[str] = []
     start = 1
-    for n, line in _lines(path):
+    n = 0
+    for n, line in _lines(path, meter):
         if separator and separator in line:
             pieces = line.split(separator)
             parts.append(pieces[0])
@@ -118,5 +143,8 @@ def iter_documents(path: Path, separator: str = EOD_TEXT, text_key: str = "text"
         else:
             parts.append(line)
     last = "".join(parts).strip()
+    if start == 1 and n >= LINES_WARNING and separator:
+        print(f"warning: {path}: {n:,} lines and no {separator!r} separator, so one document; if each line is "
+              "a document, pass --line-documents", file=sys.stderr)
     if last:  # text after the final separator is usually just a newline: not a document
         yield Document(last, f"{path}:{start}")

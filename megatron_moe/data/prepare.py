@@ -22,9 +22,9 @@ from typing import Any
 import numpy as np
 
 from megatron_moe.config import ConfigError
-from megatron_moe.data.inputs import Document, expand_inputs, iter_documents
+from megatron_moe.data.inputs import Document, ReadMeter, expand_inputs, iter_documents
 from megatron_moe.data.store import DATASET_VERSION, MANIFEST, sha256_file
-from megatron_moe.data.tokenizers import EOD_TEXT, TextTokenizer, load_tokenizer, train_bpe_tokenizer
+from megatron_moe.data.tokenizers import EOD_TEXT, TextTokenizer, find_tokenizer_file, load_tokenizer, train_bpe_tokenizer
 from megatron_moe.files import atomic_write_json
 
 
@@ -34,27 +34,44 @@ def text_split_value(text: str, split_seed: int) -> float:
     return int.from_bytes(h.digest(), "little") / 2.0**64
 
 
-# ================================================================ preprocessing
-
-
 class Progress:
-    """A throttled one-line progress display on stderr (carriage return on a terminal)."""
+    """Progress of one pass over the inputs, on stderr: a tqdm bar on a terminal (input bytes read of the total,
+    rate, ETA), else a plain line every 10 s (the log of a batch job); a summary line at the end."""
 
-    def __init__(self, label: str, enabled: bool = True, interval_s: float = 0.5) -> None:
-        self.label, self.enabled, self.interval_s = label, enabled, interval_s
+    def __init__(self, label: str, total: int | None, enabled: bool = True, unit: str = "B") -> None:
+        self.label, self.total, self.enabled, self.unit = label, total, enabled, unit
         self.start = self.last = time.perf_counter()
-        self.tty = sys.stderr.isatty()
+        self.bar = None
+        if enabled and sys.stderr.isatty():
+            from tqdm import tqdm
 
-    def update(self, docs: int, nbytes: int, tokens: int, final: bool = False) -> None:
+            self.bar = tqdm(total=total, desc=label, unit=unit, unit_scale=True, file=sys.stderr, leave=False,
+                            dynamic_ncols=True)
+
+    def update(self, position: int, docs: int, tokens: int) -> None:
+        """`position`: bytes of the total read so far."""
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"{docs:,} documents, {tokens:,} tokens", refresh=False)
+            self.bar.update(position - self.bar.n)
+            return
         now = time.perf_counter()
-        if not self.enabled or (not final and now - self.last < (self.interval_s if self.tty else 10.0)):
+        if not self.enabled or now - self.last < 10.0:
             return
         self.last = now
-        mb = nbytes / 1e6
-        line = (f"{self.label}: {docs:,} documents, {mb:,.1f} MB, {tokens:,} tokens, "
-                f"{mb / max(now - self.start, 1e-9):.2f} MB/s")
-        end = "\n" if final or not self.tty else ""
-        print(("\r" if self.tty else "") + line, end=end, file=sys.stderr, flush=True)
+        scale, unit = (1e6, " MB") if self.unit == "B" else (1, f" {self.unit}")
+        done = f"{position / scale:,.1f}{unit}"
+        if self.total:
+            eta = (now - self.start) * (self.total - position) / max(position, 1)
+            done = f"{100 * position / self.total:.0f}% ({done} of {self.total / scale:,.1f}{unit}), eta {eta:,.0f} s"
+        print(f"{self.label}: {done}, {docs:,} documents, {tokens:,} tokens", file=sys.stderr, flush=True)
+
+    def close(self, docs: int, nbytes: int, tokens: int) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.enabled:
+            mb, secs = nbytes / 1e6, time.perf_counter() - self.start
+            counts = f"{docs:,} documents, {mb:,.1f} MB" + (f", {tokens:,} tokens" if tokens else "")
+            print(f"{self.label}: {counts}, {mb / max(secs, 1e-9):.2f} MB/s", file=sys.stderr, flush=True)
 
 
 _WORKER_TOKENIZER: TextTokenizer | None = None
@@ -141,48 +158,40 @@ def write_dataset(
     progress: bool,
     extra: dict[str, Any],
     label: str = "prepare",
+    meter: ReadMeter | None = None,
 ) -> dict[str, Any]:
-    """Tokenize `source` into `out_dir` (which must exist and be empty); returns the manifest."""
+    """Tokenize `source` into `out_dir` (which must exist and be empty); returns the manifest. `meter`, when
+    given, is what `source` reads through: progress is then shown against the inputs' total size."""
     stats = {"skipped_empty": 0}
     # Pass 1: the tokenizer (trained on training documents only, so nothing held out leaks into it).
     if tokenizer_file is None:
         def train_texts() -> Iterator[str]:
+            reading = Progress(f"{label}: BPE training, reading", meter.total if meter else None, progress)
+            docs = nbytes = 0
             for texts, flags in _chunks(source, valid_fraction, split_seed, {"skipped_empty": 0}):
+                docs += len(texts)
+                nbytes += sum(len(t) for t in texts)
+                reading.update(meter.position() if meter else nbytes, docs, 0)
                 yield from (t for t, v in zip(texts, flags) if not v)
+            reading.close(docs, nbytes, 0)
 
-        tok: TextTokenizer = train_bpe_tokenizer(train_texts(), vocab_size)
+        tok: TextTokenizer = train_bpe_tokenizer(train_texts(), vocab_size, progress=progress)
         tok_name = "tokenizer.json"
         tok.tok.save(str(out_dir / tok_name))  # type: ignore[attr-defined]
         tok_info = {"trained": True, "source": None, "requested_vocab_size": vocab_size}
+        tok_info.update(kind=tok.kind, file=tok_name, vocab_size=tok.vocab_size, eod_id=tok.eod_id,
+                        eod_token=tok.eod_token, sha256=sha256_file(out_dir / tok_name))
     else:
-        src = Path(tokenizer_file)
-        src = src / "tokenizer.json" if src.is_dir() else src
-        tok = load_tokenizer(src, eod_token)
-        tok_name = {"hf": "tokenizer.json", "sentencepiece": "tokenizer.model", "tiktoken": "tokenizer.tiktoken"}[
-            tok.kind
-        ]
-        shutil.copyfile(src, out_dir / tok_name)
-        tok_info = {"trained": False, "source": str(src)}
-    tok_info.update(kind=tok.kind, file=tok_name, vocab_size=tok.vocab_size, eod_id=tok.eod_id,
-                    eod_token=tok.eod_token, sha256=sha256_file(out_dir / tok_name))
+        tok, tok_name, tok_info = copy_tokenizer(tokenizer_file, eod_token, out_dir)
 
     # Pass 2: encode and write. The first chunk is read before the builder import pulls in torch +
     # megatron-core (seconds), so that bad input near the start is refused at once.
-    import warnings
-
     chunks = _chunks(source, valid_fraction, split_seed, stats)
     chunks = itertools.chain([next(chunks)], chunks)
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
-
-    dtype = DType.optimal_dtype(tok.vocab_size)
-    writers = {
-        name: _SplitWriter(IndexedDatasetBuilder(str(out_dir / f"{name}.bin"), dtype=dtype), out_dir / name)
-        for name in ("train", "valid")
-    }
-    show = Progress(label, progress)
+    dtype = token_dtype(tok.vocab_size)
+    writers = split_writers(out_dir, dtype)
+    show = Progress(label, meter.total if meter else None, progress)
     seen_bytes = 0
     pool = None
     try:
@@ -214,7 +223,7 @@ def write_dataset(
             for is_valid, e, n, b in zip(flags, ends, lens, nbytes):
                 writers["valid" if is_valid else "train"].add(flat[e - n : e], int(b))
             seen_bytes += int(nbytes.sum())
-            show.update(sum(w.documents for w in writers.values()), seen_bytes,
+            show.update(meter.position() if meter else seen_bytes, sum(w.documents for w in writers.values()),
                         sum(w.tokens for w in writers.values()))
     finally:
         if pool is not None:
@@ -222,15 +231,58 @@ def write_dataset(
             pool.join()
     for w in writers.values():
         w.builder.finalize(str(out_dir / f"{w.prefix.name}.idx"))
-    show.update(sum(w.documents for w in writers.values()), seen_bytes,
-                sum(w.tokens for w in writers.values()), final=True)
+    show.close(sum(w.documents for w in writers.values()), seen_bytes, sum(w.tokens for w in writers.values()))
+    split = {"method": "blake2b(document text, key=seed) < valid_fraction, unless from a --valid-input",
+             "valid_fraction": valid_fraction, "seed": split_seed}
+    return finish_dataset(out_dir, writers, dtype, tok_info, split, {"skipped_empty_documents": stats["skipped_empty"],
+                                                                     **extra})
 
+
+def copy_tokenizer(name: str | Path, eod_token: str | None, out_dir: Path) -> tuple[TextTokenizer, str, dict]:
+    """Load tokenizer `name` (file, directory or Hub name) and copy its file into a dataset directory."""
+    src = find_tokenizer_file(name)
+    tok = load_tokenizer(src, eod_token)
+    tok_name = {"hf": "tokenizer.json", "sentencepiece": "tokenizer.model", "tiktoken": "tokenizer.tiktoken"}[tok.kind]
+    shutil.copyfile(src, out_dir / tok_name)
+    tok_info = {"trained": False, "source": str(src), "kind": tok.kind, "file": tok_name,
+                "vocab_size": tok.vocab_size, "eod_id": tok.eod_id, "eod_token": tok.eod_token,
+                "sha256": sha256_file(out_dir / tok_name)}
+    return tok, tok_name, tok_info
+
+
+def _indexed_dataset() -> Any:
+    """megatron-core's indexed-dataset module (its import warns about optional packages: not ours to show)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from megatron.core.datasets import indexed_dataset
+    return indexed_dataset
+
+
+def token_dtype(vocab_size: int) -> Any:
+    """The smallest dtype megatron-core stores token ids of this vocabulary in."""
+    return _indexed_dataset().DType.optimal_dtype(vocab_size)
+
+
+def split_writers(out_dir: Path, dtype: Any) -> dict[str, _SplitWriter]:
+    IndexedDatasetBuilder = _indexed_dataset().IndexedDatasetBuilder
+    return {name: _SplitWriter(IndexedDatasetBuilder(str(out_dir / f"{name}.bin"), dtype=dtype), out_dir / name)
+            for name in ("train", "valid")}
+
+
+def finish_dataset(out_dir: Path, writers: dict[str, _SplitWriter], dtype: Any, tok_info: dict, split: dict,
+                   extra: dict[str, Any]) -> dict[str, Any]:
+    """Check the finalized splits and write the manifest (checksums of every file); returns it."""
     total = sum(w.documents for w in writers.values())
     if total == 0:
         raise ConfigError("the corpus is empty: no non-empty documents in the inputs")
     for name, w in writers.items():
         if w.documents == 0:
-            hint = "raise --valid-fraction or give --valid-input" if name == "valid" else "lower --valid-fraction"
+            hint = ("raise --valid-fraction or give --valid-input" if name == "valid" else "lower --valid-fraction")
+            if total < 10:  # a document separator that never matched, most likely
+                hint = ("check how documents are split: --separator, or --line-documents for one document per "
+                        "line")
             raise ConfigError(f"the {name} split is empty ({total} documents in all); {hint}")
     splits = {
         name: {"documents": w.documents, "tokens": w.tokens, "bytes": w.bytes,
@@ -245,12 +297,10 @@ def write_dataset(
         "tokens": sum(s["tokens"] for s in splits.values()),
         "bytes": sum(s["bytes"] for s in splits.values()),
         "bytes_per_token": sum(s["bytes"] for s in splits.values()) / sum(s["tokens"] for s in splits.values()),
-        "skipped_empty_documents": stats["skipped_empty"],
         "eod_appended": True,
         "dtype": np.dtype(dtype).name,
         "tokenizer": tok_info,
-        "split": {"method": "blake2b(document text, key=seed) < valid_fraction, unless from a --valid-input",
-                  "valid_fraction": valid_fraction, "seed": split_seed},
+        "split": split,
         "splits": splits,
         "checksums": checksums,
         **extra,
@@ -262,7 +312,7 @@ def write_dataset(
     return manifest
 
 
-def _publish(tmp: Path, out: Path, force: bool) -> None:
+def publish(tmp: Path, out: Path, force: bool) -> None:
     """Rename the finished `tmp` directory onto `out` (replacing it only with `force`)."""
     if out.exists():
         if not force:
@@ -284,6 +334,7 @@ def prepare_dataset(
     eod_token: str | None = None,
     text_key: str = "text",
     separator: str = EOD_TEXT,
+    line_documents: bool = False,
     valid_fraction: float = 0.01,
     valid_inputs: list[str | Path] = (),
     split_seed: int = 0,
@@ -309,15 +360,17 @@ def prepare_dataset(
         raise ConfigError(f"--split-seed {split_seed} must be a signed 64-bit integer, in [-2**63, 2**63 - 1]")
     files = expand_inputs(inputs)
     valid_files = expand_inputs(valid_inputs) if valid_inputs else []
+    meter = ReadMeter(files + valid_files)
     if valid_files:
         valid_fraction = 0.0
 
     def source() -> Iterator[tuple[Document, str | None]]:
+        meter.done = 0
         for f in files:
-            for d in iter_documents(f, separator, text_key):
+            for d in iter_documents(f, separator, text_key, line_documents, meter):
                 yield d, ("train" if valid_files else None)
         for f in valid_files:
-            for d in iter_documents(f, separator, text_key):
+            for d in iter_documents(f, separator, text_key, line_documents, meter):
                 yield d, "valid"
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -328,9 +381,9 @@ def prepare_dataset(
         manifest = write_dataset(
             source, tmp, tokenizer_file=tokenizer, vocab_size=vocab_size, eod_token=eod_token,
             valid_fraction=valid_fraction, split_seed=split_seed, workers=workers, progress=progress, extra=extra,
-            label=f"prepare {out.name}",
+            label=f"prepare {out.name}", meter=meter,
         )
-        _publish(tmp, out, force)
+        publish(tmp, out, force)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -26,9 +26,6 @@ from megatron_moe.config import ConfigError
 
 STREAM_VERSION = 1  # bump when the sample-stream algorithm changes: it is part of every fingerprint
 
-
-# ================================================================ hashing helpers
-
 _M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 
 
@@ -46,9 +43,6 @@ def _seeded_order(ids: np.ndarray, seed: int, stream: int) -> np.ndarray:
     digest = hashlib.blake2b(f"{seed}:{stream}".encode(), digest_size=8).digest()
     h = _splitmix64(ids.astype(np.uint64) ^ np.uint64(int.from_bytes(digest, "little")))
     return ids[np.argsort(h, kind="stable")]
-
-
-# ================================================================ schedules
 
 
 class Schedule:

@@ -15,7 +15,7 @@ import numpy as np
 from megatron_moe.config import ConfigError, DataConfig
 from megatron_moe.data.schedule import STREAM_VERSION, Schedule
 from megatron_moe.data.store import MANIFEST, TokenStore, VERIFY_MAX_BYTES, read_manifest, verify_dataset
-from megatron_moe.data.synthetic import synthetic_dataset
+from megatron_moe.data.corpora import corpus_dataset
 from megatron_moe.data.tokenizers import TextTokenizer, load_tokenizer
 
 
@@ -36,18 +36,15 @@ def _samples(stream: np.ndarray, count: int, seq_length: int) -> np.ndarray:
     return stream[idx]
 
 
-# ================================================================ the trainer's interface
-
-
 class DataSource:
     """Training batches by step, fixed validation batches, and a fingerprint of the sample stream."""
 
     def __init__(
-        self, path: Path, cfg: DataConfig, seq_length: int, global_batch_size: int, *, synthetic: bool = False
+        self, path: Path, cfg: DataConfig, seq_length: int, global_batch_size: int, *, builtin: str | None = None
     ) -> None:
         if global_batch_size <= 0:
             raise ConfigError(f"global_batch_size = {global_batch_size} must be > 0")
-        self.path, self.cfg, self.synthetic = path, cfg, synthetic
+        self.path, self.cfg, self.builtin = path, cfg, builtin
         self.seq_length, self.global_batch_size = seq_length, global_batch_size
         self.manifest = read_manifest(path)
         self.train = TokenStore.open(path / self.manifest["splits"]["train"]["prefix"])
@@ -96,7 +93,7 @@ class DataSource:
             raise ConfigError(
                 f"validation split has {self.valid.num_tokens:,} tokens; {num_batches} batches of {batch_size} x "
                 f"{s + 1} need {need:,} (lower train.eval_iters or "
-                f"{'raise data.synthetic_documents' if self.synthetic else 'hold out more documents'})"
+                f"{'raise data.synthetic_documents' if self.builtin == 'synthetic' else 'hold out more documents'})"
             )
 
     def valid_batches(self, batch_size: int, num_batches: int) -> list[np.ndarray]:
@@ -140,7 +137,7 @@ class DataSource:
         steps = train_steps if train_steps is not None else self.num_steps
         consumed = None if steps is None else steps * self.global_batch_size * self.seq_length
         return {
-            "source": "synthetic" if self.synthetic else str(self.path),
+            "source": self.builtin or str(self.path),
             "dataset_dir": str(self.path),
             "tokenizer": {k: self.manifest["tokenizer"][k] for k in ("kind", "vocab_size", "eod_id", "sha256")},
             "vocab_size": self.vocab_size,
@@ -178,7 +175,7 @@ class DataSource:
 def build_data_source(
     cfg: DataConfig, seq_length: int, global_batch_size: int, train_steps: int | None = None
 ) -> DataSource:
-    """The trainer's data: `cfg.path` (a prepared dataset) or, when empty, the built-in synthetic corpus.
+    """The trainer's data: `cfg.path` (a prepared dataset) or, when empty, the built-in corpus `cfg.corpus`.
 
     With `train_steps`, a finite schedule that cannot feed that many steps is refused here, at start-up.
     """
@@ -186,8 +183,7 @@ def build_data_source(
     if cfg.path:
         ds = DataSource(Path(cfg.path), cfg, seq_length, global_batch_size)
     else:
-        path = synthetic_dataset(cfg.synthetic_documents, cfg.synthetic_vocab_size)
-        ds = DataSource(path, cfg, seq_length, global_batch_size, synthetic=True)
+        ds = DataSource(corpus_dataset(cfg), cfg, seq_length, global_batch_size, builtin=cfg.corpus)
     if train_steps is not None and ds.num_steps is not None and train_steps > ds.num_steps:
         raise ConfigError(
             f"train.train_steps = {train_steps} exceeds the {ds.num_steps} steps the data schedule provides "

@@ -24,8 +24,6 @@ from megatron_moe.config import ConfigError
 
 
 DATASET_VERSION = 1
-
-
 MANIFEST = "manifest.json"
 
 
@@ -38,9 +36,6 @@ def sha256_file(path: Path) -> str:
         while chunk := f.read(1 << 22):
             h.update(chunk)
     return h.hexdigest()
-
-
-# ================================================================ prepared-dataset files
 
 
 @dataclass

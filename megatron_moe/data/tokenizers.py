@@ -6,6 +6,8 @@ The optional packages (sentencepiece, tiktoken) are imported only when a file of
 
 from __future__ import annotations
 
+import re
+import sys
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -16,8 +18,6 @@ from megatron_moe.config import ConfigError
 EOD_TEXT = "<|endoftext|>"
 """Default end-of-document token text (also the default document separator of plain-text inputs)."""
 
-
-# ================================================================ tokenizers
 
 
 class TextTokenizer:
@@ -131,13 +131,33 @@ def tokenizer_kind(path: Path) -> str:
     return "hf"
 
 
-def load_tokenizer(path: str | Path, eod_token: str | None = None) -> TextTokenizer:
-    """Load a tokenizer file (tokenizer.json or a directory holding one, *.model, *.tiktoken)."""
-    path = Path(path)
+_HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def find_tokenizer_file(name: str | Path) -> Path:
+    """The tokenizer file `name` stands for: a file, a directory holding tokenizer.json, or the name of a model
+    on the Hugging Face Hub (e.g. `gpt2`, `org/model`), whose tokenizer.json is fetched into (or found in) the
+    Hub's local cache."""
+    path = Path(name)
     if path.is_dir():
         path = path / "tokenizer.json"
-    if not path.is_file():
+    if path.is_file():
+        return path
+    if path.exists() or not _HUB_NAME.match(str(name)) or Path(name).suffix in (".json", ".model", ".tiktoken"):
         raise ConfigError(f"tokenizer file {str(path)!r} does not exist")
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return Path(hf_hub_download(repo_id=str(name), filename="tokenizer.json"))
+    except Exception as exc:  # offline, no such repository, no tokenizer.json in it: each its own type
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"tokenizer {str(name)!r} is not a file, and the Hugging Face Hub tokenizer of that name "
+                          f"could not be fetched ({type(exc).__name__}: {reason[:200]})") from None
+
+
+def load_tokenizer(path: str | Path, eod_token: str | None = None) -> TextTokenizer:
+    """Load a tokenizer: tokenizer.json (or a directory holding one, or a Hub model name), *.model, *.tiktoken."""
+    path = find_tokenizer_file(path)
     kind = tokenizer_kind(path)
     try:
         if kind == "sentencepiece":
@@ -162,8 +182,9 @@ def load_tokenizer(path: str | Path, eod_token: str | None = None) -> TextTokeni
         raise ConfigError(f"tokenizer file {str(path)!r} does not load ({msg})") from None
 
 
-def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int) -> HFTokenizer:
-    """Train a byte-level BPE (lossless: decode(encode(x)) == x) with `<|endoftext|>` as token 0."""
+def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, progress: bool = False) -> HFTokenizer:
+    """Train a byte-level BPE (lossless: decode(encode(x)) == x) with `<|endoftext|>` as token 0; `progress` shows
+    the tokenizers library's own bars for counting and merging (on a terminal)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     if vocab_size < 258:
@@ -172,7 +193,7 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int) -> HFTokenizer:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=[EOD_TEXT], show_progress=False,
+        vocab_size=vocab_size, special_tokens=[EOD_TEXT], show_progress=progress and sys.stderr.isatty(),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tok.train_from_iterator(texts, trainer)

@@ -78,8 +78,6 @@ class Family:
 
 
 DEFAULT_R_A_GRID = (0.1, 0.15, 0.2, 0.25, 0.3)
-
-
 DEFAULT_TOP_K = (2, 3, 4, 6, 8)
 
 

@@ -17,7 +17,7 @@ from megatron_moe.data.prepare import prepare_dataset
 from megatron_moe.data.schedule import Schedule
 from megatron_moe.data.source import DataSource, build_data_source
 from megatron_moe.data.store import TokenStore, read_manifest
-from megatron_moe.data.synthetic import synthetic_dataset
+from megatron_moe.data.corpora import synthetic_dataset
 from megatron_moe.data.tokenizers import EOD_TEXT, load_tokenizer
 from tests.conftest import SHARED_DATA, cli
 
@@ -468,3 +468,65 @@ def test_tiktoken_tokenizer(prepared, tmp_path):
     tok = load_tokenizer(tmp_path / "out" / "tokenizer.tiktoken")
     decoded = sorted(tok.decode(ids[:-1]) for p in ("train", "valid") for ids in _documents(tmp_path / "out" / p))
     assert decoded == sorted(DOCS[30:] + [JSON_ONLY])
+
+
+def test_line_documents_and_the_warning_for_one_long_document(tmp_path):
+    lines = [f"story number {i} is about a cat named Tom {i % 7}." for i in range(400)]
+    src = tmp_path / "lines.txt"
+    src.write_text("\n".join(lines) + "\n")
+    as_one = cli("data", "prepare", str(src), "-o", str(tmp_path / "one"), "--vocab-size", "300", "--quiet",
+                 check=False)
+    assert as_one.returncode == 2
+    assert "400 lines and no '<|endoftext|>' separator" in as_one.stderr and "--line-documents" in as_one.stderr
+    assert as_one.stderr.strip().splitlines()[-1].startswith("megatron-moe: error: the valid split is empty (1 ")
+    assert "--line-documents" in as_one.stderr.strip().splitlines()[-1]  # the remedy, not --valid-fraction
+    out = tmp_path / "per_line"
+    cli("data", "prepare", str(src), "-o", str(out), "--vocab-size", "300", "--line-documents", "--quiet",
+        "--valid-fraction", "0.1")
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["documents"] == 400
+
+
+def test_tokenizer_by_hub_name_from_the_local_hub_cache_or_one_line_error(tmp_path):
+    """A Hub model name resolves through huggingface_hub's cache (here laid out by hand, offline); an unknown
+    name is a one-line error naming it."""
+    corpus = _write_text(tmp_path / "corpus.txt", DOCS)
+    source = tmp_path / "src"
+    cli("data", "prepare", str(corpus), "-o", str(source), "--vocab-size", "300", "--quiet", "--valid-fraction", "0.2")
+    snapshot = tmp_path / "hub" / "models--acme--tiny" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    shutil.copyfile(source / "tokenizer.json", snapshot / "tokenizer.json")
+    (tmp_path / "hub" / "models--acme--tiny" / "refs").mkdir()
+    (tmp_path / "hub" / "models--acme--tiny" / "refs" / "main").write_text("0" * 40)
+    env = {"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    out = tmp_path / "by_name"
+    cli("data", "prepare", str(corpus), "-o", str(out), "--tokenizer", "acme/tiny", "--quiet", "--valid-fraction",
+        "0.2", env=env)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["tokenizer"]["sha256"] == json.loads((source / "manifest.json").read_text())["tokenizer"]["sha256"]
+    bad = cli("data", "prepare", str(corpus), "-o", str(tmp_path / "x"), "--tokenizer", "acme/none",
+              "--quiet", env=env, check=False)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1
+    assert "tokenizer 'acme/none' is not a file, and the Hugging Face Hub tokenizer" in bad.stderr
+
+
+def test_progress_lines_outside_a_terminal_show_percent_and_eta(capsys):
+    from megatron_moe.data.prepare import Progress
+
+    show = Progress("prepare x", total=8_000_000, enabled=True)
+    show.last -= 60  # as if the last line was a minute ago
+    show.update(2_000_000, 10, 500)
+    err = capsys.readouterr().err
+    assert re.match(r"prepare x: 25% \(2\.0 MB of 8\.0 MB\), eta \d+ s, 10 documents, 500 tokens\n$", err), err
+    show.update(3_000_000, 11, 600)  # within 10 s of the last line: nothing
+    assert capsys.readouterr().err == ""
+
+
+def test_read_meter_counts_compressed_bytes_on_disk(tmp_path):
+    from megatron_moe.data.inputs import ReadMeter, iter_documents
+
+    path = _write_text(tmp_path / "a.txt.xz", DOCS * 20, compress=True)
+    meter = ReadMeter([path])
+    positions = [meter.position() for _ in iter_documents(path, meter=meter)]
+    assert positions == sorted(positions) and positions[-1] <= meter.total == path.stat().st_size
+    assert meter.position() == meter.total

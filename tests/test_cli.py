@@ -1,0 +1,46 @@
+"""The command line: version, resolved configs, and one spelling of output flags (old ones kept as aliases)."""
+
+from __future__ import annotations
+
+import tomllib
+
+import pytest
+
+from megatron_moe import __version__
+from megatron_moe.cli import build_parser, main
+from megatron_moe.config import RunConfig, from_dict, load_run_config
+from tests.conftest import REPO
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0 and capsys.readouterr().out.strip() == f"megatron-moe {__version__}"
+
+
+def test_config_show_prints_the_resolved_config_with_defaults(capsys):
+    assert main(["config", "show", str(REPO / "examples/tiny_moe.toml"), "train.lr=0.00123"]) == 0
+    shown = tomllib.loads(capsys.readouterr().out)
+    expected = load_run_config(REPO / "examples/tiny_moe.toml", ["train.lr=0.00123"])
+    assert from_dict(RunConfig, shown) == expected
+    assert shown["train"]["lr"] == 0.00123 and "eval_iters" in shown["train"]  # a default the file leaves out
+    assert main(["config", "show", str(REPO / "examples/tiny_three_arm/cpu.toml")]) == 0
+    assert tomllib.loads(capsys.readouterr().out)["study"]["name"] == "tiny_three_arm_cpu"
+
+
+def test_config_show_refuses_a_bad_override_in_one_line(capsys):
+    assert main(["config", "show", "model.hidden_size=wide"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "model.hidden_size" in err
+
+
+@pytest.mark.parametrize("argv, dest", [
+    (["data", "prepare", "in.txt", "{flag}", "out"], "output"),
+    (["plan", "c.toml", "{flag}", "out"], "write_dir"),
+    (["bench", "c.toml", "{flag}", "out"], "out"),
+])
+def test_output_flag_is_output_dir_everywhere_with_old_spellings_kept(argv, dest):
+    old = {"output": "--output", "write_dir": "--write-dir", "out": "--out"}[dest]
+    for flag in ("-o", "--output-dir", old):
+        args = build_parser().parse_args([a.replace("{flag}", flag) for a in argv])
+        assert getattr(args, dest) == "out"
