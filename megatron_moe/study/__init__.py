@@ -2,7 +2,8 @@
 
 - `spec`: the study file ([study] table) and its checks.
 - `plan`: the arms and runs a spec derives (pure: no side effects).
-- `rundir`: the study directory on disk: study.json, run status, the lock, attempts and submissions.
+- `rundir`: the study directory on disk: study.json (writer and reader), run status, the lock, run.json
+  attempts, log.jsonl events and slurm.json submissions.
 - `runner`: `study run`, every (arm, seed) in a fresh trainer process, resumable.
 - `slurm`: `study launch --slurm`, sbatch scripts and job submission.
 - `stats`: mean, std and Student-t intervals over seeds, paired gaps.

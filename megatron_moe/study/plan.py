@@ -31,9 +31,6 @@ BOOKKEEPING_FIELDS = ("output_dir", "log_interval", "save_interval")
 """train.* fields left out of the run hash: they cannot change the trained model."""
 
 
-# ================================================================ arms and runs
-
-
 @dataclass(frozen=True)
 class Arm:
     """One arm: a model derived from the base by the planner, with its run length."""

@@ -29,9 +29,6 @@ from megatron_moe.study.rundir import StudyManifest, load_manifest
 from megatron_moe.study.stats import paired, summarize
 
 
-# ================================================================ loading run directories
-
-
 @dataclass
 class RunData:
     """One (arm, seed) as found on disk."""
@@ -80,9 +77,6 @@ def load_study_dir(study_dir: str | Path) -> tuple[StudyManifest, list[RunData]]
     """The manifest (study.json) and every run it lists."""
     man = load_manifest(study_dir)
     return man, [load_run(Path(study_dir), e) for e in man.runs]
-
-
-# ================================================================ numbers
 
 
 def _close(a: float, b: float) -> bool:
@@ -226,9 +220,6 @@ def contract_table(man: StudyManifest, complete: list[RunData]) -> tuple[list[di
     return rows, data_ok, fingerprints
 
 
-# ================================================================ plots
-
-
 def make_plots(results: dict[str, Any], study_dir: str | Path) -> dict[str, bytes]:
     """PNG bytes by file name: loss curves, gaps over training, best validation loss per arm. {} without
     matplotlib."""
@@ -321,9 +312,6 @@ def make_plots(results: dict[str, Any], study_dir: str | Path) -> dict[str, byte
     ax.grid(alpha=0.3, axis="y")
     out["best_val_loss.png"] = png(fig)
     return out
-
-
-# ================================================================ rendering
 
 
 def _f(x: Any, digits: int = 4) -> str:

@@ -53,9 +53,6 @@ class LaunchError(RuntimeError):
     """A scheduler command failed; the message is one line."""
 
 
-# ================================================================ provenance
-
-
 def environment() -> dict[str, str | None]:
     """Versions of python, torch, megatron-core, numpy and this package (without importing torch)."""
     from importlib import metadata
@@ -107,9 +104,6 @@ def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-# ================================================================ run status and the lock
-
-
 def run_status(run: Run) -> str:
     """'done' (result.json exists), 'partial' (started, not finished) or 'new'."""
     if (run.dir / "result.json").is_file():
@@ -145,9 +139,6 @@ def check_unlocked(out: Path) -> None:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             raise ConfigError(f"a `study run` is using {out} (lock {lock_path}); launch when it has stopped") from None
-
-
-# ================================================================ study.toml and study.json
 
 
 def manifest(plan: Plan, study_file: str | None, data: dict[str, Any] | None) -> dict[str, Any]:
@@ -230,7 +221,7 @@ def load_manifest(study_dir: str | Path) -> StudyManifest:
     if not isinstance(raw, dict):
         raise bad(f"expected a JSON object, found {type(raw).__name__}")
 
-    def field(key: str, kind: type | tuple[type, ...], *, required: bool = True) -> Any:
+    def value(key: str, kind: type | tuple[type, ...], *, required: bool = True) -> Any:
         if key not in raw or raw[key] is None:
             if required:
                 raise bad(f"no {key!r}")
@@ -240,7 +231,7 @@ def load_manifest(study_dir: str | Path) -> StudyManifest:
         return raw[key]
 
     def records(key: str, keys: tuple[str, ...]) -> list[dict[str, Any]]:
-        items = field(key, list)
+        items = value(key, list)
         for i, item in enumerate(items):
             if not isinstance(item, dict) or any(k not in item for k in keys):
                 raise bad(f"{key}[{i}] lacks one of {', '.join(keys)}")
@@ -256,23 +247,20 @@ def load_manifest(study_dir: str | Path) -> StudyManifest:
             raise bad(f"{what} names arm {arm!r}, which is not in 'arms'")
     return StudyManifest(
         path=path,
-        name=field("name", str),
-        seeds=field("seeds", list),
+        name=value("name", str),
+        seeds=value("seeds", list),
         arms=arms,
         pairs=pairs,
         runs=runs,
-        base=field("base", dict, required=False) or {},
-        data=field("data", dict, required=False),
-        data_fingerprints_equal=field("data_fingerprints_equal", bool, required=False),
-        data_seed=field("data_seed", int, required=False),
-        gap_sign=field("gap_sign", str, required=False),
-        family=field("family", dict, required=False),
-        environment=field("environment", dict, required=False),
-        git=field("git", dict, required=False),
+        base=value("base", dict, required=False) or {},
+        data=value("data", dict, required=False),
+        data_fingerprints_equal=value("data_fingerprints_equal", bool, required=False),
+        data_seed=value("data_seed", int, required=False),
+        gap_sign=value("gap_sign", str, required=False),
+        family=value("family", dict, required=False),
+        environment=value("environment", dict, required=False),
+        git=value("git", dict, required=False),
     )
-
-
-# ================================================================ log.jsonl and run.json
 
 
 def log_event(out: Path, event: str, **fields: Any) -> None:
@@ -289,9 +277,6 @@ def record_attempt(run: Run, attempt: dict[str, Any]) -> None:
     attempts = [a for a in info["attempts"] if a.get("started") != attempt["started"]] + [attempt]
     info.update(attempts=attempts, versions=attempt["versions"], git=attempt["git"])
     atomic_write_json(path, info)
-
-
-# ================================================================ slurm.json
 
 
 def submissions(run_dir: Path) -> list[dict[str, Any]]:

@@ -42,9 +42,6 @@ from megatron_moe.study.spec import StudyConfig
 from megatron_moe.train.stop import PREEMPTED_EXIT_CODE, TORCHRUN_SIGNALS
 
 
-# ================================================================ options
-
-
 @dataclass
 class LaunchConfig:
     """Where and how each run is submitted. Flags of `study launch`, or keys of a --launch-config TOML."""
@@ -164,9 +161,6 @@ def load_launch_config(path: str | None, flags: dict[str, Any]) -> LaunchConfig:
 def processes_per_node(lc: LaunchConfig, study_nproc: int = 1) -> int:
     """Trainer processes per node: --nproc-per-node, else --gpus-per-node, else the study's nproc_per_node."""
     return lc.nproc_per_node or lc.gpus_per_node or study_nproc
-
-
-# ================================================================ rendering
 
 
 def torchrun_command(python: str, run_toml: str, *, nnodes: int, nproc_per_node: int, endpoint: str,
@@ -317,9 +311,6 @@ def render_array_script(lc: LaunchConfig, *, scripts: Sequence[Path], job_name: 
     return "\n".join(lines)
 
 
-# ================================================================ the scheduler
-
-
 def _scheduler(cmd: list[str], timeout: float = 60) -> subprocess.CompletedProcess:
     if shutil.which(cmd[0]) is None:
         raise LaunchError(f"{cmd[0]} not found on PATH: run on a SLURM login node, or use --dry-run to only render")
@@ -344,9 +335,6 @@ def submit(script: Path) -> str:
         why = proc.stderr.strip() or proc.stdout.strip()
         raise LaunchError(f"sbatch {script} failed (exit {proc.returncode}): {why}")
     return parse_job_id(proc.stdout)
-
-
-# ================================================================ a study
 
 
 def _runs_to_submit(plan: Plan, check_queue: bool, echo: Callable[[str], None]) -> list[Run]:

@@ -25,12 +25,7 @@ from megatron_moe.config import ConfigError, RunConfig, apply_overrides, from_di
 
 
 MATCHED_ARMS = ("moe", "dense_active", "dense_total", "dense_flops")
-
-
 ARM_CHOICES = (*MATCHED_ARMS, "equal_resources")
-
-
-# ================================================================ the spec
 
 
 @dataclass

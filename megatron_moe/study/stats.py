@@ -9,9 +9,6 @@ from dataclasses import dataclass
 from typing import Any
 
 
-# ================================================================ statistics
-
-
 def _betacf(a: float, b: float, x: float) -> float:
     """Continued fraction of the incomplete beta function (modified Lentz)."""
     tiny, eps = 1e-300, 1e-15
