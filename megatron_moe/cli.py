@@ -50,6 +50,16 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=train_main)
 
 
+def _check_output_dir(path: str | None, what: str) -> None:
+    """An output directory that cannot be one is refused before any work (an empty name would mean here)."""
+    if path is None:
+        return
+    if not path.strip():
+        raise ConfigError(f"{what} is empty; name the directory to write to")
+    if Path(path).exists() and not Path(path).is_dir():
+        raise ConfigError(f"{what} = {path!r} is an existing file, not a directory")
+
+
 def train_main(args: argparse.Namespace) -> int:
     from megatron_moe.config import load_run_config
     from megatron_moe.parallel import destroy_parallel
@@ -58,6 +68,7 @@ def train_main(args: argparse.Namespace) -> int:
 
     config, overrides = _split_config(args.config, args.overrides)
     cfg = load_run_config(config, overrides, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+    _check_output_dir(cfg.train.output_dir, "train.output_dir")
     try:
         train(cfg)
     except TrainingError as exc:
@@ -210,6 +221,9 @@ def inspect_main(args: argparse.Namespace) -> int:
     for name in ("corpus", "seed", "unique_tokens", "epochs", "consumed_tokens"):
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))
+    for name in ("seq_length", "global_batch_size", "train_steps"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} = {getattr(args, name)} must be >= 1")
     seq_length = args.seq_length or seq_length
     gbs = args.global_batch_size or gbs
     steps = args.train_steps if args.train_steps is not None else steps
@@ -378,6 +392,7 @@ def study_run_main(args: argparse.Namespace) -> int:
     from megatron_moe.study.slurm import LaunchError
     from megatron_moe.study.spec import load_study
 
+    _check_output_dir(args.output_dir, "--output-dir")
     cfg = load_study(args.study, args.overrides)
     try:
         return run_study(cfg, args.output_dir, study_file=str(Path(args.study).resolve()),

@@ -44,3 +44,17 @@ def test_output_flag_is_output_dir_everywhere_with_old_spellings_kept(argv, dest
     for flag in ("-o", "--output-dir", old):
         args = build_parser().parse_args([a.replace("{flag}", flag) for a in argv])
         assert getattr(args, dest) == "out"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "train.output_dir="], "train.output_dir is empty"),
+    (["train", "train.output_dir={file}"], "is an existing file, not a directory"),
+    (["study", "run", str(REPO / "examples/tiny_three_arm/cpu.toml"), "-o", "{file}"], "is an existing file"),
+    (["data", "inspect", "--seq-length", "0"], "--seq-length = 0 must be >= 1"),
+    (["data", "inspect", "--global-batch-size", "0"], "--global-batch-size = 0 must be >= 1"),
+])
+def test_bad_output_dirs_and_zero_sizes_are_one_line_errors(tmp_path, capsys, argv, message):
+    (tmp_path / "f").write_text("not a directory")
+    assert main([a.replace("{file}", str(tmp_path / "f")) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from megatron_moe.config import ConfigError, DataConfig
 from megatron_moe.data.inputs import Document, iter_documents
-from megatron_moe.data.prepare import text_split_value, write_dataset
+from megatron_moe.data.prepare import temp_dir_for, text_split_value, write_dataset
 from megatron_moe.data.store import MANIFEST
 from megatron_moe.data.synthetic import SYNTHETIC_VERSION, synthetic_documents, synthetic_story
 from megatron_moe.data.tokenizers import EOD_TEXT
@@ -53,7 +53,7 @@ def _cached(out: Path, write: Callable[[Path], None]) -> Path:
     if (out / MANIFEST).is_file():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = temp_dir_for(out)
     try:
         write(tmp)
         try:

@@ -9,7 +9,6 @@ the same text hash `data prepare` uses (the text is decoded for that, and to cou
 from __future__ import annotations
 
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +16,7 @@ import numpy as np
 
 from megatron_moe.config import ConfigError
 from megatron_moe.data.prepare import (
-    Progress, copy_tokenizer, finish_dataset, publish, split_writers, text_split_value, token_dtype,
+    Progress, copy_tokenizer, finish_dataset, publish, split_writers, temp_dir_for, text_split_value, token_dtype,
 )
 from megatron_moe.data.store import TokenStore
 
@@ -44,7 +43,7 @@ def import_megatron(
     if valid_prefix is not None:
         sources.append((Path(valid_prefix), TokenStore.open(Path(valid_prefix)), "valid"))
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = temp_dir_for(out)
     try:
         tok, _, tok_info = copy_tokenizer(tokenizer, eod_token, tmp)
         dtype = token_dtype(tok.vocab_size)

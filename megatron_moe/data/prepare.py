@@ -312,6 +312,26 @@ def finish_dataset(out_dir: Path, writers: dict[str, _SplitWriter], dtype: Any, 
     return manifest
 
 
+def temp_dir_for(out: Path) -> Path:
+    """A fresh hidden directory beside `out` to build it in. Its name carries this process id, so that the
+    leftovers of a killed build of the same output (whose process is gone) are recognised and removed."""
+    for old in out.parent.glob(f".{out.name}.tmp-*"):
+        pid = old.name.removeprefix(f".{out.name}.tmp-").split("-")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
 def publish(tmp: Path, out: Path, force: bool) -> None:
     """Rename the finished `tmp` directory onto `out` (replacing it only with `force`)."""
     if out.exists():
@@ -374,7 +394,7 @@ def prepare_dataset(
                 yield d, "valid"
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = temp_dir_for(out)
     try:
         extra = {"inputs": [{"path": str(f), "bytes": f.stat().st_size} for f in files],
                  "valid_inputs": [{"path": str(f), "bytes": f.stat().st_size} for f in valid_files]}

@@ -138,10 +138,19 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
 
 
 def verify_dataset(path: str | Path, manifest: dict[str, Any] | None = None) -> None:
-    """Compare the checksums of every output file with the manifest; ConfigError on mismatch."""
+    """Compare the checksums of every output file with the manifest, and check that every token id is inside
+    the tokenizer's vocabulary (checksums rewritten along with the data would not show that); ConfigError."""
     path = Path(path)
     manifest = manifest or read_manifest(path)
     for name, digest in manifest["checksums"].items():
         f = path / name
         if sha256_file(f) != digest:
             raise ConfigError(f"dataset file {str(f)!r} is corrupt (sha256 differs from {MANIFEST})")
+    vocab = int(manifest["tokenizer"]["vocab_size"])
+    for split in ("train", "valid"):
+        prefix = path / manifest["splits"][split]["prefix"]
+        tokens = TokenStore.open(prefix).tokens
+        top = int(tokens.max()) if len(tokens) else 0
+        if top >= vocab or (len(tokens) and int(tokens.min()) < 0):
+            raise ConfigError(f"dataset file {str(prefix)!r}.bin holds token id {top if top >= vocab else int(tokens.min())}"
+                              f", outside the tokenizer's vocabulary [0, {vocab})")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import os
 import json
 import lzma
 import re
@@ -530,3 +531,38 @@ def test_read_meter_counts_compressed_bytes_on_disk(tmp_path):
     positions = [meter.position() for _ in iter_documents(path, meter=meter)]
     assert positions == sorted(positions) and positions[-1] <= meter.total == path.stat().st_size
     assert meter.position() == meter.total
+
+
+def test_verify_catches_token_ids_outside_the_vocabulary_even_with_rewritten_checksums(prepared, tmp_path):
+    from megatron_moe.data.store import sha256_file
+
+    ds = tmp_path / "ds"
+    shutil.copytree(prepared / "out", ds)
+    manifest = json.loads((ds / "manifest.json").read_text())
+    dtype = np.dtype(manifest["dtype"])
+    tokens = np.memmap(ds / "train.bin", dtype=dtype, mode="r+")
+    tokens[3] = manifest["tokenizer"]["vocab_size"] + 5
+    tokens.flush()
+    del tokens
+    manifest["checksums"]["train.bin"] = sha256_file(ds / "train.bin")
+    (ds / "manifest.json").write_text(json.dumps(manifest))
+    proc = cli("data", "inspect", str(ds), "--verify", check=False)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1
+    assert f"token id {manifest['tokenizer']['vocab_size'] + 5}" in proc.stderr
+
+
+def test_a_killed_prepare_leaves_no_lasting_temp_dir(tmp_path):
+    """A build killed mid-way leaves `.<name>.tmp-<pid>-*`; the next prepare of that output removes it once its
+    process is gone, and leaves a live process's directory alone."""
+    import subprocess
+    import sys
+
+    corpus = _write_text(tmp_path / "c.txt", DOCS)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f".out.tmp-{dead.pid}-abc"
+    live = tmp_path / f".out.tmp-{os.getpid()}-xyz"
+    stale.mkdir()
+    live.mkdir()
+    prepare_dataset([corpus], tmp_path / "out", vocab_size=300, valid_fraction=0.2, progress=False)
+    assert not stale.exists() and live.exists() and (tmp_path / "out" / "manifest.json").is_file()
