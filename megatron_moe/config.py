@@ -203,8 +203,9 @@ class TrainConfig:
     """Steps between progress lines."""
     eval_interval: int = 0
     """Steps between validation passes (0 = only at the end)."""
-    eval_iters: int = 4
-    """Validation batches per pass."""
+    eval_iters: int = 0
+    """Validation batches (of train.global_batch_size sequences) per pass; 0 = every complete batch of the
+    validation split, the same tokens for every arm."""
     save_interval: int = 0
     """Steps between checkpoints (0 = none)."""
     output_dir: str = "runs/default"
@@ -500,7 +501,8 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
             f"model.seq_length = {cfg.model.seq_length} is not divisible by parallel.tensor = {p.tensor} "
             "(needed by sequence parallelism)"
         )
-    for name in ("train_steps", "micro_batch_size", "global_batch_size", "eval_iters"):
+    _positive(t.eval_iters, "train.eval_iters", allow_zero=True)
+    for name in ("train_steps", "micro_batch_size", "global_batch_size"):
         _positive(getattr(t, name), f"train.{name}")
     for name in ("lr_warmup_steps", "log_interval", "eval_interval", "save_interval", "min_lr", "weight_decay", "clip_grad"):
         _positive(getattr(t, name), f"train.{name}", allow_zero=True)

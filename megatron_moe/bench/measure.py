@@ -93,7 +93,7 @@ def cases_for(path: str | None, overrides: list[str]) -> tuple[list[Case], str]:
 
 
 def run_megatron(cfg: RunConfig, steps: int, warmup: int) -> list[float]:
-    """Step times of `megatron_moe.training.Trainer.train_step` (the path `megatron-moe train` uses)."""
+    """Step times of `megatron_moe.train.trainer.Trainer.train_step` (the path `megatron-moe train` uses)."""
     from megatron_moe.train.trainer import Trainer
 
     trainer = Trainer(cfg, quiet=True)

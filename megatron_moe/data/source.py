@@ -85,9 +85,12 @@ class DataSource:
         stream = _read_segments(self.train, self.schedule.segments(first * s, length), length)
         return _samples(stream, count, s)
 
-    def check_valid_size(self, batch_size: int, num_batches: int) -> None:
-        """ConfigError when the validation split is too small for `valid_batches(batch_size, num_batches)`."""
+    def valid_batch_count(self, batch_size: int, num_batches: int) -> int:
+        """Batches an evaluation of `num_batches` (0 = all complete ones of the split) takes; ConfigError when the
+        validation split is too small for them."""
         s = self.seq_length
+        if num_batches == 0:
+            num_batches = max(1, (self.valid.num_tokens - 1) // (batch_size * s))
         need = batch_size * num_batches * s + 1
         if need > self.valid.num_tokens:
             raise ConfigError(
@@ -95,10 +98,12 @@ class DataSource:
                 f"{s + 1} need {need:,} (lower train.eval_iters or "
                 f"{'raise data.synthetic_documents' if self.builtin == 'synthetic' else 'hold out more documents'})"
             )
+        return num_batches
 
     def valid_batches(self, batch_size: int, num_batches: int) -> list[np.ndarray]:
-        """The first batch_size x num_batches held-out samples (validation documents in stored order)."""
-        self.check_valid_size(batch_size, num_batches)
+        """The first batch_size x num_batches held-out samples (validation documents in stored order; 0 batches =
+        every complete batch)."""
+        num_batches = self.valid_batch_count(batch_size, num_batches)
         s, count = self.seq_length, batch_size * num_batches
         need = count * s + 1
         stream = np.asarray(self.valid.tokens[:need], np.int64)  # one sequence per document, stored in order

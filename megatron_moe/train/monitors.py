@@ -230,4 +230,5 @@ def progress_line(row: dict[str, Any], train_steps: int, eta_s: float) -> str:
 
 
 def eval_line(step: int, ev: dict[str, float]) -> str:
-    return f"eval at step {step}: val loss {ev['val_loss']:.4f} | {ev['val_bpb']:.4f} bits/byte"
+    return (f"eval at step {step}: val loss {ev['val_loss']:.4f} | {ev['val_bpb']:.4f} bits/byte"
+            f" | {ev['val_tokens']:,} tokens")

@@ -157,7 +157,7 @@ class Trainer:
                 f"model.vocab_size = {cfg.model.vocab_size} is smaller than the tokenizer's vocabulary "
                 f"({self.data.vocab_size}); set model.vocab_size >= {self.data.vocab_size}"
             )
-        self.data.check_valid_size(t.global_batch_size, t.eval_iters)  # refused now, not at the first evaluation
+        self.data.valid_batch_count(t.global_batch_size, t.eval_iters)  # refused now, not at the first evaluation
 
         # megatron-core's aux-loss tracker is a process global sized by the first model that used it.
         get_moe_layer_wise_logging_tracker().clear()
@@ -269,17 +269,22 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Validation loss (nats/token) and bits per byte over `train.eval_iters` batches."""
+        """Validation loss (nats/token), bits per byte and tokens evaluated over `train.eval_iters` batches (0 = the
+        whole split), with the model in eval mode (no dropout)."""
         t = self.cfg.train
         loss_sum = tokens = 0.0
-        for batch in self.data.valid_batches(t.global_batch_size, t.eval_iters):
-            s, n = self._run_schedule(batch, forward_only=True)
-            loss_sum += s
-            tokens += n
+        self.model.eval()
+        try:
+            for batch in self.data.valid_batches(t.global_batch_size, t.eval_iters):
+                s, n = self._run_schedule(batch, forward_only=True)
+                loss_sum += s
+                tokens += n
+        finally:
+            self.model.train()
         if self.moe_losses is not None:
             self.moe_losses.discard()
         loss = loss_sum / tokens
-        return {"val_loss": loss, "val_bpb": loss / math.log(2) / self.data.bytes_per_token}
+        return {"val_loss": loss, "val_bpb": loss / math.log(2) / self.data.bytes_per_token, "val_tokens": int(tokens)}
 
     def save(self, elapsed_s: float) -> None:
         """Checkpoint this step; `elapsed_s`, the run's wall-clock time so far, goes into the train state."""

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
-from tests.conftest import TINY, TINY_MOE, cli, train_rows
+from tests.conftest import REPO, TINY, TINY_MOE, cli, train_rows
 
 
 def test_tiny_moe_loss_falls_and_metrics_are_written(tmp_path):
@@ -51,11 +53,6 @@ def test_expert_load_capacity_drops_and_wsd_schedule(tmp_path):
 
 
 def _lb_gradient(tmp_path, name, nproc, *overrides):
-    import subprocess
-    import sys
-
-    from tests.conftest import REPO
-
     out = tmp_path / f"{name}.json"
     args = [*TINY_MOE, "model.moe.z_loss_coeff=0", f"train.output_dir={tmp_path / name}", *overrides]
     launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
@@ -80,3 +77,20 @@ def test_too_small_validation_split_is_refused_before_training(tmp_path):
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("megatron-moe: error: validation split has") and "lower train.eval_iters" in last
     assert not (tmp_path / "metrics.jsonl").exists()  # refused before any step
+
+
+def _evaluate_once(tmp_path, name: str, *overrides: str) -> dict:
+    out = tmp_path / f"{name}.json"
+    args = [*overrides, "train.eval_iters=0", f"train.output_dir={tmp_path / name}"]
+    subprocess.run([sys.executable, str(REPO / "tests" / "workers" / "eval_mode.py"), str(out), *args], cwd=REPO,
+                   check=True, capture_output=True, timeout=300)
+    return json.loads(out.read_text())
+
+
+def test_evaluation_covers_the_whole_split_in_eval_mode_identically_for_every_arm(tmp_path):
+    moe = _evaluate_once(tmp_path, "moe", *TINY_MOE)
+    dense = _evaluate_once(tmp_path, "dense", *TINY)
+    batch_tokens = 8 * 32  # global batch x sequence length of TINY
+    assert moe["val_tokens"] == (moe["valid_tokens"] - 1) // batch_tokens * batch_tokens > 2 * batch_tokens
+    assert moe["modes"] and not any(moe["modes"]) and moe["training_after"]
+    assert (dense["val_tokens"], dense["digest"]) == (moe["val_tokens"], moe["digest"])

@@ -1,4 +1,4 @@
-"""Worker for test_training.test_load_balancing_gradient_*: prints the router's load-balancing gradient.
+"""Worker for tests/train/test_trainer.py::test_load_balancing_gradient_*: prints the router's load-balancing gradient.
 
 Run under torchrun with overrides; every sequence of the global batch is the same, so every micro-batch on
 every rank holds identical tokens and the correctly scaled aux-loss gradient cannot depend on how the batch

@@ -1,0 +1,28 @@
+"""Worker for tests/train/test_trainer.py::test_evaluation_*: evaluates a fresh trainer once and reports the
+model's mode during and after evaluation, the tokens evaluated and a digest of the validation batches."""
+
+import hashlib
+import json
+import sys
+
+
+def main() -> None:
+    from megatron_moe.config import load_run_config
+    from megatron_moe.train.trainer import Trainer
+
+    out_path, overrides = sys.argv[1], sys.argv[2:]
+    trainer = Trainer(load_run_config(None, overrides), quiet=True)
+    modes = []
+    for module in trainer.model.modules():
+        if type(module).__name__ == "GPTModel":
+            module.register_forward_pre_hook(lambda m, args: modes.append(m.training))
+    ev = trainer.evaluate()
+    t = trainer.cfg.train
+    batches = trainer.data.valid_batches(t.global_batch_size, t.eval_iters)
+    digest = hashlib.sha256(b"".join(b.tobytes() for b in batches)).hexdigest()
+    json.dump({"modes": modes, "training_after": trainer.model.training, "val_tokens": ev["val_tokens"],
+               "valid_tokens": trainer.data.valid.num_tokens, "digest": digest}, open(out_path, "w"))
+
+
+if __name__ == "__main__":
+    main()
