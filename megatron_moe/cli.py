@@ -410,6 +410,8 @@ def study_report_main(args: argparse.Namespace) -> int:
     results = json.loads(paths["results.json"].read_text())
     for w in results["warnings"]:
         print(f"WARNING: {w}")
+    if results.get("ordering"):
+        print(f"\nordering of mean best validation loss: {results['ordering']['line']}")
     for title, _, header, rows in tables(results)[:2]:
         print(f"\n{title}")
         widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]

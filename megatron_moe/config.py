@@ -141,7 +141,8 @@ class DataConfig:
     corpus_vocab_size: int = 0
     """Byte-level BPE vocabulary (tokens) trained for the built-in corpus (0 = 512 synthetic, 4096 tinystories)."""
     seed: int = 1234
-    """Data order seed (budget selection and per-epoch shuffles); identical across arms of a study."""
+    """Data order seed (budget selection and per-epoch shuffles). In a study, the same for every arm of one seed and
+    offset by that seed (data.seed + seed) unless study.data_order = "shared"."""
     synthetic_documents: int = 2000
     """Documents generated for the built-in synthetic corpus (train + validation)."""
     unique_tokens: int = 0

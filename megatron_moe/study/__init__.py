@@ -6,6 +6,7 @@
   attempts, log.jsonl events and slurm.json submissions.
 - `runner`: `study run`, every (arm, seed) in a fresh trainer process, resumable.
 - `slurm`: `study launch --slurm`, sbatch scripts and job submission.
-- `stats`: mean, std and Student-t intervals over seeds, paired gaps.
-- `report`: tables, plots and results.json from a study directory.
+- `stats`: mean, std and Student-t intervals over seeds, paired gaps, how often an ordering of arms holds.
+- `report`: tables and results.json from a study directory, written with its plots (`plots`).
+- `plots`: the report's PNG plots (matplotlib).
 """

@@ -8,6 +8,11 @@ fingerprint); equal-resources arms share data.unique_tokens = D with an unbounde
 only in train.train_steps = the planner's consumed tokens / tokens per step (strict reuse: the dense baseline
 sees D once, each MoE arm `repeats` times).
 
+A run (arm, seed) sets train.seed = seed and, unless study.data_order = "shared", data.seed = the study's
+data.seed + seed (`run_data_seed`): the arms of one seed share one data stream (their gaps are paired), and
+different seeds see different document orders (and budget selections), so the spread over seeds includes
+data-order noise. `data_check` therefore describes the data per seed, and arms are compared within a seed.
+
 Each (arm, seed) is a run in `<study>/runs/<arm>-s<seed>-<hash>`. The hash covers the whole resolved run config
 except bookkeeping that cannot change the trained model (`BOOKKEEPING_FIELDS`), so a changed study spec gets
 new run directories and an unchanged one finds its finished runs.
@@ -40,7 +45,7 @@ class Arm:
     contract: str
     """What the arm holds equal to its reference: 'base', 'active', 'total', 'flops', 'equal_resources'."""
     config: RunConfig
-    """The arm's run config; train.seed and train.output_dir are set per run."""
+    """The arm's run config; train.seed, data.seed and train.output_dir are set per run."""
     ledger: Any
     """planner.Ledger of the arm's model."""
     changed_fields: tuple[str, ...]
@@ -231,6 +236,12 @@ def derive_arms(
     return arms, pairs, family_info
 
 
+def run_data_seed(cfg: StudyConfig, seed: int) -> int:
+    """data.seed of the runs of `seed`: the study's data.seed + seed, or the study's data.seed when
+    study.data_order = "shared"."""
+    return cfg.data.seed if cfg.study.data_order == "shared" else cfg.data.seed + seed
+
+
 def plan_study(cfg: StudyConfig, out_dir: str | Path | None = None, *, check_world: bool = True) -> Plan:
     """Arms and runs of a study; run directories are `out_dir/runs/<arm>-s<seed>-<hash>`."""
     out = Path(out_dir or cfg.study.output_dir or Path("runs") / "study" / cfg.study.name).resolve()
@@ -238,7 +249,8 @@ def plan_study(cfg: StudyConfig, out_dir: str | Path | None = None, *, check_wor
     runs = []
     for arm in arms:
         for seed in cfg.study.seeds:
-            rc = dataclasses.replace(arm.config, train=dataclasses.replace(arm.config.train, seed=seed))
+            rc = dataclasses.replace(arm.config, train=dataclasses.replace(arm.config.train, seed=seed),
+                                     data=dataclasses.replace(arm.config.data, seed=run_data_seed(cfg, seed)))
             h = run_hash(rc)
             run_dir = out / "runs" / f"{arm.name}-s{seed}-{h}"
             rc = dataclasses.replace(rc, train=dataclasses.replace(rc.train, output_dir=str(run_dir)))
@@ -246,31 +258,57 @@ def plan_study(cfg: StudyConfig, out_dir: str | Path | None = None, *, check_wor
     return Plan(study=cfg, out_dir=out, arms=tuple(arms), runs=tuple(runs), pairs=tuple(pairs), family=family)
 
 
-def data_check(plan: Plan) -> dict[str, dict[str, Any]]:
-    """Build each arm's data source once (no training) and describe it: catches a schedule too short for an
-    arm's steps, or a dataset too small for the budget, before any compute is spent. Keyed by arm."""
+def data_check(plan: Plan) -> dict[str, dict[str, dict[str, Any]]]:
+    """Build each run's data source once per distinct data config (no training) and describe it: catches a
+    schedule too short for an arm's steps, or a dataset too small for the budget, before any compute is spent.
+    Keyed by seed (as a string, as in study.json), then arm."""
     from megatron_moe.data.source import build_data_source
 
-    out: dict[str, dict[str, Any]] = {}
+    out: dict[str, dict[str, dict[str, Any]]] = {}
     cache: dict[str, Any] = {}
-    for arm in plan.arms:
-        c = arm.config
+    for run in plan.runs:
+        c = run.config
         key = json.dumps([dataclasses.asdict(c.data), c.model.seq_length, c.train.global_batch_size])
         if key not in cache:
             cache[key] = build_data_source(c.data, c.model.seq_length, c.train.global_batch_size)
         ds = cache[key]
         if ds.num_steps is not None and c.train.train_steps > ds.num_steps:
             raise ConfigError(
-                f"arm {arm.name}: train.train_steps = {c.train.train_steps} exceeds the {ds.num_steps} steps the data "
-                "schedule provides"
+                f"arm {run.arm}: train.train_steps = {c.train.train_steps} exceeds the {ds.num_steps} steps the data "
+                f"schedule provides (data.seed = {c.data.seed})"
             )
         if ds.vocab_size > c.model.vocab_size:
             raise ConfigError(
                 f"model.vocab_size = {c.model.vocab_size} is smaller than the tokenizer's vocabulary ({ds.vocab_size})"
             )
         d = ds.describe(c.train.train_steps)
-        out[arm.name] = {k: d[k] for k in ("source", "unique_tokens", "consumed_tokens", "epochs", "fingerprint")}
+        out.setdefault(str(run.seed), {})[run.arm] = {
+            **{k: d[k] for k in ("source", "unique_tokens", "consumed_tokens", "epochs", "fingerprint")},
+            "data_seed": c.data.seed,
+        }
     return out
+
+
+def unequal_data(data: dict[str, dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """The seeds whose arms would not see the same data: {seed: {arm: fingerprint}} ({} when fair)."""
+    out = {}
+    for seed, arms in data.items():
+        prints = {arm: d.get("fingerprint") for arm, d in arms.items()}
+        if len(set(prints.values())) != 1 or not all(prints.values()):
+            out[seed] = prints
+    return out
+
+
+def refuse_unequal_data(data: dict[str, dict[str, dict[str, Any]]]) -> None:
+    """ConfigError when the arms of one seed would see different data. The planner gives every arm of a seed
+    the same data config, so this cannot happen by construction; it is checked so that an unfair study is
+    refused rather than trained."""
+    bad = unequal_data(data)
+    if bad:
+        where = "; ".join(f"seed {seed}: " + ", ".join(f"{arm} {fp}" for arm, fp in prints.items())
+                          for seed, prints in bad.items())
+        raise ConfigError(f"arms of one seed would see different data (fingerprints {where}); every arm of a seed "
+                          "needs the same data config")
 
 
 def format_plan(plan: Plan) -> str:

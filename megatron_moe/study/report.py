@@ -6,15 +6,20 @@ Per arm: each seed's best (minimum over evaluations) validation loss, then mean,
 interval over seeds (`stats`). Per pair (baseline, MoE): the per-seed gap best_val(baseline) - best_val(MoE)
 (positive = the MoE is better) with the same statistics, also at every evaluation step both arms reached.
 
+Per seed, the arms' data fingerprints must be equal (the runs of one seed share a data order; with
+study.data_order = "per_seed" the orders differ across seeds); the report warns when they are not. It also
+states the ordering of the arms' mean best validation loss and in how many seeds each seed's own ordering is the
+same, and warns about runs whose best evaluation is their last one (still improving: the budget is too short
+to call a best). Intervals are Student-t intervals over seeds everywhere, tables and plots alike.
+
 `write_report` writes report.md, report.html (self-contained: PNGs inlined as base64), results.json and
-plots/*.png atomically; plots need matplotlib (`pip install megatron-moe[plot]`), else tables only.
+plots/*.png atomically; plots (`plots`) need matplotlib (`pip install megatron-moe[plot]`), else tables only.
 """
 
 from __future__ import annotations
 
 import base64
 import html
-import io
 import json
 import math
 from dataclasses import dataclass, field
@@ -25,8 +30,9 @@ from typing import Any
 from megatron_moe.config import ConfigError
 from megatron_moe.files import atomic_write_bytes, atomic_write_json, atomic_write_text, read_jsonl
 from megatron_moe.planner.format import human
+from megatron_moe.study.plots import make_plots
 from megatron_moe.study.rundir import StudyManifest, load_manifest
-from megatron_moe.study.stats import paired, summarize
+from megatron_moe.study.stats import ordering, paired, summarize
 
 
 @dataclass
@@ -96,6 +102,8 @@ def build_results(study_dir: str | Path, confidence: float = 0.95) -> dict[str, 
         b = r.best
         row = {"arm": r.arm, "seed": r.seed, "dir": str(r.dir.relative_to(study_dir)), "complete": r.complete,
                "best_val_loss": b[0] if b else None, "best_val_step": b[1] if b else None,
+               "last_eval_step": r.evals[-1]["step"] if r.evals else None,
+               "best_is_last": bool(r.complete and b and b[1] == r.evals[-1]["step"]),
                "steps": r.train[-1]["step"] if r.train else 0,
                "final_train_loss": r.train[-1]["loss"] if r.train else None,
                "train_time_s": r.result.get("train_time_s") if r.result else None}
@@ -129,14 +137,22 @@ def build_results(study_dir: str | Path, confidence: float = 0.95) -> dict[str, 
     for p in man.pairs:
         per_seed, st = paired(best[p["baseline"]], best[p["moe"]], confidence)
         gaps.append({**p, "per_seed": {str(s): v for s, v in per_seed.items()}, **st.to_dict(),
+                     "ordering": ordering(best, [p["moe"], p["baseline"]]),
                      "over_training": gap_over_training(
                          [r for r in complete if r.arm == p["baseline"]], [r for r in complete if r.arm == p["moe"]],
                          confidence, tokens_per_step[p["baseline"]])})
 
     contract, data_ok, fingerprints = contract_table(man, complete)
     if data_ok is False:
-        warnings.insert(0, "DATA DIFFERS ACROSS ARMS: data fingerprints are not all equal "
-                           f"({', '.join(f'{k}: {sorted(v)}' for k, v in fingerprints.items())}); the comparison is not fair")
+        differ = {seed: fps for seed, fps in fingerprints.items() if len(set(fps.values())) != 1 or None in fps.values()}
+        warnings.insert(0, "DATA DIFFERS ACROSS ARMS: the data fingerprints of one seed's arms are not all equal ("
+                           + "; ".join(f"seed {seed}: " + ", ".join(f"{a} {fp}" for a, fp in fps.items())
+                                       for seed, fps in differ.items()) + "); the comparison is not fair")
+    last = [f"{r['arm']} seed {r['seed']}" for r in run_rows if r["best_is_last"]]
+    if last:
+        warnings.append(f"{len(last)} of {len(complete)} complete runs have their best validation loss at their last "
+                        f"evaluation ({', '.join(last)}): still improving when training stopped, so the budget is too "
+                        "short to call a best (their best is their final loss)")
     missing = [f"{r['arm']} seed {r['seed']}" for r in run_rows if not r["complete"]]
     if missing:
         warnings.append(f"{len(missing)} of {len(runs)} runs are not complete (left out): {', '.join(missing)}")
@@ -149,11 +165,14 @@ def build_results(study_dir: str | Path, confidence: float = 0.95) -> dict[str, 
         "gap_sign": man.gap_sign or "gap = loss(baseline) - loss(MoE); positive = the MoE is better",
         "seeds": man.seeds,
         "data_seed": man.data_seed,
+        "data_order": man.data_order,
+        "data_seeds": man.data_seeds,
         "arms": arms_out,
+        "ordering": ordering(best, arm_names),
         "gaps": gaps,
         "contract": contract,
         "data_fingerprints_equal": data_ok,
-        "fingerprints": {k: sorted(v) for k, v in fingerprints.items()},
+        "fingerprints": fingerprints,
         "family": man.family,
         "runs": run_rows,
         "environment": man.environment,
@@ -177,25 +196,49 @@ def gap_over_training(baseline: list[RunData], moe: list[RunData], confidence: f
     return out
 
 
-def contract_table(man: StudyManifest, complete: list[RunData]) -> tuple[list[dict[str, Any]], bool | None, dict[str, set[str]]]:
+def seed_fingerprints(man: StudyManifest, complete: list[RunData]) -> dict[str, dict[str, str | None]]:
+    """{seed: {arm: fingerprint}}: what each complete run's result.json reports (None when it reports none),
+    else what the runner's data check planned for that run; a run with neither is left out."""
+    planned = man.data or {}
+    done = {(r.seed, r.arm): r for r in complete if r.result is not None}
+    out: dict[str, dict[str, str | None]] = {}
+    for seed in man.seeds:
+        row: dict[str, str | None] = {}
+        for a in man.arms:
+            run = done.get((seed, a["name"]))
+            if run is not None:
+                row[a["name"]] = (run.result.get("data") or {}).get("fingerprint")
+            elif fp := ((planned.get(str(seed)) or {}).get(a["name"]) or {}).get("fingerprint"):
+                row[a["name"]] = fp
+        if row:
+            out[str(seed)] = row
+    return out
+
+
+def contract_table(man: StudyManifest, complete: list[RunData]
+                   ) -> tuple[list[dict[str, Any]], bool | None, dict[str, dict[str, str | None]]]:
     """Per arm: parameters (total/active, with the planner's residual), FLOPs/token, tokens and the data
-    fingerprints its complete runs report; and whether one fingerprint holds across all arms (None: unknown)."""
-    fingerprints: dict[str, set[str]] = {}
+    fingerprints of its runs by seed; the fingerprints per seed and arm (`seed_fingerprints`), and whether the
+    arms of every seed share one (None: none known). Arms are compared within a seed: with
+    study.data_order = "per_seed" each seed has its own data order."""
+    fingerprints = seed_fingerprints(man, complete)
     rows = []
     for a in man.arms:
         datas = [r.result.get("data") or {} for r in complete if r.arm == a["name"] and r.result]
-        planned = (man.data or {}).get(a["name"]) or {}
-        # what the complete runs report; before any completes, what the runner's data check planned (if known)
-        fingerprints[a["name"]] = {d.get("fingerprint") for d in datas} if datas else (
-            {planned["fingerprint"]} if planned.get("fingerprint") else set())
+        planned = [arms[a["name"]] for arms in (man.data or {}).values() if a["name"] in arms]
 
         def same(key: str) -> Any:
             """The value all complete runs report (a list when they disagree); the planned one before any ran."""
-            if not datas:
-                return planned.get(key)
-            vals = sorted({json.dumps(d.get(key)) for d in datas})
+            vals = sorted({json.dumps(d.get(key)) for d in (datas or planned)})
+            if not vals:
+                return None
             return json.loads(vals[0]) if len(vals) == 1 else [json.loads(v) for v in vals]
 
+        by_seed = {seed: fps[a["name"]] for seed, fps in fingerprints.items() if a["name"] in fps}
+        if len(set(by_seed.values())) == 1:
+            shown = next(iter(by_seed.values())) or "none reported"
+        else:
+            shown = ", ".join(f"s{seed} {fp or 'none reported'}" for seed, fp in by_seed.items())
         match = a.get("match") or {}
         consumed = same("consumed_tokens")
         tokens = consumed if isinstance(consumed, int) else a["planned_tokens"]
@@ -212,106 +255,15 @@ def contract_table(man: StudyManifest, complete: list[RunData]) -> tuple[list[di
             "consumed_tokens": consumed, "unique_tokens": same("unique_tokens"),
             "train_flops": tokens * flops_per_token,
             "epochs": same("epochs"),
-            "fingerprint": ", ".join(sorted(str(x) for x in fingerprints[a["name"]])) or None,
+            "fingerprint": shown or None,
+            "fingerprints": by_seed,
             "changed_fields": a["changed_fields"], "changes": a.get("changes", {}),
         })
-    seen = set().union(*fingerprints.values()) if fingerprints else set()
-    data_ok = None if not seen else (len(seen) == 1 and None not in seen)
-    return rows, data_ok, fingerprints
-
-
-def make_plots(results: dict[str, Any], study_dir: str | Path) -> dict[str, bytes]:
-    """PNG bytes by file name: loss curves, gaps over training, best validation loss per arm. {} without
-    matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return {}
-    man, runs = load_study_dir(study_dir)
-    # x axis: training tokens; for an equal-resources family training compute, where every arm ends at C
-    if man.family:
-        tps = {a["name"]: a["tokens_per_step"] * a["match"]["flops_per_token"] for a in man.arms}
-        xlabel = f"training FLOPs ({man.family['flops']} convention)"
+    if not fingerprints:
+        data_ok = None
     else:
-        tps = {a["name"]: a["tokens_per_step"] for a in man.arms}
-        xlabel = "training tokens"
-    arm_names = [a["name"] for a in man.arms]
-    colors = {a: plt.get_cmap("tab10")(i % 10) for i, a in enumerate(arm_names)}
-    out: dict[str, bytes] = {}
-
-    def png(fig: Any) -> bytes:
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-        plt.close(fig)
-        return buf.getvalue()
-
-    def curves(ax: Any, key: str, rows_of: str) -> None:
-        for arm in arm_names:
-            mine = [r for r in runs if r.arm == arm and r.complete]
-            series = [{row["step"]: row[key] for row in getattr(r, rows_of) if key in row} for r in mine]
-            if not series:
-                continue
-            steps = sorted(set.intersection(*(set(s) for s in series)))
-            if not steps:
-                continue
-            x = [s * tps[arm] for s in steps]
-            mean = [sum(s[t] for s in series) / len(series) for t in steps]
-            ax.plot(x, mean, label=f"{arm} (n={len(series)})", color=colors[arm], marker="o" if rows_of == "evals" else None,
-                    markersize=3)
-            if len(series) > 1:
-                ax.fill_between(x, [min(s[t] for s in series) for t in steps], [max(s[t] for s in series) for t in steps],
-                                color=colors[arm], alpha=0.2, linewidth=0)
-        ax.set_xlabel(xlabel)
-        ax.grid(alpha=0.3)
-
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    curves(ax1, "val_loss", "evals")
-    ax1.set_ylabel("validation loss")
-    ax1.set_title("validation loss (mean over seeds, band = min..max)")
-    curves(ax2, "loss", "train")
-    ax2.set_ylabel("training loss")
-    ax2.set_title("training loss (mean over seeds)")
-    for ax in (ax1, ax2):
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
-    out["loss_curves.png"] = png(fig)
-
-    if any(g["over_training"] for g in results["gaps"]):
-        fig, ax = plt.subplots(figsize=(7, 4))
-        for g in results["gaps"]:
-            pts = [p for p in g["over_training"] if p["mean"] is not None]
-            if not pts:
-                continue
-            x = [p["tokens"] if p["tokens"] is not None else p["step"] for p in pts]
-            line = ax.plot(x, [p["mean"] for p in pts], marker="o", markersize=3, label=g["name"])[0]
-            if all(p["std"] is not None for p in pts):
-                ax.fill_between(x, [p["mean"] - p["std"] for p in pts], [p["mean"] + p["std"] for p in pts],
-                                color=line.get_color(), alpha=0.2, linewidth=0)
-        ax.axhline(0.0, color="black", linewidth=0.8)
-        ax.set_xlabel("training tokens")
-        ax.set_ylabel("val loss(baseline) - val loss(MoE)")
-        ax.set_title("paired gap over training (mean ± std over seeds; > 0: MoE better)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        out["gaps.png"] = png(fig)
-
-    fig, ax = plt.subplots(figsize=(max(5, 1.3 * len(arm_names)), 4))
-    for i, a in enumerate(results["arms"]):
-        vals = list(a["best_val_loss"]["per_seed"].values())
-        ax.scatter([i] * len(vals), vals, color=colors[a["arm"]], alpha=0.6, s=18)
-        st = a["best_val_loss"]
-        if st["mean"] is not None:
-            ax.errorbar([i + 0.15], [st["mean"]], yerr=[[st["std"] or 0.0], [st["std"] or 0.0]], fmt="D",
-                        color=colors[a["arm"]], capsize=4)
-    ax.set_xticks(range(len(arm_names)), arm_names, rotation=20, ha="right")
-    ax.set_ylabel("best validation loss")
-    ax.set_title("best validation loss per arm (dots: seeds; diamond: mean ± std)")
-    ax.grid(alpha=0.3, axis="y")
-    out["best_val_loss.png"] = png(fig)
-    return out
+        data_ok = all(len(set(fps.values())) == 1 and None not in fps.values() for fps in fingerprints.values())
+    return rows, data_ok, fingerprints
 
 
 def _f(x: Any, digits: int = 4) -> str:
@@ -344,6 +296,38 @@ def _ci(st: dict[str, Any], digits: int = 4) -> str:
     return "n/a" if lo is None else f"[{lo:.{digits}f}, {hi:.{digits}f}]"
 
 
+def _mci(st: dict[str, Any], digits: int = 4) -> str:
+    """Mean and its t interval, one cell."""
+    if st["mean"] is None:
+        return "n/a"
+    lo, hi = st["ci"]
+    return f"{st['mean']:.{digits}f}" + ("" if lo is None else f" [{lo:.{digits}f}, {hi:.{digits}f}]")
+
+
+def _epochs(x: Any) -> str:
+    if x is None:
+        return "n/a"
+    return " / ".join(f"{v:.3f}" for v in x) if isinstance(x, list) else f"{x:.3f}"
+
+
+def _data_note(results: dict[str, Any]) -> str:
+    """How the runs' data seeds were chosen, one sentence."""
+    if results.get("data_order") == "shared":
+        return f"One data order for every run: data.seed {results['data_seed']} for all arms and seeds."
+    return (f"One data order per seed, shared by that seed's arms: data.seed = {results['data_seed']} + seed, so "
+            "the spread over seeds includes data-order noise as well as init noise.")
+
+
+def ordering_lines(results: dict[str, Any]) -> list[str]:
+    """The ordering of the arms' mean best validation loss and in how many seeds it holds: all arms, then each
+    paired comparison."""
+    lines = []
+    if results.get("ordering"):
+        lines.append(f"all arms: {results['ordering']['line']}")
+    lines += [f"{g['name']}: {g['ordering']['line']}" for g in results["gaps"] if g.get("ordering")]
+    return lines
+
+
 def tables(results: dict[str, Any]) -> list[tuple[str, str, list[str], list[list[str]]]]:
     """(title, note, header, rows) of every table of the report, shared by the Markdown and HTML renderers."""
     conf = f"{100 * results['confidence']:g}%"
@@ -351,7 +335,9 @@ def tables(results: dict[str, Any]) -> list[tuple[str, str, list[str], list[list
     out = []
     out.append((
         "Best validation loss per arm",
-        f"Minimum over periodic evaluations; mean ± sample std over seeds, {conf} t interval.",
+        f"Minimum over periodic evaluations; mean ± sample std over seeds, {conf} t interval."
+        + (f" Ordering of the means (seeds whose own ordering is the same): {results['ordering']['line']}."
+           if results.get("ordering") else ""),
         ["arm", "n", "mean ± std", f"{conf} CI", *[f"seed {s}" for s in seeds], "bits/byte at best",
          "final train loss"],
         [[a["arm"], str(a["best_val_loss"]["n"]), _pm(a["best_val_loss"]), _ci(a["best_val_loss"]),
@@ -361,9 +347,12 @@ def tables(results: dict[str, Any]) -> list[tuple[str, str, list[str], list[list
     if results["gaps"]:
         out.append((
             "Paired gaps",
-            f"{results['gap_sign']}. Paired per seed; mean ± sample std, {conf} t interval.",
-            ["comparison", "baseline", "MoE", "n", "gap mean ± std", f"{conf} CI", *[f"seed {s}" for s in seeds]],
-            [[g["name"], g["baseline"], g["moe"], str(g["n"]), _pm(g), _ci(g), *[_f(g["per_seed"].get(s)) for s in seeds]]
+            f"{results['gap_sign']}. Paired per seed; mean ± sample std, {conf} t interval; ordering: of the two "
+            "arms' mean best validation loss, and in how many seeds each seed's own ordering is the same.",
+            ["comparison", "baseline", "MoE", "n", "gap mean ± std", f"{conf} CI", *[f"seed {s}" for s in seeds],
+             "ordering"],
+            [[g["name"], g["baseline"], g["moe"], str(g["n"]), _pm(g), _ci(g), *[_f(g["per_seed"].get(s)) for s in seeds],
+              g["ordering"]["line"] if g.get("ordering") else "n/a"]
              for g in results["gaps"]],
         ))
         steps = sorted({p["step"] for g in results["gaps"] for p in g["over_training"]})
@@ -371,16 +360,16 @@ def tables(results: dict[str, Any]) -> list[tuple[str, str, list[str], list[list
             by = {g["name"]: {p["step"]: p for p in g["over_training"]} for g in results["gaps"]}
             out.append((
                 "Gap over training",
-                "Validation-loss gap at each evaluation step both arms reached (mean ± std over seeds).",
+                f"Validation-loss gap at each evaluation step both arms reached: mean [{conf} t interval over seeds].",
                 ["step", *[g["name"] for g in results["gaps"]]],
-                [[str(s), *[_pm(by[g["name"]][s]) if s in by[g["name"]] else "" for g in results["gaps"]]] for s in steps],
+                [[str(s), *[_mci(by[g["name"]][s]) if s in by[g["name"]] else "" for g in results["gaps"]]] for s in steps],
             ))
     out.append((
         "Contract",
         "Parameters and FLOPs/token from the planner's ledger (exact count; non-embedding N, N_a; r_a = N_a / N); the "
-        "matched quantity's target, achieved value and residual; tokens, epochs and data fingerprint from each run's "
-        "result.json; train FLOPs = consumed tokens x FLOPs/token (an equal-resources family's convention when it has "
-        "one).",
+        "matched quantity's target, achieved value and residual; tokens, epochs and data fingerprints (per seed when "
+        "they differ across seeds) from each run's result.json; train FLOPs = consumed tokens x FLOPs/token (an "
+        "equal-resources family's convention when it has one).",
         ["arm", "params total", "params active", "N", "N_a", "r_a", "matched", "target", "achieved", "resid %",
          "train FLOPs/tok", "steps", "consumed tok", "train FLOPs", "unique tok", "epochs", "data fingerprint",
          "changed vs base"],
@@ -389,30 +378,49 @@ def tables(results: dict[str, Any]) -> list[tuple[str, str, list[str], list[list
           _big(c["target"]), _big(c["achieved"]), "-" if c["residual_pct"] is None else f"{c['residual_pct']:+.3f}",
           _big(c["flops_train_per_token"]), str(c["train_steps"]), _big(c["consumed_tokens"]), _big(c["train_flops"]),
           _big(c["unique_tokens"]),
-          "n/a" if c["epochs"] is None else (_big(c["epochs"]) if isinstance(c["epochs"], list) else f"{c['epochs']:.3f}"),
-          c["fingerprint"] or "n/a",
+          _epochs(c["epochs"]), c["fingerprint"] or "n/a",
           ", ".join(f"{k.removeprefix('model.')}={v}" for k, v in c["changes"].items()) or "-"]
          for c in results["contract"]],
+    ))
+    fps = results["fingerprints"]
+    out.append((
+        "Data per seed",
+        _data_note(results) + " The arms of a seed must share one data fingerprint (what each complete run's "
+        "result.json reports, else what the runner's data check planned).",
+        ["seed", "data.seed", "fingerprint", "arms equal"],
+        [[s, str(results["data_seeds"].get(s, "n/a")),
+          ", ".join(sorted({str(fp) for fp in fps[s].values()})) if len(set(fps[s].values())) == 1 else
+          ", ".join(f"{arm} {fp}" for arm, fp in fps[s].items()),
+          "yes" if len(set(fps[s].values())) == 1 and None not in fps[s].values() else "NO"]
+         if s in fps else [s, str(results["data_seeds"].get(s, "n/a")), "n/a", "n/a"] for s in seeds],
     ))
     out.append((
         "Runs",
         "",
-        ["arm", "seed", "complete", "steps", "best val loss", "at step", "train time s", "directory"],
+        ["arm", "seed", "complete", "steps", "best val loss", "at step", "last eval", "train time s", "directory"],
         [[r["arm"], str(r["seed"]), "yes" if r["complete"] else "NO", str(r["steps"]), _f(r["best_val_loss"]),
-          _f(r["best_val_step"]), _f(r["train_time_s"], 1), r["dir"]] for r in results["runs"]],
+          _f(r["best_val_step"]) + (" (last)" if r["best_is_last"] else ""), _f(r["last_eval_step"]),
+          _f(r["train_time_s"], 1), r["dir"]] for r in results["runs"]],
     ))
     return out
 
 
+_FINGERPRINTS = {True: "equal across the arms of every seed", False: "NOT EQUAL ACROSS ARMS",
+                 None: "unknown (no run complete)"}
+
+
+def _intro(results: dict[str, Any]) -> str:
+    return (f"Generated {results['generated']} from {results['study_dir']}. Metric: {results['metric']}. Seeds "
+            f"{results['seeds']} (train.seed = seed). {_data_note(results)}")
+
+
 def render_markdown(results: dict[str, Any], plot_files: list[str]) -> str:
-    lines = [f"# Study report: {results['study']}", ""]
-    lines.append(f"Generated {results['generated']} from `{results['study_dir']}`. Metric: {results['metric']}. "
-                 f"Seeds {results['seeds']} (model init); data seed {results['data_seed']} fixed across arms.")
-    lines.append("")
-    fp = {True: "equal across arms", False: "**NOT EQUAL ACROSS ARMS**", None: "unknown (no run complete)"}[
-        results["data_fingerprints_equal"]]
-    lines.append(f"Data fingerprint: {fp}.")
-    lines.append("")
+    lines = [f"# Study report: {results['study']}", "", _intro(results), ""]
+    fp = _FINGERPRINTS[results["data_fingerprints_equal"]]
+    lines += [f"Data fingerprint: {f'**{fp}** of one seed' if results['data_fingerprints_equal'] is False else fp}.", ""]
+    if ordering_lines(results):
+        lines += ["Ordering of mean best validation loss (in how many seeds it holds):", ""]
+        lines += [f"- {line}" for line in ordering_lines(results)] + [""]
     for w in results["warnings"]:
         lines += [f"> **WARNING:** {w}", ""]
     for title, note, header, rows in tables(results):
@@ -444,13 +452,14 @@ th{background:#f0f0f0}.warn{background:#fdd;border:2px solid #c00;padding:.6em;f
 def render_html(results: dict[str, Any], plots: dict[str, bytes]) -> str:
     """One self-contained page: tables and the PNG plots inlined as base64 data URIs."""
     e = html.escape
+    fp = e(_FINGERPRINTS[results["data_fingerprints_equal"]])
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{e(results['study'])}</title>"
              f"<style>{_CSS}</style></head><body>", f"<h1>Study report: {e(results['study'])}</h1>",
-             f"<p>Generated {e(results['generated'])} from <code>{e(results['study_dir'])}</code>. Metric: "
-             f"{e(results['metric'])}. Seeds {e(str(results['seeds']))} (model init); data seed "
-             f"{e(str(results['data_seed']))} fixed across arms.</p>",
-             "<p>Data fingerprint: " + {True: "equal across arms", False: "<b>NOT EQUAL ACROSS ARMS</b>",
-                                         None: "unknown (no run complete)"}[results["data_fingerprints_equal"]] + ".</p>"]
+             f"<p>{e(_intro(results))}</p>",
+             f"<p>Data fingerprint: {f'<b>{fp}</b> of one seed' if results['data_fingerprints_equal'] is False else fp}.</p>"]
+    if ordering_lines(results):
+        parts.append("<p>Ordering of mean best validation loss (in how many seeds it holds):</p><ul>"
+                     + "".join(f"<li>{e(line)}</li>" for line in ordering_lines(results)) + "</ul>")
     parts += [f"<p class='warn'>WARNING: {e(w)}</p>" for w in results["warnings"]]
     for title, note, header, rows in tables(results):
         parts.append(f"<h2>{e(title)}</h2>")
@@ -478,7 +487,7 @@ def write_report(study_dir: str | Path, out_dir: str | Path | None = None, confi
     study_dir = Path(study_dir)
     out = Path(out_dir) if out_dir else study_dir
     results = build_results(study_dir, confidence)
-    plots = make_plots(results, study_dir)
+    plots = make_plots(results, *load_study_dir(study_dir))
     paths = {}
     for name, data in plots.items():
         atomic_write_bytes(out / "plots" / name, data)

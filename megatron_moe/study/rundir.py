@@ -2,7 +2,8 @@
 
     study.toml            the study file as loaded (with overrides)
     study.json            manifest: spec, base config, arms (changed fields, matched quantity, target,
-                          residual, ledger, steps), pairs, runs, planned data fingerprints, versions, git
+                          residual, ledger, steps), pairs, runs, data seeds and planned data fingerprints
+                          per seed, versions, git
     log.jsonl             one line per runner event: start, resume, skip, done, failed, interrupted
     .lock                 held by a `study run` while it trains (`study_lock`)
     runs/<arm>-s<seed>-<hash>/
@@ -34,7 +35,8 @@ from typing import Any
 
 from megatron_moe.config import ConfigError, to_toml
 from megatron_moe.files import atomic_write_json, atomic_write_text
-from megatron_moe.study.plan import Plan, Run
+from megatron_moe.study.plan import Plan, Run, run_data_seed, unequal_data
+from megatron_moe.study.spec import DATA_ORDERS
 
 LOCK = ".lock"
 ARM_KEYS = ("name", "contract", "is_moe", "changed_fields", "train_steps", "tokens_per_step", "planned_tokens",
@@ -144,7 +146,7 @@ def check_unlocked(out: Path) -> None:
 def manifest(plan: Plan, study_file: str | None, data: dict[str, Any] | None) -> dict[str, Any]:
     """The study-level record written to study.json."""
     cfg = plan.study
-    prints = {d["fingerprint"] for d in (data or {}).values()}
+    shared = cfg.study.data_order == "shared"
     return {
         "name": cfg.study.name,
         "study_file": study_file,
@@ -153,13 +155,17 @@ def manifest(plan: Plan, study_file: str | None, data: dict[str, Any] | None) ->
         "base": cfg.base().to_dict(),
         "seeds": list(cfg.study.seeds),
         "data_seed": cfg.data.seed,
-        "seed_policy": "train.seed = the run's seed (model init); data.seed fixed for the whole study",
+        "data_order": cfg.study.data_order,
+        "data_seeds": {str(seed): run_data_seed(cfg, seed) for seed in cfg.study.seeds},
+        "seed_policy": "train.seed = the run's seed (model init); " + (
+            "data.seed = data_seed for every run (one data order)" if shared else
+            "data.seed = data_seed + the run's seed (one data order per seed, shared by its arms)"),
         "gap_sign": "gap = best val loss(baseline) - best val loss(MoE); positive = the MoE is better",
         "arms": [a.to_dict() for a in plan.arms],
         "pairs": list(plan.pairs),
         "family": plan.family,
         "data": data,
-        "data_fingerprints_equal": None if data is None else len(prints) == 1,
+        "data_fingerprints_equal": None if data is None else not unequal_data(data),
         "runs": [{"arm": r.arm, "seed": r.seed, "hash": r.hash, "dir": f"runs/{r.name}"} for r in plan.runs],
         "environment": environment(),
         "git": git_state(),
@@ -176,7 +182,7 @@ def write_study_files(plan: Plan, study_file: str | None, data: dict[str, Any] |
     man = manifest(plan, study_file, data)
     if data is None and (out / "study.json").is_file():
         previous = load_manifest(out)
-        if previous.base.get("data") == man["base"]["data"]:
+        if previous.base.get("data") == man["base"]["data"] and previous.data_order == man["data_order"]:
             man["data"], man["data_fingerprints_equal"] = previous.data, previous.data_fingerprints_equal
     atomic_write_json(out / "study.json", man)
 
@@ -193,10 +199,17 @@ class StudyManifest:
     runs: list[dict[str, Any]]
     """{arm, seed, hash, dir}; dir relative to the study directory."""
     base: dict[str, Any]
-    data: dict[str, Any] | None
-    """Planned data description per arm (None: launched without a data check)."""
+    data: dict[str, dict[str, dict[str, Any]]] | None
+    """Planned data description per seed (a string, as JSON keys are), then arm (None: launched without a data
+    check)."""
     data_fingerprints_equal: bool | None
+    """Whether the arms of every seed share one planned fingerprint (None: no data check)."""
     data_seed: int | None
+    """The study's data.seed."""
+    data_order: str
+    """study.data_order: 'per_seed' or 'shared'."""
+    data_seeds: dict[str, int]
+    """data.seed of each seed's runs, keyed by seed as a string."""
     gap_sign: str | None
     family: dict[str, Any] | None
     environment: dict[str, Any] | None
@@ -241,6 +254,23 @@ def load_manifest(study_dir: str | Path) -> StudyManifest:
     names = {a["name"] for a in arms}
     pairs = records("pairs", ("name", "baseline", "moe"))
     runs = records("runs", ("arm", "seed", "dir"))
+    seeds = value("seeds", list)
+    data_seed = value("data_seed", int, required=False)
+    data = value("data", dict, required=False)
+    data_order = value("data_order", str, required=False)
+    if data_order is None:
+        # a manifest without data_order gave every run one data.seed and described the data per arm: the same
+        # description holds for every seed
+        data_order = "shared"
+        if data is not None:
+            data = {str(seed): data for seed in seeds}
+    elif data_order not in DATA_ORDERS:
+        raise bad(f"'data_order' is {data_order!r}, expected one of {', '.join(DATA_ORDERS)}")
+    if data is not None and not all(isinstance(v, dict) and all(isinstance(d, dict) for d in v.values())
+                                    for v in data.values()):
+        raise bad("'data' is not a description per seed and arm")
+    data_seeds = value("data_seeds", dict, required=False) or (
+        {str(seed): data_seed for seed in seeds} if data_seed is not None and data_order == "shared" else {})
     for what, arm in [*((f"pair {p['name']}", p[k]) for p in pairs for k in ("baseline", "moe")),
                       *((f"run {r['dir']}", r["arm"]) for r in runs)]:
         if arm not in names:
@@ -248,14 +278,16 @@ def load_manifest(study_dir: str | Path) -> StudyManifest:
     return StudyManifest(
         path=path,
         name=value("name", str),
-        seeds=value("seeds", list),
+        seeds=seeds,
         arms=arms,
         pairs=pairs,
         runs=runs,
         base=value("base", dict, required=False) or {},
-        data=value("data", dict, required=False),
+        data=data,
         data_fingerprints_equal=value("data_fingerprints_equal", bool, required=False),
-        data_seed=value("data_seed", int, required=False),
+        data_seed=data_seed,
+        data_order=data_order,
+        data_seeds=data_seeds,
         gap_sign=value("gap_sign", str, required=False),
         family=value("family", dict, required=False),
         environment=value("environment", dict, required=False),

@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from megatron_moe.config import ConfigError, save_toml
-from megatron_moe.study.plan import Plan, Run, data_check, format_plan, plan_study
+from megatron_moe.config import save_toml
+from megatron_moe.study.plan import Plan, Run, data_check, format_plan, plan_study, refuse_unequal_data
 from megatron_moe.study.rundir import (environment, git_state, live_job, log_event, now, package_root, record_attempt,
                                        run_status, study_lock, write_study_files)
 from megatron_moe.study.spec import StudyConfig
@@ -82,6 +82,18 @@ def _train_subprocess(run: Run, nproc: int, echo: Callable[[str], None], prefix:
             raise
 
 
+def describe_data(data: dict[str, dict[str, dict[str, Any]]], data_order: str) -> list[str]:
+    """One line per seed (one line in all when every seed has the same data): source, data seed, fingerprint."""
+    firsts = {seed: next(iter(arms.values())) for seed, arms in data.items()}
+    d0 = next(iter(firsts.values()))
+    if len({d["fingerprint"] for d in firsts.values()}) == 1:
+        return [f"data: {d0['source']}, {d0['unique_tokens']:,} unique tokens, data.seed {d0['data_seed']}, "
+                f"fingerprint {d0['fingerprint']} (all arms, all seeds; data_order = {data_order})"]
+    return [f"data: {d0['source']}, one data order per seed (data_order = {data_order}), the same for all arms of a seed:",
+            *(f"  seed {seed}: data.seed {d['data_seed']}, {d['unique_tokens']:,} unique tokens, fingerprint "
+              f"{d['fingerprint']}" for seed, d in firsts.items())]
+
+
 def run_study(
     cfg: StudyConfig,
     out_dir: str | Path | None = None,
@@ -106,11 +118,9 @@ def run_study(
         echo(f"equal resources: N = {f['total_params']:,}, D = {f['unique_tokens']:,} unique tokens, "
              f"C = {f['compute']:.4g} FLOPs ({f['flops']})")
     data = data_check(plan)
-    prints = {d["fingerprint"] for d in data.values()}
-    if len(prints) != 1:  # cannot happen by construction; refuse rather than train an unfair study
-        raise ConfigError(f"arms would see different data (fingerprints {sorted(prints)}); every arm needs the same data config")
-    d0 = next(iter(data.values()))
-    echo(f"data: {d0['source']}, {d0['unique_tokens']:,} unique tokens, fingerprint {d0['fingerprint']} (all arms)")
+    refuse_unequal_data(data)
+    for line in describe_data(data, s.data_order):
+        echo(line)
     if dry_run:
         for r in plan.runs:
             echo(f"  {statuses[r.name]:<8}{r.name}")

@@ -34,7 +34,7 @@ from typing import Any
 
 from megatron_moe.config import ConfigError, from_dict, load_toml, save_toml, validate
 from megatron_moe.files import atomic_write_text
-from megatron_moe.study.plan import Plan, Run, plan_study
+from megatron_moe.study.plan import Plan, Run, plan_study, refuse_unequal_data
 from megatron_moe.study.plan import data_check as run_data_check
 from megatron_moe.study.rundir import (LaunchError, check_unlocked, environment, git_state, live_job, now,
                                        package_root, record_submission, run_status, write_study_files)
@@ -374,6 +374,8 @@ def launch_study(cfg: StudyConfig, lc: LaunchConfig, out_dir: str | Path | None 
          f"world size {world} (tensor {p.tensor} x pipeline {p.pipeline} x data {p.data_parallel_size(world)}"
          f", expert {p.expert})")
     data = run_data_check(plan) if data_check else None
+    if data is not None:
+        refuse_unequal_data(data)
     todo = _runs_to_submit(plan, check_queue=not dry_run, echo=echo)
     if not todo:
         echo("nothing to submit")

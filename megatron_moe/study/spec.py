@@ -7,11 +7,18 @@ data-reuse schedule) is shared by every arm; [study] says what is compared::
     name = "tiny_three_arm"
     arms = ["dense_active", "moe", "dense_total"]  # moe | dense_active | dense_total | dense_flops
                                                   # | equal_resources (the activation-rate family)
-    seeds = [1, 2, 3]        # model-init seeds (train.seed); the data seed (data.seed) is fixed per study
+    seeds = [1, 2, 3]        # run seeds: train.seed = seed; data.seed = the study's data.seed + seed
+    data_order = "per_seed"  # "shared": every run keeps the study's data.seed (one data order for all seeds)
     budget_tokens = 0        # training tokens per run (0 = train.train_steps steps for every arm)
     budget_flops = 0.0       # or training FLOPs per run: each arm trains floor(C / (FLOPs/token x tokens/step))
     [study.match]            # how dense arms are matched (planner.match_dense)
     [study.equal_resources]  # the family (planner.equal_resources_family)
+
+Seeds: the run of (arm, seed) trains with train.seed = seed (model init) and, by default (data_order =
+"per_seed"), data.seed = <the study's data.seed> + seed (which documents a token budget selects and their
+order). All arms of one seed then see one data stream, so each seed's gaps stay paired, while the spread over
+seeds measures data-order noise as well as init noise. data_order = "shared" gives every run the study's
+data.seed: the spread over seeds is init noise only.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from typing import Literal
 from megatron_moe.config import ConfigError, RunConfig, apply_overrides, from_dict, load_toml, validate
 
 
+DATA_ORDERS = ("per_seed", "shared")
 MATCHED_ARMS = ("moe", "dense_active", "dense_total", "dense_flops")
 ARM_CHOICES = (*MATCHED_ARMS, "equal_resources")
 
@@ -81,7 +89,9 @@ class StudySpec:
     arms: list[str] = field(default_factory=lambda: ["dense_active", "moe", "dense_total"])
     """Arms by contract: moe, dense_active, dense_total, dense_flops, or equal_resources (alone)."""
     seeds: list[int] = field(default_factory=lambda: [1, 2, 3])
-    """Model-init seeds (train.seed); data.seed stays fixed across arms and seeds."""
+    """Run seeds: train.seed = seed; data.seed = the study's data.seed + seed unless data_order = "shared"."""
+    data_order: Literal["per_seed", "shared"] = "per_seed"
+    """per_seed: each seed its own data order, shared by the seed's arms; shared: one data.seed for every run."""
     budget_tokens: int = 0
     """Training tokens per run, equal across arms (0 = train.train_steps steps)."""
     budget_flops: float = 0.0
@@ -146,6 +156,9 @@ def validate_study(cfg: StudyConfig, *, check_world: bool = True) -> None:
         )
     if not s.seeds or len(set(s.seeds)) != len(s.seeds):
         raise ConfigError(f"study.seeds = {s.seeds} must be a non-empty list of distinct seeds")
+    if s.data_order not in DATA_ORDERS:  # the loader checks this too; a StudyConfig built in code is not loaded
+        raise ConfigError(f"study.data_order = {s.data_order!r} is not allowed; expected one of "
+                          f"{', '.join(repr(o) for o in DATA_ORDERS)}")
     for name, value in (("match.tolerance_pct", s.match.tolerance_pct),
                         ("equal_resources.r_a_rel_tolerance", s.equal_resources.r_a_rel_tolerance)):
         if value <= 0:

@@ -1,5 +1,5 @@
 """Statistics over seeds: mean, sample standard deviation and Student-t confidence intervals, for one arm
-or for paired per-seed gaps. `t_quantile` is computed here (regularised incomplete beta + bisection): no scipy.
+or for paired per-seed gaps, and how often the ordering of arms' means holds seed by seed. `t_quantile` is computed here (regularised incomplete beta + bisection): no scipy.
 """
 
 from __future__ import annotations
@@ -99,3 +99,22 @@ def paired(baseline: dict[int, float], moe: dict[int, float], confidence: float 
     seeds = sorted(set(baseline) & set(moe))
     gaps = {s: baseline[s] - moe[s] for s in seeds}
     return gaps, summarize(list(gaps.values()), confidence)
+
+
+def ordering(best: dict[str, dict[int, float]], arms: list[str]) -> dict[str, Any] | None:
+    """`arms` ordered by their mean value (lowest first; e.g. best validation loss, per arm per seed) over the
+    seeds all of them have, and the seeds whose own ordering of their values is the same. Equal values keep the
+    order of `arms`. None for fewer than two arms or no common seed."""
+    if len(arms) < 2:
+        return None
+    seeds = sorted(set.intersection(*(set(best[a]) for a in arms)))
+    if not seeds:
+        return None
+    means = {a: sum(best[a][s] for s in seeds) / len(seeds) for a in arms}
+    order = sorted(arms, key=lambda a: means[a])
+    per_seed = {str(s): sorted(arms, key=lambda a: best[a][s]) for s in seeds}
+    holds = [s for s, o in per_seed.items() if o == order]
+    text = "".join(a if k == 0 else (" = " if means[a] == means[order[k - 1]] else " < ") + a
+                   for k, a in enumerate(order))
+    return {"order": order, "means": means, "per_seed": per_seed, "seeds_holding": [int(s) for s in holds],
+            "n_holding": len(holds), "n": len(seeds), "line": f"{text} in {len(holds)}/{len(seeds)} seeds"}

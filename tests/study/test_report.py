@@ -30,18 +30,25 @@ CURVES = {
 }
 
 
-def _fake_study(tmp_path: Path, fingerprints: dict[str, str] | None = None) -> Path:
-    """study.json from the real planner/manifest, and run directories as the trainer writes them."""
+def _fake_study(tmp_path: Path, fingerprints: dict[tuple[str, int], str] | None = None,
+                curves: dict[tuple[str, int], list[float]] | None = None) -> Path:
+    """study.json from the real planner/manifest, and run directories as the trainer writes them. Each seed has
+    its own data order (fingerprint f00d<seed>), shared by its arms unless `fingerprints` says otherwise."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
     spec = tmp_path / "mini.toml"
     spec.write_text(MINI)
     cfg = load_study(spec, ["study.arms=['dense_active', 'moe', 'dense_total']", "study.seeds=[1, 2, 3]"])
     plan = plan_study(cfg, tmp_path / "study")
-    fingerprints = fingerprints or {}
-    data = {a.name: {"source": "synthetic", "unique_tokens": 34618, "consumed_tokens": 1024, "epochs": 1024 / 34618,
-                     "fingerprint": fingerprints.get(a.name, "f00d")} for a in plan.arms}
+    fingerprints, curves = fingerprints or {}, curves or CURVES
+
+    def described(arm: str, seed: int) -> dict:
+        return {"source": "synthetic", "unique_tokens": 34618, "consumed_tokens": 1024, "epochs": 1024 / 34618,
+                "fingerprint": fingerprints.get((arm, seed), f"f00d{seed}"), "data_seed": 1234 + seed}
+
+    data = {str(seed): {a.name: described(a.name, seed) for a in plan.arms} for seed in cfg.study.seeds}
     atomic_write_json(plan.out_dir / "study.json", manifest(plan, str(spec), data))
     for run in plan.runs:
-        curve = CURVES[(run.arm, run.seed)]
+        curve = curves[(run.arm, run.seed)]
         rows = []
         for i, val in enumerate(curve):
             step = 2 * (i + 1)
@@ -57,7 +64,7 @@ def _fake_study(tmp_path: Path, fingerprints: dict[str, str] | None = None) -> P
             atomic_write_json(run.dir / "result.json", {
                 "steps": 4, "final_train_loss": curve[-1] + 0.1, "best_val_loss": best,
                 "best_val_step": 2 * (curve.index(best) + 1), "train_time_s": 1.0, "tokens_per_step": 256,
-                "data": {**data[run.arm], "fingerprint": fingerprints.get(run.arm, "f00d")},
+                "data": described(run.arm, run.seed),
             })
     return plan.out_dir
 
@@ -96,10 +103,16 @@ def test_results_from_run_directories(tmp_path):
         assert (c["total_params"], c["active_params"], c["flops_train_per_token"]) == (
             a["total_params"], a["active_params"], a["flops_train_per_token"])
         assert c["residual_pct"] == (a["match"] or {}).get("residual_pct")
-        assert c["fingerprint"] == "f00d" and c["consumed_tokens"] == 1024
+        assert c["consumed_tokens"] == 1024
     assert contract["dense_active"]["changed_fields"] == list(man["arms"][0]["changed_fields"])
-    assert res["data_fingerprints_equal"] is True
-    assert len(res["warnings"]) == 1 and "dense_total seed 3" in res["warnings"][0]
+    # one data order per seed, the same for every arm of it: fingerprints reported per seed
+    assert contract["moe"]["fingerprint"] == "s1 f00d1, s2 f00d2, s3 f00d3"
+    assert contract["dense_total"]["fingerprints"] == {"1": "f00d1", "2": "f00d2", "3": "f00d3"}  # seed 3 planned
+    assert res["fingerprints"]["2"] == {"dense_active": "f00d2", "moe": "f00d2", "dense_total": "f00d2"}
+    assert res["data_fingerprints_equal"] is True and res["data_order"] == "per_seed"
+    assert res["data_seeds"] == {"1": 1235, "2": 1236, "3": 1237}
+    assert not [w for w in res["warnings"] if "DATA" in w]
+    assert len(res["warnings"]) == 2 and "dense_total seed 3" in res["warnings"][-1]
 
 
 def test_confidence_level_is_labelled_exactly(tmp_path):
@@ -108,15 +121,42 @@ def test_confidence_level_is_labelled_exactly(tmp_path):
     assert "97.5% CI" in headers and "98% CI" not in headers
 
 
-def test_unequal_data_is_flagged_loudly(tmp_path):
-    study_dir = _fake_study(tmp_path, fingerprints={"moe": "beef"})
+def test_unequal_data_within_a_seed_is_flagged_loudly(tmp_path):
+    study_dir = _fake_study(tmp_path, fingerprints={("moe", 2): "beef"})
     paths = write_report(study_dir)
     res = json.loads(paths["results.json"].read_text())
     assert res["data_fingerprints_equal"] is False
-    assert res["warnings"][0].startswith("DATA DIFFERS ACROSS ARMS") and "beef" in res["warnings"][0]
+    warning = res["warnings"][0]
+    assert warning.startswith("DATA DIFFERS ACROSS ARMS") and "seed 2: dense_active f00d2, moe beef" in warning
+    assert "seed 1" not in warning and "seed 3" not in warning  # seeds whose arms agree are not named
     md, page = paths["report.md"].read_text(), paths["report.html"].read_text()
     assert "> **WARNING:** DATA DIFFERS ACROSS ARMS" in md and "**NOT EQUAL ACROSS ARMS**" in md
     assert "<p class='warn'>WARNING: DATA DIFFERS ACROSS ARMS" in page
+    data_rows = {row[0]: row for title, _, _, rows in tables(res) if title == "Data per seed" for row in rows}
+    assert data_rows["2"][-1] == "NO" and data_rows["1"][-1] == data_rows["3"][-1] == "yes"
+    assert data_rows["1"][1:3] == ["1235", "f00d1"]
+
+
+def test_different_orders_across_seeds_are_not_unequal_data(tmp_path):
+    # per-seed orders differ across seeds by design; only arms of one seed must agree
+    res = build_results(_fake_study(tmp_path))
+    assert len({fp for fps in res["fingerprints"].values() for fp in fps.values()}) == 3
+    assert res["data_fingerprints_equal"] is True
+
+
+def test_a_shared_order_manifest_from_before_per_seed_orders_is_read(tmp_path):
+    study_dir = _fake_study(tmp_path)
+    man = json.loads((study_dir / "study.json").read_text())
+    legacy = {k: v for k, v in man.items() if k not in ("data_order", "data_seeds")}
+    legacy["data"] = {arm: {**d, "fingerprint": "f00d"} for arm, d in man["data"]["1"].items()}
+    atomic_write_json(study_dir / "study.json", legacy)
+    loaded = load_manifest(study_dir)
+    assert loaded.data_order == "shared" and loaded.data_seeds == {"1": 1234, "2": 1234, "3": 1234}
+    assert loaded.data["3"]["moe"]["fingerprint"] == "f00d"
+    for path in study_dir.glob("runs/*/result.json"):
+        path.unlink()
+    res = build_results(study_dir)
+    assert res["data_fingerprints_equal"] is True and res["fingerprints"]["2"]["dense_total"] == "f00d"
 
 
 def test_report_files(tmp_path):
@@ -124,18 +164,69 @@ def test_report_files(tmp_path):
     study_dir = _fake_study(tmp_path)
     out = tmp_path / "elsewhere"
     paths = write_report(study_dir, out)
-    assert {p.name for p in paths.values()} == {"loss_curves.png", "gaps.png", "best_val_loss.png", "results.json",
-                                                 "report.md", "report.html"}
+    assert {p.name for p in paths.values()} == {"loss_curves.png", "gaps.png", "gap_intervals.png", "best_val_loss.png",
+                                                 "results.json", "report.md", "report.html"}
     md = paths["report.md"].read_text()
-    for png in ("loss_curves", "gaps", "best_val_loss"):
+    for png in ("loss_curves", "gaps", "gap_intervals", "best_val_loss"):
         assert f"](plots/{png}.png)" in md and (out / "plots" / f"{png}.png").read_bytes()[:4] == b"\x89PNG"
     assert "| matched-active | dense_active | moe | 3 | 0.0700 ± 0.0265 | [0.0043, 0.1357] |" in md
     page = paths["report.html"].read_text()
-    assert page.count("src='data:image/png;base64,") == 3 and "plots/" not in page  # self-contained
+    assert page.count("src='data:image/png;base64,") == 4 and "plots/" not in page  # self-contained
     assert not list(out.glob("**/*.tmp"))
     results = json.loads(paths["results.json"].read_text())
     assert results["gaps"][0]["mean"] == pytest.approx(0.07)
+    # the final gaps' t intervals (what gap_intervals.png draws) and the gap-over-training intervals
+    active, total = results["gaps"]
+    assert active["ci"] == pytest.approx([0.07 - 0.0657243, 0.07 + 0.0657243], abs=1e-6)
+    assert total["ci"] == pytest.approx([-0.09 - 0.127062, -0.09 + 0.127062], abs=1e-6)
+    assert all(p["ci"][0] < p["mean"] < p["ci"][1] for p in active["over_training"])
     assert "(no plots" in render_markdown(results, [])
+
+
+def test_gap_over_training_uses_the_t_interval(tmp_path):
+    res = build_results(_fake_study(tmp_path))
+    (step4,) = [p for p in res["gaps"][0]["over_training"] if p["step"] == 4]  # gaps .10 .05 .05
+    half = 4.3026527 * step4["std"] / math.sqrt(3)  # t(.975, 2) x std / sqrt(3), not ± std
+    assert step4["ci"] == pytest.approx([step4["mean"] - half, step4["mean"] + half], abs=1e-6)
+    ((_, note, _, rows),) = [t for t in tables(res) if t[0] == "Gap over training"]
+    assert "95% t interval" in note and "std" not in note
+    assert rows[1][1] == f"0.0667 [{step4['ci'][0]:.4f}, {step4['ci'][1]:.4f}]"
+
+
+def test_ordering_line_counts_the_seeds_where_it_holds(tmp_path):
+    res = build_results(_fake_study(tmp_path / "a"))
+    # dense_total seed 3 is incomplete: the all-arms ordering is over seeds 1 and 2, the pairs over theirs
+    assert res["ordering"]["line"] == "dense_total < moe < dense_active in 2/2 seeds"
+    lines = {g["name"]: g["ordering"]["line"] for g in res["gaps"]}
+    assert lines == {"matched-active": "moe < dense_active in 3/3 seeds", "matched-total": "dense_total < moe in 2/2 seeds"}
+    # seed 2's MoE ends worse than its dense_active (1.66 > 1.65): the means keep their order, seed 2 does not
+    flipped = {**CURVES, ("moe", 2): [1.68, 1.66]}
+    res = build_results(_fake_study(tmp_path / "b", curves=flipped))
+    assert res["ordering"]["line"] == "dense_total < moe < dense_active in 1/2 seeds"
+    assert res["ordering"]["per_seed"]["2"] == ["dense_total", "dense_active", "moe"]
+    gaps = {g["name"]: g for g in res["gaps"]}
+    assert gaps["matched-active"]["ordering"]["line"] == "moe < dense_active in 2/3 seeds"
+    assert gaps["matched-active"]["ordering"]["seeds_holding"] == [1, 3]
+    # shown in the table `study report` prints, and in report.md
+    paired_rows = [rows for title, _, _, rows in tables(res) if title == "Paired gaps"][0]
+    assert paired_rows[0][-1] == "moe < dense_active in 2/3 seeds"
+    md = render_markdown(res, [])
+    assert "- all arms: dense_total < moe < dense_active in 1/2 seeds" in md
+    assert "- matched-total: dense_total < moe in 2/2 seeds" in md
+
+
+def test_best_at_the_last_evaluation_is_warned_about(tmp_path):
+    res = build_results(_fake_study(tmp_path / "a"))
+    (warning,) = [w for w in res["warnings"] if "last evaluation" in w]
+    # every complete run but moe seed 3 (best at step 2 of 4) is still improving at its last evaluation
+    assert warning.startswith("7 of 8 complete runs have their best validation loss at their last evaluation")
+    assert "moe seed 1" in warning and "moe seed 3" not in warning and "dense_total seed 3" not in warning
+    assert [r["best_is_last"] for r in res["runs"] if r["arm"] == "moe"] == [True, True, False]
+    # every run best at step 2 of 4: no warning
+    peaked = {k: [min(v) - 0.01, min(v)] if len(v) == 2 else v for k, v in CURVES.items()}
+    res = build_results(_fake_study(tmp_path / "b", curves=peaked))
+    assert not [w for w in res["warnings"] if "last evaluation" in w]
+    assert not any(r["best_is_last"] for r in res["runs"])
 
 
 def test_report_of_a_non_study_directory_fails_with_one_line(tmp_path):

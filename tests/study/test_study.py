@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from megatron_moe.planner.match import match_dense
-from megatron_moe.study.plan import plan_study, run_hash
+from megatron_moe.study.plan import data_check, plan_study, run_hash
 from megatron_moe.study.spec import load_study
 from megatron_moe.config import ConfigError, RunConfig
 from tests.conftest import REPO, cli
@@ -81,6 +81,7 @@ def _write(tmp_path: Path, text: str = MINI, name: str = "mini.toml") -> Path:
     ("study.nproc_per_node=0", r"study.nproc_per_node = 0 must be >= 1"),
     ("study.match.tolerance_pct=-1", r"study.match.tolerance_pct = -1.0 must be > 0"),
     ("study.budget_flops=nan", r"study.budget_flops = nan is not allowed; expected a finite number"),
+    ("study.data_order='per_arm'", r"study.data_order = 'per_arm' is not allowed; expected one of 'per_seed', 'shared'"),
 ])
 def test_bad_study_specs_fail_with_one_line(tmp_path, override, message):
     path = _write(tmp_path)
@@ -114,10 +115,12 @@ def test_arms_are_derived_by_the_planner(tmp_path):
     assert [(p["name"], p["baseline"], p["moe"]) for p in plan.pairs] == [
         ("matched-active", "dense_active", "moe"), ("matched-total", "dense_total", "moe"),
         ("matched-flops", "dense_flops", "moe")]
-    # One run per (arm, seed): the seed is the model-init seed, the data seed stays; dirs keyed by a hash.
+    # One run per (arm, seed): the seed is the model-init seed and offsets the data seed (the same for every arm
+    # of a seed); dirs keyed by a hash.
     assert len(plan.runs) == 8
     for r in plan.runs:
-        assert r.config.train.seed == r.seed and r.config.data.seed == base.data.seed
+        assert r.config.train.seed == r.seed and r.config.data.seed == base.data.seed + r.seed
+        assert dataclasses.replace(r.config.data, seed=base.data.seed) == base.data
         assert r.dir == (tmp_path / "out" / "runs" / f"{r.arm}-s{r.seed}-{r.hash}").resolve()
         assert r.config.train.output_dir == str(r.dir)
     assert len({r.dir for r in plan.runs}) == 8
@@ -137,6 +140,78 @@ def test_run_hash_ignores_bookkeeping_only():
                                  ("model", "hidden_size", 256)):
         changed = dataclasses.replace(cfg, **{section: dataclasses.replace(getattr(cfg, section), **{name: value})})
         assert run_hash(changed) != h
+
+
+# ---------------------------------------------------------------- data orders
+
+
+def test_each_seed_has_its_own_data_order_shared_by_its_arms(tmp_path):
+    from megatron_moe.study import runner
+    from megatron_moe.study.rundir import manifest
+
+    cfg = load_study(_write(tmp_path), ["study.seeds=[1, 2, 3]"])
+    assert cfg.study.data_order == "per_seed"
+    plan = plan_study(cfg, tmp_path / "study")
+    assert {(r.arm, r.seed): r.config.data.seed for r in plan.runs} == {
+        (arm, seed): cfg.data.seed + seed for arm in ("dense_active", "moe") for seed in (1, 2, 3)}
+    data = data_check(plan)
+    assert list(data) == ["1", "2", "3"]
+    for seed, arms in data.items():
+        assert list(arms) == ["dense_active", "moe"]
+        assert len({d["fingerprint"] for d in arms.values()}) == 1  # all arms of a seed: one data stream
+        assert {d["data_seed"] for d in arms.values()} == {cfg.data.seed + int(seed)}
+    assert len({arms["moe"]["fingerprint"] for arms in data.values()}) == 3  # a different order per seed
+    man = manifest(plan, None, data)
+    assert man["data_fingerprints_equal"] is True and man["data_order"] == "per_seed"
+    assert man["data_seeds"] == {"1": cfg.data.seed + 1, "2": cfg.data.seed + 2, "3": cfg.data.seed + 3}
+    # what `study run --dry-run` says: one line per seed
+    lines: list[str] = []
+    assert runner.run_study(cfg, tmp_path / "study", dry_run=True, echo=lines.append) == 0
+    for seed, arms in data.items():
+        assert any(f"seed {seed}: data.seed {cfg.data.seed + int(seed)}," in line
+                   and arms["moe"]["fingerprint"] in line for line in lines)
+
+
+def test_a_shared_data_order_keeps_one_fingerprint(tmp_path):
+    cfg = load_study(_write(tmp_path), ["study.seeds=[1, 2, 3]", "study.data_order='shared'"])
+    plan = plan_study(cfg, tmp_path / "study")
+    assert {r.config.data.seed for r in plan.runs} == {cfg.data.seed}
+    data = data_check(plan)
+    assert len({d["fingerprint"] for arms in data.values() for d in arms.values()}) == 1
+    per_seed = plan_study(load_study(_write(tmp_path), ["study.seeds=[1, 2, 3]"]), tmp_path / "study")
+    # the data seed is part of the run hash: the two policies never share a run directory
+    assert not {r.hash for r in plan.runs} & {r.hash for r in per_seed.runs}
+
+
+def test_runner_refuses_when_the_arms_of_a_seed_see_different_data(tmp_path, monkeypatch):
+    from megatron_moe.study import runner
+
+    cfg = load_study(_write(tmp_path))
+    real = data_check(plan_study(cfg, tmp_path / "study"))
+
+    def skewed(plan):
+        data = json.loads(json.dumps(real))
+        data["2"]["moe"]["fingerprint"] = "beefbeefbeefbeef"
+        return data
+
+    monkeypatch.setattr(runner, "data_check", skewed)
+    monkeypatch.setattr(runner, "_train_subprocess", lambda *a, **k: pytest.fail("trained an unfair study"))
+    for dry_run in (True, False):
+        with pytest.raises(ConfigError, match=r"arms of one seed would see different data \(fingerprints seed 2: "
+                                              r"dense_active [0-9a-f]{16}, moe beefbeefbeefbeef\)") as exc:
+            runner.run_study(cfg, tmp_path / "study", dry_run=dry_run, echo=lambda _: None)
+        assert "\n" not in str(exc.value) and "seed 1" not in str(exc.value)
+    assert not (tmp_path / "study").exists()  # refused before the study directory was written
+    # `study launch` runs the same data check and refuses alike, before any script is rendered
+    from megatron_moe.study import slurm
+
+    monkeypatch.setattr(slurm, "run_data_check", skewed)
+    with pytest.raises(ConfigError, match=r"arms of one seed would see different data"):
+        slurm.launch_study(cfg, slurm.LaunchConfig(), tmp_path / "study", dry_run=True, echo=lambda _: None)
+    assert not (tmp_path / "study").exists()
+    # different orders across seeds (the unskewed data) are not refused
+    monkeypatch.setattr(runner, "data_check", lambda plan: real)
+    assert runner.run_study(cfg, tmp_path / "study", dry_run=True, echo=lambda _: None) == 0
 
 
 def test_budgets(tmp_path):
@@ -362,6 +437,11 @@ def test_study_runs_is_interrupted_resumes_and_reports(tmp_path):
     assert gap["name"] == "matched-active" and gap["per_seed"] == {"1": diffs[0], "2": diffs[1]}
     assert gap["mean"] == pytest.approx(sum(diffs) / 2, abs=1e-12)
     assert [p["step"] for p in gap["over_training"]] == [2, 4]
-    assert results["data_fingerprints_equal"] and not results["warnings"]
+    assert results["data_fingerprints_equal"]
+    # each seed trained on its own data order, the same for both arms (fingerprints from the runs' result.json)
+    fps = results["fingerprints"]
+    assert all(len(set(fps[s].values())) == 1 for s in ("1", "2")) and fps["1"]["moe"] != fps["2"]["moe"]
+    # 4 steps are too few to call a best: the only warning a run can earn here is the best-at-last-eval one
+    assert all("at their last evaluation" in w for w in results["warnings"])
     for name in ("report.md", "report.html", "results.json"):
         assert (out / name).is_file()

@@ -1,0 +1,170 @@
+"""The report's plots, as PNG bytes by file name (matplotlib, imported only here; none without it).
+
+Every band and error bar is the same Student-t interval over seeds that the tables give (`stats.summarize` at
+the report's confidence), never min..max or ± std, so a plot and a table of one quantity agree.
+
+- loss_curves.png: validation and training loss, mean over seeds with its t band; the bottom row zooms on the
+  last half of training (x from half the longest run to its end, y fitted to what is drawn there), where the
+  arms differ by less than the early-training drop that sets the top row's scale.
+- gaps.png: the paired gap at every evaluation step both arms reached, mean with its t band.
+- gap_intervals.png: the final paired gaps (best validation loss), one row per comparison: per-seed gaps,
+  mean and t interval, and the zero line (no difference).
+- best_val_loss.png: best validation loss per arm: seeds as dots, mean with its t interval.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import TYPE_CHECKING, Any
+
+from megatron_moe.study.stats import summarize
+
+if TYPE_CHECKING:
+    from megatron_moe.study.report import RunData
+    from megatron_moe.study.rundir import StudyManifest
+
+
+def _band(values: list[float], confidence: float) -> tuple[float, float | None, float | None]:
+    """Mean and t interval of one step's values over seeds (no interval for one seed)."""
+    st = summarize(values, confidence)
+    return st.mean, st.ci_low, st.ci_high
+
+
+def _zoom(ax: Any, drawn: list[tuple[list[float], list[float], list[float]]]) -> None:
+    """Limit `ax` to the last half of training: x from half the largest x drawn, y to what is drawn there."""
+    xmax = max((x[-1] for x, _, _ in drawn if x), default=None)
+    if xmax is None:
+        return
+    lo_x = xmax / 2
+    ys = [y for x, low, high in drawn for xi, *yi in zip(x, low, high) if xi >= lo_x for y in yi]
+    ax.set_xlim(lo_x, xmax * 1.01)
+    if ys:
+        lo, hi = min(ys), max(ys)
+        pad = 0.08 * (hi - lo) or 0.01 * max(abs(hi), 1e-6)
+        ax.set_ylim(lo - pad, hi + pad)
+
+
+def make_plots(results: dict[str, Any], man: StudyManifest, runs: list[RunData]) -> dict[str, bytes]:
+    """PNG bytes by file name (see the module docstring); {} without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return {}
+    conf = results["confidence"]
+    band = f"{100 * conf:g}% t interval over seeds"
+    # x axis: training tokens; for an equal-resources family training compute, where every arm ends at C
+    if man.family:
+        tps = {a["name"]: a["tokens_per_step"] * a["match"]["flops_per_token"] for a in man.arms}
+        xlabel = f"training FLOPs ({man.family['flops']} convention)"
+    else:
+        tps = {a["name"]: a["tokens_per_step"] for a in man.arms}
+        xlabel = "training tokens"
+    arm_names = [a["name"] for a in man.arms]
+    colors = {a: plt.get_cmap("tab10")(i % 10) for i, a in enumerate(arm_names)}
+    out: dict[str, bytes] = {}
+
+    def png(fig: Any) -> bytes:
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+        plt.close(fig)
+        return buf.getvalue()
+
+    def curves(ax: Any, key: str, rows_of: str) -> list[tuple[list[float], list[float], list[float]]]:
+        """Mean over seeds with its t band per arm; returns (x, low, high) of what it drew, for zooming."""
+        drawn = []
+        for arm in arm_names:
+            mine = [r for r in runs if r.arm == arm and r.complete]
+            series = [{row["step"]: row[key] for row in getattr(r, rows_of) if key in row} for r in mine]
+            if not series:
+                continue
+            steps = sorted(set.intersection(*(set(s) for s in series)))
+            if not steps:
+                continue
+            x = [s * tps[arm] for s in steps]
+            stats = [_band([s[t] for s in series], conf) for t in steps]
+            mean = [m for m, _, _ in stats]
+            ax.plot(x, mean, label=f"{arm} (n={len(series)})", color=colors[arm],
+                    marker="o" if rows_of == "evals" else None, markersize=3)
+            low, high = mean, mean
+            if len(series) > 1:
+                low, high = [lo for _, lo, _ in stats], [hi for _, _, hi in stats]
+                ax.fill_between(x, low, high, color=colors[arm], alpha=0.2, linewidth=0)
+            drawn.append((x, low, high))
+        ax.set_xlabel(xlabel)
+        ax.grid(alpha=0.3)
+        return drawn
+
+    fig, axes = plt.subplots(2, 2, figsize=(11, 8))
+    for col, (key, rows_of, what) in enumerate((("val_loss", "evals", "validation loss"),
+                                                ("loss", "train", "training loss"))):
+        full, zoom = axes[0][col], axes[1][col]
+        curves(full, key, rows_of)
+        _zoom(zoom, curves(zoom, key, rows_of))
+        full.set_title(f"{what} (mean over seeds; band: {band})", fontsize=9)
+        zoom.set_title(f"{what}, last half of training (zoomed)", fontsize=9)
+        for ax in (full, zoom):
+            ax.set_ylabel(what)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=8)
+    fig.tight_layout()
+    out["loss_curves.png"] = png(fig)
+
+    if any(g["over_training"] for g in results["gaps"]):
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for g in results["gaps"]:
+            pts = [p for p in g["over_training"] if p["mean"] is not None]
+            if not pts:
+                continue
+            x = [p["tokens"] if p["tokens"] is not None else p["step"] for p in pts]
+            line = ax.plot(x, [p["mean"] for p in pts], marker="o", markersize=3, label=g["name"])[0]
+            if all(p["ci"][0] is not None for p in pts):
+                ax.fill_between(x, [p["ci"][0] for p in pts], [p["ci"][1] for p in pts],
+                                color=line.get_color(), alpha=0.2, linewidth=0)
+        ax.axhline(0.0, color="black", linewidth=0.8)
+        ax.set_xlabel("training tokens")
+        ax.set_ylabel("val loss(baseline) - val loss(MoE)")
+        ax.set_title(f"paired gap over training (mean; band: {band}; > 0: MoE better)", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        out["gaps.png"] = png(fig)
+
+    gaps = [g for g in results["gaps"] if g["mean"] is not None]
+    if gaps:
+        fig, ax = plt.subplots(figsize=(7, 1.2 + 0.6 * len(gaps)))
+        for i, g in enumerate(gaps):
+            y = len(gaps) - 1 - i  # the first comparison on top, as in the table
+            ax.scatter(list(g["per_seed"].values()), [y] * len(g["per_seed"]), color="gray", alpha=0.6, s=14,
+                       label="seeds" if i == 0 else None, zorder=2)
+            lo, hi = g["ci"]
+            if lo is not None:
+                ax.errorbar([g["mean"]], [y], xerr=[[g["mean"] - lo], [hi - g["mean"]]], fmt="D", color="C0",
+                            capsize=4, label=f"mean, {100 * conf:g}% t interval" if i == 0 else None, zorder=3)
+            else:
+                ax.scatter([g["mean"]], [y], marker="D", color="C0", label="mean (one seed)" if i == 0 else None)
+        ax.axvline(0.0, color="black", linewidth=0.8)
+        ax.set_yticks(range(len(gaps)), [g["name"] for g in reversed(gaps)])
+        ax.set_ylim(-0.7, len(gaps) - 0.3)
+        ax.set_xlabel("best val loss(baseline) - best val loss(MoE)  (> 0: MoE better)")
+        ax.set_title(f"final paired gaps ({band})", fontsize=9)
+        ax.grid(alpha=0.3, axis="x")
+        ax.legend(fontsize=8, loc="best")
+        out["gap_intervals.png"] = png(fig)
+
+    fig, ax = plt.subplots(figsize=(max(5, 1.3 * len(arm_names)), 4))
+    for i, a in enumerate(results["arms"]):
+        vals = list(a["best_val_loss"]["per_seed"].values())
+        ax.scatter([i] * len(vals), vals, color=colors[a["arm"]], alpha=0.6, s=18)
+        st = a["best_val_loss"]
+        if st["mean"] is not None:
+            lo, hi = st["ci"]
+            yerr = [[0.0], [0.0]] if lo is None else [[st["mean"] - lo], [hi - st["mean"]]]
+            ax.errorbar([i + 0.15], [st["mean"]], yerr=yerr, fmt="D", color=colors[a["arm"]], capsize=4)
+    ax.set_xticks(range(len(arm_names)), arm_names, rotation=20, ha="right")
+    ax.set_ylabel("best validation loss")
+    ax.set_title(f"best validation loss per arm (dots: seeds; diamond: mean, bar: {band})", fontsize=9)
+    ax.grid(alpha=0.3, axis="y")
+    out["best_val_loss.png"] = png(fig)
+    return out
