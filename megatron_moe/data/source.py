@@ -13,10 +13,12 @@ from typing import Any
 import numpy as np
 
 from megatron_moe.config import ConfigError, DataConfig
-from megatron_moe.data.schedule import STREAM_VERSION, Schedule
-from megatron_moe.data.store import MANIFEST, TokenStore, VERIFY_MAX_BYTES, read_manifest, verify_dataset
 from megatron_moe.data.corpora import corpus_dataset
+from megatron_moe.data.schedule import STREAM_VERSION, Schedule
+from megatron_moe.data.store import MANIFEST, VERIFY_MAX_BYTES, TokenStore, read_manifest, verify_dataset
 from megatron_moe.data.tokenizers import TextTokenizer, load_tokenizer
+
+FINGERPRINT_EPOCHS = 8  # epochs of an unbounded schedule the fingerprint covers
 
 
 def _read_segments(store: TokenStore, segments: Iterable[tuple[int, int, int]], length: int) -> np.ndarray:
@@ -111,7 +113,10 @@ class DataSource:
         return [all_samples[i * batch_size : (i + 1) * batch_size] for i in range(num_batches)]
 
     def fingerprint(self) -> str:
-        """sha256 (16 hex) of the sample stream: dataset checksums, schedule, counts and the first samples."""
+        """sha256 (16 hex) of the sample stream: dataset checksums, schedule fields, the document order of every
+        epoch, the first samples and samples spread over the whole stream. An unbounded schedule is covered for
+        its first FINGERPRINT_EPOCHS epochs. Independent of the run length, so arms of different lengths on one
+        data config share it."""
         if self._fingerprint is None:
             sch = self.schedule
             h = hashlib.sha256()
@@ -123,11 +128,13 @@ class DataSource:
                 "num_steps": self.num_steps,
             }, sort_keys=True).encode())
             h.update(sch.selected.tobytes())
-            n = sch.num_samples
-            head = 64 if n is None else min(64, n)
-            h.update(self.samples(0, head).tobytes())
-            if n is not None:
-                h.update(self.samples(n - 1, 1).tobytes())
+            covered = sch.total_tokens if sch.total_tokens is not None else FINGERPRINT_EPOCHS * sch.unique_tokens
+            for epoch in range(-(-covered // sch.unique_tokens)):
+                h.update(sch.epoch_order(epoch)[0].tobytes())
+            n = (covered - 1) // self.seq_length
+            h.update(self.samples(0, min(64, n)).tobytes())
+            for i in np.unique(np.linspace(0, n - 1, 64).astype(np.int64)):
+                h.update(self.samples(int(i), 1).tobytes())
             self._fingerprint = h.hexdigest()[:16]
         return self._fingerprint
 

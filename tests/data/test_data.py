@@ -566,3 +566,24 @@ def test_a_killed_prepare_leaves_no_lasting_temp_dir(tmp_path):
     live.mkdir()
     prepare_dataset([corpus], tmp_path / "out", vocab_size=300, valid_fraction=0.2, progress=False)
     assert not stale.exists() and live.exists() and (tmp_path / "out" / "manifest.json").is_file()
+
+
+def test_fingerprint_sees_a_change_in_a_later_epochs_order(cache, monkeypatch):
+    """The fingerprint covers the whole stream: a change to the order of epoch 3 only (the first samples, the
+    document selection and every schedule field unchanged) gives another fingerprint."""
+    import megatron_moe.data.schedule as schedule
+
+    cfg = DataConfig(synthetic_documents=400, unique_tokens=20_000, epochs=4)
+    reference = build_data_source(cfg, 32, 8)
+    before, first_batch = reference.fingerprint(), reference.train_batch(0).tobytes()
+    assert build_data_source(cfg, 32, 8).fingerprint() == before  # deterministic
+    original = schedule._seeded_order
+
+    def swapped_in_epoch_3(ids, seed, stream):
+        out = original(ids, seed, stream)
+        return out[[1, 0, *range(2, len(out))]] if stream == 3 else out  # epoch 2 (0-based) swaps two docs
+
+    monkeypatch.setattr(schedule, "_seeded_order", swapped_in_epoch_3)
+    changed = build_data_source(cfg, 32, 8)
+    assert changed.train_batch(0).tobytes() == first_batch  # the head of the stream is unchanged
+    assert changed.fingerprint() != before
