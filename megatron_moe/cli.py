@@ -2,7 +2,8 @@
 
 Every handler imports what it needs when it runs, so `--help` and the planner start without torch. Errors the
 user can fix (`ConfigError`) are one line on stderr with exit code 2; `TrainingError` and `LaunchError` exit 1;
-a trainer stopped by a signal exits with `train.stop.PREEMPTED_EXIT_CODE`.
+a trainer stopped by a signal exits with `train.stop.PREEMPTED_EXIT_CODE`. The module is long because it is the
+whole command line, every subcommand's parser and handler, and nothing else.
 """
 
 from __future__ import annotations
@@ -46,7 +47,6 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("config", nargs="?", help="run config TOML (omit for the built-in tiny MoE defaults)")
     p.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. train.lr=1e-3")
-
     p.set_defaults(func=train_main)
 
 
@@ -266,6 +266,7 @@ PLAN_EPILOG = """examples:
   megatron-moe plan examples/tiny_moe.toml --match active --json
   megatron-moe plan examples/tiny_moe.toml --resize ffn+hidden --multiple-of 16 -o runs/plan
   megatron-moe plan examples/tiny_moe.toml --match equal-resources --r-a 0.2,0.3,0.5 --tokens-per-param 20
+  megatron-moe plan examples/tiny_moe.toml --match equal-resources --total-params 6.5B --unique-tokens 130B
 """
 
 
@@ -307,8 +308,10 @@ def _add_plan(sub: argparse._SubParsersAction) -> None:
     er = p.add_argument_group("equal-resources family (--match equal-resources)")
     er.add_argument("--r-a", type=_csv(float), default=(0.1, 0.15, 0.2, 0.25, 0.3),
                     help="activation rates (default 0.1,0.15,0.2,0.25,0.3)")
-    er.add_argument("--total-params", type=int, help="N, non-embedding parameters (default: the config's)")
-    er.add_argument("--unique-tokens", type=int, help="D, the unique-token budget (default tokens-per-param x N)")
+    # counts as researchers write them (6.5e9, 6.5B, 130B, 1_000_000); parsed in plan_main so that a bad one is
+    # refused in one line rather than with argparse's usage text
+    er.add_argument("--total-params", help="N, non-embedding parameters, e.g. 6.5B or 6.5e9 (default: the config's)")
+    er.add_argument("--unique-tokens", help="D, the unique-token budget, e.g. 130B (default tokens-per-param x N)")
     er.add_argument("--tokens-per-param", type=float, default=20.0, help="D / N when --unique-tokens is not given")
     er.add_argument("--top-k", type=_csv(int), default=(2, 3, 4, 6, 8), help="top-k choices (default 2,3,4,6,8)")
     er.add_argument("--max-experts", type=int, default=256, help="largest expert count tried (default 256)")
@@ -317,14 +320,16 @@ def _add_plan(sub: argparse._SubParsersAction) -> None:
 
 
 def plan_main(args: argparse.Namespace) -> int:
-    from megatron_moe.planner.format import format_plan
+    from megatron_moe.planner.format import format_plan, parse_count
     from megatron_moe.planner.match import CONTRACTS
     from megatron_moe.planner.plan import load_plan_config, plan_config
 
+    counts = {name: None if text is None else parse_count(text, f"--{name.replace('_', '-')}")
+              for name, text in (("total_params", args.total_params), ("unique_tokens", args.unique_tokens))}
     run_cfg = load_plan_config(args.config, args.overrides)
     family = None
     if args.match == "equal-resources":
-        family = dict(r_a_grid=tuple(args.r_a), total_params=args.total_params, unique_tokens=args.unique_tokens,
+        family = dict(r_a_grid=tuple(args.r_a), total_params=counts["total_params"], unique_tokens=counts["unique_tokens"],
                       tokens_per_param=args.tokens_per_param, top_k_choices=tuple(args.top_k),
                       max_experts=args.max_experts)
     contracts = CONTRACTS if args.match == "all" else (args.match,) if args.match in CONTRACTS else ()

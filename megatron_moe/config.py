@@ -2,7 +2,9 @@
 
 Every concern is one dataclass; a run is a `RunConfig`. Loading is strict: an unknown key, a wrong type
 or an out-of-range value raises `ConfigError` naming the dotted path of the field and what is allowed.
-Configs are pure data; translation to megatron-core objects happens in `megatron_moe.model`.
+Configs are pure data; translation to megatron-core objects happens in `megatron_moe.model`. The module holds
+the whole schema (every field with its meaning and unit), its loader and its checks in one place, which is why it
+is long.
 """
 
 from __future__ import annotations
@@ -210,7 +212,23 @@ class TrainConfig:
     save_interval: int = 0
     """Steps between checkpoints (0 = none)."""
     output_dir: str = "runs/default"
-    """Run directory: metrics.jsonl, result.json, checkpoints."""
+    """Run directory: metrics.jsonl, result.json, checkpoints. One `train` at a time (it holds a lock on it)."""
+    allow_config_change: bool = False
+    """Resume a run whose config differs from the one it was started with in a field that changes the trained
+    model or its schedule (refused otherwise, naming the fields; output_dir, the intervals, metric sinks and the
+    parallel layout may always change). The new values apply from the resumed step, and the change is appended
+    to config_changes.jsonl in the run directory."""
+    overwrite_output_dir: bool = False
+    """Start over in an output_dir holding another run's metrics.jsonl (a different config.toml) and no
+    checkpoint, replacing its files (refused otherwise)."""
+    tensorboard_dir: str = ""
+    """TensorBoard event directory that also gets the metrics rows (empty = off; needs the tensorboard extra)."""
+    wandb_project: str = ""
+    """Weights & Biases project that also gets the metrics rows (empty = off; needs the wandb extra)."""
+    wandb_entity: str = ""
+    """W&B team or user owning the project (empty = your default entity)."""
+    wandb_run_name: str = ""
+    """W&B run name (empty = one W&B makes up; `study run` sets <study>/<arm>-s<seed>)."""
 
     def micro_batches(self, data_parallel: int) -> int:
         """Micro-batches per optimizer step on each data-parallel rank."""
