@@ -128,6 +128,15 @@ def test_match_dense_residual_and_diff(contract, resize):
                       num_query_groups=4, ffn_hidden_size=688, moe=MoEConfig(num_experts=8, top_k=2,
                       shared_expert_ffn_hidden_size=256, first_k_dense=1))
     m = match_dense(src, contract, tensor=2, resize=resize)
+    # Target, achieved and residual recomputed from the two ledgers, not taken from the match.
+    src_led, dense_led = ledger(src, 2), ledger(m.config, 2)
+    target, achieved = {
+        "active": (src_led.nonembedding_active_params, dense_led.nonembedding_params),
+        "total": (src_led.nonembedding_params, dense_led.nonembedding_params),
+        "flops": (src_led.flops_train_per_token, dense_led.flops_train_per_token),
+    }[contract]
+    assert (m.target, m.achieved) == (target, achieved)
+    assert m.residual_pct == pytest.approx(100 * (achieved - target) / target, rel=1e-12)
     assert abs(m.residual_pct) < 0.5
     assert not m.config.is_moe
     assert m.config.ffn_hidden_size % 8 == 0 and m.config.hidden_size % 8 == 0
@@ -202,6 +211,8 @@ def test_equal_resources_family():
     assert fam.dense.consumed_tokens == fam.unique_tokens and fam.dense.repeats == 1
     for arm, target in zip(fam.members, (0.15, 0.2, 0.3)):
         e = arm.config.moe
+        achieved = ledger(arm.config, 1).nonembedding_params
+        assert arm.params_residual_pct == pytest.approx(100 * (achieved - n) / n, rel=1e-12)
         assert abs(arm.params_residual_pct) <= 0.5
         assert abs(arm.r_a - target) <= 0.1 * target
         assert e.shared_expert_ffn_hidden_size == e.top_k * e.expert_ffn_hidden_size
@@ -279,7 +290,7 @@ def test_plan_command_table_and_errors(tmp_path, capsys):
     assert "reachable r_a" in capsys.readouterr().err
     er = ["--match", "equal-resources", "--r-a", "0.3", "--write-dir", str(tmp_path / "er")]
     assert main(["plan", str(path), *er]) == 0
-    assert "repeats" in capsys.readouterr().out
+    assert "epochs" in capsys.readouterr().out
     assert load_run_config(tmp_path / "er" / "er_moe_ra0.30.toml").model.moe.num_experts % 2 == 0
 
 
