@@ -1,0 +1,134 @@
+#!/usr/bin/env python
+"""Plant known bugs, one at a time, in a copy of the package and check that the tests meant to catch each do.
+
+Each mutant names one exact piece of source, what replaces it, and the tests that must fail with it in place.
+The copy lives in a temporary directory (package, tests, pyproject.toml); the tests run there, so subprocesses
+started by the tests (`python -m megatron_moe.cli ...` with the copy as working directory) also see the mutant.
+Prints a table of mutant, tests run and caught or not; exits 1 when a mutant survives or no longer applies.
+
+    .venv/bin/python tools/mutation_check.py            # every mutant
+    .venv/bin/python tools/mutation_check.py residual   # mutants whose name contains "residual"
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Mutant:
+    name: str
+    claim: str
+    path: str
+    find: str
+    replace: str
+    tests: tuple[str, ...]
+
+
+MUTANTS = (
+    Mutant("residual-as-fraction", "residuals are (achieved - target) / target in percent",
+           "megatron_moe/planner/match.py", "residual_pct=100.0 * (achieved - target) / target,",
+           "residual_pct=(achieved - target) / target,",
+           ("tests/planner/test_planner.py::test_match_dense_residual_and_diff",)),
+    Mutant("family-residual-as-fraction", "equal-resources arms report their residual against N in percent",
+           "megatron_moe/planner/family.py", "params_residual_pct=100.0 * (led.nonembedding_params - n_total) / n_total,",
+           "params_residual_pct=(led.nonembedding_params - n_total) / n_total,",
+           ("tests/planner/test_planner.py::test_equal_resources_family",)),
+    Mutant("ledger-drops-router", "the ledger equals the parameter count of the built megatron-core model",
+           "megatron_moe/planner/ledger.py", "router = s.moe_layers * s.experts * d", "router = 0",
+           ("tests/planner/test_planner.py::test_ledger_equals_built_model",)),
+    Mutant("fingerprint-head-only", "the data fingerprint covers the whole sample stream",
+           "megatron_moe/data/source.py", "                h.update(sch.epoch_order(epoch)[0].tobytes())\n",
+           "                pass\n",
+           ("tests/data/test_data.py::test_fingerprint_sees_a_change_in_a_later_epochs_order",)),
+    Mutant("verify-skips-token-range", "--verify checks every token id against the vocabulary",
+           "megatron_moe/data/store.py", "        if top >= vocab or (len(tokens) and int(tokens.min()) < 0):",
+           "        if False:",
+           ("tests/data/test_data.py::test_verify_catches_token_ids_outside_the_vocabulary_even_with_rewritten_checksums",)),
+    Mutant("same-data-order-every-seed", "each seed has its own data order, shared by the arms of that seed",
+           "megatron_moe/study/plan.py",
+           'return cfg.data.seed if cfg.study.data_order == "shared" else cfg.data.seed + seed',
+           "return cfg.data.seed",
+           ("tests/study/test_study.py::test_each_seed_has_its_own_data_order_shared_by_its_arms",)),
+    Mutant("runner-accepts-unequal-data", "the runner refuses arms of a seed whose data fingerprints differ",
+           "megatron_moe/study/plan.py", "    bad = unequal_data(data)\n    if bad:", "    bad = unequal_data(data)\n    if False:",
+           ("tests/study/test_study.py::test_runner_refuses_when_the_arms_of_a_seed_see_different_data",)),
+    Mutant("preemption-by-exit-code-only", "study run counts a trainer as preempted from the marker it leaves",
+           "megatron_moe/study/runner.py", "was_preempted(", "(lambda d: True)(",
+           ("tests/study/test_study.py::test_study_run_counts_a_trainer_as_preempted_from_its_marker",)),
+    Mutant("eval-in-train-mode", "evaluation runs in eval mode",
+           "megatron_moe/train/trainer.py", "        self.model.eval()\n", "",
+           ("tests/train/test_trainer.py::test_evaluation_covers_the_whole_split_in_eval_mode_identically_for_every_arm",)),
+    Mutant("eval-one-batch", "evaluation covers the whole validation split by default",
+           "megatron_moe/data/source.py", "num_batches = max(1, (self.valid.num_tokens - 1) // (batch_size * s))",
+           "num_batches = 1",
+           ("tests/train/test_trainer.py::test_evaluation_covers_the_whole_split_in_eval_mode_identically_for_every_arm",)),
+    Mutant("grouped-experts-unscaled", "grouped-GEMM experts start like sequential ones, output projections scaled",
+           "megatron_moe/model.py", 'lambda x: f".experts.local_experts.{int(x.group(2)) + offset}.linear_fc{x.group(1)}.weight"',
+           'lambda x: f".experts.linear_fc{x.group(1)}.weight{int(x.group(2)) + offset}.grouped"',
+           ("tests/test_model.py::test_grouped_and_sequential_experts_share_init_names_and_output_scaling",)),
+    Mutant("config-error-traceback", "bad input is a one-line error with exit code 2",
+           "megatron_moe/cli.py", "    except ConfigError as exc:\n", "    except ZeroDivisionError as exc:\n",
+           ("tests/test_cli.py::test_config_show_refuses_a_bad_override_in_one_line",
+            "tests/test_cli.py::test_bad_output_dirs_and_zero_sizes_are_one_line_errors")),
+)
+
+
+def _copy(dest: Path) -> None:
+    for name in ("megatron_moe", "tests", "examples"):
+        shutil.copytree(REPO / name, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / "pyproject.toml", dest / "pyproject.toml")
+
+
+def run(mutant: Mutant, work: Path) -> tuple[bool, str]:
+    """(caught, detail) for one mutant, applied to a fresh copy under `work`."""
+    copy = work / mutant.name
+    _copy(copy)
+    target = copy / mutant.path
+    text = target.read_text()
+    if text.count(mutant.find) != 1:
+        return False, f"does not apply: {mutant.path} holds the text {text.count(mutant.find)} times"
+    target.write_text(text.replace(mutant.find, mutant.replace))
+    env = {**os.environ, "PYTHONPATH": str(copy), "PYTHONDONTWRITEBYTECODE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *mutant.tests],
+                          cwd=copy, env=env, capture_output=True, text=True)
+    shutil.rmtree(copy, ignore_errors=True)
+    if proc.returncode == 1:  # tests ran and failed: caught
+        return True, "caught"
+    if proc.returncode == 0:
+        return False, "SURVIVED: the tests passed with the bug in place"
+    tail = (proc.stdout + proc.stderr).strip().splitlines()[-1:] or ["?"]
+    return False, f"tests did not run (pytest exit {proc.returncode}: {tail[0]})"
+
+
+def main(argv: list[str]) -> int:
+    chosen = [m for m in MUTANTS if not argv or any(a in m.name for a in argv)]
+    if not chosen:
+        print(f"no mutant matches {argv}; names: {', '.join(m.name for m in MUTANTS)}", file=sys.stderr)
+        return 2
+    rows, failed = [], 0
+    with tempfile.TemporaryDirectory(prefix="mutants-") as tmp:
+        for i, m in enumerate(chosen, 1):
+            t0 = time.perf_counter()
+            caught, detail = run(m, Path(tmp))
+            failed += not caught
+            rows.append((m.name, ", ".join(t.split("::")[-1] for t in m.tests), detail, time.perf_counter() - t0))
+            print(f"[{i}/{len(chosen)}] {m.name}: {detail} ({rows[-1][3]:.0f} s)", flush=True)
+    print("\n| mutant | claim | tests | result |\n|---|---|---|---|")
+    for m, (name, tests, detail, _) in zip(chosen, rows):
+        print(f"| {name} | {m.claim} | {tests} | {detail} |")
+    print(f"\n{len(chosen) - failed} of {len(chosen)} mutants caught")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
