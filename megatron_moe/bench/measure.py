@@ -52,7 +52,7 @@ class Case:
 
 
 def bench_config(cfg: RunConfig, steps: int, warmup: int) -> RunConfig:
-    """The run config a measurement trains: one device, no logging, evaluation or checkpoints."""
+    """The run config a measurement trains: one device, no logging, metric sinks, evaluation or checkpoints."""
     cfg = dataclasses.replace(
         cfg,
         parallel=dataclasses.replace(cfg.parallel, tensor=1, pipeline=1, expert=1, sequence_parallel=False),
@@ -63,6 +63,8 @@ def bench_config(cfg: RunConfig, steps: int, warmup: int) -> RunConfig:
             log_interval=10**9,
             eval_interval=0,
             save_interval=0,
+            tensorboard_dir="",
+            wandb_project="",
             micro_batch_size=min(cfg.train.micro_batch_size, cfg.train.global_batch_size),
         ),
     )
