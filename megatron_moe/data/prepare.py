@@ -63,7 +63,8 @@ class Progress:
         if self.total:
             eta = (now - self.start) * (self.total - position) / max(position, 1)
             done = f"{100 * position / self.total:.0f}% ({done} of {self.total / scale:,.1f}{unit}), eta {eta:,.0f} s"
-        print(f"{self.label}: {done}, {docs:,} documents, {tokens:,} tokens", file=sys.stderr, flush=True)
+        counts = f"{docs:,} documents" + (f", {tokens:,} tokens" if tokens else "")
+        print(f"{self.label}: {done}, {counts}", file=sys.stderr, flush=True)
 
     def close(self, docs: int, nbytes: int, tokens: int) -> None:
         if self.bar is not None:
