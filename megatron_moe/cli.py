@@ -63,9 +63,10 @@ def _check_output_dir(path: str | None, what: str) -> None:
 def train_main(args: argparse.Namespace) -> int:
     from megatron_moe.config import load_run_config
     from megatron_moe.parallel import destroy_parallel
-    from megatron_moe.train.stop import PREEMPTED_EXIT_CODE, Preempted, TrainingError
+    from megatron_moe.train.stop import PREEMPTED_EXIT_CODE, Preempted, TrainingError, survive_lost_output
     from megatron_moe.train.trainer import train
 
+    survive_lost_output()  # a runner killed with its pipe must not cost this trainer its last checkpoint
     config, overrides = _split_config(args.config, args.overrides)
     cfg = load_run_config(config, overrides, world_size=int(os.environ.get("WORLD_SIZE", "1")))
     _check_output_dir(cfg.train.output_dir, "train.output_dir")

@@ -1,9 +1,14 @@
-"""Human-readable output of the planner: short numbers, and the ledger, match, family and plan tables."""
+"""Human-readable input and output of the planner: counts as researchers write them (6.5B, 1.4e11), short
+numbers, and the ledger, match, family and plan tables (columns sized to their contents, so they stay aligned
+at any magnitude)."""
 
 from __future__ import annotations
 
+import re
+from decimal import Decimal, InvalidOperation
 from typing import TYPE_CHECKING
 
+from megatron_moe.config import ConfigError
 from megatron_moe.planner.ledger import COMPONENTS
 
 if TYPE_CHECKING:
@@ -21,57 +26,95 @@ def human(x: float) -> str:
     return f"{x:.4g}"
 
 
+_SUFFIXES = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9, "t": 10**12}
+_COUNT = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)(e[+-]?\d+)?", re.IGNORECASE)
+
+
+def parse_count(text: str | int, what: str = "count") -> int:
+    """A whole count as researchers write it: 6500000000, 6_500_000_000, 6.5e9, 6.5B, 130B, 20M, 4k, 1.5T
+    (k = 10^3, M = 10^6, B or G = 10^9, T = 10^12; any case). Exact (decimal arithmetic), so 6.5B is
+    6,500,000,000. The sign is kept: ranges are the caller's to check. ConfigError (one line, naming `what`)
+    for anything else, and for values that are not whole (1.5k is, 1.0005k is not)."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        return text
+    s = str(text).strip().replace("_", "")
+    suffix = s[-1:].lower() if s[-1:].isalpha() and s[-1:].lower() in _SUFFIXES else ""
+    number = s[:-1] if suffix else s
+    value = None
+    if _COUNT.fullmatch(number):
+        try:
+            value = Decimal(number) * _SUFFIXES[suffix]
+        except InvalidOperation:
+            value = None
+    if value is None:
+        raise ConfigError(f"{what} = {str(text)!r} is not a count: write e.g. 6500000000, 6_500_000_000, 6.5e9 or "
+                          "6.5B (suffixes k, M, B/G, T)")
+    if value != value.to_integral_value():
+        raise ConfigError(f"{what} = {str(text)!r} is {value.normalize():f}, not a whole number")
+    return int(value)
+
+
+def table(header: list[str], rows: list[list[str]], align: str = "") -> list[str]:
+    """Lines of a plain-text table, each column as wide as its widest cell, two spaces apart. `align` has one
+    letter per column, l (left) or r (right); columns it does not cover are right-aligned except the first."""
+    widths = [max(len(c) for c in col) for col in zip(header, *rows)]
+    align = (align or "l").ljust(len(widths), "r")
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(c.ljust(w) if a == "l" else c.rjust(w) for c, w, a in zip(cells, widths, align)).rstrip()
+
+    return [line(header), *(line(r) for r in rows)]
+
+
 # ---------------------------------------------------------------- report
 
 
 def format_ledger(led: Ledger, title: str = "") -> str:
     """A readable table: parameters by component (total, active), totals, r_a and FLOPs per token."""
-    rows = [f"{title}" if title else ""]
-    rows.append(f"{'component':<22}{'total':>16}{'active':>16}")
-    for c in COMPONENTS:
-        rows.append(f"{c:<22}{led.total[c]:>16,}{led.active[c]:>16,}")
-    rows.append(f"{'all':<22}{led.total_params:>16,}{led.active_params:>16,}")
-    rows.append(f"{'non-embedding (N, N_a)':<22}{led.nonembedding_params:>16,}{led.nonembedding_active_params:>16,}")
-    rows.append(f"r_a = N_a / N = {led.r_a:.4f}    vocab rows {led.padded_vocab_size:,} (tensor {led.tensor})")
+    rows = [[c, f"{led.total[c]:,}", f"{led.active[c]:,}"] for c in COMPONENTS]
+    rows.append(["all", f"{led.total_params:,}", f"{led.active_params:,}"])
+    rows.append(["non-embedding (N, N_a)", f"{led.nonembedding_params:,}", f"{led.nonembedding_active_params:,}"])
+    lines = [title] if title else []
+    lines += table(["component", "total", "active"], rows)
+    lines.append(f"r_a = N_a / N = {led.r_a:.4f}    vocab rows {led.padded_vocab_size:,} (tensor {led.tensor})")
     attn = "(S+1)/2 keys/query, causal" if led.causal_attention else "S keys/query, no causal halving"
-    rows.append(
+    lines.append(
         f"FLOPs/token: forward {human(led.flops_fwd_per_token)}, training {human(led.flops_train_per_token)} "
         f"(exact; attention {attn}); equal-resources 6*N_a + 12*D_m*S*L = {human(led.flops_er_per_token)}"
     )
-    return "\n".join(r for r in rows if r != "")
+    return "\n".join(lines)
 
 
 def format_matches(matches: list[Match]) -> str:
     """One row per matched dense config: target, achieved, residual and the resized fields."""
-    rows = [f"{'contract':<9}{'matched quantity':<40}{'target':>14}{'achieved':>14}{'resid %':>9}"
-            f"{'hidden':>8}{'ffn':>8}{'params':>14}{'train FLOPs/tok':>17}"]
-    for m in matches:
-        rows.append(
-            f"{m.contract:<9}{m.quantity:<40}{m.target:>14,}{m.achieved:>14,}{m.residual_pct:>+9.3f}"
-            f"{m.config.hidden_size:>8}{m.config.ffn_hidden_size:>8}{m.ledger.total_params:>14,}"
-            f"{human(m.ledger.flops_train_per_token):>17}"
-        )
-    return "\n".join(rows)
+    header = ["contract", "matched quantity", "target", "achieved", "resid %", "hidden", "ffn", "params",
+              "train FLOPs/tok"]
+    rows = [[m.contract, m.quantity, f"{m.target:,}", f"{m.achieved:,}", f"{m.residual_pct:+.3f}",
+             str(m.config.hidden_size), str(m.config.ffn_hidden_size), f"{m.ledger.total_params:,}",
+             human(m.ledger.flops_train_per_token)] for m in matches]
+    return "\n".join(table(header, rows, "ll"))
 
 
 def format_family(fam: Family) -> str:
-    """The equal-resources family as a table: one row per arm."""
-    rows = [
-        f"equal resources: N = {fam.total_params:,} non-embedding params, D = {fam.unique_tokens:,} unique tokens, "
-        f"C = {fam.compute:.4g} FLOPs ({'6*N_a + 12*D_m*S*L' if fam.flops == 'equal_resources' else 'exact'})",
-        f"{'arm':<12}{'hidden':>7}{'ffn':>7}{'E':>5}{'K':>4}{'D_e':>7}{'D_se':>7}{'N':>16}{'N resid %':>10}"
-        f"{'r_a':>8}{'FLOPs/tok':>11}{'tokens':>18}{'repeats':>9}",
-    ]
+    """The equal-resources family as a table: one row per arm, with its granularity (E, K, D_e, D_se), tokens
+    and epochs."""
+    conv = "6*N_a + 12*D_m*S*L" if fam.flops == "equal_resources" else "exact"
+    reuse = ("strict reuse: every arm's unique tokens are D" if fam.reuse == "strict" else
+             "loose reuse: each arm's unique tokens are its consumed tokens, one epoch")
+    header = ["arm", "layers", "hidden", "ffn", "E", "K", "D_e", "D_se", "N", "N resid %", "r_a", "FLOPs/tok",
+              "tokens", "unique", "epochs"]
+    rows = []
     for m in (fam.dense, *fam.members):
-        e, moe = m.config.moe, m.config.is_moe
-        rows.append(
-            f"{m.name:<12}{m.config.hidden_size:>7}{m.config.ffn_hidden_size:>7}{e.num_experts if moe else 0:>5}"
-            f"{e.top_k if moe else 0:>4}{m.config.expert_ffn if moe else 0:>7}"
-            f"{e.shared_expert_ffn_hidden_size if moe else 0:>7}{m.ledger.nonembedding_params:>16,}"
-            f"{m.params_residual_pct:>+10.3f}{m.r_a:>8.4f}{human(m.flops_per_token):>11}"
-            f"{m.consumed_tokens:>18,}{m.repeats:>9.2f}"
-        )
-    return "\n".join(rows)
+        g = m.granularity()
+        rows.append([m.name, str(m.config.num_layers), str(m.config.hidden_size), str(m.config.ffn_hidden_size),
+                     str(g["experts"]), str(g["top_k"]), str(g["expert_ffn"]), str(g["shared_ffn"]),
+                     f"{m.ledger.nonembedding_params:,}", f"{m.params_residual_pct:+.3f}", f"{m.r_a:.4f}",
+                     human(m.flops_per_token), f"{m.consumed_tokens:,}", f"{m.unique_tokens:,}", f"{m.repeats:.2f}"])
+    return "\n".join([
+        f"equal resources: N = {fam.total_params:,} non-embedding params, D = {fam.unique_tokens:,} tokens "
+        f"(the dense arm's), C = {fam.compute:.4g} FLOPs ({conv}); {reuse}; granularity {fam.granularity}",
+        *table(header, rows),
+    ])
 
 
 def format_plan(plan: ConfigPlan, title: str) -> str:

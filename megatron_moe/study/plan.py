@@ -4,9 +4,10 @@ Arms are never written by hand: `moe` is the base model; `dense_<contract>` is `
 contract)`, the base with moe.num_experts = 0 and width resized at fixed depth; `equal_resources` expands into
 `er_dense` and `er_moe_ra<r>` with equal non-embedding parameters N, training compute C and unique tokens D.
 Every arm of a study gets the identical data config (same documents, same order, so the same data
-fingerprint); equal-resources arms share data.unique_tokens = D with an unbounded reuse schedule and differ
-only in train.train_steps = the planner's consumed tokens / tokens per step (strict reuse: the dense baseline
-sees D once, each MoE arm `repeats` times).
+fingerprint); equal-resources arms share one data.unique_tokens with an unbounded reuse schedule and differ
+only in train.train_steps = the planner's consumed tokens / tokens per step (strict reuse: unique tokens D, the
+dense baseline sees D once, each MoE arm `repeats` times; loose reuse: a pool of the largest arm's tokens, of
+which every arm reads a prefix once).
 
 A run (arm, seed) sets train.seed = seed and, unless study.data_order = "shared", data.seed = the study's
 data.seed + seed (`run_data_seed`): the arms of one seed share one data stream (their gaps are paired), and
@@ -28,11 +29,12 @@ from pathlib import Path
 from typing import Any
 
 from megatron_moe.config import ConfigError, DataConfig, ModelConfig, RunConfig, changed_fields, get_dotted, validate
-from megatron_moe.planner.format import human
+from megatron_moe.planner.format import human, table
 from megatron_moe.study.spec import StudyConfig
 
 
-BOOKKEEPING_FIELDS = ("output_dir", "log_interval", "save_interval")
+BOOKKEEPING_FIELDS = ("output_dir", "log_interval", "save_interval", "tensorboard_dir", "wandb_project", "wandb_entity",
+                      "wandb_run_name", "allow_config_change", "overwrite_output_dir")
 """train.* fields left out of the run hash: they cannot change the trained model."""
 
 
@@ -151,11 +153,73 @@ def _steps_for(cfg: StudyConfig, flops_per_token: int, what: str) -> int:
     return steps
 
 
+def _equal_resources_arms(cfg: StudyConfig) -> tuple[list[Arm], list[dict[str, str]], dict[str, Any]]:
+    """The equal-resources family as arms: `er_dense` and `er_moe_ra<r>`, each training its consumed tokens.
+
+    Every arm gets one data config, so the arms of a seed share one token stream (one fingerprint). Strict
+    reuse: data.unique_tokens = D, an unbounded reuse schedule, and each arm trains C / its FLOPs per token, so
+    the dense baseline reads D once and an MoE arm `repeats` times. Loose reuse: data.unique_tokens = the
+    largest arm's consumed tokens (the pool); every arm reads a prefix of the pool's first epoch, so its unique
+    tokens are its consumed tokens, each read once (the pool is whole documents, so it may fall short of the
+    budget by less than one document, which the largest arm then reads twice; the report counts it).
+    """
+    from megatron_moe.planner.family import equal_resources_family, explicit_dense
+
+    s, base = cfg.study, cfg.base()
+    er, m = s.equal_resources, s.match
+    dense = explicit_dense(cfg.model, er.dense_layers, er.dense_hidden, er.dense_ffn)
+    dense_cfg, dense_resize = dense if dense is not None else (None, er.dense_resize)
+    fam = equal_resources_family(
+        cfg.model, tuple(er.r_a), total_params=er.total_params or None, dense_cfg=dense_cfg,
+        dense_resize=dense_resize, unique_tokens=er.unique_tokens or None, tokens_per_param=er.tokens_per_param,
+        top_k_choices=tuple(er.top_k), max_experts=er.max_experts, tensor=cfg.parallel.tensor,
+        expert=cfg.parallel.expert, multiple_of=er.multiple_of, flops=er.flops, causal_attention=m.causal_attention,
+        r_a_rel_tolerance=er.r_a_rel_tolerance, tolerance_pct=m.tolerance_pct, granularity=er.granularity,
+        expert_ffn_hidden_size=er.expert_ffn_hidden_size or None, reuse=er.reuse,
+    )
+    members = (fam.dense, *fam.members)
+    pool = fam.unique_tokens if er.reuse == "strict" else max(x.consumed_tokens for x in members)
+    data = dataclasses.replace(cfg.data, unique_tokens=pool, epochs=0.0, consumed_tokens=0)
+    per_step = tokens_per_step(cfg)
+    family_info = {
+        "total_params": fam.total_params, "unique_tokens": fam.unique_tokens, "compute": fam.compute,
+        "flops": fam.flops, "tokens_per_step": per_step, "reuse": fam.reuse, "granularity": fam.granularity,
+        "data_unique_tokens": pool, "r_a_grid": list(er.r_a),
+    }
+    arms, pairs = [], []
+    for member in members:
+        steps = member.consumed_tokens // per_step
+        if steps <= cfg.train.lr_warmup_steps:
+            raise ConfigError(
+                f"equal-resources arm {member.name}: {member.consumed_tokens:,} tokens / {per_step:,} "
+                f"tokens/step = {steps} steps, not above train.lr_warmup_steps = {cfg.train.lr_warmup_steps}; "
+                "raise study.equal_resources.unique_tokens"
+            )
+        name = f"er_{member.name}"
+        arm_cfg = _arm_config(base, member.config, steps, data)
+        arms.append(Arm(
+            name=name, contract="equal_resources", config=arm_cfg, ledger=member.ledger,
+            changed_fields=_changed(base, arm_cfg),
+            match={
+                "quantity": "non-embedding parameters N (and compute C, unique tokens D)",
+                "target": fam.total_params, "achieved": member.ledger.nonembedding_params,
+                "residual_pct": member.params_residual_pct, "target_r_a": member.target_r_a,
+                "flops_per_token": member.flops_per_token, "consumed_tokens": member.consumed_tokens,
+                "unique_tokens": member.unique_tokens, "repeats": member.repeats,
+                "compute": member.consumed_tokens * member.flops_per_token, "granularity": member.granularity(),
+                "reuse": fam.reuse,
+            },
+        ))
+        if member is not fam.dense:
+            pairs.append({"name": f"er-{member.name[4:]}", "baseline": "er_dense", "moe": name,
+                          "description": f"equal N, C, D: dense baseline vs MoE at r_a {member.r_a:.3f}"})
+    return arms, pairs, family_info
+
+
 def derive_arms(
     cfg: StudyConfig, *, check_world: bool = True
 ) -> tuple[list[Arm], list[dict[str, str]], dict[str, Any] | None]:
     """The study's arms (planner only: no torch, no data), its paired comparisons and the ER family summary."""
-    from megatron_moe.planner.family import equal_resources_family
     from megatron_moe.planner.ledger import ledger
     from megatron_moe.planner.match import match_dense
 
@@ -167,44 +231,7 @@ def derive_arms(
     pairs: list[dict[str, str]] = []
     family_info = None
     if s.arms == ["equal_resources"]:
-        er = s.equal_resources
-        fam = equal_resources_family(
-            cfg.model, tuple(er.r_a), total_params=er.total_params or None, dense_resize=er.dense_resize,
-            unique_tokens=er.unique_tokens or None, tokens_per_param=er.tokens_per_param,
-            top_k_choices=tuple(er.top_k), max_experts=er.max_experts, tensor=tensor, expert=cfg.parallel.expert,
-            multiple_of=er.multiple_of, flops=er.flops, causal_attention=m.causal_attention,
-            r_a_rel_tolerance=er.r_a_rel_tolerance, tolerance_pct=m.tolerance_pct,
-        )
-        data = dataclasses.replace(cfg.data, unique_tokens=fam.unique_tokens, epochs=0.0, consumed_tokens=0)
-        per_step = tokens_per_step(cfg)
-        family_info = {
-            "total_params": fam.total_params, "unique_tokens": fam.unique_tokens, "compute": fam.compute,
-            "flops": fam.flops, "tokens_per_step": per_step,
-        }
-        for member in (fam.dense, *fam.members):
-            steps = member.consumed_tokens // per_step
-            if steps <= cfg.train.lr_warmup_steps:
-                raise ConfigError(
-                    f"equal-resources arm {member.name}: {member.consumed_tokens:,} tokens / {per_step:,} "
-                    f"tokens/step = {steps} steps, not above train.lr_warmup_steps = {cfg.train.lr_warmup_steps}; "
-                    "raise study.equal_resources.unique_tokens"
-                )
-            name = f"er_{member.name}"
-            arm_cfg = _arm_config(base, member.config, steps, data)
-            arms.append(Arm(
-                name=name, contract="equal_resources", config=arm_cfg, ledger=member.ledger,
-                changed_fields=_changed(base, arm_cfg),
-                match={
-                    "quantity": "non-embedding parameters N (and compute C, unique tokens D)",
-                    "target": fam.total_params, "achieved": member.ledger.nonembedding_params,
-                    "residual_pct": member.params_residual_pct, "target_r_a": member.target_r_a,
-                    "flops_per_token": member.flops_per_token, "consumed_tokens": member.consumed_tokens,
-                    "repeats": member.repeats, "compute": member.consumed_tokens * member.flops_per_token,
-                },
-            ))
-            if member is not fam.dense:
-                pairs.append({"name": f"er-{member.name[4:]}", "baseline": "er_dense", "moe": name,
-                              "description": f"equal N, C, D: dense baseline vs MoE at r_a {member.r_a:.3f}"})
+        arms, pairs, family_info = _equal_resources_arms(cfg)
     else:
         for arm in s.arms:
             if arm == "moe":
@@ -253,9 +280,22 @@ def plan_study(cfg: StudyConfig, out_dir: str | Path | None = None, *, check_wor
                                      data=dataclasses.replace(arm.config.data, seed=run_data_seed(cfg, seed)))
             h = run_hash(rc)
             run_dir = out / "runs" / f"{arm.name}-s{seed}-{h}"
-            rc = dataclasses.replace(rc, train=dataclasses.replace(rc.train, output_dir=str(run_dir)))
+            rc = dataclasses.replace(rc, train=dataclasses.replace(rc.train, output_dir=str(run_dir),
+                                                                   **_sink_names(rc, cfg.study.name, arm.name, seed)))
             runs.append(Run(arm=arm.name, seed=seed, config=rc, hash=h, dir=run_dir))
     return Plan(study=cfg, out_dir=out, arms=tuple(arms), runs=tuple(runs), pairs=tuple(pairs), family=family)
+
+
+def _sink_names(cfg: RunConfig, study: str, arm: str, seed: int) -> dict[str, str]:
+    """Where a run goes in the metric sinks the study turns on: <study>/<arm>-s<seed>, as a TensorBoard
+    subdirectory (absolute: SLURM jobs run in another directory) and as the W&B run name."""
+    name = f"{study}/{arm}-s{seed}"
+    out = {}
+    if cfg.train.tensorboard_dir:
+        out["tensorboard_dir"] = str(Path(cfg.train.tensorboard_dir).resolve() / name)
+    if cfg.train.wandb_project:
+        out["wandb_run_name"] = name
+    return out
 
 
 def data_check(plan: Plan) -> dict[str, dict[str, dict[str, Any]]]:
@@ -312,17 +352,21 @@ def refuse_unequal_data(data: dict[str, dict[str, dict[str, Any]]]) -> None:
 
 
 def format_plan(plan: Plan) -> str:
-    """The arm table (what differs, matched quantity and residual, size, FLOPs, steps) and run statuses."""
-    rows = [f"{'arm':<16}{'params':>10}{'active':>10}{'N (non-emb)':>12}{'r_a':>7}{'FLOPs/tok':>11}"
-            f"{'steps':>7}{'tokens':>11}{'epochs':>7}{'resid %':>9}  changed vs base"]
+    """The arm table: size, granularity (E, K, D_e, D_se), FLOPs, steps, tokens, planned epochs, matched residual
+    and what differs from the base. Columns are as wide as their widest cell."""
+    header = ["arm", "params", "active", "N (non-emb)", "r_a", "E", "K", "D_e", "D_se", "FLOPs/tok", "steps",
+              "tokens", "unique", "epochs", "resid %", "changed vs base"]
+    rows = []
     for a in plan.arms:
-        led = a.ledger
+        led, m = a.ledger, a.config.model
         resid = f"{a.match['residual_pct']:+.3f}" if a.match else "-"
-        repeats = f"{a.match['repeats']:.2f}" if "repeats" in a.match else "-"  # planned; the data check has the rest
+        # planned unique tokens and epochs of an equal-resources arm; the data check reports the rest
+        unique = human(a.match["unique_tokens"]) if "unique_tokens" in a.match else "-"
+        repeats = f"{a.match['repeats']:.2f}" if "repeats" in a.match else "-"
+        gran = [m.moe.num_experts, m.moe.top_k, m.expert_ffn, m.moe.shared_expert_ffn_hidden_size] if m.is_moe else [0] * 4
         changes = ", ".join(f"{f.removeprefix('model.')}={get_dotted(a.config, f)}" for f in a.changed_fields)
-        rows.append(
-            f"{a.name:<16}{human(led.total_params):>10}{human(led.active_params):>10}{human(led.nonembedding_params):>12}"
-            f"{led.r_a:>7.3f}{human(led.flops_train_per_token):>11}{a.config.train.train_steps:>7}"
-            f"{human(a.config.train.train_steps * a.tokens_per_step):>11}{repeats:>7}{resid:>9}  {changes or '-'}"
-        )
-    return "\n".join(rows)
+        rows.append([a.name, human(led.total_params), human(led.active_params), human(led.nonembedding_params),
+                     f"{led.r_a:.3f}", *map(str, gran), human(led.flops_train_per_token),
+                     str(a.config.train.train_steps), human(a.config.train.train_steps * a.tokens_per_step), unique,
+                     repeats, resid, changes or "-"])
+    return "\n".join(table(header, rows, "l" + "r" * (len(header) - 2) + "l"))

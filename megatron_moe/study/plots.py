@@ -10,6 +10,11 @@ the report's confidence), never min..max or ± std, so a plot and a table of one
 - gap_intervals.png: the final paired gaps (best validation loss), one row per comparison: per-seed gaps,
   mean and t interval, and the zero line (no difference).
 - best_val_loss.png: best validation loss per arm: seeds as dots, mean with its t interval.
+- er_loss_vs_ra.png (equal-resources studies): best validation loss and bits/byte against r_a on a log axis,
+  seeds as dots, means with their t intervals, the dense arm as a horizontal band (its t interval), and on the
+  loss panel the fitted quadratic in log r_a with r_a* and its seed-bootstrap interval.
+- er_tokens.png (equal-resources studies): consumed and unique tokens, and epochs, against 1/r_a (the dense
+  arm at 1).
 """
 
 from __future__ import annotations
@@ -167,4 +172,85 @@ def make_plots(results: dict[str, Any], man: StudyManifest, runs: list[RunData])
     ax.set_title(f"best validation loss per arm (dots: seeds; diamond: mean, bar: {band})", fontsize=9)
     ax.grid(alpha=0.3, axis="y")
     out["best_val_loss.png"] = png(fig)
+    if results.get("equal_resources"):
+        out.update(_er_plots(results["equal_resources"], plt, png, band))
+    return out
+
+
+def _er_plots(er: dict[str, Any], plt: Any, png: Any, band: str) -> dict[str, bytes]:
+    """er_loss_vs_ra.png and er_tokens.png (see the module docstring) from results.json's equal_resources."""
+    import math
+
+    out: dict[str, bytes] = {}
+    moe = sorted((x for x in er["arms"] if x["is_moe"]), key=lambda x: x["r_a"])
+    dense = next((x for x in er["arms"] if not x["is_moe"]), None)
+    fit = er["fit"]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, key, what in ((axes[0], "best_val_loss", "best validation loss (nats/token)"),
+                          (axes[1], "best_val_bpb", "bits/byte at the best evaluation")):
+        for i, x in enumerate(moe):
+            vals = list(x[key]["per_seed"].values())
+            ax.scatter([x["r_a"]] * len(vals), vals, color="gray", alpha=0.6, s=14, zorder=2,
+                       label="seeds" if i == 0 else None)
+        pts = [x for x in moe if x[key]["mean"] is not None]
+        if pts:
+            means = [x[key]["mean"] for x in pts]
+            has_ci = [x for x in pts if x[key]["ci"][0] is not None]
+            ax.plot([x["r_a"] for x in pts], means, "D", color="C0", zorder=3, label="MoE mean")
+            if has_ci:
+                ax.errorbar([x["r_a"] for x in has_ci], [x[key]["mean"] for x in has_ci],
+                            yerr=[[x[key]["mean"] - x[key]["ci"][0] for x in has_ci],
+                                  [x[key]["ci"][1] - x[key]["mean"] for x in has_ci]],
+                            fmt="none", ecolor="C0", capsize=4, zorder=3, label=band)
+        if dense is not None and dense[key]["mean"] is not None:
+            lo, hi = dense[key]["ci"]
+            ax.axhline(dense[key]["mean"], color="C3", linewidth=1, label=f"dense ({dense['arm']}) mean")
+            if lo is not None:
+                ax.axhspan(lo, hi, color="C3", alpha=0.15, linewidth=0, label="dense t interval")
+        if key == "best_val_loss" and fit is not None:
+            c0, c1, c2 = fit["coeffs"]
+            xs = [fit["x_min"] * (fit["x_max"] / fit["x_min"]) ** (i / 100) for i in range(101)]
+            ys = [c0 + c1 * math.log(v / fit["x_ref"]) + c2 * math.log(v / fit["x_ref"]) ** 2 for v in xs]
+            ax.plot(xs, ys, color="C2", linewidth=1.2, label="quadratic in log r_a (through the means)")
+            ax.axvline(fit["x_opt"], color="C2", linestyle="--", linewidth=1,
+                       label=f"r_a* = {fit['x_opt']:.3g}" + (" (grid edge)" if fit["at_edge"] else ""))
+            if fit["ci"][0] is not None:
+                ax.axvspan(fit["ci"][0], fit["ci"][1], color="C2", alpha=0.12, linewidth=0,
+                           label="r_a* seed-bootstrap interval")
+        ax.set_xscale("log")
+        if moe:  # plain labels at the arms' rates, not powers of ten
+            ax.set_xticks([x["r_a"] for x in moe], [f"{x['r_a']:.3g}" for x in moe])
+            ax.minorticks_off()
+        ax.set_xlabel("activation rate r_a = N_a / N (log scale)")
+        ax.set_ylabel(what)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7)
+    axes[0].set_title(f"equal N, C, D ({er['reuse']} reuse): loss against r_a", fontsize=9)
+    axes[1].set_title("bits/byte against r_a", fontsize=9)
+    fig.tight_layout()
+    out["er_loss_vs_ra.png"] = png(fig)
+
+    arms = sorted(er["arms"], key=lambda x: x["inv_r_a"])
+    fig, ax = plt.subplots(figsize=(7, 4))
+    inv = [x["inv_r_a"] for x in arms]
+    ax.plot(inv, [x["consumed_tokens"] for x in arms], "o-", color="C0", label="consumed tokens")
+    ax.plot(inv, [x["unique_tokens"] for x in arms], "s--", color="C1", label="unique tokens read")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xticks(inv, [f"{v:.3g}" for v in inv])
+    ax.minorticks_off()
+    ax.set_xlabel("1 / r_a (log scale; dense = 1)")
+    ax.set_ylabel("tokens")
+    ax.grid(alpha=0.3, which="both")
+    right = ax.twinx()
+    right.plot(inv, [x["epochs"] or 0 for x in arms], "^:", color="C2", label="epochs (consumed / unique)")
+    right.set_ylabel("epochs")
+    lines = ax.get_legend_handles_labels()
+    more = right.get_legend_handles_labels()
+    ax.legend(lines[0] + more[0], lines[1] + more[1], fontsize=8, loc="upper left")
+    for x in arms:
+        ax.annotate(x["arm"].removeprefix("er_"), (x["inv_r_a"], x["consumed_tokens"]), fontsize=7,
+                    textcoords="offset points", xytext=(3, 4))
+    ax.set_title(f"tokens at equal compute against 1/r_a ({er['reuse']} reuse)", fontsize=9)
+    out["er_tokens.png"] = png(fig)
     return out

@@ -31,6 +31,7 @@ from megatron_moe.config import ConfigError
 from megatron_moe.files import atomic_write_bytes, atomic_write_json, atomic_write_text, read_jsonl
 from megatron_moe.planner.format import human
 from megatron_moe.study.plots import make_plots
+from megatron_moe.study.report_er import equal_resources_results, er_summary, er_tables
 from megatron_moe.study.rundir import StudyManifest, load_manifest
 from megatron_moe.study.stats import ordering, paired, summarize
 
@@ -105,7 +106,7 @@ def build_results(study_dir: str | Path, confidence: float = 0.95) -> dict[str, 
                "last_eval_step": r.evals[-1]["step"] if r.evals else None,
                "best_is_last": bool(r.complete and b and b[1] == r.evals[-1]["step"]),
                "steps": r.train[-1]["step"] if r.train else 0,
-               "final_train_loss": r.train[-1]["loss"] if r.train else None,
+               "final_train_loss": (r.result or {}).get("final_train_loss", r.train[-1]["loss"] if r.train else None),
                "train_time_s": r.result.get("train_time_s") if r.result else None}
         run_rows.append(row)
         if not r.complete:
@@ -122,7 +123,8 @@ def build_results(study_dir: str | Path, confidence: float = 0.95) -> dict[str, 
     for a in man.arms:
         name = a["name"]
         st = summarize([best[name][s] for s in sorted(best[name])], confidence)
-        finals = [r.train[-1]["loss"] for r in complete if r.arm == name and r.train]
+        finals = [r.result["final_train_loss"] for r in complete  # result.json: metrics.jsonl may lack rows
+                  if r.arm == name and r.result.get("final_train_loss") is not None]
         bpb = [r.best_row["val_bpb"] for r in complete if r.arm == name and r.best_row and "val_bpb" in r.best_row]
         arms_out.append({
             "arm": name, "contract": a["contract"], "is_moe": a["is_moe"],
@@ -156,6 +158,8 @@ def build_results(study_dir: str | Path, confidence: float = 0.95) -> dict[str, 
     missing = [f"{r['arm']} seed {r['seed']}" for r in run_rows if not r["complete"]]
     if missing:
         warnings.append(f"{len(missing)} of {len(runs)} runs are not complete (left out): {', '.join(missing)}")
+    er = equal_resources_results(man, complete, best, contract, gaps, confidence)
+    warnings += er["warnings"] if er else []
     return {
         "study": man.name,
         "study_dir": str(study_dir),
@@ -174,6 +178,7 @@ def build_results(study_dir: str | Path, confidence: float = 0.95) -> dict[str, 
         "data_fingerprints_equal": data_ok,
         "fingerprints": fingerprints,
         "family": man.family,
+        "equal_resources": er,
         "runs": run_rows,
         "environment": man.environment,
         "git": man.git,
@@ -332,7 +337,7 @@ def tables(results: dict[str, Any]) -> list[tuple[str, str, list[str], list[list
     """(title, note, header, rows) of every table of the report, shared by the Markdown and HTML renderers."""
     conf = f"{100 * results['confidence']:g}%"
     seeds = [str(s) for s in results["seeds"]]
-    out = []
+    out = er_tables(results)  # an equal-resources study's answer comes first
     out.append((
         "Best validation loss per arm",
         f"Minimum over periodic evaluations; mean ± sample std over seeds, {conf} t interval."
@@ -411,7 +416,7 @@ _FINGERPRINTS = {True: "equal across the arms of every seed", False: "NOT EQUAL 
 
 def _intro(results: dict[str, Any]) -> str:
     return (f"Generated {results['generated']} from {results['study_dir']}. Metric: {results['metric']}. Seeds "
-            f"{results['seeds']} (train.seed = seed). {_data_note(results)}")
+            f"{results['seeds']} (train.seed = seed). {_data_note(results)} {er_summary(results)}").rstrip()
 
 
 def render_markdown(results: dict[str, Any], plot_files: list[str]) -> str:
@@ -443,7 +448,10 @@ def render_markdown(results: dict[str, Any], plot_files: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-_CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1400px}table{border-collapse:collapse;margin:1em 0}
+# A table is its own horizontal scroll container (display:block, overflow-x:auto), so a wide contract table
+# scrolls inside the page instead of being cut at the window's edge.
+_CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1400px}
+table{border-collapse:collapse;margin:1em 0;display:block;max-width:100%;overflow-x:auto}
 td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px;text-align:right}td:first-child,th:first-child{text-align:left}
 th{background:#f0f0f0}.warn{background:#fdd;border:2px solid #c00;padding:.6em;font-weight:bold}img{max-width:100%}
 .note{color:#555}"""

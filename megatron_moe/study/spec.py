@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Literal
 
 from megatron_moe.config import ConfigError, RunConfig, apply_overrides, from_dict, load_toml, validate
+from megatron_moe.planner.format import parse_count
 
 
 DATA_ORDERS = ("per_seed", "shared")
@@ -61,23 +62,44 @@ class EqualResourcesSpec:
     r_a: list[float] = field(default_factory=lambda: [0.1, 0.2, 0.3, 0.5])
     """Target activation rates N_a / N of the MoE arms."""
     total_params: int = 0
-    """N, non-embedding parameters (0 = the base model's)."""
+    """N, non-embedding parameters (0 = the explicit dense baseline's when dense_ffn is set, else the base
+    model's). A string such as "6.5B", or a whole float such as 6.5e9, is read as that count."""
     unique_tokens: int = 0
-    """D, unique training tokens, = the dense baseline's consumed tokens (0 = tokens_per_param x N)."""
+    """D, the dense baseline's training tokens (0 = tokens_per_param x N); a string such as "130B" is read as
+    that count."""
     tokens_per_param: float = 20.0
     """D / N when unique_tokens is 0."""
+    reuse: Literal["strict", "loose"] = "strict"
+    """strict: every arm's unique tokens are D, MoE arms repeat them; loose: each arm reads fresh tokens up to
+    its budget (unique tokens = consumed tokens, one epoch)."""
+    granularity: Literal["free", "hold_top_k", "hold_expert_size"] = "free"
+    """free: K, E and D_e chosen per arm; hold_top_k: K = the one top_k value for every arm; hold_expert_size:
+    D_e = expert_ffn_hidden_size for every arm, K and E chosen."""
+    expert_ffn_hidden_size: int = 0
+    """D_e held by granularity = "hold_expert_size" (0 = the base model's expert size)."""
     top_k: list[int] = field(default_factory=lambda: [2, 3, 4, 6, 8])
-    """Top-k choices the planner may use."""
+    """Top-k choices the planner may use (one value with granularity = "hold_top_k")."""
     max_experts: int = 256
     """Largest routed-expert count the planner may use."""
+    dense_layers: int = 0
+    """Depth of the dense baseline (0 = the base model's)."""
+    dense_hidden: int = 0
+    """Width of the dense baseline, at the base model's head dimension (0 = the base model's)."""
+    dense_ffn: int = 0
+    """FFN size of the dense baseline, used exactly (0 = resized to N). With all three dense_* at 0 the MoE
+    backbone is widened (dense_resize)."""
     dense_resize: Literal["ffn", "ffn+hidden"] = "ffn+hidden"
-    """How the dense baseline is resized to N."""
+    """How the dense baseline is resized to N when no dense_* shape is given."""
     multiple_of: int = 8
     """Expert and dense widths are multiples of this."""
     flops: Literal["exact", "equal_resources"] = "equal_resources"
     """FLOP convention of C: 6 N_a + 12 D_m S L (the study's) or the exact count."""
     r_a_rel_tolerance: float = 0.1
     """A target r_a further than this fraction from every reachable one is an error."""
+
+
+COUNT_FIELDS = ("total_params", "unique_tokens")
+"""[study.equal_resources] fields that may be written as "6.5B" or 6.5e9: read by `planner.format.parse_count`."""
 
 
 @dataclass
@@ -122,7 +144,13 @@ def load_study(path: str | Path, overrides: list[str] = (), *, check_world: bool
     `check_world=False` leaves out the checks against the world size of `study run` (study.nproc_per_node), for
     callers that run elsewhere: `study launch` checks its own world size, `bench` runs on one device.
     """
-    cfg = from_dict(StudyConfig, apply_overrides(load_toml(path), list(overrides)))
+    data = apply_overrides(load_toml(path), list(overrides))
+    er = (data.get("study") or {}).get("equal_resources")
+    if isinstance(er, dict):
+        for name in COUNT_FIELDS:
+            if isinstance(er.get(name), (str, float)):  # "6.5B", or 6.5e9 (a TOML float)
+                er[name] = parse_count(er[name], f"study.equal_resources.{name}")
+    cfg = from_dict(StudyConfig, data)
     if not cfg.study.name:
         cfg.study.name = Path(path).stem
     validate_study(cfg, check_world=check_world)
@@ -184,3 +212,14 @@ def validate_study(cfg: StudyConfig, *, check_world: bool = True) -> None:
         er = s.equal_resources
         if not er.r_a or any(not 0 < r < 1 for r in er.r_a):
             raise ConfigError(f"study.equal_resources.r_a = {er.r_a} must be activation rates in (0, 1)")
+        if len(set(er.r_a)) != len(er.r_a):
+            raise ConfigError(f"study.equal_resources.r_a = {er.r_a} lists a rate twice (arms are named by it)")
+        for name in ("dense_layers", "dense_hidden", "dense_ffn", "expert_ffn_hidden_size"):
+            if getattr(er, name) < 0:
+                raise ConfigError(f"study.equal_resources.{name} = {getattr(er, name)} must be >= 0 (0 = default)")
+        if er.granularity == "hold_top_k" and len(set(er.top_k)) != 1:
+            raise ConfigError(f"study.equal_resources.top_k = {er.top_k}: granularity = 'hold_top_k' keeps K fixed "
+                              "across r_a, so give one value, e.g. top_k = [2]")
+        if er.expert_ffn_hidden_size and er.granularity != "hold_expert_size":
+            raise ConfigError(f"study.equal_resources.expert_ffn_hidden_size = {er.expert_ffn_hidden_size} holds D_e "
+                              "only with granularity = 'hold_expert_size'")

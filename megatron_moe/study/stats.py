@@ -1,5 +1,10 @@
 """Statistics over seeds: mean, sample standard deviation and Student-t confidence intervals, for one arm
-or for paired per-seed gaps, and how often the ordering of arms' means holds seed by seed. `t_quantile` is computed here (regularised incomplete beta + bisection): no scipy.
+or for paired per-seed gaps, and how often the ordering of arms' means holds seed by seed. `t_quantile` is
+computed here (regularised incomplete beta + bisection): no scipy.
+
+The optimum of a quantity over a grid (an equal-resources study's loss against the activation rate r_a): a
+least-squares quadratic in log x through the grid points' means, its minimum within the grid, and an interval
+from a seeded bootstrap over seeds (`fit_optimum`). Pure Python, no numpy.
 """
 
 from __future__ import annotations
@@ -118,3 +123,153 @@ def ordering(best: dict[str, dict[int, float]], arms: list[str]) -> dict[str, An
                    for k, a in enumerate(order))
     return {"order": order, "means": means, "per_seed": per_seed, "seeds_holding": [int(s) for s in holds],
             "n_holding": len(holds), "n": len(seeds), "line": f"{text} in {len(holds)}/{len(seeds)} seeds"}
+
+
+# ---------------------------------------------------------------- optimum of a loss curve over a grid
+
+
+def _solve3(a: list[list[float]], b: list[float]) -> list[float] | None:
+    """x with a x = b for a 3 x 3 system (Gaussian elimination, partial pivoting); None when singular."""
+    m = [row[:] + [v] for row, v in zip(a, b)]
+    for col in range(3):
+        pivot = max(range(col, 3), key=lambda r: abs(m[r][col]))
+        if abs(m[pivot][col]) < 1e-300:
+            return None
+        m[col], m[pivot] = m[pivot], m[col]
+        for r in range(col + 1, 3):
+            f = m[r][col] / m[col][col]
+            for c in range(col, 4):
+                m[r][c] -= f * m[col][c]
+    x = [0.0, 0.0, 0.0]
+    for r in (2, 1, 0):
+        x[r] = (m[r][3] - sum(m[r][c] * x[c] for c in range(r + 1, 3))) / m[r][r]
+    return x
+
+
+@dataclass(frozen=True)
+class QuadraticFit:
+    """y = c0 + c1 u + c2 u^2 in u = log(x) - log(x_ref), fitted by least squares, and its minimum over the
+    grid's range [x_min, x_max]."""
+
+    coeffs: tuple[float, float, float]
+    x_ref: float
+    """Geometric mean of the grid: u is centred on it, which keeps the normal equations well conditioned."""
+    x_min: float
+    x_max: float
+    x_opt: float
+    """Where the fitted curve is lowest within [x_min, x_max] (an end when the minimum is not interior)."""
+    y_opt: float
+    interior: bool
+    """The curve opens upward (c2 > 0) and its vertex lies strictly inside the grid."""
+    vertex: float | None
+    """The unconstrained minimum exp(-c1 / (2 c2)) x x_ref when c2 > 0 (may lie outside the grid); None when the
+    curve opens downward or is so nearly straight that its vertex is astronomically far."""
+    residual_std: float | None
+    """Root mean square residual with n - 3 degrees of freedom (None for exactly 3 points)."""
+
+    def predict(self, x: float) -> float:
+        u = math.log(x / self.x_ref)
+        c0, c1, c2 = self.coeffs
+        return c0 + c1 * u + c2 * u * u
+
+
+def fit_log_quadratic(xs: list[float], ys: list[float]) -> QuadraticFit | None:
+    """Least-squares quadratic in log x through (xs, ys); None with fewer than 3 distinct x (or non-positive x)."""
+    if len(xs) != len(ys) or len({round(x, 12) for x in xs}) < 3 or min(xs) <= 0:
+        return None
+    x_ref = math.exp(sum(math.log(x) for x in xs) / len(xs))
+    us = [math.log(x / x_ref) for x in xs]
+    s = [sum(u ** k for u in us) for k in range(5)]
+    t = [sum(y * u ** k for u, y in zip(us, ys)) for k in range(3)]
+    c = _solve3([[s[0], s[1], s[2]], [s[1], s[2], s[3]], [s[2], s[3], s[4]]], t)
+    if c is None:
+        return None
+    c0, c1, c2 = c
+    u_lo, u_hi = min(us), max(us)
+    vertex = -c1 / (2 * c2) if c2 > 0 else None
+    if vertex is not None and abs(vertex) > 50:  # a nearly straight curve: its vertex is e^50 grid widths away
+        vertex = None
+    interior = vertex is not None and u_lo < vertex < u_hi
+    if interior:
+        u_opt = vertex
+    else:  # a line, a cap or a vertex outside: the curve's lowest point on the grid is an end of it
+        u_opt = min((u_lo, u_hi), key=lambda u: c0 + c1 * u + c2 * u * u)
+    n = len(xs)
+    resid = [y - (c0 + c1 * u + c2 * u * u) for u, y in zip(us, ys)]
+    return QuadraticFit(
+        coeffs=(c0, c1, c2), x_ref=x_ref, x_min=min(xs), x_max=max(xs), x_opt=x_ref * math.exp(u_opt),
+        y_opt=c0 + c1 * u_opt + c2 * u_opt * u_opt, interior=interior,
+        vertex=None if vertex is None else x_ref * math.exp(vertex),
+        residual_std=math.sqrt(sum(r * r for r in resid) / (n - 3)) if n > 3 else None,
+    )
+
+
+def _percentile(sorted_values: list[float], q: float) -> float:
+    """Linear-interpolation percentile (numpy's default) of already sorted values, q in [0, 100]."""
+    pos = (len(sorted_values) - 1) * q / 100.0
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(sorted_values) - 1)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
+
+
+@dataclass(frozen=True)
+class Optimum:
+    """The fitted optimum of per-seed values over a grid, with a seed-bootstrap interval."""
+
+    fit: QuadraticFit
+    """The fit through the arms' means."""
+    ci_low: float | None
+    ci_high: float | None
+    """Percentiles (100 - c) / 2 and (100 + c) / 2 of the resampled optima (None without resamples)."""
+    confidence: float
+    resamples: int
+    """Bootstrap resamples that gave a fit."""
+    interior_fraction: float | None
+    """Fraction of those whose own minimum was interior."""
+    seed: int
+    """Seed of the resampler (fixed, so a report is reproducible)."""
+    at_edge: bool
+    """The optimum is not bracketed by the grid: the fit has no interior minimum, or the lowest mean is an end."""
+    best_x: float
+    """The grid point with the lowest mean."""
+
+    def to_dict(self) -> dict[str, Any]:
+        f = self.fit
+        return {"x_opt": f.x_opt, "y_opt": f.y_opt, "interior": f.interior, "vertex": f.vertex,
+                "coeffs": list(f.coeffs), "x_ref": f.x_ref, "x_min": f.x_min, "x_max": f.x_max,
+                "residual_std": f.residual_std, "ci": [self.ci_low, self.ci_high], "confidence": self.confidence,
+                "resamples": self.resamples, "interior_fraction": self.interior_fraction, "bootstrap_seed": self.seed,
+                "at_edge": self.at_edge, "best_x": self.best_x}
+
+
+def fit_optimum(per_seed: dict[float, list[float]], confidence: float = 0.95, resamples: int = 2000,
+                seed: int = 0) -> Optimum | None:
+    """The minimum over x of a quadratic in log x through the mean of each grid point's per-seed values, and a
+    bootstrap interval over seeds: each resample draws every grid point's values with replacement (as many as
+    it has), refits through the resampled means and takes the minimum within the grid; the interval is the
+    central `confidence` share of those minima. Seeded by `seed`, so the same values give the same interval.
+    None with fewer than 3 grid points that have values."""
+    import random
+
+    grid = sorted(x for x, v in per_seed.items() if v)
+    means = [sum(per_seed[x]) / len(per_seed[x]) for x in grid]
+    fit = fit_log_quadratic(grid, means)
+    if fit is None:
+        return None
+    rng = random.Random(seed)
+    optima, interior = [], 0
+    if any(len(per_seed[x]) > 1 for x in grid):
+        for _ in range(resamples):
+            boot = [sum(rng.choices(per_seed[x], k=len(per_seed[x]))) / len(per_seed[x]) for x in grid]
+            f = fit_log_quadratic(grid, boot)
+            if f is not None:
+                optima.append(f.x_opt)
+                interior += f.interior
+    optima.sort()
+    tail = 50.0 * (1.0 - confidence)
+    lo, hi = (_percentile(optima, tail), _percentile(optima, 100.0 - tail)) if optima else (None, None)
+    best = grid[min(range(len(grid)), key=lambda i: means[i])]
+    at_edge = not fit.interior or best in (grid[0], grid[-1])
+    return Optimum(fit=fit, ci_low=lo, ci_high=hi, confidence=confidence, resamples=len(optima),
+                   interior_fraction=interior / len(optima) if optima else None, seed=seed, at_edge=at_edge,
+                   best_x=best)

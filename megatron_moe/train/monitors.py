@@ -1,6 +1,7 @@
 """The training loop's side work, each a small object or function the loop calls.
 
-- `Metrics`: the `metrics.jsonl` sink.
+- `Metrics`: the `metrics.jsonl` sink (the source of truth), handing each row on to the optional sinks
+  `TensorBoardSink` and `WandbSink` (`open_sinks`) under namespaced keys (`sink_scalars`).
 - `ThroughputMeter`: tokens/s, elapsed time, TFLOP/s per device, MFU and ETA.
 - `ExpertLoadMonitor`: tokens per expert, read from megatron-core's routers.
 - `MoELossReader`: the MoE auxiliary losses from megatron-core's tracker.
@@ -10,26 +11,33 @@
 from __future__ import annotations
 
 import json
+import os
+import secrets
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import torch
 import torch.distributed as dist
 
+from megatron_moe.config import ConfigError
 from megatron_moe.files import atomic_write_text, read_jsonl
 
 
 @dataclass
 class Metrics:
-    """Appends one JSON object per line to `metrics.jsonl`; `path` is None off the logging rank."""
+    """Appends one JSON object per line to `metrics.jsonl`; `path` is None off the logging rank.
+
+    Each row also goes to `sinks` (TensorBoard, W&B: what `open_sinks` made), as `sink_scalars` names it.
+    """
 
     path: Path | None
+    sinks: list[Any] = field(default_factory=list)
 
     @classmethod
-    def open(cls, path: Path | None, resumed_step: int | None) -> Metrics:
+    def open(cls, path: Path | None, resumed_step: int | None, sinks: Iterable[Any] = ()) -> Metrics:
         """The sink for a run starting fresh (`resumed_step` None: old rows go) or resuming at `resumed_step`.
 
         A resumed run redoes the steps after its checkpoint, so rows logged after that step are dropped.
@@ -40,12 +48,130 @@ class Metrics:
             else:
                 kept = [r for r in read_jsonl(path) if r["step"] <= resumed_step]
                 atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
-        return cls(path)
+        return cls(path, list(sinks))
 
     def log(self, row: dict[str, Any]) -> None:
         if self.path is not None:
             with self.path.open("a") as f:
                 f.write(json.dumps(row) + "\n")
+        if self.sinks:
+            scalars = sink_scalars(row)
+            for sink in self.sinks:
+                sink.log(row["step"], scalars)
+
+    def close(self) -> None:
+        """Finish the optional sinks (the metrics file needs nothing)."""
+        for sink in self.sinks:
+            sink.close()
+        self.sinks = []
+
+
+# Metrics-row fields and their names in TensorBoard and W&B, grouped by namespace. Per-expert loads and
+# per-pass token counts stay in metrics.jsonl only: hundreds of series for a large MoE, or constants.
+SINK_KEYS = {
+    "loss": "loss/lm",
+    "grad_norm": "loss/grad_norm",
+    "lr": "loss/lr",
+    "tokens_per_s": "perf/tokens_per_s",
+    "tflops_per_device": "perf/tflops_per_device",
+    "mfu": "perf/mfu",
+    "elapsed_s": "perf/elapsed_s",
+    "load_balancing_loss": "moe/lb",
+    "z_loss": "moe/z",
+    "load_imbalance": "moe/load_imbalance",
+    "dropped_fraction": "moe/dropped_fraction",
+    "val_loss": "eval/val_loss",
+    "val_bpb": "eval/val_bpb",
+}
+
+# TrainConfig field that turns a sink on -> the package it imports, which is also the extra that installs it.
+SINK_PACKAGES = {"tensorboard_dir": "tensorboard", "wandb_project": "wandb"}
+
+
+def sink_scalars(row: dict[str, Any]) -> dict[str, float]:
+    """The row's fields the optional sinks get, under their namespaced names."""
+    return {name: float(row[key]) for key, name in SINK_KEYS.items() if key in row}
+
+
+def check_sinks(train_cfg) -> None:
+    """A ConfigError naming the extra to install when a sink is turned on and its package does not import.
+
+    Called by every rank at start-up, before anything is built, although only the logging rank writes.
+    """
+    for name, package in SINK_PACKAGES.items():
+        if getattr(train_cfg, name):
+            try:
+                __import__(package)
+            except ImportError:
+                raise ConfigError(
+                    f"train.{name} = {getattr(train_cfg, name)!r} needs the {package} package; install it with "
+                    f"pip install 'megatron-moe[{package}]' (or set train.{name} = \"\" to turn it off)"
+                ) from None
+
+
+def open_sinks(cfg, resumed_step: int | None) -> list[Any]:
+    """The optional sinks a run config turns on (call on the logging rank only)."""
+    t = cfg.train
+    sinks: list[Any] = []
+    if t.tensorboard_dir:
+        sinks.append(TensorBoardSink(Path(t.tensorboard_dir), resumed_step))
+    if t.wandb_project:
+        sinks.append(WandbSink(cfg, Path(t.output_dir), resumed_step))
+    return sinks
+
+
+class TensorBoardSink:
+    """Scalars in TensorBoard event files under `log_dir` (one run per directory)."""
+
+    def __init__(self, log_dir: Path, resumed_step: int | None):
+        from torch.utils.tensorboard import SummaryWriter
+
+        # TensorBoard hides the events of earlier files in this directory from purge_step on: all of them for a
+        # fresh start, those after the checkpoint for a resumed run (it logs those steps again).
+        self.writer = SummaryWriter(str(log_dir), purge_step=(resumed_step or 0) + 1)
+
+    def log(self, step: int, scalars: dict[str, float]) -> None:
+        for name, value in scalars.items():
+            self.writer.add_scalar(name, value, global_step=step)
+        # Flushed row by row: a run killed mid-way keeps what it logged, as metrics.jsonl does.
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class WandbSink:
+    """Scalars in a Weights & Biases run, with the resolved run config as its config.
+
+    A resumed run continues the W&B run of its earlier attempts (its id is kept in `output_dir/wandb-run-id`);
+    a fresh start begins a new one. W&B's files go under `output_dir` unless WANDB_DIR says otherwise.
+    """
+
+    ID_FILE = "wandb-run-id"
+
+    def __init__(self, cfg, out_dir: Path, resumed_step: int | None):
+        import wandb
+
+        t = cfg.train
+        id_file = out_dir / self.ID_FILE
+        run_id = id_file.read_text().strip() if resumed_step is not None and id_file.is_file() else ""
+        run_id = run_id or secrets.token_hex(6)
+        atomic_write_text(id_file, run_id + "\n")
+        try:
+            self.run = wandb.init(
+                project=t.wandb_project, entity=t.wandb_entity or None, name=t.wandb_run_name or None,
+                id=run_id, resume="allow", config=cfg.to_dict(),
+                dir=None if os.environ.get("WANDB_DIR") else str(out_dir),
+            )
+        except wandb.errors.Error as exc:  # e.g. no API key on a compute node
+            raise ConfigError(f"train.wandb_project = {t.wandb_project!r}: W&B did not start: "
+                              f"{' '.join(str(exc).split())}") from None
+
+    def log(self, step: int, scalars: dict[str, float]) -> None:
+        self.run.log(scalars, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
 
 
 class ThroughputMeter:

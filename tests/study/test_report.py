@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
 
 from megatron_moe.study.plan import plan_study
-from megatron_moe.study.report import build_results, render_markdown, tables, write_report
+from megatron_moe.study.report import build_results, render_html, render_markdown, tables, write_report
 from megatron_moe.study.rundir import load_manifest, manifest
 from megatron_moe.study.spec import load_study
 from megatron_moe.config import ConfigError
@@ -181,6 +182,17 @@ def test_report_files(tmp_path):
     assert total["ci"] == pytest.approx([-0.09 - 0.127062, -0.09 + 0.127062], abs=1e-6)
     assert all(p["ci"][0] < p["mean"] < p["ci"][1] for p in active["over_training"])
     assert "(no plots" in render_markdown(results, [])
+
+
+def test_wide_tables_scroll_instead_of_being_cut(tmp_path):
+    results = build_results(_fake_study(tmp_path))
+    page = render_html(results, {})
+    (css,) = re.findall(r"<style>(.*?)</style>", page, re.S)
+    rules = {sel.strip(): body for sel, body in re.findall(r"([^{}]+)\{([^}]*)\}", css)}
+    # overflow applies to block boxes, not to display:table ones, so the table becomes a block that scrolls
+    table = dict(decl.split(":", 1) for decl in rules["table"].split(";"))
+    assert table["overflow-x"] == "auto" and table["display"] == "block" and table["max-width"] == "100%"
+    assert page.count("<table>") == len(tables(results)) > 0
 
 
 def test_gap_over_training_uses_the_t_interval(tmp_path):

@@ -1,12 +1,14 @@
-"""Statistics over seeds: t quantiles against tables, and paired statistics against hand-computed values."""
+"""Statistics over seeds: t quantiles against tables, paired statistics against hand-computed values, and the
+fitted optimum over a grid (a quadratic in log x with a seed-bootstrap interval)."""
 
 from __future__ import annotations
 
 import math
+import random
 
 import pytest
 
-from megatron_moe.study.stats import paired, summarize, t_cdf, t_quantile
+from megatron_moe.study.stats import fit_log_quadratic, fit_optimum, paired, summarize, t_cdf, t_quantile
 
 
 @pytest.mark.parametrize("p, df, expected", [
@@ -44,3 +46,61 @@ def test_paired_statistics_by_hand():
     one = summarize([1.5])
     assert (one.n, one.mean, one.std, one.ci_low) == (1, 1.5, None, None)
     assert summarize([]).mean is None
+
+
+# ---------------------------------------------------------------- optimum over a grid
+
+GRID = (0.05, 0.1, 0.15, 0.2, 0.3, 0.5)
+
+
+def _loss(r: float, r_opt: float = 0.18) -> float:
+    return 2.0 + 0.3 * math.log(r / r_opt) ** 2
+
+
+def _per_seed(n_seeds: int, noise: float, seed: int = 7, loss=_loss) -> dict[float, list[float]]:
+    rng = random.Random(seed)
+    return {r: [loss(r) + rng.gauss(0.0, noise) for _ in range(n_seeds)] for r in GRID}
+
+
+def test_quadratic_in_log_x_is_exact_for_a_parabola():
+    fit = fit_log_quadratic(list(GRID), [_loss(r) for r in GRID])
+    assert fit.x_opt == pytest.approx(0.18, rel=1e-9) and fit.vertex == pytest.approx(0.18, rel=1e-9)
+    assert fit.y_opt == pytest.approx(2.0, abs=1e-12) and fit.interior and fit.residual_std == pytest.approx(0, abs=1e-9)
+    assert fit.predict(0.3) == pytest.approx(_loss(0.3), abs=1e-12)
+    assert fit_log_quadratic([0.1, 0.2], [1.0, 2.0]) is None  # a quadratic needs 3 distinct points
+
+
+def test_fit_recovers_a_known_optimum_and_its_interval_shrinks_with_seeds():
+    few = fit_optimum(_per_seed(3, 0.02))
+    many = fit_optimum(_per_seed(40, 0.02))
+    for opt in (few, many):
+        assert opt.ci_low < 0.18 < opt.ci_high and not opt.at_edge and opt.interior_fraction > 0.9
+        assert opt.resamples == 2000 and opt.seed == 0 and opt.best_x in (0.15, 0.2)
+    assert many.fit.x_opt == pytest.approx(0.18, rel=0.05)
+    width_few, width_many = few.ci_high - few.ci_low, many.ci_high - many.ci_low
+    assert width_many < 0.5 * width_few  # ~ 1 / sqrt(seeds): 40 seeds vs 3
+    # seeded: the same values give the same interval; another resampler seed another one
+    again = fit_optimum(_per_seed(3, 0.02))
+    assert (again.ci_low, again.ci_high) == (few.ci_low, few.ci_high)
+    other = fit_optimum(_per_seed(3, 0.02), seed=1)
+    assert (other.ci_low, other.ci_high) != (few.ci_low, few.ci_high)
+    # a narrower confidence gives a narrower interval inside the wider one
+    narrow = fit_optimum(_per_seed(3, 0.02), confidence=0.5)
+    assert few.ci_low <= narrow.ci_low < narrow.ci_high <= few.ci_high
+
+
+@pytest.mark.parametrize("loss, interior, x_opt", [
+    (lambda r: 2.0 - 0.1 * math.log(r), False, 0.5),           # still falling at the densest arm
+    (lambda r: 2.0 + 0.3 * math.log(r / 0.02) ** 2, False, 0.05),  # the vertex lies below the grid
+    (lambda r: 2.0 - 0.3 * math.log(r / 0.18) ** 2, False, None),  # opens downward: no minimum at all
+])
+def test_an_optimum_at_the_grid_edge_is_flagged(loss, interior, x_opt):
+    opt = fit_optimum(_per_seed(3, 0.001, loss=loss))
+    assert opt.at_edge and opt.fit.interior is interior
+    if x_opt is not None:
+        assert opt.fit.x_opt == pytest.approx(x_opt) and opt.best_x == x_opt
+    else:
+        assert opt.fit.vertex is None and opt.fit.x_opt in (GRID[0], GRID[-1])
+    # the bootstrap optima stay on the grid's range: the interval never extrapolates
+    assert GRID[0] <= opt.ci_low <= opt.ci_high <= GRID[-1]
+    assert fit_optimum({0.1: [1.0], 0.2: [0.9]}) is None

@@ -133,13 +133,30 @@ def test_run_hash_ignores_bookkeeping_only():
     cfg = RunConfig()
     h = run_hash(cfg)
     for section, name, value in (("train", "output_dir", "elsewhere"), ("train", "log_interval", 1),
-                                 ("train", "save_interval", 7)):
+                                 ("train", "save_interval", 7), ("train", "tensorboard_dir", "tb"),
+                                 ("train", "wandb_project", "p"), ("train", "wandb_entity", "team"),
+                                 ("train", "wandb_run_name", "r")):
         changed = dataclasses.replace(cfg, **{section: dataclasses.replace(getattr(cfg, section), **{name: value})})
         assert run_hash(changed) == h
     for section, name, value in (("train", "lr", 1e-3), ("train", "seed", 7), ("data", "seed", 7),
                                  ("model", "hidden_size", 256)):
         changed = dataclasses.replace(cfg, **{section: dataclasses.replace(getattr(cfg, section), **{name: value})})
         assert run_hash(changed) != h
+
+
+def test_sinks_name_each_run_without_changing_its_hash(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a relative tensorboard_dir is resolved here, at planning
+    plain = plan_study(load_study(_write(tmp_path)), tmp_path / "out")
+    assert all(not r.config.train.tensorboard_dir and not r.config.train.wandb_run_name for r in plain.runs)
+    sinks = plan_study(load_study(_write(tmp_path), ["train.tensorboard_dir='tb'", "train.wandb_project='p'",
+                                                     "train.wandb_run_name='ignored'"]), tmp_path / "out")
+    assert [(r.dir, r.hash) for r in sinks.runs] == [(r.dir, r.hash) for r in plain.runs]
+    for r in sinks.runs:
+        t = r.config.train
+        assert t.wandb_run_name == f"mini/{r.arm}-s{r.seed}" and t.wandb_project == "p"
+        assert t.tensorboard_dir == str((tmp_path / "tb").resolve() / "mini" / f"{r.arm}-s{r.seed}")
+    only_tb = plan_study(load_study(_write(tmp_path), ["train.tensorboard_dir='tb'"]), tmp_path / "out")
+    assert all(r.config.train.wandb_run_name == "" for r in only_tb.runs)  # W&B stays off
 
 
 # ---------------------------------------------------------------- data orders
