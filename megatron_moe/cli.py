@@ -117,7 +117,8 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     prep.add_argument("inputs", nargs="+", help="input files or directories")
     prep.add_argument("-o", "--output-dir", "--output", dest="output", required=True,
                       help="output dataset directory (must not exist)")
-    prep.add_argument("--tokenizer", help="tokenizer.json, SentencePiece *.model or *.tiktoken (default: train a BPE)")
+    prep.add_argument("--tokenizer", help="tokenizer.json (or its directory), a Hugging Face Hub model name, SentencePiece "
+                      "*.model or *.tiktoken (default: train a BPE)")
     prep.add_argument("--vocab-size", type=int, default=8192, help="vocab size of a trained BPE (default 8192)")
     prep.add_argument("--eod-token", help="end-of-document token of a loaded tokenizer (default: auto-detect)")
     prep.add_argument("--text-key", default="text", help="JSON field holding the text (default text)")
@@ -168,7 +169,8 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     insp.add_argument("--unique-tokens", type=int, help="unique-token budget (0 = all)")
     insp.add_argument("--epochs", type=float, help="passes over the unique tokens")
     insp.add_argument("--consumed-tokens", type=int, help="total tokens of the schedule")
-    insp.add_argument("--verify", action="store_true", help="verify every file's sha256 against the manifest")
+    insp.add_argument("--verify", action="store_true",
+                      help="verify every file's sha256 against the manifest and every token id against the vocabulary")
     insp.add_argument("--json", action="store_true", help="print the description as JSON")
 
     insp.set_defaults(func=inspect_main)
@@ -327,6 +329,7 @@ def plan_main(args: argparse.Namespace) -> int:
 
     counts = {name: None if text is None else parse_count(text, f"--{name.replace('_', '-')}")
               for name, text in (("total_params", args.total_params), ("unique_tokens", args.unique_tokens))}
+    _check_output_dir(args.write_dir, "--output-dir")
     run_cfg = load_plan_config(args.config, args.overrides)
     family = None
     if args.match == "equal-resources":
@@ -357,7 +360,7 @@ STUDY_EPILOG = """examples:
   megatron-moe study run examples/tiny_three_arm/cpu.toml             # 3 arms x 3 seeds on CPU, ~15 min
   megatron-moe study run examples/tiny_three_arm/cpu.toml --dry-run   # derived arms, runs and their status
   megatron-moe study run examples/tiny_three_arm/cpu.toml study.seeds=[1] study.budget_tokens=40960 -o runs/quick
-  megatron-moe study run examples/equal_resources/cpu.toml data.path=data/tinystories model.vocab_size=4096
+  megatron-moe study run examples/equal_resources/cpu.toml            # r_a family on the built-in TinyStories
   megatron-moe study report runs/study/tiny_three_arm_cpu            # report.md, report.html, results.json
 """
 
@@ -400,6 +403,7 @@ def study_run_main(args: argparse.Namespace) -> int:
 
     _check_output_dir(args.output_dir, "--output-dir")
     cfg = load_study(args.study, args.overrides)
+    _check_output_dir(cfg.study.output_dir or None, "study.output_dir")
     try:
         return run_study(cfg, args.output_dir, study_file=str(Path(args.study).resolve()),
                          keep_going=args.keep_going, dry_run=args.dry_run, quiet=args.quiet,
@@ -412,6 +416,7 @@ def study_run_main(args: argparse.Namespace) -> int:
 def study_report_main(args: argparse.Namespace) -> int:
     from megatron_moe.study.report import tables, write_report
 
+    _check_output_dir(args.output_dir, "--output-dir")
     paths = write_report(args.dir, args.output_dir, args.confidence)
     results = json.loads(paths["results.json"].read_text())
     for w in results["warnings"]:
@@ -513,6 +518,7 @@ def study_launch_main(args: argparse.Namespace) -> int:
 
     if not args.slurm:
         raise ConfigError("study launch needs a scheduler: add --slurm (the only one supported)")
+    _check_output_dir(args.output_dir, "--output-dir")
     lc = load_launch_config(args.launch_config, {k: getattr(args, k) for k in args.launch_flags})
     cfg = load_study(args.study, args.overrides, check_world=False)
     try:
@@ -560,6 +566,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
 def bench_main(args: argparse.Namespace) -> int:
     from megatron_moe.bench.measure import bench
 
+    _check_output_dir(args.out, "--output-dir")
     config, overrides = _split_config(args.config, args.overrides)
     try:
         bench(config, overrides, steps=args.steps, warmup=args.warmup, repeats=args.repeats,

@@ -58,3 +58,15 @@ def test_bad_output_dirs_and_zero_sizes_are_one_line_errors(tmp_path, capsys, ar
     assert main([a.replace("{file}", str(tmp_path / "f")) for a in argv]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err
+
+
+@pytest.mark.parametrize("argv", [
+    ["plan", str(REPO / "examples/tiny_moe.toml"), "-o", "{file}"],
+    ["study", "report", "{dir}", "-o", "{file}"],
+    ["bench", "-o", "{file}"],
+])
+def test_every_output_dir_flag_refuses_a_file_in_one_line(tmp_path, capsys, argv):
+    (tmp_path / "f").write_text("not a directory")
+    assert main([a.replace("{file}", str(tmp_path / "f")).replace("{dir}", str(tmp_path)) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is an existing file, not a directory" in err

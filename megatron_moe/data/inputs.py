@@ -1,5 +1,5 @@
 """Reading raw corpora: text (documents separated by an end-of-document marker) and JSON lines, plain or
-compressed (.gz, .bz2, .xz), from files, directories or globs.
+compressed (.gz, .bz2, .xz), from files or directories.
 """
 
 from __future__ import annotations

@@ -50,20 +50,24 @@ def import_megatron(
         writers = split_writers(tmp, dtype)
         total_docs = sum(store.num_documents for _, store, _ in sources)
         show = Progress(f"import {out.name}", total_docs, progress, unit="doc")
-        done = 0
+        done = skipped = 0
         for path, store, forced in sources:
             top = int(store.tokens.max()) if store.num_tokens else 0
-            if top >= tok.vocab_size:
-                raise ConfigError(f"token id {top} in {path} is outside the tokenizer's vocabulary "
-                                  f"({tok.vocab_size}); pass the tokenizer the data was made with")
+            low = int(store.tokens.min()) if store.num_tokens else 0
+            if top >= tok.vocab_size or low < 0:
+                raise ConfigError(f"token id {top if top >= tok.vocab_size else low} in {path} is outside the "
+                                  f"tokenizer's vocabulary [0, {tok.vocab_size}); pass the tokenizer the data was made with")
             for i in range(store.num_documents):
                 ids = np.asarray(store.document(i), dtype=np.int64)
                 if len(ids) and ids[-1] == tok.eod_id:
                     ids = ids[:-1]
+                done += 1
+                if not len(ids):  # an empty document, as data prepare skips them
+                    skipped += 1
+                    continue
                 text = tok.decode(ids)
                 is_valid = forced == "valid" if forced else text_split_value(text, split_seed) < valid_fraction
                 writers["valid" if is_valid else "train"].add(np.append(ids, tok.eod_id), len(text.encode("utf-8")))
-                done += 1
                 show.update(done, done, sum(w.tokens for w in writers.values()))
         for w in writers.values():
             w.builder.finalize(str(tmp / f"{w.prefix.name}.idx"))
@@ -72,7 +76,7 @@ def import_megatron(
                  {"method": "blake2b(document text, key=seed) < valid_fraction", "valid_fraction": valid_fraction,
                   "seed": split_seed})
         manifest = finish_dataset(tmp, writers, dtype, tok_info, split, {
-            "skipped_empty_documents": 0,
+            "skipped_empty_documents": skipped,
             "inputs": [{"path": str(Path(prefix)), "format": "megatron-lm"}],
             "valid_inputs": [{"path": str(Path(valid_prefix)), "format": "megatron-lm"}] if valid_prefix else [],
         })

@@ -11,6 +11,7 @@ import hashlib
 import itertools
 import os
 import shutil
+import socket
 import sys
 import tempfile
 import time
@@ -171,7 +172,7 @@ def write_dataset(
             docs = nbytes = 0
             for texts, flags in _chunks(source, valid_fraction, split_seed, {"skipped_empty": 0}):
                 docs += len(texts)
-                nbytes += sum(len(t) for t in texts)
+                nbytes += sum(len(t.encode("utf-8")) for t in texts)
                 reading.update(meter.position() if meter else nbytes, docs, 0)
                 yield from (t for t, v in zip(texts, flags) if not v)
             reading.close(docs, nbytes, 0)
@@ -314,13 +315,15 @@ def finish_dataset(out_dir: Path, writers: dict[str, _SplitWriter], dtype: Any, 
 
 
 def temp_dir_for(out: Path) -> Path:
-    """A fresh hidden directory beside `out` to build it in. Its name carries this process id, so that the
-    leftovers of a killed build of the same output (whose process is gone) are recognised and removed."""
-    for old in out.parent.glob(f".{out.name}.tmp-*"):
-        pid = old.name.removeprefix(f".{out.name}.tmp-").split("-")[0]
+    """A fresh hidden directory beside `out` to build it in. Its name carries this host and process id, so that
+    the leftovers of a killed build of the same output on this host (whose process is gone) are recognised and
+    removed; builds on other hosts sharing the directory are left alone."""
+    host = socket.gethostname().replace("-", "_")
+    for old in out.parent.glob(f".{out.name}.tmp-{host}-*"):
+        pid = old.name.removeprefix(f".{out.name}.tmp-{host}-").split("-")[0]
         if pid.isdigit() and not _alive(int(pid)):
             shutil.rmtree(old, ignore_errors=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{host}-{os.getpid()}-", dir=out.parent))
 
 
 def _alive(pid: int) -> bool:

@@ -26,9 +26,6 @@ from megatron_moe.config import ConfigError
 
 STREAM_VERSION = 1  # bump when the sample-stream algorithm changes: it is part of every fingerprint
 
-_M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
-
-
 def _splitmix64(x: np.ndarray) -> np.ndarray:
     """Vectorised splitmix64 finaliser on uint64 (wrapping arithmetic is intended)."""
     with np.errstate(over="ignore"):

@@ -91,13 +91,15 @@ class DataSource:
         """Batches an evaluation of `num_batches` (0 = all complete ones of the split) takes; ConfigError when the
         validation split is too small for them."""
         s = self.seq_length
-        if num_batches == 0:
+        whole = num_batches == 0
+        if whole:
             num_batches = max(1, (self.valid.num_tokens - 1) // (batch_size * s))
         need = batch_size * num_batches * s + 1
         if need > self.valid.num_tokens:
+            lower = "lower train.global_batch_size" if whole else "lower train.eval_iters"
             raise ConfigError(
                 f"validation split has {self.valid.num_tokens:,} tokens; {num_batches} batches of {batch_size} x "
-                f"{s + 1} need {need:,} (lower train.eval_iters or "
+                f"{s + 1} need {need:,} ({lower} or "
                 f"{'raise data.synthetic_documents' if self.builtin == 'synthetic' else 'hold out more documents'})"
             )
         return num_batches

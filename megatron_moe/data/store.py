@@ -102,8 +102,6 @@ _MANIFEST_FIELDS: list[tuple[tuple[str, ...], type]] = [
       (("kind", str), ("file", str), ("vocab_size", int), ("eod_id", int), ("eod_token", str), ("sha256", str))),
     (("checksums",), dict), (("checksums", "train.bin"), str), (("checksums", "train.idx"), str),
 ]
-
-
 """(key path, type) of every manifest field the loader reads."""
 
 

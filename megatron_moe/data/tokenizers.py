@@ -19,7 +19,6 @@ EOD_TEXT = "<|endoftext|>"
 """Default end-of-document token text (also the default document separator of plain-text inputs)."""
 
 
-
 class TextTokenizer:
     """A loaded tokenizer: HF `tokenizers` JSON, SentencePiece model, or tiktoken BPE file."""
 
@@ -140,6 +139,8 @@ def find_tokenizer_file(name: str | Path) -> Path:
     Hub's local cache."""
     path = Path(name)
     if path.is_dir():
+        if not (path / "tokenizer.json").is_file():
+            raise ConfigError(f"tokenizer directory {str(path)!r} holds no tokenizer.json")
         path = path / "tokenizer.json"
     if path.is_file():
         return path

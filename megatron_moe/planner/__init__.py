@@ -7,4 +7,5 @@
   explicit dense baseline shape, strict or loose data reuse).
 - `format`: the human-readable tables and number formatting the CLI and reports print, and counts read as
   researchers write them (6.5B, 1.4e11).
+- `plan`: what `megatron-moe plan` computes for one config (ledger, matched arms as complete run configs).
 """

@@ -41,8 +41,6 @@ from megatron_moe.config import ModelConfig
 COMPONENTS = (
     "embedding", "attention", "dense_mlp", "routed_experts", "shared_experts", "router", "norms", "output_layer",
 )
-
-
 """Ledger components, in display order (the names `megatron_moe.model.component_of` uses)."""
 
 

@@ -27,8 +27,6 @@ Contract = Literal["active", "total", "flops"]
 
 
 DEFAULT_MULTIPLE_OF = 8
-
-
 """Default granularity of resized widths: bf16 tensor cores want multiples of 8; FP8 GEMMs and
 grouped-GEMM expert kernels want 16 (pass `multiple_of=16`)."""
 

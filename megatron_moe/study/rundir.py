@@ -328,7 +328,12 @@ def job_state(job: str) -> str | None:
         proc = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True, timeout=60)
     except subprocess.TimeoutExpired:
         raise LaunchError(f"squeue -j {job} did not answer within 60 s: cannot tell whether it is queued") from None
-    states = proc.stdout.split() if proc.returncode == 0 else []
+    if proc.returncode != 0:
+        if "invalid job id" in proc.stderr.lower():  # SLURM has forgotten the job: it is not queued
+            return None
+        reason = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit code {proc.returncode}"
+        raise LaunchError(f"squeue -j {job} failed ({reason}): cannot tell whether it is queued")
+    states = proc.stdout.split()
     return states[0] if states else None
 
 

@@ -212,8 +212,9 @@ def validate_study(cfg: StudyConfig, *, check_world: bool = True) -> None:
         er = s.equal_resources
         if not er.r_a or any(not 0 < r < 1 for r in er.r_a):
             raise ConfigError(f"study.equal_resources.r_a = {er.r_a} must be activation rates in (0, 1)")
-        if len(set(er.r_a)) != len(er.r_a):
-            raise ConfigError(f"study.equal_resources.r_a = {er.r_a} lists a rate twice (arms are named by it)")
+        if len({f"{r:.2f}" for r in er.r_a}) != len(er.r_a):
+            raise ConfigError(f"study.equal_resources.r_a = {er.r_a} lists rates that agree to two decimals; arms are "
+                              "named by the rate to two decimals, so give distinct ones")
         for name in ("dense_layers", "dense_hidden", "dense_ffn", "expert_ffn_hidden_size"):
             if getattr(er, name) < 0:
                 raise ConfigError(f"study.equal_resources.{name} = {getattr(er, name)} must be >= 0 (0 = default)")

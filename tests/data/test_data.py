@@ -552,20 +552,24 @@ def test_verify_catches_token_ids_outside_the_vocabulary_even_with_rewritten_che
 
 
 def test_a_killed_prepare_leaves_no_lasting_temp_dir(tmp_path):
-    """A build killed mid-way leaves `.<name>.tmp-<pid>-*`; the next prepare of that output removes it once its
-    process is gone, and leaves a live process's directory alone."""
+    """A build killed mid-way leaves `.<name>.tmp-<host>-<pid>-*`; the next prepare of that output on the same
+    host removes it once its process is gone, and leaves a live process's or another host's directory alone."""
+    import socket
     import subprocess
     import sys
 
     corpus = _write_text(tmp_path / "c.txt", DOCS)
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    stale = tmp_path / f".out.tmp-{dead.pid}-abc"
-    live = tmp_path / f".out.tmp-{os.getpid()}-xyz"
-    stale.mkdir()
-    live.mkdir()
+    host = socket.gethostname().replace("-", "_")
+    stale = tmp_path / f".out.tmp-{host}-{dead.pid}-abc"
+    live = tmp_path / f".out.tmp-{host}-{os.getpid()}-xyz"
+    other_host = tmp_path / f".out.tmp-{host}x-{dead.pid}-abc"  # another machine's build: not ours to judge
+    for d in (stale, live, other_host):
+        d.mkdir()
     prepare_dataset([corpus], tmp_path / "out", vocab_size=300, valid_fraction=0.2, progress=False)
-    assert not stale.exists() and live.exists() and (tmp_path / "out" / "manifest.json").is_file()
+    assert not stale.exists() and live.exists() and other_host.exists()
+    assert (tmp_path / "out" / "manifest.json").is_file()
 
 
 def test_fingerprint_sees_a_change_in_a_later_epochs_order(cache, monkeypatch):
@@ -587,3 +591,29 @@ def test_fingerprint_sees_a_change_in_a_later_epochs_order(cache, monkeypatch):
     changed = build_data_source(cfg, 32, 8)
     assert changed.train_batch(0).tobytes() == first_batch  # the head of the stream is unchanged
     assert changed.fingerprint() != before
+
+
+@pytest.mark.slow
+def test_builtin_tinystories_is_prepared_once_and_reused(tmp_path, capsys, monkeypatch):
+    from megatron_moe.data.corpora import TINYSTORIES_VALID_FRACTION, tinystories_dataset
+
+    path = tinystories_dataset(512, root=tmp_path)
+    assert "preparing the built-in TinyStories corpus" in capsys.readouterr().err
+    manifest = read_manifest(path)
+    assert manifest["documents"] == 10_270
+    valid = manifest["splits"]["valid"]
+    assert abs(valid["documents"] / 10_270 - TINYSTORIES_VALID_FRACTION) < 0.01 and valid["tokens"] >= 40_000
+    stamp = (path / "manifest.json").stat().st_mtime_ns
+    assert tinystories_dataset(512, root=tmp_path) == path  # second use: the cache, not a new build
+    assert (path / "manifest.json").stat().st_mtime_ns == stamp
+    assert "preparing" not in capsys.readouterr().err
+    monkeypatch.setenv("MEGATRON_MOE_CACHE", str(tmp_path))
+    ds = build_data_source(DataConfig(corpus="tinystories", corpus_vocab_size=512), 64, 8)
+    assert ds.builtin == "tinystories" and ds.vocab_size == 512 and ds.path == path
+
+
+def test_a_tokenizer_directory_without_tokenizer_json_is_one_line(tmp_path):
+    (tmp_path / "megatron_vocab").mkdir()
+    (tmp_path / "megatron_vocab" / "vocab.json").write_text("{}")
+    with pytest.raises(ConfigError, match="holds no tokenizer.json"):
+        load_tokenizer(tmp_path / "megatron_vocab")

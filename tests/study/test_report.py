@@ -285,14 +285,3 @@ def test_report_before_any_run_is_complete(tmp_path):
     assert res["data_fingerprints_equal"] is None and all(a["best_val_loss"]["n"] == 0 for a in res["arms"])
     assert [w for w in res["warnings"] if "DATA" in w] == [] and "9 of 9 runs are not complete" in res["warnings"][0]
     assert "unknown (no run complete)" in render_markdown(res, [])
-
-
-def test_atomic_writes_get_the_usual_file_mode(tmp_path):
-    import os
-    import stat
-
-    mask = os.umask(0o022)
-    os.umask(mask)
-    atomic_write_json(tmp_path / "x.json", {"a": 1})
-    assert stat.S_IMODE((tmp_path / "x.json").stat().st_mode) == 0o666 & ~mask
-    assert [p.name for p in tmp_path.iterdir()] == ["x.json"]  # no temp file left behind
