@@ -1,9 +1,11 @@
-"""Small shared helpers: atomic file writes and JSON lines."""
+"""Small shared helpers: atomic file writes, JSON lines and exclusive file locks."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import socket
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -46,3 +48,56 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
             pass
     return rows
+
+
+class Locked(Exception):
+    """Another process holds the lock; `holder` is what it wrote there (pid@host)."""
+
+    def __init__(self, path: Path, holder: str):
+        super().__init__(f"{path} is held by {holder or 'another process'}")
+        self.path, self.holder = path, holder
+
+
+_HELD: dict[str, int] = {}  # path -> descriptor of the locks this process holds
+
+
+def lock_exclusive(path: str | Path) -> int:
+    """Hold an exclusive `flock` on `path` (created if needed) until this process exits, with "pid@host" written
+    in it; returns its descriptor. A process that already holds it gets it again. Raises `Locked` when another
+    process holds it, and OSError where the file system has no locks (some network file systems).
+    """
+    path = Path(path)
+    key = str(path.resolve())
+    if key in _HELD:
+        return _HELD[key]
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
+        os.close(fd)
+        raise Locked(path, holder) from None
+    except OSError:
+        os.close(fd)
+        raise
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}@{socket.gethostname()}\n".encode(), 0)
+    _HELD[key] = fd
+    return fd
+
+
+def lock_holder(path: str | Path) -> str | None:
+    """Who holds the `lock_exclusive` lock on `path` (what it wrote there), or None when nobody does."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+    except OSError:
+        return None  # no locks on this file system: nobody can be said to hold it
+    finally:
+        os.close(fd)
+    return None

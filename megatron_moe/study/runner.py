@@ -3,11 +3,14 @@
 Idempotent: a complete run (result.json) is skipped, a partial one resumed from its checkpoint, a run queued or
 running on SLURM (`study launch`) left to its job. A stop signal (`RUNNER_STOP_SIGNALS`, e.g. Ctrl-C or SLURM's
 SIGTERM) is handed to the trainer as SIGTERM; it checkpoints, and the runner exits with `PREEMPTED_EXIT_CODE`, so
-the same command resumes. The study directory's files are `rundir`'s.
+the same command resumes. A runner killed outright (SIGKILL, an OOM kill) takes its trainer with it: the trainer
+gets SIGTERM, checkpoints and exits, so no orphan keeps writing the run directory. The study directory's files
+are `rundir`'s.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import shutil
@@ -19,11 +22,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 from megatron_moe.config import save_toml
+from megatron_moe.files import lock_holder
 from megatron_moe.study.plan import Plan, Run, data_check, format_plan, plan_study, refuse_unequal_data
 from megatron_moe.study.rundir import (environment, git_state, live_job, log_event, now, package_root, record_attempt,
                                        run_status, study_lock, write_study_files)
 from megatron_moe.study.spec import StudyConfig
-from megatron_moe.train.stop import PREEMPTED_EXIT_CODE, RUNNER_STOP_SIGNALS, clear_preempted, was_preempted
+from megatron_moe.train.stop import PREEMPTED_EXIT_CODE, RUN_LOCK, RUNNER_STOP_SIGNALS, clear_preempted, was_preempted
 
 
 class _Stop(Exception):
@@ -38,24 +42,60 @@ def _train_command(run: Run, nproc: int) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *cli]
 
 
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+LOCK_WAIT_S = 180.0
+"""How long a runner waits for an earlier trainer of the same run (one whose runner was killed, now saving its
+checkpoint) to let go of the run directory."""
+
+
+def _dies_with_runner() -> Callable[[], None] | None:
+    """A preexec_fn asking Linux to send the trainer SIGTERM when this runner dies (None elsewhere)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    libc = ctypes.CDLL(None, use_errno=True)  # looked up here: the forked child should only make the call
+    runner = os.getpid()
+
+    def preexec() -> None:
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != runner:  # the runner died before the request was made: nobody would send it
+            os._exit(1)
+
+    return preexec
+
+
+def _wait_for_run_dir(run: Run, echo: Callable[[str], None], prefix: str) -> None:
+    """Wait (up to LOCK_WAIT_S) while another trainer still holds the run directory; the trainer started after it
+    refuses in one line if it is still held."""
+    holder = lock_holder(run.dir / RUN_LOCK)
+    if holder is None:
+        return
+    echo(f"{prefix} waiting for the trainer that still holds {run.dir} ({holder}) to stop")
+    deadline = time.monotonic() + LOCK_WAIT_S
+    while holder is not None and time.monotonic() < deadline:
+        time.sleep(0.5)
+        holder = lock_holder(run.dir / RUN_LOCK)
+
+
 def _train_subprocess(run: Run, nproc: int, echo: Callable[[str], None], prefix: str) -> int:
     """Run the trainer in a fresh process, tee its output to run_dir/train.log; returns its exit code.
 
     The trainer gets a session of its own, so a terminal's Ctrl-C reaches the runner only, which hands it on as
-    SIGTERM (checkpoint, then exit). A trainer that saved and stopped on a signal of its own leaves the
-    preemption marker in its run directory; that attempt returns PREEMPTED_EXIT_CODE, also under torchrun,
-    which reports a failed worker as 1. The marker is cleared first, so one left by an earlier attempt cannot
-    count.
+    SIGTERM (checkpoint, then exit); the kernel sends it SIGTERM too should the runner die without handing it
+    on. A trainer that saved and stopped on a signal of its own leaves the preemption marker in its run
+    directory; that attempt returns PREEMPTED_EXIT_CODE, also under torchrun, which reports a failed worker as
+    1. The marker is cleared first, so one left by an earlier attempt cannot count.
     """
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(package_root()), env.get("PYTHONPATH")) if p)
     env["PYTHONUNBUFFERED"] = "1"
+    _wait_for_run_dir(run, echo, prefix)
     clear_preempted(run.dir)
     with (run.dir / "train.log").open("a") as log:
         log.write(f"==== {now()} {' '.join(_train_command(run, nproc))}\n")
         log.flush()
         proc = subprocess.Popen(_train_command(run, nproc), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, bufsize=1, env=env, start_new_session=True)
+                                text=True, bufsize=1, env=env, start_new_session=True,
+                                preexec_fn=_dies_with_runner())
         try:
             assert proc.stdout is not None
             for line in proc.stdout:

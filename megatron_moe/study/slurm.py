@@ -77,7 +77,8 @@ class LaunchConfig:
     python: str = ""
     """Python on the compute nodes (default: this interpreter's path; `python` inside a container)."""
     workdir: str = ""
-    """Directory the job runs in and puts on PYTHONPATH (default: this checkout of megatron-moe)."""
+    """Directory the job runs in and puts on PYTHONPATH (default: the run directory, with this checkout of
+    megatron-moe on PYTHONPATH when the package runs from one rather than from an installed wheel)."""
     setup: list[str] = field(default_factory=list)
     """Shell lines run before training, e.g. `module load cuda` or `source /path/venv/bin/activate`."""
     sbatch_args: list[str] = field(default_factory=list)
@@ -175,9 +176,22 @@ def torchrun_command(python: str, run_toml: str, *, nnodes: int, nproc_per_node:
     return [*cmd, "-m", "megatron_moe.cli", "train", run_toml]
 
 
+# The agent's arguments that bash must expand: variables the script sets itself (RUN_DIR, MASTER_*) or SLURM sets.
+_RUN_TOML, _ENDPOINT, _RDZV_ID = "$RUN_DIR/run.toml", "$MASTER_ADDR:$MASTER_PORT", "$SLURM_JOB_ID"
+_EXPANDED = frozenset({_RUN_TOML, _ENDPOINT, _RDZV_ID})
+
+
 def _sh(arg: str) -> str:
-    """Quote for bash; arguments naming our own shell variables ($VAR) stay expandable."""
-    return f'"{arg}"' if "$" in arg else shlex.quote(arg)
+    """Quote for bash. Only our own `_EXPANDED` arguments, matched whole, are double-quoted so that bash
+    substitutes them; everything else (user-supplied paths, options, a --python or a launch profile's values)
+    is single-quoted, so a `$(...)` or backquote in it stays text instead of running on the compute node."""
+    return f'"{arg}"' if arg in _EXPANDED else shlex.quote(arg)
+
+
+def _one_line(text: str) -> str:
+    """`text` with line breaks and other control characters as spaces: it goes into a comment or an #SBATCH
+    line, where a newline would start a shell command."""
+    return re.sub(r"[\x00-\x1f\x7f]", " ", text)
 
 
 def _command_lines(cmd: Sequence[str], width: int = 100) -> str:
@@ -201,7 +215,7 @@ def _command_lines(cmd: Sequence[str], width: int = 100) -> str:
 def sbatch_directives(lc: LaunchConfig, job_name: str, output: str, gpus_per_node: int, extra: Sequence[str] = ()
                       ) -> list[str]:
     """The #SBATCH lines: layout, queue, log, requeue and the stop signal."""
-    opts = [f"--job-name={job_name}", f"--nodes={lc.nodes}", "--ntasks-per-node=1"]
+    opts = [f"--job-name={_one_line(job_name)}", f"--nodes={lc.nodes}", "--ntasks-per-node=1"]
     if gpus_per_node:
         opts.append(f"--gpus-per-node={gpus_per_node}")
     if lc.cpus_per_task:
@@ -218,11 +232,20 @@ def sbatch_directives(lc: LaunchConfig, job_name: str, output: str, gpus_per_nod
     return [f"#SBATCH {o}" for o in opts]
 
 
+def source_checkout() -> str | None:
+    """The source tree this package runs from (a checkout, editable installs included), which jobs put on
+    PYTHONPATH so that they run this code; None for an installed package, which the job's Python finds in its
+    own site-packages (and which must not shadow a container's)."""
+    root = package_root()
+    return None if root.name in ("site-packages", "dist-packages") else str(root)
+
+
 def render_run_script(lc: LaunchConfig, *, run_dir: Path, job_name: str, nproc_per_node: int, output: str,
                       title: str, keep_checkpoints: bool = True) -> str:
     """The batch script of one run: rendezvous on the head node, srun + torchrun, stop signal -> requeue."""
     python = lc.python or ("python" if lc.container_image else sys.executable)
-    workdir = lc.workdir or str(package_root())
+    workdir = lc.workdir or str(run_dir)
+    source = lc.workdir or source_checkout()
     world = lc.nodes * nproc_per_node
     port = str(lc.master_port) if lc.master_port else "$((20000 + SLURM_JOB_ID % 20000))"
     srun = ["srun", "--ntasks-per-node=1", "--kill-on-bad-exit=1"]
@@ -233,19 +256,19 @@ def render_run_script(lc: LaunchConfig, *, run_dir: Path, job_name: str, nproc_p
         if lc.container_mounts:
             srun.append(f"--container-mounts={lc.container_mounts}")
     srun += lc.srun_args
-    agent = torchrun_command(python, "$RUN_DIR/run.toml", nnodes=lc.nodes, nproc_per_node=nproc_per_node,
-                             endpoint="$MASTER_ADDR:$MASTER_PORT", rdzv_id="$SLURM_JOB_ID")
+    agent = torchrun_command(python, _RUN_TOML, nnodes=lc.nodes, nproc_per_node=nproc_per_node,
+                             endpoint=_ENDPOINT, rdzv_id=_RDZV_ID)
     shutdown_s = max(30, lc.signal_seconds - 30)
     lines = [
         "#!/bin/bash",
-        f"# {title}",
+        f"# {_one_line(title)}",
         f"# {lc.nodes} node(s) x {nproc_per_node} process(es) = world size {world}. Rendered by `megatron-moe study "
         "launch`; resubmit with `study launch` (a plain sbatch of this file is not recorded in slurm.json).",
         *sbatch_directives(lc, job_name, output, lc.gpus_per_node),
         "",
         f"RUN_DIR={shlex.quote(str(run_dir))}",
         f"cd {shlex.quote(workdir)} || exit 1",
-        f"export PYTHONPATH={shlex.quote(workdir)}${{PYTHONPATH:+:$PYTHONPATH}}",
+        *([f"export PYTHONPATH={shlex.quote(source)}${{PYTHONPATH:+:$PYTHONPATH}}"] if source else []),
         "export PYTHONUNBUFFERED=1",
         "# torchrun agents (torch >= 2.13; 30 s before) give the trainers this long to checkpoint before SIGKILL",
         f"export TORCH_ELASTIC_SHUTDOWN_TIMEOUT={shutdown_s}",
@@ -298,7 +321,7 @@ def render_array_script(lc: LaunchConfig, *, scripts: Sequence[Path], job_name: 
     spec = f"0-{len(scripts) - 1}" + (f"%{lc.max_parallel}" if lc.max_parallel else "")
     lines = [
         "#!/bin/bash",
-        f"# {title}",
+        f"# {_one_line(title)}",
         "# Task i runs the i-th run script below (rendered by `megatron-moe study launch --array`).",
         *sbatch_directives(lc, job_name, output, lc.gpus_per_node, extra=[f"--array={spec}"]),
         "",
@@ -364,8 +387,8 @@ def launch_study(cfg: StudyConfig, lc: LaunchConfig, out_dir: str | Path | None 
         except ConfigError as exc:
             raise ConfigError(f"run {run.name} on --nodes {lc.nodes} x {nproc} processes: {exc}") from None
     data_path = cfg.data.path
-    if data_path and not Path(data_path).is_absolute():  # the job runs in --workdir, not here
-        raise ConfigError(f"data.path = {data_path!r} is relative; jobs run in the package directory (or "
+    if data_path and not Path(data_path).is_absolute():  # the job runs in its run directory or --workdir, not here
+        raise ConfigError(f"data.path = {data_path!r} is relative; jobs run in their run directory (or "
                           "--workdir), so give an absolute path")
     if re.search(r"\s", str(out)):
         raise ConfigError(f"study directory {str(out)!r} must not contain whitespace (SLURM log paths)")

@@ -1,31 +1,61 @@
-"""Checkpoints: megatron-core distributed checkpointing, saved atomically, resumed exactly.
+"""Checkpoints: megatron-core distributed checkpointing, saved atomically, verified before a resume, resumed exactly.
 
 Layout under `<output_dir>/checkpoints/`: one directory per saved step (`step_0000100/`) holding the
 megatron-core sharded checkpoint (model, optimizer, LR scheduler), each rank's RNG states
-(`rng_rank<r>.pt`) and the loop's `TrainState` (`train_state.json`: step, best validation loss, elapsed
-time), and a `latest` file naming the newest complete one. A save goes to a hidden temporary
-directory that is renamed only after every rank has finished, then `latest` is replaced atomically: a run
-killed mid-save leaves the previous checkpoint as `latest`. The data position needs no state of its own:
-the sample stream is a pure function of the optimizer step.
+(`rng_rank<r>.pt`, tensors only), the loop's `TrainState` with the expert-load counters of the current logging
+window (`train_state.json`), the run config it was trained with (`config.toml`) and `manifest.json` (every
+file's size, and a CRC-32 of each file up to `CHECKSUM_MAX_BYTES`), written last. A `latest` file names the
+newest one for people and tools; resuming does not rely on it.
+
+A save goes to a hidden temporary directory that is renamed only after every rank has finished: a run killed
+mid-save leaves the previous checkpoints as they were. A save that fails (disk full, no permission) removes its
+temporary directory and stops the run with one line naming the path and the space needed.
+
+A resume (`find_checkpoint`) takes the newest `step_*` directory that verifies against its manifest, says which
+newer ones it skipped and why, and refuses (`TrainingError`) when checkpoints exist but none verifies: starting
+over would silently throw the run away. Nothing from a run directory is unpickled beyond plain tensors: `.pt`
+files load with `weights_only=True` (megatron-core's own loads are forced to it too), and torch's pickled
+`.metadata` is first read by an unpickler that admits only checkpoint-metadata classes.
+The data position needs no state of its own: the sample stream is a pure function of the optimizer step.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import enum
+import errno
+import io
 import json
+import os
+import pickle
+import re
 import shutil
+import tomllib
+import zlib
+from datetime import datetime, timezone
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException
 
-from megatron_moe.files import atomic_write_json, atomic_write_text
-from megatron_moe.train.stop import TrainingError
+from megatron_moe.config import ConfigError, RunConfig, save_toml
+from megatron_moe.files import Locked, atomic_write_bytes, atomic_write_json, atomic_write_text, lock_exclusive
+from megatron_moe.train.stop import RUN_LOCK, TrainingError
 
 KEEP = 2  # complete checkpoints kept; older ones are deleted after a successful save
 TRAIN_STATE = "train_state.json"
+MANIFEST = "manifest.json"
+CONFIG = "config.toml"
+LATEST = "latest"
+CHECKSUM_MAX_BYTES = 64 << 20
+"""Files up to this size get a CRC-32 in the manifest; larger shards are checked by size only (reading a
+multi-GB checkpoint through a checksum on every resume would cost minutes)."""
+_STEP_NAME = re.compile(r"step_(\d{7,})")
+_REQUIRED = (TRAIN_STATE, "metadata.json", ".metadata", "common.pt")
 
 
 @dataclass
@@ -45,22 +75,210 @@ class TrainState:
             self.best_val_loss, self.best_val_step = val_loss, self.step
 
 
+def checkpoint_name(step: int) -> str:
+    return f"step_{step:07d}"
+
+
+def step_of(name: str) -> int | None:
+    """The step a checkpoint directory name stands for, or None for any other name."""
+    m = _STEP_NAME.fullmatch(name)
+    return int(m.group(1)) if m else None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:200]
+
+
+def _state_problem(path: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """(the saved train state of checkpoint `path`, None) or (None, why it cannot be read)."""
+    try:
+        raw = json.loads((path / TRAIN_STATE).read_text())
+    except FileNotFoundError:
+        return None, f"no {TRAIN_STATE}"
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        return None, f"{TRAIN_STATE} is unreadable ({_first_line(exc)})"
+    if not isinstance(raw, dict) or type(raw.get("step")) is not int:
+        return None, f"{TRAIN_STATE} holds no step"
+    return raw, None
+
+
+def _read_state_file(path: Path) -> dict[str, Any]:
+    raw, why = _state_problem(path)
+    if raw is None:
+        raise TrainingError(f"checkpoint {path} cannot be resumed: {why}")
+    return raw
+
+
 def read_train_state(path: Path) -> TrainState:
-    """The `TrainState` saved in checkpoint directory `path`."""
-    file = path / TRAIN_STATE
-    if not file.is_file():
-        raise TrainingError(f"checkpoint {path} has no {TRAIN_STATE}, so it cannot be resumed; "
-                            f"remove {path.parent} to start the run over")
-    return TrainState(**json.loads(file.read_text()))
+    """The `TrainState` saved in checkpoint directory `path`; TrainingError (one line) when unreadable."""
+    raw = _read_state_file(path)
+    names = {f.name for f in dataclasses.fields(TrainState)}
+    return TrainState(**{k: v for k, v in raw.items() if k in names})
 
 
 def latest_checkpoint(root: Path) -> Path | None:
-    """The newest complete checkpoint directory under `root`, or None."""
-    marker = root / "latest"
-    if not marker.is_file():
+    """The checkpoint directory `root/latest` names, when it names an existing `step_*` directory, else None."""
+    try:
+        name = (root / LATEST).read_text().strip()
+    except (OSError, UnicodeDecodeError):
         return None
-    path = root / marker.read_text().strip()
-    return path if path.is_dir() else None
+    return root / name if step_of(name) is not None and (root / name).is_dir() else None
+
+
+# ---------------------------------------------------------------- verification
+
+
+def _crc32(path: Path) -> int:
+    crc = 0
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def _manifest_entries(directory: Path) -> dict[str, dict[str, Any]]:
+    out = {}
+    for p in sorted(directory.iterdir()):
+        if p.name != MANIFEST and p.is_file():
+            size = p.stat().st_size
+            out[p.name] = {"size": size, "crc32": _crc32(p) if size <= CHECKSUM_MAX_BYTES else None}
+    return out
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Reads torch's `.metadata` pickle admitting only what checkpoint metadata is made of: the dataclasses and
+    enums of `torch.distributed.checkpoint`, torch sizes, dtypes, layouts and memory formats."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module.startswith("torch.distributed.checkpoint.") and module.count(".") == 3:
+            obj = super().find_class(module, name)
+            if isinstance(obj, type) and (dataclasses.is_dataclass(obj) or issubclass(obj, enum.Enum)):
+                return obj
+        elif module == "torch":
+            obj = getattr(torch, name, None)
+            if obj is torch.Size or isinstance(obj, (torch.dtype, torch.layout, torch.memory_format)):
+                return obj
+        elif (module, name) == ("torch.serialization", "_get_layout"):
+            return super().find_class(module, name)
+        elif (module, name) == ("collections", "OrderedDict"):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"it refers to {module}.{name}")
+
+
+def _unsafe_metadata(path: Path) -> str | None:
+    try:
+        with path.open("rb") as f:
+            _MetadataUnpickler(f).load()
+    except Exception as exc:  # anything a damaged or crafted pickle raises
+        return f"{path.name} is not checkpoint metadata ({_first_line(exc)})"
+    return None
+
+
+@contextmanager
+def _weights_only_loads() -> Iterator[None]:
+    """Every `torch.load` inside (megatron-core's and torch's checkpoint readers included, some of which ask for
+    full unpickling) loads tensors and plain containers only."""
+    saved = {k: os.environ.pop(k, None) for k in ("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_WEIGHTS_ONLY_LOAD")}
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    try:
+        yield
+    finally:
+        os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
+        os.environ.update({k: v for k, v in saved.items() if v is not None})
+
+
+def verify_checkpoint(path: Path) -> str | None:
+    """Why checkpoint directory `path` cannot be resumed from (a short phrase), or None when it can.
+
+    Every file in its manifest must be there with its saved size (and checksum), its train state must parse and
+    name the step of the directory, its `.pt` files must hold tensors only and its `.metadata` checkpoint
+    metadata only. A directory saved before checkpoints had a manifest is checked for its files' presence.
+    """
+    step = step_of(path.name)
+    if step is None:
+        return "not a step_* directory"
+    if not path.is_dir():
+        return "missing"
+    saved, why = _state_problem(path)
+    if saved is None:
+        return why
+    if saved["step"] != step:
+        return f"{TRAIN_STATE} says step {saved['step']}"
+    try:
+        files = json.loads((path / MANIFEST).read_text())["files"]
+    except FileNotFoundError:
+        files = None
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
+        return f"{MANIFEST} is unreadable ({_first_line(exc)})"
+    if files is not None:
+        if not isinstance(files, dict) or not all(isinstance(e, dict) for e in files.values()):
+            return f"{MANIFEST} is malformed"
+        for name in (*_REQUIRED, *files):
+            if name not in files:
+                return f"{name} is not in {MANIFEST}"
+            entry, file = files[name], path / name
+            if "/" in name or name in (".", ".."):
+                return f"{MANIFEST} names {name!r}, outside the checkpoint"
+            try:
+                size = file.stat().st_size
+            except OSError:
+                return f"{name} is missing"
+            if size != entry.get("size"):
+                return f"{name} has {size} bytes, {entry.get('size')} were saved"
+            if entry.get("crc32") is not None and _crc32(file) != entry["crc32"]:
+                return f"{name} fails its checksum"
+    else:
+        for name in _REQUIRED:
+            if not (path / name).is_file() or not (path / name).stat().st_size:
+                return f"{name} is missing or empty"
+        if not any(p.stat().st_size for p in path.glob("*.distcp")):
+            return "it has no .distcp shard"
+    if why := _unsafe_metadata(path / ".metadata"):
+        return why
+    with _weights_only_loads():
+        for pt in (path / "common.pt", *sorted(path.glob("rng_rank*.pt"))):
+            try:
+                torch.load(pt, map_location="cpu", weights_only=True)
+            except pickle.UnpicklingError:
+                return f"{pt.name} holds objects other than tensors (not loaded: unpickling them could run code)"
+            except Exception as exc:  # a damaged zip
+                return f"{pt.name} is unreadable ({_first_line(exc)})"
+    return None
+
+
+def find_checkpoint(root: Path) -> tuple[Path | None, list[str]]:
+    """(the newest checkpoint under `root` that verifies, notes about the newer ones skipped and why).
+
+    None when `root` holds no checkpoint at all (a new run). TrainingError (one line) when it holds
+    checkpoints, or a `latest` naming one, but none verifies: the run must not silently start over.
+    """
+    notes: list[str] = []
+    latest_text = None
+    if (root / LATEST).is_file():
+        try:
+            latest_text = (root / LATEST).read_text().strip()
+        except (OSError, UnicodeDecodeError):
+            latest_text = "<unreadable>"
+        latest_step = step_of(latest_text)
+        if latest_step is None:
+            shown = latest_text if len(latest_text) <= 40 else latest_text[:40] + "..."
+            notes.append(f"{root / LATEST} holds {shown!r}, not a step_* name: ignored")
+        elif not (root / latest_text).is_dir():
+            notes.append(f"{root / LATEST} names {latest_text}, which is missing")
+    candidates = sorted((p for p in root.glob("step_*") if step_of(p.name) is not None), key=lambda p: -step_of(p.name))
+    for path in candidates:
+        why = verify_checkpoint(path)
+        if why is None:
+            return path, notes
+        notes.append(f"skipped checkpoint {path.name} ({why})")
+    if candidates or latest_text is not None:
+        raise TrainingError(f"no usable checkpoint in {root}: {'; '.join(notes)}; move {root} aside to start "
+                            "the run over")
+    return None, notes
+
+
+# ---------------------------------------------------------------- saving
 
 
 def _rng_state() -> dict[str, Any]:
@@ -97,43 +315,322 @@ def _state_dict(trainer, is_loading: bool) -> dict[str, Any]:
     }
 
 
+def _expert_load_totals(trainer) -> dict[str, list] | None:
+    """The expert-load counters of the logging window in progress, summed over ranks (a collective).
+
+    They are counts of whole tokens in float64, so the sum is exact and a resumed run logs the same imbalance.
+    """
+    monitor = getattr(trainer, "load_monitor", None)
+    if monitor is None:
+        return None
+    both = torch.cat([monitor.counts.flatten(), monitor.routed])
+    dist.all_reduce(both)
+    n = monitor.counts.numel()
+    return {"counts": both[:n].view_as(monitor.counts).tolist(), "routed": both[n:].tolist()}
+
+
+def _restore_expert_load(trainer, saved: Any) -> None:
+    """Put the saved window's counters on global rank 0 (the monitor sums over every rank when it reports)."""
+    monitor = getattr(trainer, "load_monitor", None)
+    if monitor is None:
+        return
+    monitor.counts.zero_()
+    monitor.routed.zero_()
+    if not isinstance(saved, dict) or dist.get_rank() != 0:
+        return
+    try:
+        counts = torch.tensor(saved["counts"], dtype=monitor.counts.dtype)
+        routed = torch.tensor(saved["routed"], dtype=monitor.routed.dtype)
+    except (KeyError, TypeError, ValueError, RuntimeError):
+        return
+    if counts.shape == monitor.counts.shape and routed.shape == monitor.routed.shape:
+        monitor.counts.copy_(counts)
+        monitor.routed.copy_(routed)
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.iterdir() if p.is_file())
+
+
+def _size_estimate(trainer, root: Path) -> int:
+    """Bytes one checkpoint takes: the newest saved one's size, else parameters x (weights + Adam moments)."""
+    for path in sorted(root.glob("step_*"), key=lambda p: -(step_of(p.name) or -1)):
+        if step_of(path.name) is not None:
+            try:
+                return _dir_bytes(path)
+            except OSError:
+                break
+    from megatron_moe.planner.ledger import ledger
+
+    params = ledger(trainer.cfg.model, trainer.cfg.parallel.tensor).total_params
+    fp32 = trainer.cfg.train.precision == "fp32" or not torch.cuda.is_available()
+    return params * (12 if fp32 else 14)  # fp32 weights + 2 fp32 moments; bf16 adds fp32 master weights
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return ""
+
+
+def _os_error(exc: BaseException | None, seen: set[int] | None = None) -> OSError | None:
+    """The OSError behind `exc`: itself, its causes, or a failure of torch's CheckpointException (whose
+    writers may have raised it in another process)."""
+    seen = set() if seen is None else seen
+    if exc is None or id(exc) in seen:
+        return None
+    seen.add(id(exc))
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return exc
+    for failure in (getattr(exc, "failures", None) or {}).values():
+        found = _os_error(failure[0] if isinstance(failure, tuple) else failure, seen)
+        if found is not None:
+            return found
+    found = _os_error(exc.__cause__, seen) or _os_error(exc.__context__, seen)
+    if found is None and "No space left on device" in str(exc):
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    return found
+
+
+def _save_failure(exc: BaseException, trainer, root: Path, name: str, tmp: Path) -> str | None:
+    """The one-line reason a save failed on storage, or None when `exc` is not a storage error."""
+    err = _os_error(exc)
+    if err is None:
+        return None
+    where = err.filename or tmp
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        try:
+            free = f", {_human_bytes(shutil.disk_usage(root).free)} free"
+        except OSError:
+            free = ""
+        what = (f"no space left on device writing {where} (a checkpoint needs about "
+                f"{_human_bytes(_size_estimate(trainer, root))}{free})")
+    elif err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        what = f"{err.strerror or 'permission denied'} writing {where}; make {root} writable"
+    else:
+        what = f"{err.strerror or _first_line(err)} writing {where}"
+    kept = latest_checkpoint(root)
+    kept_text = f"the last checkpoint {kept.name} is intact" if kept else "no earlier checkpoint exists"
+    return (f"cannot save checkpoint {name}: {what}; removed the partial {tmp.name}, {kept_text}; fix that and "
+            "run again to resume")
+
+
+def _all_agree(failure: tuple[str | None, BaseException] | None, tmp: Path) -> None:
+    """A collective after each stage of a save: when a rank failed, remove the partial directory and raise on
+    every rank (a one-line TrainingError for storage errors; the failing rank re-raises anything else)."""
+    mine = None if failure is None else (failure[0] or f"rank {dist.get_rank()} failed saving: "
+                                         f"{type(failure[1]).__name__}: {_first_line(failure[1])}")
+    gathered: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, mine)
+    first = next((g for g in gathered if g is not None), None)
+    if first is None:
+        return
+    if dist.get_rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    dist.barrier()
+    if failure is not None and failure[0] is None:
+        raise failure[1]
+    raise TrainingError(first)
+
+
 def save_checkpoint(trainer, root: Path) -> Path:
     """Save the trainer's full state (`trainer.state` included) for its current step; every rank must call this."""
     from megatron.core import dist_checkpointing
 
     rank = dist.get_rank()
-    name = f"step_{trainer.state.step:07d}"
+    name = checkpoint_name(trainer.state.step)
     final, tmp = root / name, root / f".{name}.tmp"
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
+    expert_load = _expert_load_totals(trainer)
+
+    def attempt(stage) -> tuple[str | None, BaseException] | None:
+        try:
+            stage()
+        except (Exception, CheckpointException) as exc:
+            return _save_failure(exc, trainer, root, name, tmp), exc
+        return None
+
+    def prepare() -> None:
+        # Left by saves that were killed; this process owns the run directory (its lock), so none is in use.
+        for stale in root.glob(".step_*.tmp"):
+            shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir(parents=True)
-    dist.barrier()
-    dist_checkpointing.save(_state_dict(trainer, is_loading=False), str(tmp))
-    torch.save(_rng_state(), tmp / f"rng_rank{rank}.pt")
-    if rank == 0:
-        atomic_write_json(tmp / TRAIN_STATE, dataclasses.asdict(trainer.state))
-    dist.barrier()
-    if rank == 0:
+
+    def write_shards() -> None:
+        dist_checkpointing.save(_state_dict(trainer, is_loading=False), str(tmp))
+        buffer = io.BytesIO()
+        torch.save(_rng_state(), buffer)
+        atomic_write_bytes(tmp / f"rng_rank{rank}.pt", buffer.getvalue())
+
+    def finish() -> None:
+        atomic_write_json(tmp / TRAIN_STATE, {**dataclasses.asdict(trainer.state), "expert_load": expert_load})
+        save_toml(trainer.cfg, tmp / CONFIG)
+        atomic_write_json(tmp / MANIFEST, {"step": trainer.state.step, "files": _manifest_entries(tmp)})
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
-        atomic_write_text(root / "latest", name + "\n")
-        done = sorted(p for p in root.glob("step_*") if p.is_dir())
-        for old in done[:-KEEP]:
-            shutil.rmtree(old, ignore_errors=True)
+
+    _all_agree(attempt(prepare) if rank == 0 else None, tmp)
+    _all_agree(attempt(write_shards), tmp)
+    _all_agree(attempt(finish) if rank == 0 else None, tmp)
+    if rank == 0:
+        try:
+            atomic_write_text(root / LATEST, name + "\n")
+        except OSError:
+            pass  # a hint only: resuming finds the newest verified checkpoint without it
+        _prune(root, final)
     dist.barrier()
     return final
 
 
+def _prune(root: Path, newest: Path) -> None:
+    """Keep `newest` and the KEEP - 1 newest older checkpoints that verify; delete the older ones. Checkpoints
+    newer than `newest` (left by an attempt that was then resumed from an older one) are left alone."""
+    step = step_of(newest.name)
+    older = sorted((p for p in root.glob("step_*") if (s := step_of(p.name)) is not None and s < step),
+                   key=lambda p: -step_of(p.name))
+    kept = 1
+    for path in older:
+        if kept < KEEP and verify_checkpoint(path) is None:
+            kept += 1
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- loading
+
+
 def load_checkpoint(trainer, path: Path) -> TrainState:
-    """Restore model, optimizer, scheduler and this rank's RNG from checkpoint `path`; returns its train state."""
+    """Restore model, optimizer, scheduler, this rank's RNG and the expert-load window from checkpoint `path`
+    (verified by `find_checkpoint`); returns its train state."""
     from megatron.core import dist_checkpointing
 
+    saved = _read_state_file(path)
     train_state = read_train_state(path)
-    state = dist_checkpointing.load(_state_dict(trainer, is_loading=True), str(path))
-    _gpt_model(trainer).load_state_dict(state["model"])
-    trainer.optimizer.load_state_dict(state["optimizer"])
-    trainer.scheduler.load_state_dict(state["scheduler"])
     rng = path / f"rng_rank{dist.get_rank()}.pt"
-    if rng.is_file():  # absent when resuming on a different number of ranks
-        _set_rng_state(torch.load(rng, weights_only=False))
+    try:
+        with _weights_only_loads():
+            state = dist_checkpointing.load(_state_dict(trainer, is_loading=True), str(path))
+            _gpt_model(trainer).load_state_dict(state["model"])
+            trainer.optimizer.load_state_dict(state["optimizer"])
+            trainer.scheduler.load_state_dict(state["scheduler"])
+            if rng.is_file():  # absent when resuming on a different number of ranks
+                _set_rng_state(torch.load(rng, map_location="cpu", weights_only=True))
+    except (Exception, CheckpointException) as exc:
+        raise TrainingError(f"checkpoint {path} does not load into this run ({type(exc).__name__}: "
+                            f"{_first_line(exc)})") from None
+    _restore_expert_load(trainer, saved.get("expert_load"))
     return train_state
+
+
+# ---------------------------------------------------------------- start-up checks of a run directory
+
+RESUME_MAY_CHANGE = ("parallel.", "train.output_dir", "train.log_interval", "train.save_interval",
+                     "train.eval_interval", "train.allow_config_change", "train.overwrite_output_dir",
+                     "train.tensorboard_dir", "train.wandb_")
+"""Config fields (dotted prefixes) a resumed run may change without train.allow_config_change: where and how
+often it writes, and the parallel layout (megatron-core reshards the checkpoint). Every other field changes the
+trained model, its data or its schedule."""
+CONFIG_CHANGES = "config_changes.jsonl"
+
+
+@dataclass
+class StartPlan:
+    """What a run does at start-up, decided once (global rank 0) and handed to every rank."""
+
+    checkpoint: Path | None
+    """The checkpoint to resume from (None: start at step 0)."""
+    notes: list[str]
+    """One line each: checkpoints skipped and why, a `latest` file ignored."""
+    changes: dict[str, tuple[Any, Any]]
+    """Config fields changed since the checkpoint (allowed by train.allow_config_change): (old, new)."""
+
+
+def claim_output_dir(out_dir: Path) -> None:
+    """Hold the run directory's lock for the life of this process; ConfigError (one line) when another process
+    holds it. On a file system without locks the run goes on unlocked."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot create train.output_dir = {str(out_dir)!r}: {exc.strerror}") from None
+    try:
+        lock_exclusive(out_dir / RUN_LOCK)
+    except Locked as exc:
+        raise ConfigError(f"train.output_dir = {str(out_dir)!r} is in use by another training process "
+                          f"({exc.holder or 'unknown'}, lock {exc.path}); wait for it to end or stop it") from None
+    except OSError as exc:
+        if exc.errno not in (errno.ENOLCK, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS):
+            raise ConfigError(f"cannot lock train.output_dir = {str(out_dir)!r}: {exc.strerror}") from None
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _recorded_config(out_dir: Path, checkpoint: Path | None) -> dict[str, Any] | None:
+    """The config the checkpoint was trained with, else the run directory's config.toml; None when neither
+    can be read."""
+    for path in ([checkpoint / CONFIG] if checkpoint else []) + [out_dir / "config.toml"]:
+        try:
+            return _flatten(tomllib.loads(path.read_text()))
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+            continue
+    return None
+
+
+def config_changes(recorded: dict[str, Any], cfg: RunConfig) -> dict[str, tuple[Any, Any]]:
+    """Fields outside RESUME_MAY_CHANGE whose value in `cfg` differs from the flattened `recorded` config
+    (fields one of them lacks, added or removed by another version of this package, are not compared)."""
+    now = _flatten(dataclasses.asdict(cfg))
+    return {k: (recorded[k], v) for k, v in now.items()
+            if k in recorded and recorded[k] != v and not k.startswith(RESUME_MAY_CHANGE)}
+
+
+def _describe(changes: dict[str, tuple[Any, Any]], limit: int = 6) -> str:
+    shown = [f"{k} {old!r} -> {new!r}" for k, (old, new) in list(changes.items())[:limit]]
+    more = len(changes) - limit
+    return ", ".join(shown) + (f" and {more} more" if more > 0 else "")
+
+
+def plan_start(cfg: RunConfig) -> StartPlan:
+    """The checkpoint to resume from and the config changes since, after refusing what must not happen: a
+    damaged run directory (TrainingError), a resume with a changed config, or a new run over another run's
+    metrics (ConfigError, each naming the override)."""
+    t = cfg.train
+    out_dir = Path(t.output_dir)
+    checkpoint, notes = find_checkpoint(out_dir / "checkpoints")
+    recorded = _recorded_config(out_dir, checkpoint)
+    if checkpoint is not None:
+        changes = {} if recorded is None else config_changes(recorded, cfg)
+        if changes and not t.allow_config_change:
+            raise ConfigError(
+                f"train.output_dir = {str(out_dir)!r} was started with another config ({_describe(changes)}); "
+                f"use a new train.output_dir, or set train.allow_config_change = true to resume from "
+                f"{checkpoint.name} with the new values")
+        return StartPlan(checkpoint, notes, changes)
+    if (out_dir / "metrics.jsonl").is_file() and not t.overwrite_output_dir:
+        changes = None if recorded is None else config_changes(recorded, cfg)
+        if changes is None or changes:
+            why = f"config {_describe(changes)}" if changes else "no config.toml"
+            raise ConfigError(
+                f"train.output_dir = {str(out_dir)!r} holds another run's metrics.jsonl ({why}) and no checkpoint; "
+                "use a new train.output_dir, or set train.overwrite_output_dir = true to replace it")
+    return StartPlan(None, notes, {})
+
+
+def record_config_change(out_dir: Path, step: int, changes: dict[str, tuple[Any, Any]]) -> None:
+    """Append a resume's allowed config change to the run directory's CONFIG_CHANGES."""
+    row = {"time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "step": step,
+           "changes": {k: [old, new] for k, (old, new) in changes.items()}}
+    with (out_dir / CONFIG_CHANGES).open("a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def describe_changes(changes: dict[str, tuple[Any, Any]]) -> str:
+    return _describe(changes, limit=len(changes))

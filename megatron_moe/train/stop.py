@@ -5,12 +5,19 @@ A trainer that gets one of `TRAINER_STOP_SIGNALS` finishes its step, saves a che
 again resumes. torchrun reports any failed worker as exit code 1, so a runner decides "preempted" from the
 marker (`was_preempted`), not from the exit code alone. Nothing here imports torch at module level: the study
 runner and the launcher read these constants without it.
+
+One trainer at a time owns a run directory: it holds an exclusive lock on `RUN_LOCK` there for as long as it
+lives. A runner that dies takes its trainer with it (the trainer gets SIGTERM, checkpoints and exits; see
+`study.runner`), and `survive_lost_output` keeps that last checkpoint from failing on the dead runner's pipe.
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import signal
+import sys
 import threading
 from pathlib import Path
 
@@ -32,6 +39,8 @@ RUNNER_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGU
 TORCHRUN_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
 """torchrun's --signals-to-handle: the agent passes these on to its trainers instead of dying of them."""
 PREEMPTED_MARKER = "preempted.json"
+RUN_LOCK = ".train.lock"
+"""Held (flock) by the trainer writing a run directory; holds "pid@host" of that trainer."""
 
 
 def mark_preempted(out_dir: Path, step: int, signum: int) -> None:
@@ -71,3 +80,52 @@ class StopFlag:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         self.signum = int(flag.item())
         return bool(self.signum)
+
+
+class _SurvivingStream:
+    """A text stream whose writes keep succeeding after its reader is gone: on a broken pipe its descriptor is
+    pointed at /dev/null, so later writes (and the flush at exit) go nowhere instead of raising."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def _lost(self) -> None:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, self._stream.fileno())
+        finally:
+            os.close(devnull)
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except OSError as exc:
+            if exc.errno != errno.EPIPE:
+                raise
+            self._lost()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except OSError as exc:
+            if exc.errno != errno.EPIPE:
+                raise
+            self._lost()
+            self._stream.flush()
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+
+def survive_lost_output() -> None:
+    """Let this process outlive whoever reads its stdout and stderr (a runner that was killed): it still gets to
+    save its checkpoint when the stop signal that follows arrives, instead of dying of a broken pipe."""
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        if stream is not None and not isinstance(stream, _SurvivingStream):
+            try:
+                stream.fileno()
+            except (OSError, ValueError, AttributeError):
+                continue  # not backed by a descriptor (captured by a test): nothing can break
+            setattr(sys, name, _SurvivingStream(stream))

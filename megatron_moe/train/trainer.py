@@ -21,14 +21,26 @@ import torch.distributed as dist
 from megatron_moe.config import ConfigError, RunConfig, save_toml, validate
 from megatron_moe.files import atomic_write_json
 from megatron_moe.planner.ledger import ledger
-from megatron_moe.train.checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
+from megatron_moe.train.checkpoint import (
+    StartPlan,
+    TrainState,
+    claim_output_dir,
+    describe_changes,
+    latest_checkpoint,
+    load_checkpoint,
+    plan_start,
+    record_config_change,
+    save_checkpoint,
+)
 from megatron_moe.train.monitors import (
     ExpertLoadMonitor,
     Metrics,
     MoELossReader,
     ThroughputMeter,
+    check_sinks,
     device_peak_flops,
     eval_line,
+    open_sinks,
     progress_line,
     run_line,
 )
@@ -136,9 +148,12 @@ class Trainer:
         on_gpu = self.device.type == "cuda"
         params_dtype, fp8 = resolve_precision(cfg.train.precision, on_gpu)
         validate(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+        check_sinks(cfg.train)
         self.par = initialize_parallel(cfg.parallel, self.device)
         t = cfg.train
         self.out_dir = Path(t.output_dir)
+        self.checkpoint_dir = self.out_dir / "checkpoints"
+        start = self._claim_run_dir()
         if self.par.is_logging_rank:
             clear_preempted(self.out_dir)  # a marker from an earlier attempt must not outlive this one's failure
         self.num_micro_batches = t.micro_batches(self.par.data)
@@ -200,15 +215,40 @@ class Trainer:
         tcfg.grad_scale_func = self.optimizer.scale_loss
         self.forward_backward = get_forward_backward_func()
 
-        self.checkpoint_dir = self.out_dir / "checkpoints"
-        self.resumed_from = latest_checkpoint(self.checkpoint_dir)
+        self.resumed_from = start.checkpoint
         self.state = TrainState() if self.resumed_from is None else load_checkpoint(self, self.resumed_from)
+        for note in start.notes:
+            self.log(note)
         metrics_path = None
         if self.par.is_logging_rank:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             save_toml(cfg, self.out_dir / "config.toml")
+            if self.resumed_from is None:
+                (self.out_dir / "result.json").unlink(missing_ok=True)  # from an earlier attempt, now redone
+            if start.changes:
+                record_config_change(self.out_dir, self.step, start.changes)
+                self.log(f"continuing from step {self.step} with a changed config (train.allow_config_change = true, "
+                         f"recorded in config_changes.jsonl): {describe_changes(start.changes)}")
             metrics_path = self.out_dir / "metrics.jsonl"
-        self.metrics = Metrics.open(metrics_path, resumed_step=None if self.resumed_from is None else self.step)
+        resumed_step = None if self.resumed_from is None else self.step
+        sinks = open_sinks(cfg, resumed_step) if self.par.is_logging_rank else []
+        self.metrics = Metrics.open(metrics_path, resumed_step=resumed_step, sinks=sinks)
+
+    def _claim_run_dir(self) -> StartPlan:
+        """Lock the output directory, pick the checkpoint to resume and check the config against the run's
+        (global rank 0, so every rank gets one verdict), before any data or model is built."""
+        verdict: StartPlan | Exception | None = None
+        if dist.get_rank() == 0:
+            try:
+                claim_output_dir(self.out_dir)
+                verdict = plan_start(self.cfg)
+            except (ConfigError, TrainingError) as exc:
+                verdict = exc
+        box = [verdict]
+        dist.broadcast_object_list(box, src=0)
+        if isinstance(box[0], Exception):
+            raise box[0]
+        return box[0]
 
     @property
     def step(self) -> int:
@@ -328,6 +368,7 @@ class Trainer:
                 # evaluate this one, so its eval rows and best validation loss would differ from an uninterrupted run's.
                 if not at_end and stop.agreed():
                     self._stop(stop.signum, saved, meter)
+        self.metrics.close()  # the sinks' last rows are out before result.json marks the run complete
         return self._write_result(meter)
 
     def _log_train(self, row: dict[str, Any], meter: ThroughputMeter) -> None:
@@ -381,4 +422,28 @@ def train(cfg: RunConfig, *, quiet: bool = False) -> dict[str, Any]:
     arrives then still ends in a checkpoint, after the first step.
     """
     stop = StopFlag()
-    return Trainer(cfg, quiet=quiet).fit(stop)
+    try:
+        return Trainer(cfg, quiet=quiet).fit(stop)
+    except (MemoryError, RuntimeError) as exc:
+        if not _out_of_memory(exc):
+            raise
+        raise TrainingError(_out_of_memory_message(cfg, exc)) from None
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    text = str(exc)
+    return (isinstance(exc, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in text
+            or "Cannot allocate memory" in text or "out of memory" in text.lower())
+
+
+def _out_of_memory_message(cfg: RunConfig, exc: BaseException) -> str:
+    """One line: what ran out, and how big the model is against it."""
+    params = ledger(cfg.model, cfg.parallel.tensor).total_params
+    # fp32 weights and gradients and two Adam moments (bf16 trades 2 bytes of weights for 4 of master weights)
+    need = params * 16
+    human = f"{need / 2**30:.1f} GiB" if need >= 2**30 else f"{need / 2**20:.0f} MiB"
+    where = "GPU" if "CUDA" in str(exc) else "host"  # torch names CUDA in its GPU allocator's errors
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+    return (f"out of {where} memory ({first}); the model has {params:,} parameters, about {human} for weights, "
+            "gradients and Adam states before activations and parallel sharding: make it smaller, lower "
+            "train.micro_batch_size, or spread it over more processes")

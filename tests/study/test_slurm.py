@@ -163,6 +163,67 @@ def test_bad_launch_input_is_one_line_and_exit_2(tmp_path, capsys, args, message
     assert not (tmp_path / "s").exists()
 
 
+def _rendered(tmp_path: Path, *flags: str) -> tuple[Path, str]:
+    """(run directory, its script) of a dry-run launch of the one-run study, in this process."""
+    tmp_path.mkdir(parents=True)
+    out = tmp_path / "study"
+    assert main(["study", "launch", str(_study_file(tmp_path)), *TINY_MOE, "--slurm", "--dry-run", "--skip-data-check",
+                 "-o", str(out), *flags]) == 0
+    (run_dir,) = (out / "runs").iterdir()
+    return run_dir, (run_dir / "slurm.sbatch").read_text()
+
+
+def test_jobs_run_in_their_run_directory_from_a_checkout_or_a_wheel(tmp_path, monkeypatch, capsys):
+    # From this checkout: the job runs in its run directory and imports the checkout's code.
+    run_dir, script = _rendered(tmp_path / "checkout")
+    assert f"\ncd {run_dir} || exit 1\n" in script
+    assert re.findall(r"^export PYTHONPATH=(\S+)$", script, re.M) == [f"{REPO}${{PYTHONPATH:+:$PYTHONPATH}}"]
+    # Installed from a wheel: nothing in the script points into site-packages (its Python finds the package).
+    site = tmp_path / "venv" / "lib" / "python3.11" / "site-packages"
+    monkeypatch.setattr(slurm_launch, "package_root", lambda: site)
+    run_dir, script = _rendered(tmp_path / "wheel")
+    assert f"\ncd {run_dir} || exit 1\n" in script
+    assert "PYTHONPATH=" not in script and "site-packages" not in script
+    assert str(REPO) not in script.replace(sys.executable, "python")  # the interpreter aside, nothing of the checkout
+    assert subprocess.run(["bash", "-n", str(run_dir / "slurm.sbatch")]).returncode == 0
+    # --workdir, as before: the job runs there and puts it on PYTHONPATH.
+    run_dir, script = _rendered(tmp_path / "workdir", "--workdir", "/opt/moe")
+    assert "\ncd /opt/moe || exit 1\n" in script
+    assert re.findall(r"^export PYTHONPATH=(\S+)$", script, re.M) == ["/opt/moe${PYTHONPATH:+:$PYTHONPATH}"]
+
+
+def test_user_arguments_cannot_run_shell_code_in_the_job_script(tmp_path):
+    """A `$(...)`, backquote or `$VAR` in --python, a launch profile's srun option or container path stays text in the
+    rendered script; only our own variables (the run directory, rendezvous, job id) are expanded."""
+    marker = tmp_path / "ran"
+    evil = f"$(touch {marker})"
+    lc = LaunchConfig(python=f"/opt/py{evil}/python", srun_args=[f"--comment=`touch {marker}`"],
+                      container_image=f"img{evil}", container_mounts="/a:/b$HOME", workdir=str(tmp_path / "w d"))
+    script = render_run_script(lc, run_dir=tmp_path / "run", job_name="j\n#SBATCH --x", nproc_per_node=1,
+                               output=str(tmp_path / "slurm-%j.out"), title="t\nrm -rf /")
+    flat = re.sub(r"\s*\\\n\s*", " ", script)
+    assert f"'/opt/py{evil}/python' -m torch.distributed.run" in flat
+    assert f"'--comment=`touch {marker}`'" in flat and f"'--container-image=img{evil}'" in flat
+    assert "'--container-mounts=/a:/b$HOME'" in flat
+    assert '--rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv-id "$SLURM_JOB_ID"' in flat
+    assert '-m megatron_moe.cli train "$RUN_DIR/run.toml" &' in flat
+    assert "\nrm -rf /" not in script and "\n#SBATCH --x" not in script  # names stay on their own line
+    # bash agrees: with the commands stubbed out, the arguments they would get are the literal texts
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    for name in ("srun", "scontrol"):
+        (stubs / name).write_text('#!/bin/sh\nprintf "%s\\n" "$@" >> "$ARGS_LOG"\n')
+        (stubs / name).chmod(0o755)
+    (tmp_path / "w d").mkdir()
+    env = {"PATH": f"{stubs}:/usr/bin:/bin", "ARGS_LOG": str(tmp_path / "args"), "SLURM_JOB_ID": "7",
+           "SLURM_JOB_NODELIST": "n1", "HOME": "/home/x"}
+    subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True, timeout=60)
+    args = (tmp_path / "args").read_text().splitlines()
+    assert f"/opt/py{evil}/python" in args and f"--comment=`touch {marker}`" in args
+    assert "--container-mounts=/a:/b$HOME" in args and str(tmp_path / "run") + "/run.toml" in args
+    assert not marker.exists()
+
+
 def test_relative_data_path_is_refused(tmp_path):
     proc = _cli("study", "launch", str(_study_file(tmp_path)), *TINY_MOE, "data.path=data/ts", "--slurm", "--dry-run",
                 "--skip-data-check", "-o", str(tmp_path / "s"), check=False)

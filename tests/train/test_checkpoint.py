@@ -99,7 +99,7 @@ def test_resume_restores_best_and_elapsed_from_the_train_state(tmp_path, straigh
     shutil.copytree(straight, run_dir)
     reference = json.loads((straight / "result.json").read_text())
     checkpoints = run_dir / "checkpoints"
-    (checkpoints / "latest").write_text("step_0000035\n")
+    shutil.rmtree(checkpoints / "step_0000040")  # resuming takes the newest checkpoint: now step 35
     state = json.loads((checkpoints / "step_0000035" / "train_state.json").read_text())
     assert state["step"] == 35 and state["elapsed_s"] > 0
     assert state["best_val_loss"] == min(r["val_loss"] for r in rows(straight) if r["kind"] == "eval" and r["step"] <= 35)
@@ -125,14 +125,16 @@ def test_resume_restores_best_and_elapsed_from_the_train_state(tmp_path, straigh
     assert result["train_time_s"] >= state["elapsed_s"] > 0
 
 
-def test_checkpoint_without_train_state_is_refused_in_one_line(tmp_path, straight):
+def test_checkpoints_without_train_state_are_refused_in_one_line(tmp_path, straight):
+    """(A newer checkpoint without it is skipped for an older one: see test_faults.py.)"""
     run_dir = tmp_path / "run"
     shutil.copytree(straight / "checkpoints", run_dir / "checkpoints")
-    (run_dir / "checkpoints" / "step_0000040" / "train_state.json").unlink()
+    for step in ("step_0000035", "step_0000040"):
+        (run_dir / "checkpoints" / step / "train_state.json").unlink()
     proc = cli("train", *ARGS, f"train.output_dir={run_dir}", check=False)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("megatron-moe: error: checkpoint") and "has no train_state.json" in last
+    assert last.startswith("megatron-moe: error: no usable checkpoint in") and "(no train_state.json)" in last
 
 
 def test_stop_signal_during_start_up_checkpoints_after_the_first_step(tmp_path):

@@ -1,0 +1,443 @@
+"""Fault injection on the tiny MoE: damaged checkpoints, changed configs, crafted files, a full disk, two owners
+of one run directory, a runner killed outright, a model too big for memory.
+
+Each case checks the exit code, the one-line message, what is left on disk, and that a correct run afterwards
+ends where the uninterrupted reference run did (bitwise on CPU). One reference run is shared by the module; most
+cases work on a copy of it whose newest checkpoint is gone, so the correct run only trains steps 9 and 10.
+SIGKILL mid-run, the stop signal and a non-finite loss are covered in test_checkpoint.py.
+"""
+
+from __future__ import annotations
+
+import errno
+import io
+import json
+import os
+import pickle
+import re
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from megatron_moe.config import load_run_config, save_toml
+from megatron_moe.files import lock_holder
+from megatron_moe.train.stop import PREEMPTED_MARKER, RUN_LOCK
+from tests.conftest import REPO, TINY_MOE, cli
+
+ARGS = [*TINY_MOE, "train.train_steps=10", "train.save_interval=4", "train.eval_interval=5", "train.log_interval=3"]
+"""Checkpoints at steps 4, 8 and 10 (the last two kept). Logging every 3 steps while saving every 4 puts a
+checkpoint inside a logging window: the expert-load counters of steps 7-8 must come back from the checkpoint for
+the step-9 row to match."""
+TIMING_KEYS = ("tokens_per_s", "elapsed_s", "tflops_per_device", "mfu")
+FOREIGN_ROW = '{"kind": "train", "step": 1, "loss": 9.0}\n'
+
+
+def train(run_dir: Path, *extra: str, check: bool = False) -> subprocess.CompletedProcess:
+    return cli("train", *ARGS, f"train.output_dir={run_dir}", *extra, check=check)
+
+
+def rows(run_dir: Path) -> list[dict]:
+    out = []
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        out.append({k: v for k, v in row.items() if k not in TIMING_KEYS})
+    return out
+
+
+def last_line(proc: subprocess.CompletedProcess) -> str:
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    return proc.stderr.strip().splitlines()[-1]
+
+
+def assert_same_as(run_dir: Path, reference: SimpleNamespace) -> None:
+    assert rows(run_dir) == rows(reference.dir)
+    result, expected = (json.loads((d / "result.json").read_text()) for d in (run_dir, reference.dir))
+    for key in ("steps", "final_train_loss", "best_val_loss", "best_val_step"):
+        assert result[key] == expected[key], key
+
+
+def checkpoints(run_dir: Path) -> list[str]:
+    return sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> SimpleNamespace:
+    """The uninterrupted run. Its directory first holds another run's metrics.jsonl and config.toml, which
+    `train` refuses to replace until told to (train.overwrite_output_dir); told to, it starts over cleanly."""
+    out = tmp_path_factory.mktemp("reference")
+    (out / "metrics.jsonl").write_text(FOREIGN_ROW)
+    save_toml(load_run_config(None, [*ARGS, "model.hidden_size=32", f"train.output_dir={out}"]), out / "config.toml")
+    refused = train(out)
+    foreign_left = (out / "metrics.jsonl").read_text()
+    train(out, "train.overwrite_output_dir=true", check=True)
+    return SimpleNamespace(dir=out, refused=refused, foreign_left=foreign_left)
+
+
+@pytest.fixture
+def at_step_8(reference, tmp_path) -> Path:
+    """A copy of the reference run as a run killed after its step-8 checkpoint (the step-10 one never saved)."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference.dir, run_dir)
+    shutil.rmtree(run_dir / "checkpoints" / "step_0000010")
+    (run_dir / "checkpoints" / "latest").write_text("step_0000008\n")
+    (run_dir / "result.json").unlink()
+    return run_dir
+
+
+# ---------------------------------------------------------------- damaged checkpoints, found before any load
+
+
+class _RunsCode:
+    """Unpickling this runs `touch <marker>`: what a crafted checkpoint file would do."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def _flip_middle_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _craft(path: Path, marker: Path) -> None:
+    """Replace `path` by a file that runs code when unpickled, and make the manifest agree with it (an attacker
+    who can write the file can write the manifest too)."""
+    if path.name == ".metadata":
+        path.write_bytes(pickle.dumps(_RunsCode(marker)))
+    else:
+        import torch
+
+        buffer = io.BytesIO()
+        torch.save({"torch": _RunsCode(marker)}, buffer)
+        path.write_bytes(buffer.getvalue())
+    manifest_path = path.parent / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    data = path.read_bytes()
+    manifest["files"][path.name] = {"size": len(data), "crc32": zlib.crc32(data)}
+    manifest_path.write_text(json.dumps(manifest))
+
+
+DAMAGE = {
+    "truncated shard": (lambda c, m: (c / "__0_0.distcp").write_bytes((c / "__0_0.distcp").read_bytes()[:1000]),
+                        "step_0000008", r"skipped checkpoint step_0000010 \(__0_0\.distcp has 1000 bytes, \d+ were saved\)"),
+    "missing .metadata": (lambda c, m: (c / ".metadata").unlink(),
+                          "step_0000008", r"skipped checkpoint step_0000010 \(\.metadata is missing\)"),
+    "corrupt rng": (lambda c, m: _flip_middle_byte(c / "rng_rank0.pt"),
+                    "step_0000008", r"skipped checkpoint step_0000010 \(rng_rank0\.pt fails its checksum\)"),
+    "corrupt common": (lambda c, m: _flip_middle_byte(c / "common.pt"),
+                       "step_0000008", r"skipped checkpoint step_0000010 \(common\.pt fails its checksum\)"),
+    "wrong step": (lambda c, m: (c / "train_state.json").write_text('{"step": 9}'),
+                   "step_0000008", r"skipped checkpoint step_0000010 \(train_state\.json says step 9\)"),
+    "unreadable train state": (lambda c, m: (c / "train_state.json").write_text('{"step": 1'),
+                               "step_0000008", r"skipped checkpoint step_0000010 \(train_state\.json is unreadable"),
+    "empty latest": (lambda c, m: (c.parent / "latest").write_text(""),
+                     "step_0000010", r"latest holds '', not a step_\* name: ignored"),
+    "latest outside": (lambda c, m: (c.parent / "latest").write_text("../../../../etc\n"),
+                       "step_0000010", r"latest holds '\.\./\.\./\.\./\.\./etc', not a step_\* name: ignored"),
+    "newest missing": (lambda c, m: shutil.rmtree(c),
+                       "step_0000008", r"latest names step_0000010, which is missing"),
+    "crafted .metadata": (lambda c, m: _craft(c / ".metadata", m), "step_0000008",
+                          r"skipped checkpoint step_0000010 \(\.metadata is not checkpoint metadata \(it refers to "
+                          r"posix\.system\)\)"),
+    "crafted rng": (lambda c, m: _craft(c / "rng_rank0.pt", m), "step_0000008",
+                    r"skipped checkpoint step_0000010 \(rng_rank0\.pt holds objects other than tensors"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_a_damaged_newest_checkpoint_is_skipped_with_its_reason(reference, tmp_path, damage):
+    from megatron_moe.train.checkpoint import find_checkpoint
+
+    root = tmp_path / "checkpoints"
+    shutil.copytree(reference.dir / "checkpoints", root)
+    harm, chosen, note = DAMAGE[damage]
+    marker = tmp_path / "code-ran"
+    harm(root / "step_0000010", marker)
+    path, notes = find_checkpoint(root)
+    assert path == root / chosen
+    assert len(notes) == 1 and re.search(note, notes[0]), notes
+    assert not marker.exists()  # nothing from the checkpoint was unpickled beyond tensors
+
+
+# ---------------------------------------------------------------- the same, end to end
+
+
+@pytest.mark.slow
+def test_resume_skips_a_truncated_checkpoint_and_a_garbage_latest(reference, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference.dir, run_dir)
+    (run_dir / "result.json").unlink()
+    shard = run_dir / "checkpoints" / "step_0000010" / "__0_1.distcp"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    (run_dir / "checkpoints" / "latest").write_text("not a checkpoint\n")
+    proc = train(run_dir, check=True)
+    assert "latest holds 'not a checkpoint', not a step_* name: ignored" in proc.stdout
+    assert "skipped checkpoint step_0000010 (__0_1.distcp has" in proc.stdout
+    assert "resumed from" in proc.stdout and "step_0000008 at step 8" in proc.stdout
+    assert_same_as(run_dir, reference)
+    # the damaged checkpoint was saved again over; the good one before it was not pruned
+    assert checkpoints(run_dir) == ["latest", "step_0000008", "step_0000010"]
+    from megatron_moe.train.checkpoint import verify_checkpoint
+
+    assert all(verify_checkpoint(run_dir / "checkpoints" / s) is None for s in ("step_0000008", "step_0000010"))
+    assert (run_dir / "checkpoints" / "latest").read_text() == "step_0000010\n"
+
+
+@pytest.mark.slow
+def test_a_crafted_rng_file_runs_no_code(reference, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference.dir, run_dir)
+    (run_dir / "result.json").unlink()
+    marker = tmp_path / "code-ran"
+    _craft(run_dir / "checkpoints" / "step_0000010" / "rng_rank0.pt", marker)
+    proc = train(run_dir, check=True)
+    assert "skipped checkpoint step_0000010 (rng_rank0.pt holds objects other than tensors" in proc.stdout
+    assert not marker.exists()
+    assert_same_as(run_dir, reference)
+
+
+@pytest.mark.slow
+def test_no_usable_checkpoint_is_one_line_and_deletes_nothing(reference, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference.dir, run_dir)
+    (run_dir / "result.json").unlink()
+    for step in ("step_0000008", "step_0000010"):
+        (run_dir / "checkpoints" / step / "train_state.json").unlink()
+    metrics = (run_dir / "metrics.jsonl").read_text()
+    proc = train(run_dir)
+    assert proc.returncode == 1
+    line = last_line(proc)
+    assert line.startswith(f"megatron-moe: error: no usable checkpoint in {run_dir / 'checkpoints'}: skipped "
+                           "checkpoint step_0000010 (no train_state.json); skipped checkpoint step_0000008 "
+                           "(no train_state.json); move"), line
+    assert (run_dir / "metrics.jsonl").read_text() == metrics  # not restarted from step 0
+    assert checkpoints(run_dir) == ["latest", "step_0000008", "step_0000010"]
+    # put one back: the run resumes from it and ends as the reference did
+    shutil.copy(reference.dir / "checkpoints" / "step_0000008" / "train_state.json",
+                run_dir / "checkpoints" / "step_0000008")
+    train(run_dir, check=True)
+    assert_same_as(run_dir, reference)
+
+
+# ---------------------------------------------------------------- changed configs, other runs' files
+
+
+@pytest.mark.slow
+def test_a_changed_config_is_refused_unless_allowed_and_then_recorded(reference, at_step_8):
+    run_dir = at_step_8
+    config = (run_dir / "config.toml").read_text()
+    proc = train(run_dir, "train.lr=0.001", "model.hidden_size=128")
+    assert proc.returncode == 2
+    line = last_line(proc)
+    assert line.startswith(f"megatron-moe: error: train.output_dir = '{run_dir}' was started with another config ("), line
+    assert "model.hidden_size 64 -> 128" in line and "train.lr 0.003 -> 0.001" in line
+    assert "set train.allow_config_change = true to resume from step_0000008" in line
+    assert (run_dir / "config.toml").read_text() == config and not (run_dir / "config_changes.jsonl").exists()
+    # bookkeeping may change; with the config it was started with, the run ends as the reference did
+    train(run_dir, "train.save_interval=2", check=True)
+    assert_same_as(run_dir, reference)
+    # allowed: the new value applies from the resumed step, and the change is recorded
+    proc = train(run_dir, "train.lr=0.001", "train.allow_config_change=true", check=True)
+    assert "continuing from step 10 with a changed config" in proc.stdout and "train.lr 0.003 -> 0.001" in proc.stdout
+    (change,) = [json.loads(x) for x in (run_dir / "config_changes.jsonl").read_text().splitlines()]
+    assert change["step"] == 10 and change["changes"] == {"train.lr": [0.003, 0.001]}
+    recorded = load_run_config(run_dir / "config.toml")
+    assert recorded.train.lr == 0.001 and recorded.train.allow_config_change
+
+
+@pytest.mark.slow
+def test_another_runs_metrics_are_kept_unless_overwriting_is_asked_for(reference):
+    proc = reference.refused
+    assert proc.returncode == 2
+    line = last_line(proc)
+    assert line == (f"megatron-moe: error: train.output_dir = '{reference.dir}' holds another run's metrics.jsonl "
+                    "(config model.hidden_size 32 -> 64) and no checkpoint; use a new train.output_dir, or set "
+                    "train.overwrite_output_dir = true to replace it")
+    assert reference.foreign_left == FOREIGN_ROW
+    # overwriting, the fixture's run started over: its first row is its own
+    assert rows(reference.dir)[0]["step"] == 3 and "loss" in rows(reference.dir)[0]
+
+
+# ---------------------------------------------------------------- saving onto a full disk
+
+# Runs the CLI with every fsync of a file in the step-10 checkpoint's temporary directory failing as on a full
+# disk (the checkpoint writers fork, so they inherit it).
+DISK_FULL = """
+import errno, os, sys
+real = os.fsync
+def fsync(fd):
+    try:
+        target = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        target = ""
+    if ".step_0000010.tmp" in target:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    return real(fd)
+os.fsync = fsync
+if __name__ == "__main__":
+    from megatron_moe.cli import main
+    sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_disk_full_on_save_is_one_line_and_leaves_no_partial_checkpoint(reference, at_step_8):
+    run_dir = at_step_8
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run([sys.executable, "-c", DISK_FULL, "train", *ARGS, f"train.output_dir={run_dir}"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    line = last_line(proc)
+    assert line.startswith("megatron-moe: error: cannot save checkpoint step_0000010: no space left on device "
+                           f"writing {run_dir / 'checkpoints' / '.step_0000010.tmp'} (a checkpoint needs about "), line
+    assert "MiB" in line and "removed the partial .step_0000010.tmp, the last checkpoint step_0000008 is intact" in line
+    assert checkpoints(run_dir) == ["latest", "step_0000008"]  # no temporary directory left to fill the disk
+    assert (run_dir / "checkpoints" / "latest").read_text() == "step_0000008\n"
+    assert not (run_dir / "result.json").exists()
+    train(run_dir, check=True)
+    assert_same_as(run_dir, reference)
+
+
+def test_storage_errors_on_save_are_one_line_naming_the_path(tmp_path):
+    """Permission errors read like a full disk; the OSError is found however the checkpoint writers wrapped it."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from megatron_moe.train import checkpoint as ck
+
+    root = tmp_path / "checkpoints"
+    root.mkdir()
+    tmp = root / ".step_0000004.tmp"
+    denied = PermissionError(errno.EACCES, "Permission denied", str(tmp))
+    assert ck._save_failure(denied, None, root, "step_0000004", tmp) == (
+        f"cannot save checkpoint step_0000004: Permission denied writing {tmp}; make {root} writable; removed the "
+        "partial .step_0000004.tmp, no earlier checkpoint exists; fix that and run again to resume")
+    worker = RuntimeError("Worker failure")
+    worker.__cause__ = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    assert ck._os_error(CheckpointException("save failed", {1: (worker, None)})).errno == errno.ENOSPC
+    assert ck._save_failure(ValueError("a bug"), None, root, "step_0000004", tmp) is None  # not a storage error
+
+
+# ---------------------------------------------------------------- one owner per run directory
+
+
+@pytest.mark.slow
+def test_a_second_trainer_on_a_run_directory_is_refused(reference, at_step_8):
+    run_dir = at_step_8
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONUNBUFFERED": "1"}
+    first = subprocess.Popen([sys.executable, "-m", "megatron_moe.cli", "train", *ARGS, f"train.output_dir={run_dir}"],
+                             cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                             start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while lock_holder(run_dir / RUN_LOCK) is None:
+            assert time.monotonic() < deadline and first.poll() is None, "the first trainer never took the lock"
+            time.sleep(0.05)
+        os.kill(first.pid, signal.SIGSTOP)  # holds the lock while the second one tries
+        try:
+            second = train(run_dir)
+        finally:
+            os.kill(first.pid, signal.SIGCONT)
+        assert second.returncode == 2
+        assert last_line(second) == (f"megatron-moe: error: train.output_dir = '{run_dir}' is in use by another "
+                                     f"training process ({first.pid}@{socket.gethostname()}, lock {run_dir / RUN_LOCK}); "
+                                     "wait for it to end or stop it")
+        _, stderr = first.communicate(timeout=300)
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+            first.wait()
+    assert first.returncode == 0, stderr[-3000:]
+    assert_same_as(run_dir, reference)
+
+
+STUDY = '[study]\nname = "faults"\narms = ["moe"]\nseeds = [42]\ndata_order = "shared"\n'
+"""One run whose config is the reference's: train.seed 42 (the default) and the base data.seed."""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.slow
+def test_a_killed_runner_takes_its_trainer_along(reference, tmp_path):
+    """SIGKILL to `study run` alone: its trainer (a session of its own) gets SIGTERM from the kernel, checkpoints
+    and exits instead of training on, orphaned; the next `study run` resumes the run."""
+    study, out = tmp_path / "study.toml", tmp_path / "study"
+    study.write_text(STUDY)
+    command = [sys.executable, "-m", "megatron_moe.cli", "study", "run", str(study), *ARGS, "-o", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONUNBUFFERED": "1"}
+    runner = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, start_new_session=True)
+    trainer = None
+    try:
+        deadline = time.monotonic() + 240
+        runs = out / "runs"
+        while not (runs.is_dir() and any((d / "metrics.jsonl").is_file() for d in runs.iterdir())):
+            assert time.monotonic() < deadline and runner.poll() is None, "the trainer never logged a step"
+            time.sleep(0.1)
+        (run_dir,) = runs.iterdir()
+        trainer = int(lock_holder(run_dir / RUN_LOCK).split("@")[0])
+        runner.kill()
+        runner.wait()
+        while _alive(trainer):
+            assert time.monotonic() < deadline + 120, "the trainer outlived its runner"
+            time.sleep(0.1)
+    finally:
+        if runner.poll() is None:
+            os.killpg(runner.pid, signal.SIGKILL)
+            runner.wait()
+        if trainer is not None and _alive(trainer):
+            os.kill(trainer, signal.SIGKILL)
+    marker = json.loads((run_dir / PREEMPTED_MARKER).read_text())
+    assert marker["signal"] == "SIGTERM"  # it stopped on the signal, with a checkpoint of its last step
+    assert (run_dir / "checkpoints" / f"step_{marker['step']:07d}").is_dir()
+    assert lock_holder(run_dir / RUN_LOCK) is None
+    proc = cli("study", "run", str(study), *ARGS, "-o", str(out), "--quiet")
+    assert "study complete: 1 runs" in proc.stdout
+    assert_same_as(run_dir, reference)
+
+    # The report's final train loss is result.json's, whatever metrics.jsonl still holds.
+    from megatron_moe.study.report import build_results
+
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    (run_dir / "metrics.jsonl").write_text("\n".join(lines[:-3]) + "\n")  # the last train rows are gone
+    (arm,) = build_results(out)["arms"]
+    assert arm["final_train_loss"]["mean"] == json.loads((run_dir / "result.json").read_text())["final_train_loss"]
+
+
+# ---------------------------------------------------------------- a model too big for memory
+
+
+def _limit_memory() -> None:
+    limit = 48 << 30  # far below the model's 256 GiB embedding; far above what start-up maps
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+
+@pytest.mark.slow
+def test_a_model_too_big_for_memory_is_one_line(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run([sys.executable, "-m", "megatron_moe.cli", "train", *ARGS, "model.vocab_size=1073741824",
+                           f"train.output_dir={tmp_path}"], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300, preexec_fn=_limit_memory)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    line = last_line(proc)
+    assert line.startswith("megatron-moe: error: out of host memory (") and "parameters, about" in line, line
+    assert not (tmp_path / "metrics.jsonl").exists() and not (tmp_path / "checkpoints").exists()
