@@ -121,7 +121,7 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
                       "*.model or *.tiktoken (default: train a BPE)")
     prep.add_argument("--vocab-size", type=int, default=8192, help="vocab size of a trained BPE (default 8192)")
     prep.add_argument("--eod-token", help="end-of-document token of a loaded tokenizer (default: auto-detect)")
-    prep.add_argument("--text-key", default="text", help="JSON field holding the text (default text)")
+    prep.add_argument("--text-key", default="text", help="JSON field or Parquet column holding the text (default text)")
     prep.add_argument("--separator", default="<|endoftext|>", help="document separator in plain text")
     prep.add_argument("--line-documents", action="store_true", help="plain text: each non-empty line is a document")
     prep.add_argument("--valid-fraction", type=float, default=0.01, help="held-out fraction of documents")

@@ -1,5 +1,5 @@
-"""Reading raw corpora: text (documents separated by an end-of-document marker) and JSON lines, plain or
-compressed (.gz, .bz2, .xz), from files or directories.
+"""Reading raw corpora: text (documents separated by an end-of-document marker, or one per line) and JSON lines,
+plain or compressed (.gz, .bz2, .xz), and Parquet (a text column), from files or directories.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from megatron_moe.data.tokenizers import EOD_TEXT
 
 TEXT_SUFFIXES = (".txt", ".text", ".md")
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
+PARQUET_SUFFIXES = (".parquet",)
 
 
 COMPRESSED = {".xz": lzma.open, ".gz": gzip.open, ".bz2": bz2.open}
@@ -67,7 +68,7 @@ def expand_inputs(inputs: Iterable[str | Path]) -> list[Path]:
             found = sorted(
                 f for f in p.rglob("*")
                 if f.is_file() and not any(part.startswith(".") for part in f.relative_to(p).parts)
-                and _base_suffix(f) in TEXT_SUFFIXES + JSONL_SUFFIXES
+                and _base_suffix(f) in TEXT_SUFFIXES + JSONL_SUFFIXES + PARQUET_SUFFIXES
             )
             if not found:
                 raise ConfigError(f"input directory {str(p)!r} has no .txt or .jsonl files (optionally .xz/.gz/.bz2)")
@@ -102,15 +103,41 @@ def _lines(path: Path, meter: ReadMeter | None = None) -> Iterator[tuple[int, st
             meter._raw = None
 
 
+def _parquet_documents(path: Path, text_key: str, meter: ReadMeter | None) -> Iterator[Document]:
+    """Rows of a Parquet file's string column `text_key`, one document each (pyarrow, an optional package)."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ConfigError(f"{path}: reading Parquet needs pyarrow (pip install 'megatron-moe[parquet]')") from None
+    try:
+        f = pq.ParquetFile(path)
+    except Exception as exc:  # pyarrow raises its own error types for a file that is not Parquet
+        raise ConfigError(f"{path}: cannot read as Parquet ({str(exc).splitlines()[0]})") from None
+    if text_key not in f.schema_arrow.names:
+        raise ConfigError(f"{path}: Parquet file has no column {text_key!r} (columns: {', '.join(f.schema_arrow.names)})")
+    size, row = path.stat().st_size, 0
+    for batch in f.iter_batches(columns=[text_key], batch_size=1024):
+        for value in batch.column(0).to_pylist():
+            row += 1
+            if value is not None and not isinstance(value, str):
+                raise ConfigError(f"{path}: row {row}: column {text_key!r} is not text")
+            yield Document(value or "", f"{path}:row {row}")
+        if meter is not None:
+            meter.done += size * len(batch) // max(f.metadata.num_rows, 1)
+
+
 def iter_documents(path: Path, separator: str = EOD_TEXT, text_key: str = "text",
                    line_documents: bool = False, meter: ReadMeter | None = None) -> Iterator[Document]:
-    """Documents of one file: JSON lines (field `text_key`), plain text with one document per line
-    (`line_documents`), or plain text split on `separator`.
+    """Documents of one file: Parquet (column `text_key`), JSON lines (field `text_key`), plain text with one
+    document per line (`line_documents`), or plain text split on `separator`.
 
     Plain-text documents are stripped of surrounding whitespace; empty documents are yielded (as "") so that
     the caller can count them, and are not written. A text file of many lines without a separator is one
     document: that is said on stderr, since a file of one document per line is the likelier intent.
     """
+    if _base_suffix(path) in PARQUET_SUFFIXES:
+        yield from _parquet_documents(path, text_key, meter)
+        return
     if _base_suffix(path) in JSONL_SUFFIXES:
         for n, line in _lines(path, meter):
             if not line.strip():

@@ -617,3 +617,17 @@ def test_a_tokenizer_directory_without_tokenizer_json_is_one_line(tmp_path):
     (tmp_path / "megatron_vocab" / "vocab.json").write_text("{}")
     with pytest.raises(ConfigError, match="holds no tokenizer.json"):
         load_tokenizer(tmp_path / "megatron_vocab")
+
+
+def test_parquet_text_column_is_read_and_a_missing_column_is_one_line(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": DOCS, "id": list(range(len(DOCS)))}), tmp_path / "c.parquet", row_group_size=16)
+    m = prepare_dataset([tmp_path / "c.parquet"], tmp_path / "out", vocab_size=300, valid_fraction=0.2, progress=False)
+    text_twin = prepare_dataset([_write_text(tmp_path / "c.txt", DOCS)], tmp_path / "twin", vocab_size=300,
+                                valid_fraction=0.2, progress=False)
+    assert m["documents"] == len(DOCS) and m["checksums"]["train.bin"] == text_twin["checksums"]["train.bin"]
+    proc = cli("data", "prepare", str(tmp_path / "c.parquet"), "-o", str(tmp_path / "x"), "--text-key", "body",
+               "--quiet", check=False)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "has no column 'body'" in proc.stderr
