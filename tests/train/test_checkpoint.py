@@ -69,8 +69,12 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path, straight):
     proc.wait()
     assert not (run_dir / "result.json").exists()
 
+    saved = (run_dir / "checkpoints" / "latest").read_text().strip()
+    step = int(saved.split("_")[1])
     resumed = cli("train", *ARGS, f"train.output_dir={run_dir}")
-    assert "resumed from" in resumed.stdout
+    assert f"resumed from {run_dir / 'checkpoints' / saved} at step {step}" in resumed.stdout
+    logged = [int(line.split("/")[0].split()[-1]) for line in resumed.stdout.splitlines() if line.startswith("step ")]
+    assert logged and min(logged) > step  # nothing before the checkpoint is trained again
     assert_same_run(run_dir, straight)
     kept = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
     assert kept == ["latest", "step_0000035", "step_0000040"]  # the last two complete checkpoints
