@@ -21,17 +21,7 @@ import torch.distributed as dist
 from megatron_moe.config import ConfigError, RunConfig, save_toml, validate
 from megatron_moe.files import atomic_write_json
 from megatron_moe.planner.ledger import ledger
-from megatron_moe.train.checkpoint import (
-    StartPlan,
-    TrainState,
-    claim_output_dir,
-    describe_changes,
-    latest_checkpoint,
-    load_checkpoint,
-    plan_start,
-    record_config_change,
-    save_checkpoint,
-)
+from megatron_moe.train.checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
 from megatron_moe.train.monitors import (
     ExpertLoadMonitor,
     Metrics,
@@ -44,6 +34,7 @@ from megatron_moe.train.monitors import (
     progress_line,
     run_line,
 )
+from megatron_moe.train.rundir import StartPlan, claim_output_dir, describe_changes, plan_start, record_config_change
 from megatron_moe.train.stop import Preempted, StopFlag, TrainingError, clear_preempted, mark_preempted
 
 
