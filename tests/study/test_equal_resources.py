@@ -85,7 +85,8 @@ def test_counts_as_researchers_write_them(tmp_path, value, expected):
                                                        r"keeps K fixed across r_a, so give one value"),
     ("study.equal_resources.expert_ffn_hidden_size=64", r"holds D_e only with granularity = 'hold_expert_size'"),
     ("study.equal_resources.dense_ffn=-1", r"study.equal_resources.dense_ffn = -1 must be >= 0"),
-    ("study.equal_resources.r_a=[0.2, 0.2]", r"lists a rate twice"),
+    ("study.equal_resources.r_a=[0.2, 0.2]", r"agree to two decimals"),
+    ("study.equal_resources.r_a=[0.2, 0.204, 0.3]", r"agree to two decimals"),  # one arm name for two rates
 ])
 def test_bad_equal_resources_specs_fail_with_one_line(tmp_path, override, message):
     with pytest.raises(ConfigError, match=message) as exc:
