@@ -351,7 +351,7 @@ def refuse_unequal_data(data: dict[str, dict[str, dict[str, Any]]]) -> None:
                           "needs the same data config")
 
 
-def format_plan(plan: Plan) -> str:
+def format_arms(plan: Plan) -> str:
     """The arm table: size, granularity (E, K, D_e, D_se), FLOPs, steps, tokens, planned epochs, matched residual
     and what differs from the base. Columns are as wide as their widest cell."""
     header = ["arm", "params", "active", "N (non-emb)", "r_a", "E", "K", "D_e", "D_se", "FLOPs/tok", "steps",

@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 from megatron_moe.config import save_toml
 from megatron_moe.files import lock_holder
-from megatron_moe.study.plan import Plan, Run, data_check, format_plan, plan_study, refuse_unequal_data
+from megatron_moe.study.plan import Plan, Run, data_check, format_arms, plan_study, refuse_unequal_data
 from megatron_moe.study.rundir import (environment, git_state, live_job, log_event, now, package_root, record_attempt,
                                        run_status, study_lock, write_study_files)
 from megatron_moe.study.spec import StudyConfig
@@ -152,7 +152,7 @@ def run_study(
     n_done = sum(v == "done" for v in statuses.values())
     echo(f"study {s.name}: {len(plan.arms)} arms x {len(s.seeds)} seeds = {len(plan.runs)} runs in {out} "
          f"({n_done} complete, {sum(v == 'partial' for v in statuses.values())} partial)")
-    echo(format_plan(plan))
+    echo(format_arms(plan))
     if plan.family:
         f = plan.family
         echo(f"equal resources: N = {f['total_params']:,}, D = {f['unique_tokens']:,} unique tokens, "

@@ -13,7 +13,7 @@ import pytest
 
 from megatron_moe.config import ConfigError
 from megatron_moe.files import atomic_write_json
-from megatron_moe.study.plan import format_plan, plan_study
+from megatron_moe.study.plan import format_arms, plan_study
 from megatron_moe.study.report import build_results, render_markdown, tables, write_report
 from megatron_moe.study.rundir import manifest
 from megatron_moe.study.spec import load_study
@@ -121,7 +121,7 @@ def test_strict_and_loose_reuse_run_configs(tmp_path):
     assert {a.config.data.unique_tokens for a in l_arms.values()} == {pool} == {loose.family["data_unique_tokens"]}
     assert all(a.config.train.train_steps * per_step <= pool for a in l_arms.values())
     # the dry-run table shows unique tokens and epochs per arm
-    table = format_plan(loose).splitlines()
+    table = format_arms(loose).splitlines()
     header = table[0].split()
     assert header[:9] == ["arm", "params", "active", "N", "(non-emb)", "r_a", "E", "K", "D_e"]
     row = table[2].split()
@@ -142,7 +142,7 @@ def test_granularity_and_dense_shape_reach_the_arms(tmp_path):
     assert {a.config.model.expert_ffn for a in moes} == {16}
     assert all(abs(a.match["residual_pct"]) <= 0.5 for a in held_d.arms)
     # E, K, D_e and D_se in the dry-run table, one column each
-    lines = format_plan(held_d).splitlines()
+    lines = format_arms(held_d).splitlines()
     cols = {h: lines[0].index(h) for h in (" E ", " K ", " D_e ", " D_se ")}
     for line, a in zip(lines[1:], held_d.arms):
         g = a.config.model.moe
