@@ -404,13 +404,26 @@ def study_run_main(args: argparse.Namespace) -> int:
     _check_output_dir(args.output_dir, "--output-dir")
     cfg = load_study(args.study, args.overrides)
     _check_output_dir(cfg.study.output_dir or None, "study.output_dir")
+    echo, bar = (lambda line: print(line, flush=True)), None
+    if sys.stdout.isatty() and not args.dry_run:  # a bar of complete runs under the lines; plain lines in a log
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(cfg.study.seeds), desc="study", unit="run", dynamic_ncols=True, leave=False)
+        echo = bar.write
+
+        def on_progress(complete: int, total: int) -> None:
+            bar.total, bar.n = total, complete
+            bar.refresh()
     try:
         return run_study(cfg, args.output_dir, study_file=str(Path(args.study).resolve()),
                          keep_going=args.keep_going, dry_run=args.dry_run, quiet=args.quiet,
-                         echo=lambda line: print(line, flush=True))
+                         echo=echo, on_progress=on_progress if bar is not None else None)
     except LaunchError as exc:  # squeue did not answer about a run launched on SLURM
         print(f"megatron-moe: error: {exc}", file=sys.stderr)
         return 1
+    finally:
+        if bar is not None:
+            bar.close()
 
 
 def study_report_main(args: argparse.Namespace) -> int:

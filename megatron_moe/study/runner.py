@@ -143,8 +143,10 @@ def run_study(
     dry_run: bool = False,
     quiet: bool = False,
     echo: Callable[[str], None] = print,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> int:
-    """Train every (arm, seed) not yet complete, one after another; 0 when all runs are complete."""
+    """Train every (arm, seed) not yet complete, one after another; 0 when all runs are complete.
+    `on_progress(complete, total)` is called at the start and after each run (a progress bar, say)."""
     plan = plan_study(cfg, out_dir)
     out = plan.out_dir
     s = cfg.study
@@ -166,11 +168,12 @@ def run_study(
             echo(f"  {statuses[r.name]:<8}{r.name}")
         return 0
     with study_lock(out):
-        return _run_locked(plan, data, study_file, keep_going=keep_going, quiet=quiet, echo=echo)
+        return _run_locked(plan, data, study_file, keep_going=keep_going, quiet=quiet, echo=echo,
+                           on_progress=on_progress)
 
 
 def _run_locked(plan: Plan, data: dict[str, Any], study_file: str | None, *, keep_going: bool, quiet: bool,
-                echo: Callable[[str], None]) -> int:
+                echo: Callable[[str], None], on_progress: Callable[[int, int], None] | None = None) -> int:
     """The runner proper, under the study directory's lock: manifest, then every run not yet complete."""
     s, out = plan.study.study, plan.out_dir
     statuses = {r.name: run_status(r) for r in plan.runs}
@@ -192,6 +195,8 @@ def _run_locked(plan: Plan, data: dict[str, Any], study_file: str | None, *, kee
     steps_run, time_run, failed, queued = 0, 0.0, [], []
     start_all = time.perf_counter()
     current: tuple[Run, dict[str, Any]] | None = None
+    if on_progress is not None:
+        on_progress(sum(v == "done" for v in statuses.values()), total)
     try:
         for i, run in enumerate(plan.runs, 1):
             tag = f"[{i}/{total}] {run.arm} seed {run.seed}"
@@ -240,9 +245,11 @@ def _run_locked(plan: Plan, data: dict[str, Any], study_file: str | None, *, kee
             time_run += elapsed
             steps_left -= steps
             eta = time_run / steps_run * steps_left if steps_run else 0.0
+            complete = sum(run_status(r) == "done" for r in plan.runs)
             echo(f"{tag}: done in {elapsed:,.0f} s, best val loss {result.get('best_val_loss', float('nan')):.4f} | "
-                 f"study {sum(run_status(r) == 'done' for r in plan.runs)}/{total} complete, "
-                 f"{time.perf_counter() - start_all:,.0f} s so far, eta {eta:,.0f} s")
+                 f"study {complete}/{total} complete, {time.perf_counter() - start_all:,.0f} s so far, eta {eta:,.0f} s")
+            if on_progress is not None:
+                on_progress(complete, total)
     except _Stop as exc:
         if current is not None:
             run, attempt = current

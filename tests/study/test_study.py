@@ -462,3 +462,16 @@ def test_study_runs_is_interrupted_resumes_and_reports(tmp_path):
     assert all("at their last evaluation" in w for w in results["warnings"])
     for name in ("report.md", "report.html", "results.json"):
         assert (out / name).is_file()
+
+
+def test_study_run_reports_progress_after_each_run(tmp_path, monkeypatch):
+    from megatron_moe.study import runner
+
+    cfg = load_study(_write(tmp_path), ["study.arms=['moe']", "study.seeds=[1, 2]"])
+    finished = ("import json, sys, pathlib; d = pathlib.Path(sys.argv[1]); d.mkdir(parents=True, exist_ok=True); "
+                "(d / 'result.json').write_text(json.dumps({'best_val_loss': 1.0}))")
+    monkeypatch.setattr(runner, "_train_command", lambda r, nproc: [sys.executable, "-c", finished, str(r.dir)])
+    calls: list[tuple[int, int]] = []
+    assert runner.run_study(cfg, tmp_path / "study", echo=lambda _: None,
+                            on_progress=lambda done, total: calls.append((done, total))) == 0
+    assert calls == [(0, 2), (1, 2), (2, 2)]
