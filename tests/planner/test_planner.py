@@ -337,7 +337,7 @@ def test_plan_match_bad_multiple_of_exits_2(tmp_path, capsys, value):
 
 def test_plan_equal_resources_unreachable_n_is_an_error(tmp_path, capsys):
     """No MoE layout at this backbone reaches a small N: an error naming r_a, the nearest residual and the
-    smallest N a layout has, never arms silently off equal N (they were +94% / +52% before)."""
+    smallest N a layout has, never arms silently off equal N."""
     from megatron_moe.cli import main
 
     path = _write_run_config(tmp_path / "run.toml")

@@ -145,7 +145,7 @@ def test_different_orders_across_seeds_are_not_unequal_data(tmp_path):
     assert res["data_fingerprints_equal"] is True
 
 
-def test_a_shared_order_manifest_from_before_per_seed_orders_is_read(tmp_path):
+def test_a_manifest_without_data_order_is_read_as_shared(tmp_path):
     study_dir = _fake_study(tmp_path)
     man = json.loads((study_dir / "study.json").read_text())
     legacy = {k: v for k, v in man.items() if k not in ("data_order", "data_seeds")}
