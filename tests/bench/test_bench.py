@@ -17,6 +17,7 @@ from megatron_moe.planner.ledger import ledger
 from tests.conftest import REPO, TINY_MOE, cli
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "model",
     [
@@ -86,6 +87,7 @@ def test_cases_of_a_run_config_and_of_a_study():
     assert moe and all(c.reference == "dense_active" for c in moe)
 
 
+@pytest.mark.slow
 def test_bench_cli_measures_both_paths_and_writes_json_and_markdown(tmp_path):
     out = tmp_path / "bench"
     proc = cli("bench", *TINY_MOE, "parallel.expert=2", "--steps", "2", "--warmup", "1", "--repeats", "1", "--out", str(out))

@@ -47,6 +47,7 @@ def test_our_splits_are_read_by_megatron_core_indexed_dataset(ours):
         np.testing.assert_array_equal(theirs[i], mine.document(i))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("append_eod", [True, False])
 def test_megatron_lm_corpus_is_imported_without_retokenizing_and_trains(ours, tmp_path, append_eod):
     prefix = tmp_path / "corpus_text_document"

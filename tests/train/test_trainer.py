@@ -6,7 +6,11 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import REPO, TINY, TINY_MOE, cli, train_rows
+
+pytestmark = pytest.mark.slow  # every test here trains a model in a fresh process
 
 
 def test_tiny_moe_loss_falls_and_metrics_are_written(tmp_path):
