@@ -31,7 +31,7 @@ from megatron_moe.config import ConfigError
 from megatron_moe.files import atomic_write_bytes, atomic_write_json, atomic_write_text, read_jsonl
 from megatron_moe.planner.format import human
 from megatron_moe.study.plots import make_plots
-from megatron_moe.study.report_er import equal_resources_results, er_summary, er_tables
+from megatron_moe.study.report_er import equal_resources_results, er_summary, er_tables, mean_ci
 from megatron_moe.study.rundir import StudyManifest, load_manifest
 from megatron_moe.study.stats import ordering, paired, summarize
 
@@ -301,14 +301,6 @@ def _ci(st: dict[str, Any], digits: int = 4) -> str:
     return "n/a" if lo is None else f"[{lo:.{digits}f}, {hi:.{digits}f}]"
 
 
-def _mci(st: dict[str, Any], digits: int = 4) -> str:
-    """Mean and its t interval, one cell."""
-    if st["mean"] is None:
-        return "n/a"
-    lo, hi = st["ci"]
-    return f"{st['mean']:.{digits}f}" + ("" if lo is None else f" [{lo:.{digits}f}, {hi:.{digits}f}]")
-
-
 def _epochs(x: Any) -> str:
     if x is None:
         return "n/a"
@@ -367,7 +359,7 @@ def tables(results: dict[str, Any]) -> list[tuple[str, str, list[str], list[list
                 "Gap over training",
                 f"Validation-loss gap at each evaluation step both arms reached: mean [{conf} t interval over seeds].",
                 ["step", *[g["name"] for g in results["gaps"]]],
-                [[str(s), *[_mci(by[g["name"]][s]) if s in by[g["name"]] else "" for g in results["gaps"]]] for s in steps],
+                [[str(s), *[mean_ci(by[g["name"]][s]) if s in by[g["name"]] else "" for g in results["gaps"]]] for s in steps],
             ))
     out.append((
         "Contract",

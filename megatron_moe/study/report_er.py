@@ -157,7 +157,8 @@ def er_summary(results: dict[str, Any]) -> str:
     return f"Equal resources: {er['answer']}" if er and er["answer"] else ""
 
 
-def _mci(st: dict[str, Any], digits: int = 4) -> str:
+def mean_ci(st: dict[str, Any] | None, digits: int = 4) -> str:
+    """Mean and its t interval, one table cell ("n/a" without a mean)."""
     if st is None or st["mean"] is None:
         return "n/a"
     lo, hi = st["ci"]
@@ -192,7 +193,7 @@ def er_tables(results: dict[str, Any]) -> list[tuple[str, str, list[str], list[l
         [[f"{fit['x_opt']:.4f}" if fit else "n/a",
           f"[{fit['ci'][0]:.4f}, {fit['ci'][1]:.4f}]" if fit and fit["ci"][0] is not None else "n/a",
           f"{fit['y_opt']:.4f}" if fit else "n/a", ("no (edge)" if fit["at_edge"] else "yes") if fit else "n/a",
-          fit["best_arm"] if fit else "n/a", _mci(dense["best_val_loss"]) if dense else "n/a", er["reuse"],
+          fit["best_arm"] if fit else "n/a", mean_ci(dense["best_val_loss"]) if dense else "n/a", er["reuse"],
           er["granularity"]]],
     )]
     out.append((
@@ -209,10 +210,10 @@ def er_tables(results: dict[str, Any]) -> list[tuple[str, str, list[str], list[l
           f"{x['r_a']:.4f}", str(x["experts"]), str(x["top_k"]), str(x["expert_ffn"]), str(x["shared_ffn"]),
           human(x["nonembedding_params"]), "-" if x["residual_pct"] is None else f"{x['residual_pct']:+.3f}",
           human(x["consumed_tokens"]), human(x["unique_tokens"]),
-          "n/a" if x["epochs"] is None else f"{x['epochs']:.2f}", _mci(x["best_val_loss"]),
+          "n/a" if x["epochs"] is None else f"{x['epochs']:.2f}", mean_ci(x["best_val_loss"]),
           *[f"{x['best_val_loss']['per_seed'][s]:.4f}" if s in x["best_val_loss"]["per_seed"] else "n/a"
             for s in seeds],
-          _mci(x["best_val_bpb"]), _mci(x["gap_vs_dense"])]
+          mean_ci(x["best_val_bpb"]), mean_ci(x["gap_vs_dense"])]
          for x in er["arms"]],
     ))
     return out
