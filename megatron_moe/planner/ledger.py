@@ -87,15 +87,8 @@ class Shape(NamedTuple):
     shared_ffn: int
 
 
-def _num_moe_layers(m: ModelConfig) -> int:
-    e = m.moe
-    if e.num_experts == 0 or e.first_k_dense >= m.num_layers:
-        return 0
-    return len(range(e.first_k_dense, m.num_layers, max(e.every_n, 1)))
-
-
 def shape_of(m: ModelConfig, tensor: int) -> Shape:
-    moe_layers = _num_moe_layers(m)
+    moe_layers = sum(m.moe_layer_pattern())  # the layers the model builder makes MoE
     return Shape(
         vocab=padded_vocab_size(m, tensor),
         seq=m.seq_length,
