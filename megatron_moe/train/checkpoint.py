@@ -40,7 +40,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
 
-from megatron_moe.config import save_toml
+from megatron_moe.config import ConfigError, save_toml
 from megatron_moe.files import atomic_write_bytes, atomic_write_json, atomic_write_text
 from megatron_moe.train.stop import TrainingError
 
@@ -431,6 +431,16 @@ def _all_agree(failure: tuple[str | None, BaseException] | None, tmp: Path) -> N
     if failure is not None and failure[0] is None:
         raise failure[1]
     raise TrainingError(first)
+
+
+def check_checkpoint_writer() -> None:
+    """ConfigError (one line) when megatron-core's checkpoint writer cannot run. Its writer processes call psutil,
+    which megatron-core does not declare; without it they die before reporting and the save waits forever."""
+    try:
+        import psutil  # noqa: F401
+    except ImportError:
+        raise ConfigError("megatron-core's checkpoint writer needs psutil, which is not installed: "
+                          "pip install psutil") from None
 
 
 def save_checkpoint(trainer, root: Path) -> Path:

@@ -21,7 +21,9 @@ import torch.distributed as dist
 from megatron_moe.config import ConfigError, RunConfig, save_toml, validate
 from megatron_moe.files import atomic_write_json
 from megatron_moe.planner.ledger import ledger
-from megatron_moe.train.checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
+from megatron_moe.train.checkpoint import (
+    TrainState, check_checkpoint_writer, latest_checkpoint, load_checkpoint, save_checkpoint
+)
 from megatron_moe.train.monitors import (
     ExpertLoadMonitor,
     Metrics,
@@ -140,6 +142,7 @@ class Trainer:
         params_dtype, fp8 = resolve_precision(cfg.train.precision, on_gpu)
         validate(cfg, int(os.environ.get("WORLD_SIZE", "1")))
         check_sinks(cfg.train)
+        check_checkpoint_writer()
         self.par = initialize_parallel(cfg.parallel, self.device)
         t = cfg.train
         self.out_dir = Path(t.output_dir)

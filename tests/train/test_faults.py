@@ -331,6 +331,20 @@ def test_storage_errors_on_save_are_one_line_naming_the_path(tmp_path):
     assert ck._save_failure(ValueError("a bug"), None, root, "step_0000004", tmp) is None  # not a storage error
 
 
+def test_a_missing_checkpoint_writer_dependency_is_one_line_before_training(tmp_path):
+    """megatron-core's writer processes die on a missing psutil before reporting, and the save then waits forever:
+    the trainer refuses to start instead."""
+    shim = tmp_path / "shim"
+    shim.mkdir()
+    (shim / "psutil.py").write_text("raise ImportError('hidden for this test')\n")
+    proc = cli("train", *ARGS, "train.train_steps=4", f"train.output_dir={tmp_path / 'run'}", check=False,
+               timeout=120, env={"PYTHONPATH": str(shim)})
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert last_line(proc) == ("megatron-moe: error: megatron-core's checkpoint writer needs psutil, which is not "
+                               "installed: pip install psutil")
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
 # ---------------------------------------------------------------- one owner per run directory
 
 
