@@ -47,7 +47,15 @@ class MoEConfig:
     then keep the top-k probabilities as they are (Switch/GShard style). Sigmoid scores with top_k > 1 are
     always renormalised (megatron-core), so False is refused there."""
     aux_loss_coeff: float = 0.01
-    """Switch load-balancing loss coefficient (0 = off)."""
+    """Load-balancing loss coefficient (0 = off)."""
+    aux_loss: Literal["micro_batch", "sequence", "global_batch"] = "micro_batch"
+    """What the load-balancing loss balances: each micro-batch (Switch/GShard), each sequence (DeepSeek-V2/V3),
+    or the whole global batch (expert counts summed over data-parallel ranks and accumulated over the step's
+    micro-batches, as megatron-core does)."""
+    expert_bias_update_rate: float = 0.0
+    """Aux-loss-free balancing (DeepSeek-V3): a per-expert bias, added to the routing scores for the top-k choice
+    only, moves by this much after every step toward the less loaded experts (0 = off; DeepSeek-V3 uses 1e-3).
+    megatron-core offers it with score_function = "sigmoid" only; it combines with any aux_loss."""
     z_loss_coeff: float = 0.001
     """Router z-loss coefficient (0 = off)."""
     capacity_factor: float = 0.0
@@ -466,7 +474,7 @@ def validate_model(m: ModelConfig, tensor: int = 1, expert: int = 1, pipeline: i
     e = m.moe
     for name in ("num_experts", "expert_ffn_hidden_size", "shared_expert_ffn_hidden_size", "first_k_dense"):
         _positive(getattr(e, name), f"model.moe.{name}", allow_zero=True)
-    for name in ("aux_loss_coeff", "z_loss_coeff", "capacity_factor"):
+    for name in ("aux_loss_coeff", "z_loss_coeff", "capacity_factor", "expert_bias_update_rate"):
         _positive(getattr(e, name), f"model.moe.{name}", allow_zero=True)
     if e.num_experts == 0:
         if expert != 1:
@@ -486,6 +494,15 @@ def validate_model(m: ModelConfig, tensor: int = 1, expert: int = 1, pipeline: i
             "model.moe.topk_renormalize = false has no effect with model.moe.score_function = 'sigmoid' (megatron-core "
             "renormalises sigmoid top-k weights); set model.moe.topk_renormalize = true"
         )
+    if e.expert_bias_update_rate and e.score_function != "sigmoid":
+        raise ConfigError(
+            f"model.moe.expert_bias_update_rate = {e.expert_bias_update_rate:g} (aux-loss-free balancing) needs "
+            f"model.moe.score_function = 'sigmoid', not {e.score_function!r} (megatron-core's expert bias is "
+            "sigmoid-only)"
+        )
+    if e.aux_loss != "micro_batch" and not e.aux_loss_coeff:
+        raise ConfigError(f"model.moe.aux_loss = {e.aux_loss!r} has no effect with model.moe.aux_loss_coeff = 0; set "
+                          "a coefficient (e.g. 0.01) or leave aux_loss at 'micro_batch'")
     if e.num_experts % expert:
         raise ConfigError(f"model.moe.num_experts = {e.num_experts} is not divisible by parallel.expert = {expert}")
     if e.first_k_dense >= m.num_layers:

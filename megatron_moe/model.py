@@ -18,6 +18,9 @@ import torch.nn.functional as F
 from megatron_moe.config import ConfigError, ModelConfig, ParallelConfig
 from megatron_moe.planner.ledger import COMPONENTS, padded_vocab_size
 
+AUX_LOSS_TYPES = {"micro_batch": "aux_loss", "sequence": "seq_aux_loss", "global_batch": "global_aux_loss"}
+"""model.moe.aux_loss -> megatron-core's moe_router_load_balancing_type."""
+
 
 def have_transformer_engine() -> bool:
     try:
@@ -75,7 +78,9 @@ def transformer_config(
             moe_ffn_hidden_size=m.expert_ffn,
             moe_shared_expert_intermediate_size=e.shared_expert_ffn_hidden_size or None,
             moe_layer_freq=m.moe_layer_pattern(),
-            moe_router_load_balancing_type="aux_loss" if e.aux_loss_coeff > 0 else "none",
+            moe_router_load_balancing_type=AUX_LOSS_TYPES[e.aux_loss] if e.aux_loss_coeff > 0 else "none",
+            moe_router_enable_expert_bias=e.expert_bias_update_rate > 0,
+            moe_router_bias_update_rate=e.expert_bias_update_rate or 1e-3,
             moe_aux_loss_coeff=e.aux_loss_coeff,
             moe_z_loss_coeff=e.z_loss_coeff or None,
             moe_router_pre_softmax=not e.topk_renormalize,

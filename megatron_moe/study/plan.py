@@ -1,6 +1,7 @@
 """The arms and runs a study spec derives (pure: the planner only, no torch, nothing written).
 
-Arms are never written by hand: `moe` is the base model; `dense_<contract>` is `planner.match_dense(base,
+Arms are never written by hand: `moe` is the base model; a variant (`[study.variants.<name>]`) is the base with
+other routing and balancing; `dense_<contract>` is `planner.match_dense(base,
 contract)`, the base with moe.num_experts = 0 and width resized at fixed depth; `equal_resources` expands into
 `er_dense` and `er_moe_ra<r>` with equal non-embedding parameters N, training compute C and unique tokens D.
 Every arm of a study gets the identical data config (same documents, same order, so the same data
@@ -30,7 +31,7 @@ from typing import Any
 
 from megatron_moe.config import ConfigError, DataConfig, ModelConfig, RunConfig, changed_fields, get_dotted, validate
 from megatron_moe.planner.format import human, table
-from megatron_moe.study.spec import StudyConfig
+from megatron_moe.study.spec import StudyConfig, variant_moe
 
 
 BOOKKEEPING_FIELDS = ("output_dir", "log_interval", "save_interval", "tensorboard_dir", "wandb_project", "wandb_entity",
@@ -45,7 +46,8 @@ class Arm:
     name: str
     """moe, dense_active, ..., er_dense, er_moe_ra0.20."""
     contract: str
-    """What the arm holds equal to its reference: 'base', 'active', 'total', 'flops', 'equal_resources'."""
+    """What the arm holds equal to its reference: 'base', 'active', 'total', 'flops', 'equal_resources', or
+    'variant' (the base MoE with other routing and balancing)."""
     config: RunConfig
     """The arm's run config; train.seed, data.seed and train.output_dir are set per run."""
     ledger: Any
@@ -234,10 +236,11 @@ def derive_arms(
         arms, pairs, family_info = _equal_resources_arms(cfg)
     else:
         for arm in s.arms:
-            if arm == "moe":
-                led = ledger(cfg.model, tensor, causal_attention=m.causal_attention)
-                model, match = cfg.model, {}
-                contract = "base"
+            if arm == "moe" or arm in s.variants:
+                model = cfg.model if arm == "moe" else dataclasses.replace(cfg.model, moe=variant_moe(cfg, arm))
+                led = ledger(model, tensor, causal_attention=m.causal_attention)
+                match = {}
+                contract = "base" if arm == "moe" else "variant"
             else:
                 contract = arm.removeprefix("dense_")
                 mt = match_dense(cfg.model, contract, tensor, multiple_of=m.multiple_of, resize=m.resize,
@@ -253,11 +256,17 @@ def derive_arms(
                 changed_fields=_changed(base, arm_cfg),
                 match=match,
             ))
-        if "moe" in s.arms:
+        moes = [a for a in s.arms if a == "moe" or a in s.variants]
+        for moe in moes:
+            prefix = "" if moe == "moe" else f"{moe}-"
             for arm in arms:
                 if arm.name.startswith("dense_"):
-                    pairs.append({"name": f"matched-{arm.contract}", "baseline": arm.name, "moe": "moe",
+                    pairs.append({"name": f"{prefix}matched-{arm.contract}", "baseline": arm.name, "moe": moe,
                                   "description": f"dense matched to the MoE's {arm.match['quantity']}"})
+            if moe != "moe" and "moe" in moes:
+                pairs.append({"name": f"{moe}-vs-moe", "baseline": "moe", "moe": moe,
+                              "description": f"the base MoE against {moe}, which differs only in routing and "
+                                             "balancing"})
     for a in arms:
         validate(a.config, s.nproc_per_node if check_world else None)
     return arms, pairs, family_info

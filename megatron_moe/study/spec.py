@@ -28,13 +28,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from megatron_moe.config import ConfigError, RunConfig, apply_overrides, from_dict, load_toml, validate
+from megatron_moe.config import ConfigError, MoEConfig, RunConfig, apply_overrides, from_dict, load_toml, validate
 from megatron_moe.planner.format import parse_count
 
 
 DATA_ORDERS = ("per_seed", "shared")
 MATCHED_ARMS = ("moe", "dense_active", "dense_total", "dense_flops")
 ARM_CHOICES = (*MATCHED_ARMS, "equal_resources")
+VARIANT_FIELDS = ("score_function", "topk_renormalize", "aux_loss", "aux_loss_coeff", "z_loss_coeff",
+                  "expert_bias_update_rate")
+"""[model.moe] fields a study variant may change: routing and balancing only, which change no parameter count,
+so the dense arms matched to the base MoE are matched to every variant."""
 
 
 @dataclass
@@ -124,6 +128,9 @@ class StudySpec:
     """Processes per run (> 1: each run under torch.distributed.run)."""
     keep_checkpoints: bool = True
     """Keep a run's checkpoints/ once it is complete (false: delete them; metrics and result stay)."""
+    variants: dict[str, dict] = field(default_factory=dict)
+    """More MoE arms, by name: [study.variants.<name>] holds the [model.moe] routing and balancing fields
+    (VARIANT_FIELDS) in which the arm differs from the base MoE; list the name in arms."""
     match: MatchSpec = field(default_factory=MatchSpec)
     equal_resources: EqualResourcesSpec = field(default_factory=EqualResourcesSpec)
 
@@ -173,8 +180,15 @@ def validate_study(cfg: StudyConfig, *, check_world: bool = True) -> None:
     if not s.arms:
         raise ConfigError(f"study.arms is empty; choose from {', '.join(ARM_CHOICES)}")
     for arm in s.arms:
-        if arm not in ARM_CHOICES:
-            raise ConfigError(f"study.arms: {arm!r} is not allowed; expected one of {', '.join(ARM_CHOICES)}")
+        if arm not in ARM_CHOICES and arm not in s.variants:
+            raise ConfigError(f"study.arms: {arm!r} is not allowed; expected one of {', '.join(ARM_CHOICES)}, or a "
+                              "name defined in [study.variants]")
+    for name in s.variants:
+        model = dataclasses.replace(base.model, moe=variant_moe(cfg, name))
+        try:
+            validate(dataclasses.replace(base, model=model), s.nproc_per_node if check_world else None)
+        except ConfigError as exc:
+            raise ConfigError(f"study.variants.{name}: {exc}") from None
     if len(set(s.arms)) != len(s.arms):
         raise ConfigError(f"study.arms = {s.arms} lists an arm twice")
     if "equal_resources" in s.arms and len(s.arms) > 1:
@@ -224,3 +238,22 @@ def validate_study(cfg: StudyConfig, *, check_world: bool = True) -> None:
         if er.expert_ffn_hidden_size and er.granularity != "hold_expert_size":
             raise ConfigError(f"study.equal_resources.expert_ffn_hidden_size = {er.expert_ffn_hidden_size} holds D_e "
                               "only with granularity = 'hold_expert_size'")
+
+
+def variant_moe(cfg: StudyConfig, name: str) -> MoEConfig:
+    """The [model.moe] of variant arm `name`: the base MoE's with the variant's fields; ConfigError (one line) for
+    a field outside VARIANT_FIELDS or a name that is not an arm or clashes with one (`validate_study` checks the
+    variant's model)."""
+    fields = cfg.study.variants[name]
+    where = f"study.variants.{name}"
+    if name in ARM_CHOICES:
+        raise ConfigError(f"{where}: {name!r} is a built-in arm; give the variant another name")
+    if name not in cfg.study.arms:
+        raise ConfigError(f"{where} is defined but not listed in study.arms = {cfg.study.arms}")
+    if not isinstance(fields, dict) or not fields:
+        raise ConfigError(f"{where} must be a table of [model.moe] fields, e.g. expert_bias_update_rate = 1e-3")
+    for key in fields:
+        if key not in VARIANT_FIELDS:
+            raise ConfigError(f"{where}.{key}: a variant may change only {', '.join(VARIANT_FIELDS)} (routing and "
+                              "balancing, so every dense arm stays matched)")
+    return from_dict(MoEConfig, {**dataclasses.asdict(cfg.model.moe), **fields}, where)

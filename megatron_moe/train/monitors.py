@@ -3,7 +3,7 @@
 - `Metrics`: the `metrics.jsonl` sink (the source of truth), handing each row on to the optional sinks
   `TensorBoardSink` and `WandbSink` (`open_sinks`) under namespaced keys (`sink_scalars`).
 - `ThroughputMeter`: tokens/s, elapsed time, TFLOP/s per device, MFU and ETA.
-- `ExpertLoadMonitor`: tokens per expert, read from megatron-core's routers.
+- `ExpertLoadMonitor`: tokens per expert, read from megatron-core's routers, and the aux-loss-free expert biases.
 - `MoELossReader`: the MoE auxiliary losses from megatron-core's tracker.
 - `run_line`, `progress_line`, `eval_line`: what the logging rank prints.
 """
@@ -77,6 +77,9 @@ SINK_KEYS = {
     "mfu": "perf/mfu",
     "elapsed_s": "perf/elapsed_s",
     "load_balancing_loss": "moe/lb",
+    "seq_load_balancing_loss": "moe/seq_lb",
+    "global_load_balancing_loss": "moe/global_lb",
+    "expert_bias_spread": "moe/expert_bias_spread",
     "z_loss": "moe/z",
     "load_imbalance": "moe/load_imbalance",
     "dropped_fraction": "moe/dropped_fraction",
@@ -224,21 +227,23 @@ class ThroughputMeter:
 
 
 class ExpertLoadMonitor:
-    """Counts the tokens each router sends to each expert (after any capacity drop) during training.
+    """Counts the tokens each router sends to each expert (after any capacity drop) during training, and reads
+    the aux-loss-free expert biases when the model has them.
 
     A forward hook on each megatron-core router reads its routing map; nothing in the model changes.
     Counts accumulate between `collect()` calls and are summed over all ranks there.
     """
 
-    def __init__(self, model, num_layers: int, num_experts: int, top_k: int):
+    def __init__(self, model, num_layers: int, num_experts: int, top_k: int, expert_bias: bool = False):
         from megatron.core.transformer.moe.router import Router
 
         self.counts = torch.zeros(num_layers, num_experts, dtype=torch.float64)
         self.routed = torch.zeros(num_layers, dtype=torch.float64)  # tokens x top_k offered per layer
         self.top_k = top_k
-        for module in model.modules():
-            if isinstance(module, Router):
-                module.register_forward_hook(self._hook)
+        self.routers = [m for m in model.modules() if isinstance(m, Router)]
+        self.expert_bias = expert_bias
+        for router in self.routers:
+            router.register_forward_hook(self._hook)
 
     def _hook(self, router, inputs, output) -> None:
         if not (router.training and torch.is_grad_enabled()):
@@ -262,11 +267,37 @@ class ExpertLoadMonitor:
         counts, routed = counts[layers], routed[layers]
         load = counts / counts.sum(dim=1, keepdim=True).clamp(min=1)
         imbalance = counts.max(dim=1).values / counts.mean(dim=1).clamp(min=1e-9)
-        return {
+        out = {
             "expert_load": [[round(x, 5) for x in row] for row in load.tolist()],
+            "layer_imbalance": [round(x, 4) for x in imbalance.tolist()],
             "load_imbalance": float(imbalance.mean()),
             "dropped_fraction": float(1 - counts.sum() / routed.sum()),
         }
+        if self.expert_bias:
+            out.update(self._bias())
+        return out
+
+    def _bias(self) -> dict[str, Any]:
+        """Per-MoE-layer expert biases and their mean spread (max - min); a collective."""
+        bias = torch.zeros(self.counts.shape, dtype=torch.float64)
+        held = torch.zeros(self.counts.shape[0], dtype=torch.float64)
+        for router in self.routers:  # every replica of a layer holds the same bias: average over the holders
+            bias[router.layer_number - 1] += router.expert_bias.detach().double().cpu()
+            held[router.layer_number - 1] += 1
+        both = torch.cat([bias.flatten(), held])
+        dist.all_reduce(both)
+        held = both[bias.numel():]
+        layers = held > 0
+        bias = (both[: bias.numel()].view_as(bias) / held.clamp(min=1)[:, None])[layers]
+        return {
+            "expert_bias": [[round(x, 6) for x in row] for row in bias.tolist()],
+            "expert_bias_spread": float((bias.max(dim=1).values - bias.min(dim=1).values).mean()),
+        }
+
+
+BALANCING_LOSS_NAMES = {"micro_batch": "load_balancing_loss", "sequence": "seq_load_balancing_loss",
+                        "global_batch": "global_load_balancing_loss"}
+"""model.moe.aux_loss -> the name megatron-core tracks the loss under, which is also its metrics field."""
 
 
 class MoELossReader:
@@ -280,7 +311,7 @@ class MoELossReader:
         self.num_layers = model_cfg.num_layers
         self.moe_layers = sum(model_cfg.moe_layer_pattern())
         e = model_cfg.moe
-        self.coeffs = {"load_balancing_loss": e.aux_loss_coeff, "z_loss": e.z_loss_coeff}
+        self.coeffs = {BALANCING_LOSS_NAMES[e.aux_loss]: e.aux_loss_coeff, "z_loss": e.z_loss_coeff}
         self.tensor = tensor
         self.data_parallel = data_parallel
         self.micro_batches = micro_batches
@@ -292,9 +323,10 @@ class MoELossReader:
         tracker = get_moe_layer_wise_logging_tracker()
         out = {}
         # Each layer's value lives on one pipeline stage (a stage without MoE layers has no entry, but
-        # must join the collective). Within a stage the z-loss is a per-rank mean; the load-balancing
-        # loss is a partial sum over the tensor-parallel ranks (MoE with tensor parallelism always uses
-        # sequence parallelism, so each rank routes its own tokens). Sum over the world, divide by replicas.
+        # must join the collective). Within a stage the z-loss is a per-rank mean; the micro-batch and
+        # sequence balancing losses are partial sums over the tensor-parallel ranks (MoE with tensor
+        # parallelism always uses sequence parallelism, so each rank routes its own tokens), the global-batch
+        # one over the tensor- and data-parallel ranks. Sum over the world, divide by replicas.
         for name, coeff in self.coeffs.items():
             if not coeff:
                 continue
@@ -302,7 +334,8 @@ class MoELossReader:
             if name in tracker:
                 values += tracker[name]["values"].detach().float().cpu()
             dist.all_reduce(values)
-            replicas = self.data_parallel if name == "load_balancing_loss" else self.data_parallel * self.tensor
+            replicas = {"z_loss": self.data_parallel * self.tensor, "global_load_balancing_loss": 1}.get(
+                name, self.data_parallel)
             out[name] = float(values.sum()) / replicas / self.moe_layers / self.micro_batches
         self.discard()
         return out
@@ -330,7 +363,8 @@ def device_peak_flops(fp8: bool) -> tuple[str, float | None]:
     return name, None
 
 
-_AUX_NAMES = {"load_balancing_loss": "lb", "z_loss": "z"}
+_AUX_NAMES = {"load_balancing_loss": "lb", "seq_load_balancing_loss": "seq lb", "global_load_balancing_loss": "global lb",
+              "z_loss": "z", "expert_bias_spread": "bias spread"}
 
 
 def run_line(is_moe: bool, param_counts: dict[str, int], par, train_steps: int, tokens_per_step: int) -> str:

@@ -176,7 +176,8 @@ class Trainer:
         self.load_monitor = self.moe_losses = None
         if cfg.model.is_moe:
             moe = cfg.model.moe
-            self.load_monitor = ExpertLoadMonitor(model, cfg.model.num_layers, moe.num_experts, moe.top_k)
+            self.load_monitor = ExpertLoadMonitor(model, cfg.model.num_layers, moe.num_experts, moe.top_k,
+                                                 expert_bias=moe.expert_bias_update_rate > 0)
             self.moe_losses = MoELossReader(cfg.model, self.par.tensor, self.par.data, self.num_micro_batches)
         self.flops_per_token = ledger(cfg.model, cfg.parallel.tensor).flops_train_per_token
         self.device_name, self.peak_flops = device_peak_flops(fp8)
