@@ -60,6 +60,15 @@ def test_strict_loading_names_the_dotted_path(data, message):
         (["data.synthetic_documents=20"], 1, "data.synthetic_documents = 20 must be >= 21"),
         (["model.moe.num_experts=4", "model.moe.score_function='sigmoid'", "model.moe.topk_renormalize=false"], 1,
          "model.moe.topk_renormalize = false has no effect with model.moe.score_function = 'sigmoid'"),
+        (["model.moe.num_experts=4", "model.moe.expert_bias_update_rate=1e-3"], 1,
+         "model.moe.expert_bias_update_rate = 0.001 (aux-loss-free balancing) needs model.moe.score_function = "
+         "'sigmoid', not 'softmax'"),
+        (["model.moe.num_experts=4", "model.moe.aux_loss='sequence'", "model.moe.aux_loss_coeff=0"], 1,
+         "model.moe.aux_loss = 'sequence' has no effect with model.moe.aux_loss_coeff = 0"),
+        (["model.moe.num_experts=4", "model.moe.expert_bias_update_rate=-1e-3"], 1,
+         "model.moe.expert_bias_update_rate = -0.001 must be >= 0"),
+        (["model.moe.aux_loss='batch'"], 1,
+         "model.moe.aux_loss = 'batch' is not allowed; expected one of 'micro_batch', 'sequence', 'global_batch'"),
     ],
 )
 def test_validation_spells_out_the_arithmetic(overrides, world, message):

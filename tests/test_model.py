@@ -61,6 +61,25 @@ def test_moe_with_first_dense_layer_and_shared_expert(single_process):
     assert router.grad is not None and router.grad.abs().sum() > 0
 
 
+def test_the_expert_bias_is_a_buffer_and_leaves_the_counts_unchanged(single_process):
+    """Aux-loss-free balancing adds a per-expert bias that no optimizer step trains: the parameter counts, and so
+    the planner's ledger and every matched contract, are those of the same model without it."""
+    from megatron_moe.model import build_model, local_parameter_counts
+    from megatron_moe.planner.ledger import ledger
+
+    plain = small(num_experts=4, top_k=2, expert_ffn_hidden_size=64, score_function="sigmoid")
+    biased = small(num_experts=4, top_k=2, expert_ffn_hidden_size=64, score_function="sigmoid",
+                   expert_bias_update_rate=1e-3)
+    assert ledger(biased, 1) == ledger(plain, 1)
+    model = build_model(biased, ParallelConfig())
+    routers = [layer.mlp.router for layer in model.decoder.layers]
+    assert all(r.expert_bias is not None and r.expert_bias.shape == (4,) for r in routers)
+    assert not any(name.endswith("expert_bias") for name, _ in model.named_parameters())
+    assert sum(name.endswith("expert_bias") for name in model.state_dict()) == 2  # checkpointed all the same
+    assert local_parameter_counts(model) == local_parameter_counts(build_model(plain, ParallelConfig()))
+    assert sum(local_parameter_counts(model).values()) == ledger(biased, 1).total_params
+
+
 def test_tied_embeddings_share_one_matrix(single_process):
     from megatron_moe.model import build_model, local_parameter_counts
 

@@ -20,6 +20,8 @@ pytestmark = pytest.mark.slow
 def eval_rows(run_dir) -> list[dict]:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return [r for r in rows if r["kind"] == "eval"]
+
+
 STEPS = ["train.train_steps=8", "train.eval_interval=4", "model.moe.first_k_dense=1"]
 TOLERANCE = 1e-5
 
@@ -61,3 +63,47 @@ def test_two_process_layout_matches_single_process(reference, tmp_path, layout):
     for got, ref in zip(evals, ref_evals):
         assert abs(got["val_loss"] - ref["val_loss"]) < TOLERANCE, f"eval at step {got['step']}: {got} vs {ref}"
     assert rows[-1]["loss"] < rows[0]["loss"]  # and it trains
+
+
+# Aux-loss-free expert bias with the sequence-level loss (DeepSeek-V3's combination), and the global-batch loss.
+# The global-batch loss accumulates expert counts over a step's micro-batches as they run, so it depends on how
+# the batch is split into micro-batches and ranks: only tensor parallelism (same split) must reproduce it.
+BALANCING = {
+    "bias+sequence": (["model.moe.score_function=sigmoid", "model.moe.expert_bias_update_rate=0.01",
+                       "model.moe.aux_loss=sequence"], "seq_load_balancing_loss"),
+    "global_batch": (["model.moe.aux_loss=global_batch"], "global_load_balancing_loss"),
+}
+
+
+@pytest.fixture(scope="module")
+def balancing_reference(tmp_path_factory):
+    refs = {}
+
+    def get(name):
+        if name not in refs:
+            out = tmp_path_factory.mktemp(name.replace("+", "_"))
+            cli("train", *TINY_MOE, *STEPS, *BALANCING[name][0], f"train.output_dir={out}")
+            refs[name] = train_rows(out)
+        return refs[name]
+    return get
+
+
+@pytest.mark.parametrize("method, layout", [
+    ("bias+sequence", ["parallel.tensor=2", "parallel.sequence_parallel=true"]),
+    ("bias+sequence", ["parallel.expert=2"]),
+    ("bias+sequence", []),
+    ("global_batch", ["parallel.tensor=2", "parallel.sequence_parallel=true"]),
+], ids=["bias+sequence-tp2", "bias+sequence-ep2", "bias+sequence-dp2", "global_batch-tp2"])
+def test_balancing_methods_match_single_process(balancing_reference, tmp_path, method, layout):
+    overrides, loss_key = BALANCING[method]
+    ref_rows = balancing_reference(method)
+    cli("train", *TINY_MOE, *STEPS, *overrides, *layout, f"train.output_dir={tmp_path}", nproc=2)
+    rows = train_rows(tmp_path)
+    assert len(rows) == len(ref_rows) == 8
+    keys = ["loss", "grad_norm", loss_key, "z_loss", "load_imbalance"]
+    for got, ref in zip(rows, ref_rows):
+        for key in keys:
+            assert abs(got[key] - ref[key]) < TOLERANCE, f"step {got['step']} {key}: {got[key]} vs single-process {ref[key]}"
+        if "expert_bias" in ref:
+            assert got["expert_bias"] == ref["expert_bias"]
+    assert ("expert_bias" in ref_rows[-1]) == (method == "bias+sequence")

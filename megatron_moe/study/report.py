@@ -126,12 +126,16 @@ def build_results(study_dir: str | Path, confidence: float = 0.95) -> dict[str, 
         finals = [r.result["final_train_loss"] for r in complete  # result.json: metrics.jsonl may lack rows
                   if r.arm == name and r.result.get("final_train_loss") is not None]
         bpb = [r.best_row["val_bpb"] for r in complete if r.arm == name and r.best_row and "val_bpb" in r.best_row]
+        # Routing balance at the end of training: max/mean tokens per expert, averaged over MoE layers.
+        imbalance = [r.train[-1]["load_imbalance"] for r in complete
+                     if r.arm == name and r.train and "load_imbalance" in r.train[-1]]
         arms_out.append({
             "arm": name, "contract": a["contract"], "is_moe": a["is_moe"],
             "seeds": sorted(best[name]), "missing_seeds": [s for s in man.seeds if s not in best[name]],
             "best_val_loss": {**st.to_dict(), "per_seed": {str(s): v for s, v in sorted(best[name].items())}},
             "best_val_bpb": summarize(bpb, confidence).to_dict(),
             "final_train_loss": summarize(finals, confidence).to_dict(),
+            "final_load_imbalance": summarize(imbalance, confidence).to_dict(),
         })
 
     tokens_per_step = {a["name"]: a["tokens_per_step"] for a in man.arms}
@@ -332,13 +336,15 @@ def tables(results: dict[str, Any]) -> list[tuple[str, str, list[str], list[list
     out = er_tables(results)  # an equal-resources study's answer comes first
     out.append((
         "Best validation loss per arm",
-        f"Minimum over periodic evaluations; mean ± sample std over seeds, {conf} t interval."
+        f"Minimum over periodic evaluations; mean ± sample std over seeds, {conf} t interval. Final load imbalance:"
+        " max / mean tokens per expert at the last logged step, averaged over MoE layers (1 = uniform)."
         + (f" Ordering of the means (seeds whose own ordering is the same): {results['ordering']['line']}."
            if results.get("ordering") else ""),
         ["arm", "n", "mean ± std", f"{conf} CI", *[f"seed {s}" for s in seeds], "bits/byte at best",
-         "final train loss"],
+         "final train loss", "final load imbalance"],
         [[a["arm"], str(a["best_val_loss"]["n"]), _pm(a["best_val_loss"]), _ci(a["best_val_loss"]),
-          *[_f(a["best_val_loss"]["per_seed"].get(s)) for s in seeds], _pm(a["best_val_bpb"]), _pm(a["final_train_loss"])]
+          *[_f(a["best_val_loss"]["per_seed"].get(s)) for s in seeds], _pm(a["best_val_bpb"]), _pm(a["final_train_loss"]),
+          _pm(a["final_load_imbalance"], 2) if a["is_moe"] else "-"]
          for a in results["arms"]],
     ))
     if results["gaps"]:

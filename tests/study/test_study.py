@@ -129,6 +129,50 @@ def test_arms_are_derived_by_the_planner(tmp_path):
     assert len({r.hash for r in plan.runs}) == 6
 
 
+VARIANT = """
+[study.variants.moe_aux_free]
+score_function = "sigmoid"
+aux_loss_coeff = 0.0
+expert_bias_update_rate = 1e-3
+"""
+
+
+def test_variant_arms_differ_from_the_base_moe_only_in_balancing_and_pair_with_every_dense_arm(tmp_path):
+    text = MINI.replace('arms = ["dense_active", "moe"]', 'arms = ["dense_active", "moe", "moe_aux_free", "dense_total"]')
+    cfg = load_study(_write(tmp_path, text + VARIANT))
+    plan = plan_study(cfg, tmp_path / "out")
+    arms = {a.name: a for a in plan.arms}
+    variant, moe = arms["moe_aux_free"], arms["moe"]
+    assert variant.contract == "variant" and variant.match == {}
+    assert variant.changed_fields == ("model.moe.score_function", "model.moe.aux_loss_coeff",
+                                      "model.moe.expert_bias_update_rate")
+    assert dataclasses.replace(variant.config.model, moe=moe.config.model.moe) == moe.config.model
+    assert variant.ledger == moe.ledger  # the same parameters: each dense arm is matched to both MoE arms
+    assert variant.config.train == moe.config.train and variant.config.data == moe.config.data
+    assert [(p["name"], p["baseline"], p["moe"]) for p in plan.pairs] == [
+        ("matched-active", "dense_active", "moe"), ("matched-total", "dense_total", "moe"),
+        ("moe_aux_free-matched-active", "dense_active", "moe_aux_free"),
+        ("moe_aux_free-matched-total", "dense_total", "moe_aux_free"),
+        ("moe_aux_free-vs-moe", "moe", "moe_aux_free")]
+    assert len({r.hash for r in plan.runs}) == len(plan.runs) == 8
+
+
+@pytest.mark.parametrize("variant, arms, message", [
+    ("num_experts = 8", None, r"study.variants.moe_aux_free.num_experts: a variant may change only score_function, "),
+    ("expert_bias_update_rate = 1e-3", None, r"study.variants.moe_aux_free: model.moe.expert_bias_update_rate = "
+                                             r"0.001 \(aux-loss-free balancing\) needs model.moe.score_function"),
+    ("aux_loss = 'token'", None, r"study.variants.moe_aux_free.aux_loss = 'token' is not allowed"),
+    ("aux_loss_coeff = 0.1", '["moe", "dense_active"]', r"study.variants.moe_aux_free is defined but not listed in "),
+    ("aux_loss_coeff = 0.1", '["moe", "moe_switch"]', r"study.arms: 'moe_switch' is not allowed; expected one of "
+                                                      r"moe, .*, or a name defined in \[study.variants\]"),
+])
+def test_bad_variants_fail_with_one_line(tmp_path, variant, arms, message):
+    text = MINI.replace('arms = ["dense_active", "moe"]', f'arms = {arms or ["moe", "moe_aux_free"]}'.replace("'", '"'))
+    with pytest.raises(ConfigError, match=message) as exc:
+        load_study(_write(tmp_path, text + f"\n[study.variants.moe_aux_free]\n{variant}\n"))
+    assert "\n" not in str(exc.value)
+
+
 def test_run_hash_ignores_bookkeeping_only():
     cfg = RunConfig()
     h = run_hash(cfg)
@@ -363,6 +407,11 @@ def test_study_run_counts_a_trainer_as_preempted_from_its_marker(tmp_path, monke
 # ---------------------------------------------------------------- a real study
 
 
+def _last_train_row(run_dir: Path) -> dict:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if r["kind"] == "train"][-1]
+
+
 def _metrics_best(run_dir: Path) -> float:
     evals = {}
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
@@ -449,6 +498,11 @@ def test_study_runs_is_interrupted_resumes_and_reports(tmp_path):
         assert arm["best_val_loss"]["per_seed"] == {"1": vals[0], "2": vals[1]}
         assert arm["best_val_loss"]["mean"] == pytest.approx(sum(vals) / 2, abs=1e-12)
         assert arm["best_val_loss"]["std"] == pytest.approx(abs(vals[0] - vals[1]) / math.sqrt(2), abs=1e-12)
+        last = [_last_train_row(out / e["dir"]).get("load_imbalance") for e in man["runs"] if e["arm"] == arm["arm"]]
+        if arm["arm"] == "moe":
+            assert arm["final_load_imbalance"]["mean"] == pytest.approx(sum(last) / 2, abs=1e-12) and min(last) >= 1
+        else:
+            assert last == [None, None] and arm["final_load_imbalance"]["mean"] is None
     (gap,) = results["gaps"]
     diffs = [best[("dense_active", s)] - best[("moe", s)] for s in (1, 2)]
     assert gap["name"] == "matched-active" and gap["per_seed"] == {"1": diffs[0], "2": diffs[1]}
