@@ -313,6 +313,18 @@ def test_tiny_three_arm_examples():
         assert len({a.config.train.train_steps for a in plan.arms}) == 1
 
 
+def test_balancing_example_compares_two_moe_arms_differing_only_in_balancing():
+    plan = plan_study(load_study(EXAMPLES / "balancing" / "cpu.toml"))
+    arms = {a.name: a for a in plan.arms}
+    assert list(arms) == ["dense_active", "moe", "moe_aux_free"]
+    switch, free = arms["moe"].config.model.moe, arms["moe_aux_free"].config.model.moe
+    assert (switch.aux_loss_coeff, switch.expert_bias_update_rate) == (0.01, 0.0)
+    assert (free.aux_loss_coeff, free.expert_bias_update_rate) == (0.0, 1e-3)
+    assert dataclasses.replace(free, aux_loss_coeff=0.01, expert_bias_update_rate=0.0) == switch
+    assert abs(arms["dense_active"].match["residual_pct"]) < 0.5
+    assert {p["name"] for p in plan.pairs} == {"matched-active", "moe_aux_free-matched-active", "moe_aux_free-vs-moe"}
+
+
 @pytest.mark.parametrize("name, n_total", [("cpu", None), ("2b", 2.0e9), ("7b", 6.5e9)])
 def test_equal_resources_examples(name, n_total):
     cfg = load_study(EXAMPLES / "equal_resources" / f"{name}.toml")
