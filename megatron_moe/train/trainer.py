@@ -154,13 +154,22 @@ class Trainer:
         self.tokens_per_step = t.global_batch_size * cfg.model.seq_length
 
         # A cold data cache (the synthetic corpus) is built once per machine: local rank 0 first, then the
-        # other ranks read what it wrote (one barrier, passed by every rank once).
+        # other ranks read what it wrote. Its error (a bad data.path) reaches every rank, so all of them stop
+        # with the same one line instead of the others failing on a closed connection.
         builds_first = int(os.environ.get("LOCAL_RANK", "0")) == 0
-        if not builds_first:
-            dist.barrier()
-        self.data = build_data_source(cfg.data, cfg.model.seq_length, t.global_batch_size, t.train_steps)
+        error: Exception | None = None
         if builds_first:
-            dist.barrier()
+            try:
+                self.data = build_data_source(cfg.data, cfg.model.seq_length, t.global_batch_size, t.train_steps)
+            except (ConfigError, TrainingError) as exc:
+                error = exc
+        errors: list[Exception | None] = [None] * dist.get_world_size()
+        dist.all_gather_object(errors, error)
+        error = next((e for e in errors if e is not None), None)
+        if error is not None:
+            raise error
+        if not builds_first:
+            self.data = build_data_source(cfg.data, cfg.model.seq_length, t.global_batch_size, t.train_steps)
         if self.data.vocab_size > cfg.model.vocab_size:
             raise ConfigError(
                 f"model.vocab_size = {cfg.model.vocab_size} is smaller than the tokenizer's vocabulary "

@@ -345,6 +345,23 @@ def test_a_missing_checkpoint_writer_dependency_is_one_line_before_training(tmp_
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("overrides, message", [
+    (["parallel.expert=4"], "parallel.expert = 4 does not divide data x tensor = 2 x 1 = 2 (world size 2)"),
+    (["data.path=/nonexistent/corpus"], "data.path = '/nonexistent/corpus' is not a directory"),
+], ids=["before-the-process-group", "after-it"])
+def test_errors_under_torchrun_are_one_line_on_every_rank(tmp_path, overrides, message):
+    """A bad layout is refused before the process group exists, a bad data path once it does (local rank 0 reads
+    the data first): either way the ranks stop with the same line and none with a traceback of ours."""
+    proc = cli("train", *ARGS, *overrides, f"train.output_dir={tmp_path / 'run'}", nproc=2, check=False, timeout=120)
+    assert proc.returncode != 0
+    # The ranks write at once (their lines may interleave), and torchrun stops the others when one exits.
+    ours = proc.stderr.split("megatron-moe: error: ")[1:]
+    assert 1 <= len(ours) <= 2 and all(part.startswith(message) for part in ours), proc.stderr[-3000:]
+    assert "megatron_moe/" not in proc.stderr and "Connection closed" not in proc.stderr, proc.stderr[-3000:]
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
 # ---------------------------------------------------------------- one owner per run directory
 
 
