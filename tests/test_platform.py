@@ -27,12 +27,19 @@ def test_cuda_devices_and_calls_land_on_cpu():
 
 
 def test_streams_are_inert():
+    """What the all-to-all dispatcher and shared-expert overlap do with streams runs, and work done "on" a side
+    stream is done at once."""
     stream = torch.cuda.Stream()
+    x = torch.ones(2)
     with torch.cuda.stream(stream):
-        pass
+        y = x * 2
     stream.wait_stream(torch.cuda.current_stream())
-    stream.record_event().synchronize()
+    event = stream.record_event()
+    event.synchronize()
     torch.cuda.synchronize()
+    assert event.query() and torch.equal(y, torch.full((2,), 2.0))
+    assert torch.cuda.current_stream() == torch.cuda.current_stream() == stream  # one stream, hashable as a key
+    assert {stream: 1}[torch.cuda.current_stream()] == 1
 
 
 def test_rng_tracker_forks_cpu_generator():

@@ -71,4 +71,5 @@ def test_an_aux_loss_free_run_resumes_bitwise(tmp_path):
     strip = lambda rows: [{k: v for k, v in r.items() if k not in timing} for r in rows]  # noqa: E731
     want = [r for r in train_rows(straight) if r["step"] > 4]
     assert strip(train_rows(resumed)) == strip(want)
+    assert all(r["seq_load_balancing_loss"] > 0.5 for r in want)  # the method's own loss, read from megatron-core
     assert want[-1]["expert_bias"] != train_rows(straight)[0]["expert_bias"]  # the biases did move
