@@ -2,7 +2,8 @@
 
 `plain_model` builds the same model as `model.build_model` in plain PyTorch (`PlainGPT`: embedding, pre-norm
 blocks with fused-QKV GQA attention through `scaled_dot_product_attention` and RoPE, SwiGLU/GELU MLP or a
-top-k MoE with the same aux losses), with the planner ledger's parameter count; `run_plain` trains it with
+top-k MoE with a micro-batch balancing loss and z-loss whatever `model.moe.aux_loss` or expert bias the config
+names: they change no parameter and little work), with the planner ledger's parameter count; `run_plain` trains it with
 AdamW and clipping, eager or `torch.compile`d, and returns step times.
 """
 

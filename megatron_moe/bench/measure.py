@@ -31,6 +31,7 @@ from typing import Any
 from megatron_moe.bench.baseline import run_plain, sync
 from megatron_moe.config import ConfigError, RunConfig, load_run_config, load_toml, save_toml
 from megatron_moe.files import atomic_write_json, atomic_write_text
+from megatron_moe.planner.format import human
 from megatron_moe.planner.ledger import ledger
 from megatron_moe.planner.match import match_dense
 
@@ -277,13 +278,6 @@ def _path_label(kind: str) -> str:
     return {"megatron": "megatron-core", "eager": "plain PyTorch", "compile": "plain PyTorch + torch.compile"}[kind]
 
 
-def _fmt_params(n: int) -> str:
-    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.3g}{unit}"
-    return str(n)
-
-
 def markdown(result: dict[str, Any]) -> str:
     """The results as a Markdown table naming the device, the peak and the baseline."""
     base = result["baseline"]
@@ -304,7 +298,7 @@ def markdown(result: dict[str, Any]) -> str:
         ours = r["megatron"]
         cells = [
             r["name"],
-            f"{_fmt_params(r['total_params'])} / {_fmt_params(r['active_params'])}",
+            f"{human(r['total_params'])} / {human(r['active_params'])}",
             f"{ours['tokens_per_s']:,.0f}",
             f"{ours['tflops_per_device']:.3g}",
             "n/a" if ours["mfu"] is None else f"{ours['mfu']:.1%}",

@@ -90,10 +90,12 @@ def _close(a: float, b: float) -> bool:
     return abs(a - b) <= 1e-9 * max(1.0, abs(a), abs(b))
 
 
-def build_results(study_dir: str | Path, confidence: float = 0.95) -> dict[str, Any]:
-    """Everything the report shows, as plain data (written as results.json)."""
+def build_results(study_dir: str | Path, confidence: float = 0.95,
+                  loaded: tuple[StudyManifest, list[RunData]] | None = None) -> dict[str, Any]:
+    """Everything the report shows, as plain data (written as results.json); `loaded`: what `load_study_dir`
+    returned for `study_dir`, when the caller has it."""
     study_dir = Path(study_dir)
-    man, runs = load_study_dir(study_dir)
+    man, runs = loaded or load_study_dir(study_dir)
     warnings: list[str] = []
     arm_names = [a["name"] for a in man.arms]
     complete = [r for r in runs if r.complete]
@@ -492,8 +494,9 @@ def write_report(study_dir: str | Path, out_dir: str | Path | None = None, confi
         raise ConfigError(f"--confidence {confidence} must be in (0, 1)")
     study_dir = Path(study_dir)
     out = Path(out_dir) if out_dir else study_dir
-    results = build_results(study_dir, confidence)
-    plots = make_plots(results, *load_study_dir(study_dir))
+    loaded = load_study_dir(study_dir)
+    results = build_results(study_dir, confidence, loaded)
+    plots = make_plots(results, *loaded)
     paths = {}
     for name, data in plots.items():
         atomic_write_bytes(out / "plots" / name, data)
