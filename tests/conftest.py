@@ -63,11 +63,6 @@ def train_losses(run_dir: Path) -> list[float]:
 
 
 @pytest.fixture(scope="session")
-def shared_tmp(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("shared")
-
-
-@pytest.fixture(scope="session")
 def single_process():
     """This pytest process as a one-rank megatron-core job (CPU layer applied when there is no CUDA)."""
     from megatron_moe.config import ParallelConfig
