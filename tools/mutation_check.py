@@ -126,7 +126,7 @@ def run(mutant: Mutant, work: Path) -> tuple[bool, str]:
         return False, f"does not apply: {mutant.path} holds the text {text.count(mutant.find)} times"
     target.write_text(text.replace(mutant.find, mutant.replace))
     env = {**os.environ, "PYTHONPATH": str(copy), "PYTHONDONTWRITEBYTECODE": "1"}
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *mutant.tests],
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-m", "", *mutant.tests],
                           cwd=copy, env=env, capture_output=True, text=True)
     shutil.rmtree(copy, ignore_errors=True)
     if proc.returncode == 1:  # tests ran and failed: caught
