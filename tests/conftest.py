@@ -53,6 +53,16 @@ def cli(*args: str, nproc: int = 1, check: bool = True, timeout: float = 300,
     return proc
 
 
+TIMING_KEYS = ("tokens_per_s", "elapsed_s", "tflops_per_device", "mfu")
+"""Metrics fields that depend on wall-clock time: left out where two runs are compared row for row."""
+
+
+def untimed_rows(run_dir: Path) -> list[dict]:
+    """Every row of a run's metrics.jsonl without its TIMING_KEYS."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]
+
+
 def train_rows(run_dir: Path) -> list[dict]:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return [r for r in rows if r["kind"] == "train"]

@@ -17,21 +17,10 @@ import time
 import pytest
 
 from megatron_moe.train.stop import PREEMPTED_MARKER, was_preempted
-from tests.conftest import REPO, TINY, TINY_MOE, cli
+from tests.conftest import REPO, TINY, TINY_MOE, cli, untimed_rows
 
 pytestmark = pytest.mark.slow
 RUN = ["train.train_steps=40", "train.save_interval=5", "train.eval_interval=10"]
-TIMING_KEYS = ("tokens_per_s", "elapsed_s", "tflops_per_device", "mfu")
-
-
-def rows(run_dir):
-    out = []
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        out.append({k: v for k, v in row.items() if k not in TIMING_KEYS})
-    return out
-
-
 ARGS = [*TINY_MOE, *RUN]
 
 
@@ -55,7 +44,7 @@ def wait_for(predicate, proc, seconds=240):
 
 
 def assert_same_run(run_dir, straight):
-    assert rows(run_dir) == rows(straight)
+    assert untimed_rows(run_dir) == untimed_rows(straight)
     result, reference = (json.loads((d / "result.json").read_text()) for d in (run_dir, straight))
     assert result["best_val_loss"] == reference["best_val_loss"]
 
@@ -106,7 +95,7 @@ def test_resume_restores_best_and_elapsed_from_the_train_state(tmp_path, straigh
     shutil.rmtree(checkpoints / "step_0000040")  # resuming takes the newest checkpoint: now step 35
     state = json.loads((checkpoints / "step_0000035" / "train_state.json").read_text())
     assert state["step"] == 35 and state["elapsed_s"] > 0
-    assert state["best_val_loss"] == min(r["val_loss"] for r in rows(straight) if r["kind"] == "eval" and r["step"] <= 35)
+    assert state["best_val_loss"] == min(r["val_loss"] for r in untimed_rows(straight) if r["kind"] == "eval" and r["step"] <= 35)
 
     def resume():
         (run_dir / "metrics.jsonl").unlink()
@@ -115,7 +104,7 @@ def test_resume_restores_best_and_elapsed_from_the_train_state(tmp_path, straigh
         return json.loads((run_dir / "result.json").read_text())
 
     result = resume()  # steps 36 to 40
-    assert rows(run_dir) == [r for r in rows(straight) if r["step"] > 35]
+    assert untimed_rows(run_dir) == [r for r in untimed_rows(straight) if r["step"] > 35]
     first = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])
     assert first["elapsed_s"] > state["elapsed_s"]  # counts the time before the checkpoint
     for key in ("steps", "final_train_loss", "best_val_loss", "best_val_step"):
@@ -156,7 +145,7 @@ def test_stop_signal_during_start_up_checkpoints_after_the_first_step(tmp_path):
     assert "stopped by signal at step 1; checkpoint saved" in stderr
     assert json.loads((run_dir / PREEMPTED_MARKER).read_text()) == {"step": 1, "signal": "SIGUSR1"}
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_0000001"
-    assert [(r["kind"], r["step"]) for r in rows(run_dir)] == [("train", 1), ("eval", 1)]
+    assert [(r["kind"], r["step"]) for r in untimed_rows(run_dir)] == [("train", 1), ("eval", 1)]
 
 
 def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path):

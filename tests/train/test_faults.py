@@ -31,26 +31,17 @@ import pytest
 from megatron_moe.config import load_run_config, save_toml
 from megatron_moe.files import lock_holder
 from megatron_moe.train.stop import PREEMPTED_MARKER, RUN_LOCK
-from tests.conftest import REPO, TINY_MOE, cli
+from tests.conftest import REPO, TINY_MOE, cli, untimed_rows
 
 ARGS = [*TINY_MOE, "train.train_steps=10", "train.save_interval=4", "train.eval_interval=5", "train.log_interval=3"]
 """Checkpoints at steps 4, 8 and 10 (the last two kept). Logging every 3 steps while saving every 4 puts a
 checkpoint inside a logging window: the expert-load counters of steps 7-8 must come back from the checkpoint for
 the step-9 row to match."""
-TIMING_KEYS = ("tokens_per_s", "elapsed_s", "tflops_per_device", "mfu")
 FOREIGN_ROW = '{"kind": "train", "step": 1, "loss": 9.0}\n'
 
 
 def train(run_dir: Path, *extra: str, check: bool = False) -> subprocess.CompletedProcess:
     return cli("train", *ARGS, f"train.output_dir={run_dir}", *extra, check=check)
-
-
-def rows(run_dir: Path) -> list[dict]:
-    out = []
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        out.append({k: v for k, v in row.items() if k not in TIMING_KEYS})
-    return out
 
 
 def last_line(proc: subprocess.CompletedProcess) -> str:
@@ -59,7 +50,7 @@ def last_line(proc: subprocess.CompletedProcess) -> str:
 
 
 def assert_same_as(run_dir: Path, reference: SimpleNamespace) -> None:
-    assert rows(run_dir) == rows(reference.dir)
+    assert untimed_rows(run_dir) == untimed_rows(reference.dir)
     result, expected = (json.loads((d / "result.json").read_text()) for d in (run_dir, reference.dir))
     for key in ("steps", "final_train_loss", "best_val_loss", "best_val_step"):
         assert result[key] == expected[key], key
@@ -269,7 +260,7 @@ def test_another_runs_metrics_are_kept_unless_overwriting_is_asked_for(reference
                     "train.overwrite_output_dir = true to replace it")
     assert reference.foreign_left == FOREIGN_ROW
     # overwriting, the fixture's run started over: its first row is its own
-    assert rows(reference.dir)[0]["step"] == 3 and "loss" in rows(reference.dir)[0]
+    assert untimed_rows(reference.dir)[0]["step"] == 3 and "loss" in untimed_rows(reference.dir)[0]
 
 
 # ---------------------------------------------------------------- saving onto a full disk
