@@ -83,3 +83,14 @@ def single_process():
     info = initialize_parallel(ParallelConfig(), device)
     seed_everything(0, info.tp_rank, info.ep_rank)
     yield device
+
+
+@pytest.fixture(autouse=True)
+def _fresh_moe_loss_tracker():
+    """megatron-core's per-layer aux-loss tracker is process-global and sized by the first model that logs to it;
+    the trainer clears it when it builds its model, and tests that build models in this process must too, or a
+    deeper model after a shallower one writes past its end."""
+    yield
+    moe_utils = sys.modules.get("megatron.core.transformer.moe.moe_utils")
+    if moe_utils is not None:
+        moe_utils.get_moe_layer_wise_logging_tracker().clear()

@@ -32,20 +32,6 @@ FIT_NOTE = ("a quadratic in log r_a fitted by least squares through the MoE arms
             "each arm's achieved r_a); r_a* is its minimum within the grid")
 
 
-def _granularity(arm: dict[str, Any]) -> dict[str, int]:
-    """E, K, D_e, D_se of a study.json arm (from the planner's record, else its model config)."""
-    g = (arm.get("match") or {}).get("granularity")
-    if g:
-        return g
-    m = arm.get("model") or {}
-    moe = m.get("moe") or {}
-    if not moe.get("num_experts"):
-        return {"experts": 0, "top_k": 0, "expert_ffn": 0, "shared_ffn": 0}
-    return {"experts": moe["num_experts"], "top_k": moe["top_k"],
-            "expert_ffn": moe.get("expert_ffn_hidden_size") or m.get("ffn_hidden_size", 0),
-            "shared_ffn": moe.get("shared_expert_ffn_hidden_size", 0)}
-
-
 def _one(x: Any) -> Any:
     """A value that may differ across seeds (a list): the smallest, which is the conservative pool size."""
     return min(x) if isinstance(x, list) and x else x
@@ -77,7 +63,7 @@ def equal_resources_results(man: StudyManifest, complete: list[RunData], best: d
         gap = gap_of.get(name)
         arms.append({
             "arm": name, "is_moe": a["is_moe"], "target_r_a": match.get("target_r_a"), "r_a": a["r_a"],
-            "inv_r_a": 1.0 / a["r_a"], **_granularity(a), "nonembedding_params": a["nonembedding_params"],
+            "inv_r_a": 1.0 / a["r_a"], **match["granularity"], "nonembedding_params": a["nonembedding_params"],
             "residual_pct": match.get("residual_pct"), "flops_per_token": match.get("flops_per_token"),
             "train_steps": a["train_steps"], "consumed_tokens": consumed, "unique_tokens": unique,
             "epochs": consumed / unique if unique else None,
