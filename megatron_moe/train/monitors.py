@@ -254,11 +254,15 @@ class ExpertLoadMonitor:
         self.routed[layer] += routing_map.shape[0] * self.top_k
 
     def collect(self) -> dict[str, Any]:
-        """Per-layer load fractions, mean max/mean imbalance and dropped fraction since the last call."""
-        both = torch.cat([self.counts.flatten(), self.routed])
-        dist.all_reduce(both)
-        counts = both[: self.counts.numel()].view_as(self.counts)
-        routed = both[self.counts.numel() :]
+        """Per-layer load fractions, mean max/mean imbalance and dropped fraction since the last call, and the
+        expert biases when the model has them; one collective."""
+        experts = self.counts.shape[1]
+        columns = [self.counts, self.routed[:, None]]
+        if self.expert_bias:
+            columns += self._local_bias()
+        summed = torch.cat(columns, dim=1)  # one row per layer: counts, routed[, bias sums, holders]
+        dist.all_reduce(summed)
+        counts, routed = summed[:, :experts], summed[:, experts]
         self.counts.zero_()
         self.routed.zero_()
         layers = routed > 0
@@ -274,25 +278,21 @@ class ExpertLoadMonitor:
             "dropped_fraction": float(1 - counts.sum() / routed.sum()),
         }
         if self.expert_bias:
-            out.update(self._bias())
+            held = summed[:, 2 * experts + 1]
+            bias = (summed[:, experts + 1 : 2 * experts + 1] / held.clamp(min=1)[:, None])[held > 0]
+            out["expert_bias"] = [[round(x, 6) for x in row] for row in bias.tolist()]
+            out["expert_bias_spread"] = float((bias.max(dim=1).values - bias.min(dim=1).values).mean())
         return out
 
-    def _bias(self) -> dict[str, Any]:
-        """Per-MoE-layer expert biases and their mean spread (max - min); a collective."""
+    def _local_bias(self) -> list[torch.Tensor]:
+        """This rank's expert biases summed per layer, and how many of its routers hold each layer: every replica
+        of a layer holds the same bias, so the world's sums over the holders' count is that bias."""
         bias = torch.zeros(self.counts.shape, dtype=torch.float64)
-        held = torch.zeros(self.counts.shape[0], dtype=torch.float64)
-        for router in self.routers:  # every replica of a layer holds the same bias: average over the holders
+        held = torch.zeros(self.counts.shape[0], 1, dtype=torch.float64)
+        for router in self.routers:
             bias[router.layer_number - 1] += router.expert_bias.detach().double().cpu()
             held[router.layer_number - 1] += 1
-        both = torch.cat([bias.flatten(), held])
-        dist.all_reduce(both)
-        held = both[bias.numel():]
-        layers = held > 0
-        bias = (both[: bias.numel()].view_as(bias) / held.clamp(min=1)[:, None])[layers]
-        return {
-            "expert_bias": [[round(x, 6) for x in row] for row in bias.tolist()],
-            "expert_bias_spread": float((bias.max(dim=1).values - bias.min(dim=1).values).mean()),
-        }
+        return [bias, held]
 
 
 BALANCING_LOSS_NAMES = {"micro_batch": "load_balancing_loss", "sequence": "seq_load_balancing_loss",
