@@ -57,15 +57,20 @@ TIMING_KEYS = ("tokens_per_s", "elapsed_s", "tflops_per_device", "mfu")
 """Metrics fields that depend on wall-clock time: left out where two runs are compared row for row."""
 
 
+def metrics_rows(run_dir: Path, kind: str | None = None) -> list[dict]:
+    """The rows of a run's metrics.jsonl (only those of `kind`, "train" or "eval", when given); every line must
+    parse."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if kind is None or r["kind"] == kind]
+
+
 def untimed_rows(run_dir: Path) -> list[dict]:
     """Every row of a run's metrics.jsonl without its TIMING_KEYS."""
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in metrics_rows(run_dir)]
 
 
 def train_rows(run_dir: Path) -> list[dict]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in rows if r["kind"] == "train"]
+    return metrics_rows(run_dir, "train")
 
 
 def train_losses(run_dir: Path) -> list[float]:

@@ -8,19 +8,11 @@ different order across ranks), tight enough that a missing gradient reduction sh
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
-from tests.conftest import TINY_MOE, cli, train_rows
+from tests.conftest import TINY_MOE, cli, metrics_rows, train_rows
 
 pytestmark = pytest.mark.slow
-
-
-def eval_rows(run_dir) -> list[dict]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in rows if r["kind"] == "eval"]
-
 
 STEPS = ["train.train_steps=8", "train.eval_interval=4", "model.moe.first_k_dense=1"]
 TOLERANCE = 1e-5
@@ -32,7 +24,7 @@ def reference(tmp_path_factory):
     cli("train", *TINY_MOE, *STEPS, f"train.output_dir={out}")
     rows = train_rows(out)
     assert len(rows) == 8
-    return rows, eval_rows(out)
+    return rows, metrics_rows(out, "eval")
 
 
 @pytest.mark.parametrize(
@@ -58,7 +50,7 @@ def test_two_process_layout_matches_single_process(reference, tmp_path, layout):
     for got, ref in zip(rows, ref_rows):
         for key in ("loss", "grad_norm", "load_balancing_loss", "z_loss"):
             assert abs(got[key] - ref[key]) < TOLERANCE, f"step {got['step']} {key}: {got[key]} vs single-process {ref[key]}"
-    evals = eval_rows(tmp_path)
+    evals = metrics_rows(tmp_path, "eval")
     assert [e["step"] for e in evals] == [e["step"] for e in ref_evals] == [4, 8]
     for got, ref in zip(evals, ref_evals):
         assert abs(got["val_loss"] - ref["val_loss"]) < TOLERANCE, f"eval at step {got['step']}: {got} vs {ref}"

@@ -20,7 +20,7 @@ from megatron_moe.planner.match import match_dense
 from megatron_moe.study.plan import data_check, plan_study, run_hash
 from megatron_moe.study.spec import load_study
 from megatron_moe.config import ConfigError, RunConfig
-from tests.conftest import REPO, cli
+from tests.conftest import REPO, cli, train_rows
 
 EXAMPLES = REPO / "examples"
 
@@ -419,11 +419,6 @@ def test_study_run_counts_a_trainer_as_preempted_from_its_marker(tmp_path, monke
 # ---------------------------------------------------------------- a real study
 
 
-def _last_train_row(run_dir: Path) -> dict:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in rows if r["kind"] == "train"][-1]
-
-
 def _metrics_best(run_dir: Path) -> float:
     evals = {}
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
@@ -510,7 +505,7 @@ def test_study_runs_is_interrupted_resumes_and_reports(tmp_path):
         assert arm["best_val_loss"]["per_seed"] == {"1": vals[0], "2": vals[1]}
         assert arm["best_val_loss"]["mean"] == pytest.approx(sum(vals) / 2, abs=1e-12)
         assert arm["best_val_loss"]["std"] == pytest.approx(abs(vals[0] - vals[1]) / math.sqrt(2), abs=1e-12)
-        last = [_last_train_row(out / e["dir"]).get("load_imbalance") for e in man["runs"] if e["arm"] == arm["arm"]]
+        last = [train_rows(out / e["dir"])[-1].get("load_imbalance") for e in man["runs"] if e["arm"] == arm["arm"]]
         if arm["arm"] == "moe":
             assert arm["final_load_imbalance"]["mean"] == pytest.approx(sum(last) / 2, abs=1e-12) and min(last) >= 1
         else:

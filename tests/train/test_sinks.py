@@ -13,7 +13,7 @@ import pytest
 
 from megatron_moe.config import ConfigError, TrainConfig
 from megatron_moe.train.monitors import SINK_KEYS, TensorBoardSink, check_sinks, sink_scalars
-from tests.conftest import TINY_MOE, cli
+from tests.conftest import TINY_MOE, cli, metrics_rows
 
 STEPS = 4
 
@@ -30,10 +30,6 @@ def sink_run(tmp_path_factory) -> Path:
     return root
 
 
-def _rows(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
 def _tensorboard_scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -47,7 +43,7 @@ def _f32(x: float) -> float:
 
 
 def test_tensorboard_events_hold_the_metrics_rows(sink_run):
-    rows = _rows(sink_run / "run")
+    rows = metrics_rows(sink_run / "run")
     scalars = _tensorboard_scalars(sink_run / "tb")
     train = [r for r in rows if r["kind"] == "train"]
     evals = [r for r in rows if r["kind"] == "eval"]
@@ -95,7 +91,7 @@ def _items(items) -> dict[str, float]:
 
 
 def test_wandb_offline_run_holds_the_metrics_rows_and_the_final_loss(sink_run):
-    rows = _rows(sink_run / "run")
+    rows = metrics_rows(sink_run / "run")
     (run_file,) = (sink_run / "wb" / "wandb").glob("offline-run-*/run-*.wandb")
     run_id = (sink_run / "run" / "wandb-run-id").read_text().strip()
     assert run_file.name == f"run-{run_id}.wandb"  # a resumed attempt continues this W&B run
