@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import importlib.util
 import re
 from collections import Counter
 
@@ -30,8 +31,39 @@ def have_transformer_engine() -> bool:
     return torch.cuda.is_available()
 
 
+def _importable(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def fusions(m: ModelConfig, on_gpu: bool, use_te: bool) -> dict[str, bool]:
+    """megatron-core's fused kernels to use: the one place that decides them.
+
+    On CPU none: the unfused paths compute the same functions. On CUDA, the TorchScript fusions megatron-core
+    carries itself (bias + SwiGLU, bias + dropout + residual add); with Transformer Engine its fused RoPE and MoE
+    token permutation; with NVIDIA apex's CUDA extensions its fused masked softmax (used only where the core
+    attention falls back from SDPA) and fused weight-gradient accumulation. megatron-core's SwiGLU fusion takes
+    the gated activation only: a GELU model without biases keeps the unfused path.
+    """
+    moe_permute = False
+    if on_gpu and use_te and m.is_moe:
+        from megatron.core.transformer.moe import moe_utils
+
+        moe_permute = getattr(moe_utils, "fused_permute", None) is not None
+    return dict(
+        bias_activation_fusion=on_gpu and m.activation == "swiglu",
+        bias_dropout_fusion=on_gpu,
+        masked_softmax_fusion=on_gpu and _importable("scaled_masked_softmax_cuda")
+        and _importable("scaled_upper_triang_masked_softmax_cuda"),
+        apply_rope_fusion=on_gpu and use_te and m.position_embedding == "rope",
+        gradient_accumulation_fusion=on_gpu and _importable("fused_weight_gradient_mlp_cuda"),
+        persist_layer_norm=False,  # apex's persistent layer norm; the norms here are torch's or TE's
+        moe_permute_fusion=moe_permute,
+    )
+
+
 def transformer_config(
-    m: ModelConfig, p: ParallelConfig, params_dtype: torch.dtype = torch.float32, fp8: bool = False
+    m: ModelConfig, p: ParallelConfig, params_dtype: torch.dtype = torch.float32, fp8: bool = False,
+    use_te: bool | None = None,
 ):
     """megatron-core TransformerConfig for model `m` under layout `p`."""
     from megatron.core.transformer.transformer_config import TransformerConfig
@@ -61,13 +93,7 @@ def transformer_config(
         bf16=params_dtype == torch.bfloat16,
         pipeline_dtype=params_dtype,
         use_cpu_initialization=not on_gpu,
-        # Fused kernels are CUDA-only (or torch.compile'd); the unfused paths compute the same functions.
-        bias_activation_fusion=False,
-        bias_dropout_fusion=False,
-        masked_softmax_fusion=on_gpu,
-        apply_rope_fusion=False,
-        gradient_accumulation_fusion=False,
-        persist_layer_norm=False,
+        **fusions(m, on_gpu, have_transformer_engine() if use_te is None else use_te),
     )
     if fp8:
         kwargs.update(fp8="hybrid", fp8_recipe="delayed")
@@ -89,7 +115,6 @@ def transformer_config(
             moe_token_dispatcher_type=e.token_dispatcher,
             moe_grouped_gemm=e.grouped_gemm and on_gpu,
             moe_router_dtype="fp32",
-            moe_permute_fusion=False,
         )
     return TransformerConfig(**kwargs)
 
@@ -196,7 +221,7 @@ def build_model(
     if m.moe.grouped_gemm and torch.cuda.is_available() and not use_te:
         raise ConfigError("model.moe.grouped_gemm = true needs Transformer Engine on CUDA, which is not installed; "
                           "set it to false")
-    tcfg = transformer_config(m, p, params_dtype, fp8)
+    tcfg = transformer_config(m, p, params_dtype, fp8, use_te)
     model = GPTModel(
         config=tcfg,
         transformer_layer_spec=layer_spec(m, tcfg, use_te),

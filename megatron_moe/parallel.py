@@ -1,7 +1,7 @@
 """Process groups: the only module that initialises torch.distributed and megatron-core's parallel state.
 
 Works under torchrun (reads RANK/WORLD_SIZE/MASTER_ADDR/...) and as a plain single process (a private
-loopback rendezvous). gloo on CPU, NCCL on GPU.
+loopback rendezvous). The backend is decided in `backend_for` alone.
 """
 
 from __future__ import annotations
@@ -48,11 +48,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def backend_for(device: torch.device) -> str:
+    """The torch.distributed backend for training on `device`.
+
+    On GPU every group is mixed-device: NCCL for CUDA tensors (gradients, activations, expert dispatch) and
+    gloo for CPU tensors (the loop's small bookkeeping collectives: loss totals, MoE losses, expert load,
+    stop and checkpoint agreement). An NCCL-only group refuses CPU tensors, and megatron-core's subgroups
+    inherit this default.
+    """
+    return "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+
+
 def init_distributed(device: torch.device) -> tuple[int, int]:
     """Initialise torch.distributed if needed; returns (rank, world_size)."""
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
-    backend = "nccl" if device.type == "cuda" else "gloo"
+    backend = backend_for(device)
     if device.type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     timeout = datetime.timedelta(minutes=30)

@@ -1,8 +1,10 @@
-"""CPU platform layer: the one place that lets megatron-core 0.16.1 run without CUDA.
+"""Platform layer: the one place that patches megatron-core 0.16.1, so that it runs without CUDA or without
+Transformer Engine.
 
-megatron-core assumes CUDA in a handful of places (see README, "Running on CPU"). `enable_cpu()` answers
-each of them and is applied automatically by `setup_platform()` only when `torch.cuda.is_available()` is
-false; the GPU path is never touched. Each patch names the megatron-core code it answers:
+`setup_platform()` applies, on any device, the one fix megatron-core needs when Transformer Engine is not
+importable (item 5 below: every MoE forward needs it, on GPU too). Only when `torch.cuda.is_available()` is
+false does it also apply `enable_cpu()`, which answers megatron-core's CUDA assumptions (see README,
+"Running on CPU"). Each patch names the megatron-core code it answers:
 
 1. `torch.cuda.current_device()` is used as a device (rotary embedding, MoE router, attention buffers):
    it returns the CPU device.
@@ -14,8 +16,9 @@ false; the GPU path is never touched. Each patch names the megatron-core code it
    event that do nothing, and `synchronize`/`empty_cache` become no-ops.
 4. The RNG tracker (`tensor_parallel/random.py`) reads and writes the CUDA generator: a tracker that forks
    the CPU generator with the same data-, tensor- and expert-parallel states replaces it.
-5. `moe_utils.te_general_gemm` is referenced but never defined without Transformer Engine (a 0.16.1 bug):
-   it is defined as None so the router's plain-torch path runs.
+5. `moe_utils.te_general_gemm` is read by the router's gating linear on every call but defined only when
+   Transformer Engine imports (a 0.16.1 bug): without Transformer Engine, on CPU or GPU, it is defined as
+   None so the router's plain-torch path runs.
 6. The all-to-all dispatcher only turns split sizes into numpy when they live on CUDA: on CPU they are
    converted too, which `all_to_all` needs.
 """
@@ -159,14 +162,11 @@ class CpuRNGStatesTracker:
 
 def _patch_megatron() -> None:
     from megatron.core.tensor_parallel import random as mrandom
-    from megatron.core.transformer.moe import moe_utils, token_dispatcher
+    from megatron.core.transformer.moe import token_dispatcher
 
     mrandom._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
     mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
     mrandom.initialize_rng_tracker = lambda *a, **k: None
-
-    if not hasattr(moe_utils, "te_general_gemm"):
-        moe_utils.te_general_gemm = None
 
     original = token_dispatcher.maybe_move_tensor_to_cpu
 
@@ -177,6 +177,14 @@ def _patch_megatron() -> None:
         return original(tensor, as_numpy=as_numpy, record_stream=False)
 
     token_dispatcher.maybe_move_tensor_to_cpu = move_to_cpu
+
+
+def fix_missing_transformer_engine() -> None:
+    """Define the Transformer Engine name megatron-core reads unguarded (idempotent; nothing when TE imports)."""
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
 
 
 def enable_cpu() -> None:
@@ -193,6 +201,7 @@ def enable_cpu() -> None:
 
 def setup_platform() -> torch.device:
     """Return the device to train on, enabling the CPU layer only when CUDA is unavailable."""
+    fix_missing_transformer_engine()
     if torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
     enable_cpu()

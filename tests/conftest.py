@@ -77,6 +77,14 @@ def train_losses(run_dir: Path) -> list[float]:
     return [r["loss"] for r in train_rows(run_dir)]
 
 
+def pytest_configure(config):
+    """Modules in a random order and the tests of each module in a random order, a new seed every run (printed in
+    the header; --random-order-seed=N repeats one), wherever pytest-random-order is installed: no test may depend on
+    another having run first."""
+    if config.pluginmanager.hasplugin("random_order"):
+        config.option.random_order_enabled = True
+
+
 @pytest.fixture(scope="session")
 def single_process():
     """This pytest process as a one-rank megatron-core job (CPU layer applied when there is no CUDA)."""

@@ -164,3 +164,24 @@ def test_grouped_and_sequential_experts_share_init_names_and_output_scaling():
     assert init_std(init_name("decoder.layers.0.mlp.experts.linear_fc1.weight3", **keys), m) == m.init_method_std
     assert init_std(init_name("decoder.layers.0.self_attention.linear_proj.weight", **keys), m) == scaled
     assert init_name("output_layer.weight", **{**keys, "tied": True}) == "embedding.word_embeddings.weight"
+
+
+@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
+def test_gpu_fusions_make_a_valid_config(activation):
+    """The fused kernels chosen for CUDA without Transformer Engine pass megatron-core's own config checks (a GELU
+    model without biases must keep the unfused activation), and CPU gets none."""
+    import dataclasses
+
+    from megatron_moe.model import fusions, transformer_config
+
+    m = dataclasses.replace(small(num_experts=4, top_k=2), activation=activation)
+    gpu = fusions(m, on_gpu=True, use_te=False)
+    assert gpu["bias_activation_fusion"] == (activation == "swiglu") and gpu["bias_dropout_fusion"]
+    assert not gpu["apply_rope_fusion"] and not gpu["moe_permute_fusion"]  # Transformer Engine's kernels
+    assert not any(fusions(m, on_gpu=False, use_te=False).values())
+    tcfg = transformer_config(m, ParallelConfig(), use_te=False)
+    assert not tcfg.bias_activation_fusion  # on this CPU machine
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    kept = {f.name: getattr(tcfg, f.name) for f in dataclasses.fields(TransformerConfig) if f.init}
+    TransformerConfig(**{**kept, **gpu})  # raises on a combination megatron-core refuses

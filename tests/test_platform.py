@@ -69,3 +69,37 @@ def test_router_gemm_name_defined():
     from megatron.core.transformer.moe import moe_utils
 
     assert moe_utils.te_general_gemm is None
+
+
+def test_missing_transformer_engine_is_answered_on_gpu_too():
+    """A CUDA machine without Transformer Engine gets the router's missing name but none of the CPU layer.
+
+    Run in a fresh process that claims to have CUDA: the CPU layer's patches are process-wide once applied.
+    """
+    import subprocess
+    import sys
+
+    code = """
+import torch
+torch.cuda.is_available = lambda: True
+torch.cuda.current_device = lambda: 0
+from megatron_moe import platform
+device = platform.setup_platform()
+from megatron.core.transformer.moe import moe_utils
+assert device == torch.device("cuda", 0), device
+assert moe_utils.te_general_gemm is None
+assert not platform._ENABLED, "the CPU layer must not be applied when CUDA is there"
+print("ok")
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+
+
+def test_gpu_backend_carries_the_loops_cpu_collectives():
+    """On GPU the loop still all-reduces CPU tensors (loss totals, expert load, stop agreement): the backend must
+    map CPU tensors to gloo, and CUDA tensors to NCCL."""
+    from megatron_moe.parallel import backend_for
+
+    spec = dict(part.split(":") for part in backend_for(torch.device("cuda", 0)).split(","))
+    assert spec == {"cpu": "gloo", "cuda": "nccl"}
+    assert backend_for(torch.device("cpu")) == "gloo"
