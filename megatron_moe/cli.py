@@ -642,8 +642,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse a command line; `key=value` overrides may also come after options (`plan CFG --json a.b=1`)."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    stray = [x for x in extra if x.startswith("-") or "=" not in x or not hasattr(args, "overrides")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse(argv)
     # A CUDA build of torch on a machine without a GPU (a cluster's login node) logs "No CUDA runtime is
     # found" when megatron-core imports torch.utils.cpp_extension: noise on every command, and it would
     # break the one-line error contract.

@@ -53,8 +53,9 @@ def cli(*args: str, nproc: int = 1, check: bool = True, timeout: float = 300,
     return proc
 
 
-TIMING_KEYS = ("tokens_per_s", "elapsed_s", "tflops_per_device", "mfu")
-"""Metrics fields that depend on wall-clock time: left out where two runs are compared row for row."""
+TIMING_KEYS = ("tokens_per_s", "elapsed_s", "tflops_per_device", "mfu", "gpu_mem_allocated_peak_gib",
+               "gpu_mem_reserved_peak_gib")
+"""Metrics fields that depend on wall-clock time or the machine: left out where two runs are compared row for row."""
 
 
 def metrics_rows(run_dir: Path, kind: str | None = None) -> list[dict]:

@@ -70,3 +70,14 @@ def test_every_output_dir_flag_refuses_a_file_in_one_line(tmp_path, capsys, argv
     assert main([a.replace("{file}", str(tmp_path / "f")).replace("{dir}", str(tmp_path)) for a in argv]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "is an existing file, not a directory" in err
+
+
+def test_overrides_may_follow_options(capsys):
+    import json
+
+    assert main(["plan", str(REPO / "examples/tiny_moe.toml"), "--json", "model.moe.top_k=3"]) == 0
+    ledger = json.loads(capsys.readouterr().out)["ledger"]  # 3 of the 4 experts active, not the file's 2
+    assert ledger["active"]["routed_experts"] * 4 == ledger["total"]["routed_experts"] * 3
+    with pytest.raises(SystemExit) as exc:
+        main(["plan", str(REPO / "examples/tiny_moe.toml"), "--json", "--no-such-flag"])
+    assert exc.value.code == 2 and "unrecognized arguments: --no-such-flag" in capsys.readouterr().err

@@ -35,11 +35,19 @@ def _train(tmp_path, *extra: str, nproc: int = 1) -> list[dict]:
     return train_rows(tmp_path)
 
 
+LOSS_DROP = 1.0
+"""Loss fall from the first logged step (5) to the last (30) that GPU_MOE must show. The same config fell 1.47 on CPU
+in fp32 and 1.49 through the bf16 code path; 1.0 leaves about 0.5 nats for bf16 kernels and reduction order."""
+
+
 def test_bf16_moe_trains_and_reports_throughput(tmp_path):
+    from megatron_moe.train.monitors import peak_flops
+
     rows = _train(tmp_path)  # precision auto -> bf16 on CUDA
-    assert rows[-1]["loss"] < rows[0]["loss"] - 1.5, [r["loss"] for r in rows]
-    assert all(r["tflops_per_device"] > 0 for r in rows)
-    if any(k in torch.cuda.get_device_name() for k in ("H100", "H200", "A100", "B200")):
+    assert rows[-1]["loss"] < rows[0]["loss"] - LOSS_DROP, [r["loss"] for r in rows]
+    assert all(r["tflops_per_device"] > 0 and r["gpu_mem_allocated_peak_gib"] > 0 for r in rows)
+    assert all(r["gpu_mem_reserved_peak_gib"] >= r["gpu_mem_allocated_peak_gib"] for r in rows)
+    if peak_flops(torch.cuda.get_device_name(), fp8=False):
         assert all(0 < r["mfu"] < 1 for r in rows)
 
 
@@ -59,7 +67,7 @@ def test_layer_spec_uses_transformer_engine_when_installed(single_process):
 @needs_hopper
 def test_fp8_trains(tmp_path):
     rows = _train(tmp_path, "train.precision=fp8", "model.moe.grouped_gemm=true")
-    assert rows[-1]["loss"] < rows[0]["loss"] - 1.0, [r["loss"] for r in rows]
+    assert rows[-1]["loss"] < rows[0]["loss"] - LOSS_DROP, [r["loss"] for r in rows]
 
 
 @needs_te

@@ -4,7 +4,7 @@
 blocks with fused-QKV GQA attention through `scaled_dot_product_attention` and RoPE, SwiGLU/GELU MLP or a
 top-k MoE with a micro-batch balancing loss and z-loss whatever `model.moe.aux_loss` or expert bias the config
 names: they change no parameter and little work), with the planner ledger's parameter count; `run_plain` trains it with
-AdamW and clipping, eager or `torch.compile`d, and returns step times.
+the AdamW megatron-core uses and clipping, eager or `torch.compile`d, and returns its mean step time.
 """
 
 from __future__ import annotations
@@ -70,15 +70,21 @@ def plain_model(m):
             load = F.one_hot(chosen, e.num_experts).sum(dim=(0, 1)).float() / chosen.numel()
             self.aux = e.num_experts * (load * scores.mean(0)).sum() * e.aux_loss_coeff
             self.aux = self.aux + e.z_loss_coeff * torch.logsumexp(logits, -1).pow(2).mean()
-            weights = weights.to(x.dtype)
+            out = self.dispatch(flat, chosen, weights.to(x.dtype))
+            if self.shared is not None:
+                out = out + self.shared(flat)
+            return out.view_as(x)
+
+        # Token counts per expert are data-dependent shapes: torch.compile leaves this part eager on purpose
+        # (one stated graph break per MoE layer) rather than breaking wherever it first meets them.
+        @torch.compiler.disable
+        def dispatch(self, flat, chosen, weights):
             out = torch.zeros_like(flat)
             for i, expert in enumerate(self.experts):
                 rows, slot = (chosen == i).nonzero(as_tuple=True)
                 if rows.numel():
                     out.index_add_(0, rows, (expert(flat[rows]) * weights[rows, slot, None]).to(out.dtype))
-            if self.shared is not None:
-                out = out + self.shared(flat)
-            return out.view_as(x)
+            return out
 
     class Block(nn.Module):
         def __init__(self, layer):
@@ -139,8 +145,40 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def run_plain(cfg: RunConfig, steps: int, warmup: int, compile_model: bool) -> list[float]:
-    """Step times of the plain-PyTorch model (AdamW, clipping, micro-batch accumulation as configured)."""
+def time_steps(step, batches: list, warmup: int) -> float:
+    """Mean seconds per call of `step(batch)` over `batches` after the first `warmup` of them.
+
+    The timed calls run back to back between one device synchronisation before and one after, so nothing of the
+    caller's adds a host sync to the measured path; batches are on the device before timing starts.
+    """
+    for batch in batches[:warmup]:
+        step(batch)
+    timed = batches[warmup:]
+    sync()
+    start = time.perf_counter()
+    for batch in timed:
+        step(batch)
+    sync()
+    return (time.perf_counter() - start) / len(timed)
+
+
+def megatron_uses_fused_adam() -> bool:
+    """Whether megatron-core's optimizer is a fused Adam (Transformer Engine's or apex's) rather than torch's AdamW."""
+    from megatron.core import optimizer
+
+    return not optimizer.USING_PYTORCH_OPTIMIZER
+
+
+def plain_description(compile_model: bool, on_gpu: bool) -> str:
+    """What the baseline side runs, in words, for the bench output."""
+    adam = "fused AdamW" if megatron_uses_fused_adam() and on_gpu else "torch AdamW (foreach)" if on_gpu else "torch AdamW"
+    amp = "bf16 autocast over fp32 weights" if on_gpu else "fp32"
+    what = "torch.compile'd (MoE token dispatch left eager)" if compile_model else "eager"
+    return f"plain PyTorch, {what}, {amp}, {adam} (the Adam megatron-core uses here), global-norm clipping"
+
+
+def run_plain(cfg: RunConfig, steps: int, warmup: int, compile_model: bool) -> float:
+    """Mean step time of the plain-PyTorch model (AdamW, clipping, micro-batch accumulation as configured)."""
     import torch
 
     from megatron_moe.data.source import build_data_source
@@ -150,9 +188,11 @@ def run_plain(cfg: RunConfig, steps: int, warmup: int, compile_model: bool) -> l
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(t.seed)
     model = plain_model(cfg.model).to(device)
+    # The same Adam implementation megatron-core picked, so the optimizer is not a difference between the sides.
+    fused = device.type == "cuda" and megatron_uses_fused_adam()
     opt = torch.optim.AdamW(
         model.parameters(), lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
-        weight_decay=t.weight_decay, fused=device.type == "cuda",
+        weight_decay=t.weight_decay, fused=fused or None,
     )
     step_fn = torch.compile(model) if compile_model else model
     # Mixed precision where our path trains in bf16 or FP8 (the baseline has no FP8: bf16 there).
@@ -160,11 +200,8 @@ def run_plain(cfg: RunConfig, steps: int, warmup: int, compile_model: bool) -> l
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if params_dtype != torch.float32 else None
     data = build_data_source(cfg.data, cfg.model.seq_length, t.global_batch_size, t.train_steps)
     micro = t.global_batch_size // t.micro_batch_size
-    times = []
-    for step in range(steps + warmup):
-        batch = torch.from_numpy(data.train_batch(step)).to(device, non_blocking=True)
-        sync()
-        start = time.perf_counter()
+
+    def step(batch):
         opt.zero_grad(set_to_none=True)
         for chunk in batch.chunk(micro):
             with amp or contextlib.nullcontext():
@@ -172,6 +209,6 @@ def run_plain(cfg: RunConfig, steps: int, warmup: int, compile_model: bool) -> l
             (total / micro).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip_grad)
         opt.step()
-        sync()
-        times.append(time.perf_counter() - start)
-    return times[warmup:]
+
+    batches = [torch.from_numpy(data.train_batch(i)).to(device) for i in range(steps + warmup)]
+    return time_steps(step, batches, warmup)

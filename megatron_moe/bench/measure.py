@@ -9,9 +9,13 @@ matched dense model) or for every arm of a study config:
   batch, optimizer and precision (bf16 autocast on GPU), measured in the same run;
 - for each MoE arm, its step time over the active-matched dense arm's step time.
 
-Every measurement runs in a fresh single-device process (parallel sizes are set to 1), alternating
-the paths `repeats` times; warm-up steps are excluded and the median step time is reported. Results
-are written as bench.json and bench.md (a Markdown table naming the device) to --out.
+Both sides time the same work: forward, backward and optimizer step over batches already on the device, back
+to back between one synchronisation before and one after (no per-step host sync of the harness on the measured
+path), with the Adam implementation megatron-core uses. `sides` in bench.json says what each runs. Every
+measurement runs in a fresh single-device process (parallel sizes are set to 1), alternating the paths `repeats`
+times; warm-up steps are excluded and the median over repeats of the mean step time is reported, with peak GPU
+memory (allocated and reserved) on GPU. Results are written as bench.json and bench.md (a Markdown table naming the
+device) to --out.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from megatron_moe.bench.baseline import run_plain, sync
+from megatron_moe.bench.baseline import megatron_uses_fused_adam, plain_description, run_plain, time_steps
 from megatron_moe.config import ConfigError, RunConfig, load_run_config, load_toml, save_toml
 from megatron_moe.files import atomic_write_json, atomic_write_text
 from megatron_moe.planner.format import human
@@ -95,29 +99,34 @@ def cases_for(path: str | None, overrides: list[str]) -> tuple[list[Case], str]:
     return [Case("moe", cfg, "dense_active"), Case("dense_active", dense)], name
 
 
-def run_megatron(cfg: RunConfig, steps: int, warmup: int) -> list[float]:
-    """Step times of `megatron_moe.train.trainer.Trainer.train_step` (the path `megatron-moe train` uses)."""
+def run_megatron(cfg: RunConfig, steps: int, warmup: int) -> float:
+    """Mean step time of `Trainer.bare_step`: the forward, backward and optimizer work of `megatron-moe train`'s step,
+    on batches already on the device, without the loop's bookkeeping (loss readback, MoE loss readout)."""
     from megatron_moe.train.trainer import Trainer
 
     trainer = Trainer(cfg, quiet=True)
-    times = []
-    for _ in range(steps + warmup):
-        sync()
-        start = time.perf_counter()
-        trainer.train_step()
-        sync()
-        times.append(time.perf_counter() - start)
-    return times[warmup:]
+    batches = [trainer.micro_batches(trainer.data.train_batch(i)) for i in range(steps + warmup)]
+    return time_steps(trainer.bare_step, batches, warmup)
+
+
+def megatron_description(on_gpu: bool) -> str:
+    """What the megatron-core side runs, in words, for the bench output."""
+    adam = "fused Adam" if megatron_uses_fused_adam() and on_gpu else "torch AdamW"
+    weights = "bf16 weights with fp32 main weights and gradient buffer" if on_gpu else "fp32"
+    return (f"megatron-core GPTModel, DDP and optimizer as `train` builds them: {weights}, {adam}, global-norm "
+            "clipping (a host sync inside megatron-core's optimizer step)")
 
 
 def worker(kind: str, config: str, out: str, steps: int, warmup: int) -> None:
-    """One measurement in this process; writes the step times (seconds) as JSON to `out`."""
+    """One measurement in this process; writes the mean step time (seconds) and peak GPU memory as JSON to `out`."""
+    from megatron_moe.train.monitors import gpu_memory
+
     cfg = load_run_config(config)
     if kind == "megatron":
-        times = run_megatron(cfg, steps, warmup)
+        step_s = run_megatron(cfg, steps, warmup)
     else:
-        times = run_plain(cfg, steps, warmup, compile_model=kind == "compile")
-    atomic_write_json(out, {"step_s": times})
+        step_s = run_plain(cfg, steps, warmup, compile_model=kind == "compile")
+    atomic_write_json(out, {"step_s": step_s, **gpu_memory()})
 
 
 # ---------------------------------------------------------------- orchestration
@@ -141,7 +150,7 @@ def device_description() -> tuple[str, str]:
     return f"CPU: {model}, {os.cpu_count()} logical cores, {torch.get_num_threads()} torch threads", "CPU"
 
 
-def _measure(kind: str, cfg_path: Path, steps: int, warmup: int, tmp: Path) -> float:
+def _measure(kind: str, cfg_path: Path, steps: int, warmup: int, tmp: Path) -> dict[str, float]:
     out = tmp / f"{kind}-{time.monotonic_ns()}.json"
     proc = subprocess.run(
         [sys.executable, "-m", "megatron_moe.bench.measure", "--worker", kind, str(cfg_path), str(out), str(steps), str(warmup)],
@@ -150,7 +159,7 @@ def _measure(kind: str, cfg_path: Path, steps: int, warmup: int, tmp: Path) -> f
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["(no output)"]
         raise RuntimeError(f"{kind} measurement of {cfg_path.stem} failed: {tail[0]}")
-    return statistics.median(json.loads(out.read_text())["step_s"])
+    return json.loads(out.read_text())
 
 
 def bench(
@@ -205,9 +214,13 @@ def bench(
             case.config.train.output_dir = str(tmp / f"run-{case.name}")
             save_toml(case.config, cfg_path)
             times: dict[str, list[float]] = {k: [] for k in kinds}
+            memory: dict[str, dict[str, float]] = {k: {} for k in kinds}
             for _ in range(repeats):
                 for kind in kinds:
-                    times[kind].append(_measure(kind, cfg_path, steps, warmup, tmp))
+                    measured = _measure(kind, cfg_path, steps, warmup, tmp)
+                    times[kind].append(measured.pop("step_s"))
+                    for key, value in measured.items():  # peak GPU memory: the largest of the repeats
+                        memory[kind][key] = max(value, memory[kind].get(key, 0.0))
                     done += 1
                     tok = case.config.train.global_batch_size * case.config.model.seq_length / times[kind][-1]
                     echo(f"  [{done}/{total}] {case.name} {_path_label(kind)}: {tok:,.0f} tok/s")
@@ -231,6 +244,7 @@ def bench(
                     "tokens_per_s": tokens_per_s,
                     "tflops_per_device": tflops,
                     "mfu": tflops * 1e12 / peak if peak else None,
+                    **memory[kind],
                 }
             if baseline != "none":
                 row["megatron_over_baseline"] = row["megatron"]["tokens_per_s"] / row[baseline]["tokens_per_s"]
@@ -250,6 +264,8 @@ def bench(
         "peak_flops": peak,
         "peak_source": _peak_source(peak, fp8),
         "baseline": baseline,
+        "sides": {kind: megatron_description(on_gpu) if kind == "megatron"
+                  else plain_description(kind == "compile", on_gpu) for kind in kinds},
         "steps": steps,
         "warmup": warmup,
         "repeats": repeats,
@@ -286,10 +302,13 @@ def markdown(result: dict[str, Any]) -> str:
         plain_precision = " (bf16)" if result["precision"] == "fp8" else ""
         head += [f"{_path_label(base)}{plain_precision} tok/s", "ours / plain"]
     head += ["step / active-matched dense step"]
+    with_memory = any("gpu_mem_allocated_peak_gib" in r["megatron"] for r in result["cases"])
+    if with_memory:
+        head += ["megatron-core peak GPU mem, allocated / reserved (GiB)"]
     lines = [
         f"**{result['name']}** on {result['device']} ({result['precision']}; torch {result['versions']['torch']}, "
         f"megatron-core {result['versions']['megatron-core']}). Peak for MFU: {result['peak_source']}. "
-        f"Median of {result['repeats']} fresh-process measurement(s) x {result['steps']} steps.",
+        f"Median of {result['repeats']} fresh-process measurement(s) of the mean over {result['steps']} steps.",
         "",
         "| " + " | ".join(head) + " |",
         "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|",
@@ -307,7 +326,11 @@ def markdown(result: dict[str, Any]) -> str:
             cells += [f"{r[base]['tokens_per_s']:,.0f}", f"{r['megatron_over_baseline']:.3f}"]
         ratio = r.get("step_over_reference_step")
         cells.append("" if ratio is None else f"{ratio:.3f} (vs {r['reference']})")
+        if with_memory:
+            cells.append(f"{ours['gpu_mem_allocated_peak_gib']:.1f} / {ours['gpu_mem_reserved_peak_gib']:.1f}")
         lines.append("| " + " | ".join(cells) + " |")
+    kinds = ["megatron"] + ([] if base == "none" else [base])
+    lines += ["", *(f"- {_path_label(kind)}: {result['sides'][kind]}" for kind in kinds)]
     return "\n".join(lines)
 
 

@@ -321,7 +321,7 @@ def _expert_load_totals(trainer) -> dict[str, list] | None:
     monitor = getattr(trainer, "load_monitor", None)
     if monitor is None:
         return None
-    both = torch.cat([monitor.counts.flatten(), monitor.routed])
+    both = torch.cat([monitor.counts.flatten().cpu(), monitor.routed])
     dist.all_reduce(both)
     n = monitor.counts.numel()
     return {"counts": both[:n].view_as(monitor.counts).tolist(), "routed": both[n:].tolist()}

@@ -76,6 +76,8 @@ SINK_KEYS = {
     "tflops_per_device": "perf/tflops_per_device",
     "mfu": "perf/mfu",
     "elapsed_s": "perf/elapsed_s",
+    "gpu_mem_allocated_peak_gib": "perf/gpu_mem_allocated_peak_gib",
+    "gpu_mem_reserved_peak_gib": "perf/gpu_mem_reserved_peak_gib",
     "load_balancing_loss": "moe/lb",
     "seq_load_balancing_loss": "moe/seq_lb",
     "global_load_balancing_loss": "moe/global_lb",
@@ -218,6 +220,7 @@ class ThroughputMeter:
         out["tflops_per_device"] = out["tokens_per_s"] * self.flops_per_token / self.world_size / 1e12
         if self.peak_flops:
             out["mfu"] = out["tflops_per_device"] * 1e12 / self.peak_flops
+        out.update(gpu_memory())
         self.window_start, self.window_steps = now, 0
         return out
 
@@ -231,14 +234,16 @@ class ExpertLoadMonitor:
     the aux-loss-free expert biases when the model has them.
 
     A forward hook on each megatron-core router reads its routing map; nothing in the model changes.
-    Counts accumulate between `collect()` calls and are summed over all ranks there.
+    Counts accumulate on the model's device between `collect()` calls (no host sync per router call) and are
+    brought to the host and summed over all ranks there.
     """
 
-    def __init__(self, model, num_layers: int, num_experts: int, top_k: int, expert_bias: bool = False):
+    def __init__(self, model, num_layers: int, num_experts: int, top_k: int, expert_bias: bool = False,
+                 device: torch.device | str = "cpu"):
         from megatron.core.transformer.moe.router import Router
 
-        self.counts = torch.zeros(num_layers, num_experts, dtype=torch.float64)
-        self.routed = torch.zeros(num_layers, dtype=torch.float64)  # tokens x top_k offered per layer
+        self.counts = torch.zeros(num_layers, num_experts, dtype=torch.float64, device=device)
+        self.routed = torch.zeros(num_layers, dtype=torch.float64)  # tokens x top_k offered per layer (host ints)
         self.top_k = top_k
         self.routers = [m for m in model.modules() if isinstance(m, Router)]
         self.expert_bias = expert_bias
@@ -250,14 +255,14 @@ class ExpertLoadMonitor:
             return  # evaluation passes are not training load
         routing_map = output[1]
         layer = router.layer_number - 1
-        self.counts[layer] += routing_map.sum(dim=0).detach().double().cpu()
+        self.counts[layer] += routing_map.sum(dim=0).detach().double()
         self.routed[layer] += routing_map.shape[0] * self.top_k
 
     def collect(self) -> dict[str, Any]:
         """Per-layer load fractions, mean max/mean imbalance and dropped fraction since the last call, and the
         expert biases when the model has them; one collective."""
         experts = self.counts.shape[1]
-        columns = [self.counts, self.routed[:, None]]
+        columns = [self.counts.cpu(), self.routed[:, None]]
         if self.expert_bias:
             columns += self._local_bias()
         summed = torch.cat(columns, dim=1)  # one row per layer: counts, routed[, bias sums, holders]
@@ -348,8 +353,26 @@ class MoELossReader:
         clear_aux_losses_tracker()
 
 
-# Dense bf16 tensor-core peaks (datasheet, SXM) used for MFU; FP8 peaks are twice these.
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "B200": 2250e12}
+PEAK_BF16_FLOPS = {
+    "NVIDIA H100 80GB HBM3": 989e12,   # H100 SXM5
+    "NVIDIA H100 PCIe": 756e12,
+    "NVIDIA H100 NVL": 835e12,
+    "NVIDIA H200": 989e12,             # H200 SXM
+    "NVIDIA H200 NVL": 835e12,
+    "NVIDIA A100-SXM4-80GB": 312e12,
+    "NVIDIA A100-SXM4-40GB": 312e12,
+    "NVIDIA A100 80GB PCIe": 312e12,
+    "NVIDIA A100-PCIE-40GB": 312e12,
+    "NVIDIA B200": 2250e12,
+}
+"""Dense (not sparse) bf16 tensor-core peaks from NVIDIA's datasheets, by the exact name torch reports: the SXM,
+PCIe and NVL parts of one chip differ by up to 25%. FP8 peaks are twice these. A device not listed gets no MFU."""
+
+
+def peak_flops(name: str, fp8: bool) -> float | None:
+    """Peak FLOP/s of the device called `name` (torch's name for it), or None when it is not in the table."""
+    peak = PEAK_BF16_FLOPS.get(name.strip())
+    return None if peak is None else peak * (2 if fp8 else 1)
 
 
 def device_peak_flops(fp8: bool) -> tuple[str, float | None]:
@@ -357,10 +380,16 @@ def device_peak_flops(fp8: bool) -> tuple[str, float | None]:
     if not torch.cuda.is_available():
         return "cpu", None
     name = torch.cuda.get_device_name()
-    for key, peak in PEAK_BF16_FLOPS.items():
-        if key in name:
-            return name, peak * (2 if fp8 else 1)
-    return name, None
+    return name, peak_flops(name, fp8)
+
+
+def gpu_memory() -> dict[str, float]:
+    """Peak GPU memory this process has allocated (tensors) and reserved (the caching allocator's pool), in GiB;
+    nothing on CPU."""
+    if not torch.cuda.is_available():
+        return {}
+    return {"gpu_mem_allocated_peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+            "gpu_mem_reserved_peak_gib": torch.cuda.max_memory_reserved() / 2**30}
 
 
 _AUX_NAMES = {"load_balancing_loss": "lb", "seq_load_balancing_loss": "seq lb", "global_load_balancing_loss": "global lb",
@@ -385,6 +414,7 @@ def progress_line(row: dict[str, Any], train_steps: int, eta_s: float) -> str:
         f" | lr {row['lr']:.2e} | {row['tokens_per_s']:,.0f} tok/s"
         + (f" | {row['tflops_per_device']:.1f} TFLOP/s | MFU {row['mfu']:.1%}" if "mfu" in row else "")
         + (f" | imbalance {row['load_imbalance']:.2f}" if "load_imbalance" in row else "")
+        + (f" | GPU mem {row['gpu_mem_allocated_peak_gib']:.1f} GiB" if "gpu_mem_allocated_peak_gib" in row else "")
         + f" | eta {eta_s:,.0f}s"
     )
 

@@ -32,6 +32,7 @@ from megatron_moe.train.monitors import (
     check_sinks,
     device_peak_flops,
     eval_line,
+    gpu_memory,
     open_sinks,
     progress_line,
     run_line,
@@ -186,7 +187,7 @@ class Trainer:
         if cfg.model.is_moe:
             moe = cfg.model.moe
             self.load_monitor = ExpertLoadMonitor(model, cfg.model.num_layers, moe.num_experts, moe.top_k,
-                                                 expert_bias=moe.expert_bias_update_rate > 0)
+                                                 expert_bias=moe.expert_bias_update_rate > 0, device=self.device)
             self.moe_losses = MoELossReader(cfg.model, self.par.tensor, self.par.data, self.num_micro_batches)
         self.flops_per_token = ledger(cfg.model, cfg.parallel.tensor).flops_train_per_token
         self.device_name, self.peak_flops = device_peak_flops(fp8)
@@ -261,14 +262,14 @@ class Trainer:
 
     # ------------------------------------------------------------ one step
 
-    def _run_schedule(self, batch: np.ndarray, forward_only: bool) -> tuple[float, float]:
-        """Forward (and backward) over one global batch; returns (loss_sum, tokens) summed over ranks."""
-        from megatron.core import parallel_state as ps
+    def micro_batches(self, batch: np.ndarray) -> list[dict]:
+        """This rank's micro-batches of a global batch [B, S+1], on the training device."""
+        return _micro_batches(batch, self.par.dp_rank, self.par.data, self.cfg.train.micro_batch_size, self.device)
 
-        micro = _micro_batches(
-            batch, self.par.dp_rank, self.par.data, self.cfg.train.micro_batch_size, self.device
-        )
-        losses = self.forward_backward(
+    def _forward_backward(self, micro: list[dict], forward_only: bool) -> list[dict]:
+        """Forward (and backward) over one global batch's micro-batches; megatron-core's per-micro-batch losses, left
+        on the device."""
+        return self.forward_backward(
             forward_step_func=_forward_step,
             data_iterator=iter(micro),
             model=[self.model],
@@ -277,6 +278,12 @@ class Trainer:
             micro_batch_size=self.cfg.train.micro_batch_size,
             forward_only=forward_only,
         )
+
+    def _run_schedule(self, batch: np.ndarray, forward_only: bool) -> tuple[float, float]:
+        """Forward (and backward) over one global batch; returns (loss_sum, tokens) summed over ranks."""
+        from megatron.core import parallel_state as ps
+
+        losses = self._forward_backward(self.micro_batches(batch), forward_only)
         totals = torch.zeros(2, dtype=torch.float64)
         for item in losses:
             totals += item["lm"].double().cpu()
@@ -300,9 +307,7 @@ class Trainer:
             kept = f"last good checkpoint {ckpt} is intact" if ckpt else "no checkpoint had been saved"
             raise TrainingError(f"loss is {loss} at step {self.step + 1}; stopping ({kept})")
         lr = self.optimizer.param_groups[0]["lr"]  # the rate this step's update uses
-        _, grad_norm, _ = self.optimizer.step()
-        self.scheduler.step(increment=1)
-        self.state.step += 1
+        grad_norm = self._update()
         self.state.last_train_loss = loss
         row = {"step": self.step, "loss": loss, "tokens": tokens, "lr": lr}
         if grad_norm is not None:
@@ -310,6 +315,24 @@ class Trainer:
         if self.moe_losses is not None:
             row.update(self.moe_losses.read())
         return row
+
+    def _update(self):
+        """The optimizer and schedule step after a backward pass; returns megatron-core's gradient norm."""
+        _, grad_norm, _ = self.optimizer.step()
+        self.scheduler.step(increment=1)
+        self.state.step += 1
+        return grad_norm
+
+    def bare_step(self, micro: list[dict]) -> None:
+        """The work of one training step on micro-batches already on the device (`micro_batches`), without its
+        bookkeeping: no loss read back to the host, no finiteness check, no MoE loss readout. What the benchmark
+        times; training uses `train_step`."""
+        self.model.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        self._forward_backward(micro, forward_only=False)
+        self._update()
+        if self.moe_losses is not None:
+            self.moe_losses.discard()
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -413,6 +436,7 @@ class Trainer:
             "train_time_s": meter.elapsed(),
             "tokens_per_step": self.tokens_per_step,
             "data": self.data.describe(),
+            **gpu_memory(),
         }
         if self.par.is_logging_rank:
             atomic_write_json(self.out_dir / "result.json", result)

@@ -47,3 +47,15 @@ def test_expert_load_equals_the_top_k_of_the_router_logits_on_a_fixed_batch(sing
     assert abs(got["load_imbalance"] - sum(imbalance) / 2) < 1e-9
     assert got["dropped_fraction"] == 0.0
     assert max(imbalance) > 1.0  # a fixed random batch is not perfectly balanced: the comparison has teeth
+
+
+def test_peak_flops_by_exact_device_name():
+    """Parts of one chip differ (SXM, PCIe, NVL): a substring match would give the PCIe and NVL parts the SXM peak."""
+    from megatron_moe.train.monitors import peak_flops
+
+    assert peak_flops("NVIDIA H100 80GB HBM3", fp8=False) == 989e12
+    assert peak_flops("NVIDIA H100 PCIe", fp8=False) == 756e12
+    assert peak_flops("NVIDIA H100 NVL", fp8=False) == 835e12
+    assert peak_flops("NVIDIA H200", fp8=False) == 989e12
+    assert peak_flops("NVIDIA H200 NVL", fp8=True) == 2 * 835e12
+    assert peak_flops("NVIDIA H100 SXM-like prototype", fp8=False) is None
