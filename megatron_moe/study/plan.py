@@ -307,6 +307,18 @@ def _sink_names(cfg: RunConfig, study: str, arm: str, seed: int) -> dict[str, st
     return out
 
 
+def absent_data_path(plan: Plan) -> str | None:
+    """A `data.path` of the plan's runs that does not exist on this machine (None when every one does): a dry run
+    plans without the data, so that a study can be designed before its corpus is prepared or copied here."""
+    return next((r.config.data.path for r in plan.runs
+                 if r.config.data.path and not Path(r.config.data.path).exists()), None)
+
+
+def dry_run_note(path: str) -> str:
+    return (f"note: data.path = {path!r} does not exist here; this dry run plans without checking the data "
+            "(a real run refuses)")
+
+
 def data_check(plan: Plan) -> dict[str, dict[str, dict[str, Any]]]:
     """Build each run's data source once per distinct data config (no training) and describe it: catches a
     schedule too short for an arm's steps, or a dataset too small for the budget, before any compute is spent.

@@ -23,7 +23,9 @@ from typing import Any, Callable
 
 from megatron_moe.config import save_toml
 from megatron_moe.files import lock_holder
-from megatron_moe.study.plan import Plan, Run, data_check, format_arms, plan_study, refuse_unequal_data
+from megatron_moe.study.plan import (
+    Plan, Run, absent_data_path, data_check, dry_run_note, format_arms, plan_study, refuse_unequal_data
+)
 from megatron_moe.study.rundir import (environment, git_state, live_job, log_event, now, package_root, record_attempt,
                                        run_status, study_lock, write_study_files)
 from megatron_moe.study.spec import StudyConfig
@@ -159,10 +161,14 @@ def run_study(
         f = plan.family
         echo(f"equal resources: N = {f['total_params']:,}, D = {f['unique_tokens']:,} unique tokens, "
              f"C = {f['compute']:.4g} FLOPs ({f['flops']})")
-    data = data_check(plan)
-    refuse_unequal_data(data)
-    for line in describe_data(data, s.data_order):
-        echo(line)
+    absent = absent_data_path(plan) if dry_run else None
+    if absent:
+        echo(dry_run_note(absent))
+    else:
+        data = data_check(plan)
+        refuse_unequal_data(data)
+        for line in describe_data(data, s.data_order):
+            echo(line)
     if dry_run:
         for r in plan.runs:
             echo(f"  {statuses[r.name]:<8}{r.name}")

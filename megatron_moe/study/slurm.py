@@ -21,11 +21,13 @@ job arrays log to <study>/slurm/ instead).
 
 from __future__ import annotations
 
+import importlib.metadata
 import re
 import shlex
 import shutil
 import subprocess
 import sys
+import tomllib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -34,7 +36,7 @@ from typing import Any
 
 from megatron_moe.config import ConfigError, from_dict, load_toml, save_toml, validate
 from megatron_moe.files import atomic_write_text
-from megatron_moe.study.plan import Plan, Run, plan_study, refuse_unequal_data
+from megatron_moe.study.plan import Plan, Run, absent_data_path, dry_run_note, plan_study, refuse_unequal_data
 from megatron_moe.study.plan import data_check as run_data_check
 from megatron_moe.study.rundir import (LaunchError, check_unlocked, environment, git_state, live_job, now,
                                        package_root, record_submission, run_status, write_study_files)
@@ -240,10 +242,85 @@ def source_checkout() -> str | None:
     return None if root.name in ("site-packages", "dist-packages") else str(root)
 
 
+JOB_ENVIRONMENT = {
+    "CUDA_DEVICE_MAX_CONNECTIONS": "1",  # megatron-core's tensor-parallel communication keeps its order on one queue
+    "NCCL_DEBUG": "WARN",  # NCCL's own errors and warnings in the job log, not its start-up chatter
+    "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1",  # a failed or hung collective ends the job instead of holding the nodes
+}
+"""Environment of every training step; a value set where the job is submitted, or by a --setup line, wins."""
+
+
+def job_python(lc: LaunchConfig) -> str:
+    return lc.python or ("python" if lc.container_image else sys.executable)
+
+
+def container_requirements() -> list[str]:
+    """megatron-moe's requirements that a container gets installed when its Python lacks them: all but torch and
+    numpy, which are the container's own (an NVIDIA PyTorch image builds them for its CUDA)."""
+    try:
+        reqs = importlib.metadata.requires("megatron-moe") or []
+    except importlib.metadata.PackageNotFoundError:  # running from a checkout that is not pip-installed
+        pyproject = package_root() / "pyproject.toml"
+        reqs = tomllib.loads(pyproject.read_text())["project"]["dependencies"] if pyproject.is_file() else []
+    out = []
+    for req in reqs:
+        if "extra ==" in req:
+            continue
+        name = re.split(r"[<>=!~; \[]", req, maxsplit=1)[0]
+        if name.lower() not in ("torch", "numpy"):
+            out.append(req.split(";")[0].strip())
+    return out
+
+
+def container_setup(python: str) -> str:
+    """The shell the training step runs first inside a container: when its Python cannot import megatron-moe's
+    requirements, install them into a directory of this job on each node (megatron-core without its dependencies,
+    so the image's torch stays), then start the torchrun agent given as arguments."""
+    reqs = container_requirements()
+    modules = ", ".join(re.split(r"[<>=!~ ]", r, maxsplit=1)[0].replace("-", ".") for r in reqs)
+    core = [r for r in reqs if r.startswith("megatron-core")]
+    rest = [r for r in reqs if not r.startswith("megatron-core")]
+    py = shlex.quote(python)
+    pip = f"{py} -m pip install --quiet --disable-pip-version-check --target \"$site\""
+    return (f'{py} -c "import {modules}" 2>/dev/null || {{ site=/tmp/megatron-moe-site-$SLURM_JOB_ID; '
+            f'echo "installing {" ".join(reqs)} into $site"; '
+            f'{pip} --no-deps {" ".join(shlex.quote(r) for r in core)} && {pip} {" ".join(shlex.quote(r) for r in rest)}'
+            ' && export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}" || exit 1; }; exec "$@"')
+
+
+def container_mounts(lc: LaunchConfig, paths: Sequence[Path | str]) -> str:
+    """`--container-mounts`: each of `paths` (the study, the package's checkout, the data, the logs) at the same
+    place inside, where another listed path does not already hold it, then --container-mounts as given."""
+    unique = sorted({Path(p).resolve() for p in paths if p})
+    kept = [p for p in unique if not any(q != p and p.is_relative_to(q) for q in unique)]
+    return ",".join([*(f"{p}:{p}" for p in kept), *([lc.container_mounts] if lc.container_mounts else [])])
+
+
+def assumptions(lc: LaunchConfig, run_dir: Path, visible: Sequence[Path | str]) -> list[str]:
+    """What the rendered jobs take for granted about the cluster, for the dry run to say."""
+    env = ", ".join(f"{k}={v}" for k, v in JOB_ENVIRONMENT.items())
+    lines = [f"assumed: each job exports {env} unless the submitting environment or a --setup line sets them"]
+    if lc.container_image:
+        source = lc.workdir or source_checkout()
+        mounts = container_mounts(lc, [run_dir, lc.workdir or run_dir, *([source] if source else []), *visible])
+        lines += [f"assumed: container {lc.container_image} (pyxis/enroot) with python, torch and numpy; mounted at the "
+                  f"same paths: {mounts}",
+                  f"assumed: where the image's python lacks them, each job installs {', '.join(container_requirements())}"
+                  " into /tmp on each node first (needs network on the compute nodes; an image built from "
+                  "docker/Dockerfile has them)"]
+    else:
+        lines.append(f"assumed: the compute nodes run {job_python(lc)} with this environment's packages, and see "
+                     "the study directory, the data and the package at the same paths as here")
+    return lines
+
+
 def render_run_script(lc: LaunchConfig, *, run_dir: Path, job_name: str, nproc_per_node: int, output: str,
-                      title: str, keep_checkpoints: bool = True) -> str:
-    """The batch script of one run: rendezvous on the head node, srun + torchrun, stop signal -> requeue."""
-    python = lc.python or ("python" if lc.container_image else sys.executable)
+                      title: str, keep_checkpoints: bool = True, visible: Sequence[Path | str] = ()) -> str:
+    """The batch script of one run: rendezvous on the head node, srun + torchrun, stop signal -> requeue.
+
+    In a container, `visible` (with the run directory and the package's checkout) is mounted, and megatron-moe's
+    requirements are installed where the image lacks them."""
+    python = job_python(lc)
     workdir = lc.workdir or str(run_dir)
     source = lc.workdir or source_checkout()
     world = lc.nodes * nproc_per_node
@@ -251,13 +328,14 @@ def render_run_script(lc: LaunchConfig, *, run_dir: Path, job_name: str, nproc_p
     srun = ["srun", "--ntasks-per-node=1", "--kill-on-bad-exit=1"]
     if lc.cpus_per_task:  # srun does not inherit sbatch's --cpus-per-task (Slurm >= 22.05)
         srun.append(f"--cpus-per-task={lc.cpus_per_task}")
-    if lc.container_image:
-        srun += [f"--container-image={lc.container_image}", f"--container-workdir={workdir}"]
-        if lc.container_mounts:
-            srun.append(f"--container-mounts={lc.container_mounts}")
-    srun += lc.srun_args
     agent = torchrun_command(python, _RUN_TOML, nnodes=lc.nodes, nproc_per_node=nproc_per_node,
                              endpoint=_ENDPOINT, rdzv_id=_RDZV_ID)
+    if lc.container_image:
+        mounts = container_mounts(lc, [run_dir, workdir, *([source] if source else []), *visible])
+        srun += [f"--container-image={lc.container_image}", f"--container-workdir={workdir}",
+                 f"--container-mounts={mounts}"]
+        agent = ["bash", "-c", container_setup(python), "megatron-moe-train", *agent]
+    srun += lc.srun_args
     shutdown_s = max(30, lc.signal_seconds - 30)
     lines = [
         "#!/bin/bash",
@@ -272,6 +350,7 @@ def render_run_script(lc: LaunchConfig, *, run_dir: Path, job_name: str, nproc_p
         "export PYTHONUNBUFFERED=1",
         "# torchrun agents (torch >= 2.13; 30 s before) give the trainers this long to checkpoint before SIGKILL",
         f"export TORCH_ELASTIC_SHUTDOWN_TIMEOUT={shutdown_s}",
+        *(f"export {k}=${{{k}:-{v}}}" for k, v in JOB_ENVIRONMENT.items()),
         *lc.setup,
         "",
         'export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)  # the head node',
@@ -396,7 +475,10 @@ def launch_study(cfg: StudyConfig, lc: LaunchConfig, out_dir: str | Path | None 
     echo(f"study {name}: {len(plan.runs)} runs in {out}; each {lc.nodes} node(s) x {nproc} process(es) = "
          f"world size {world} (tensor {p.tensor} x pipeline {p.pipeline} x data {p.data_parallel_size(world)}"
          f", expert {p.expert})")
-    data = run_data_check(plan) if data_check else None
+    absent = absent_data_path(plan) if dry_run and data_check else None
+    if absent:
+        echo(dry_run_note(absent))
+    data = run_data_check(plan) if data_check and not absent else None
     if data is not None:
         refuse_unequal_data(data)
     todo = _runs_to_submit(plan, check_queue=not dry_run, echo=echo)
@@ -410,6 +492,7 @@ def launch_study(cfg: StudyConfig, lc: LaunchConfig, out_dir: str | Path | None 
     log_dir = Path(lc.log_dir).resolve() if lc.log_dir else (out / "slurm" if lc.array else None)
     if log_dir:
         log_dir.mkdir(parents=True, exist_ok=True)  # sbatch does not create it: the job would fail silently
+    visible = [out, *([data_path] if data_path else []), *([log_dir] if log_dir else [])]
     scripts = []
     for run in todo:
         run.dir.mkdir(parents=True, exist_ok=True)
@@ -419,7 +502,7 @@ def launch_study(cfg: StudyConfig, lc: LaunchConfig, out_dir: str | Path | None 
         atomic_write_text(script, render_run_script(
             lc, run_dir=run.dir, job_name=f"{name}-{run.name}", nproc_per_node=nproc, output=output,
             title=f"megatron-moe study {name}: run {run.name} (arm {run.arm}, seed {run.seed})",
-            keep_checkpoints=cfg.study.keep_checkpoints))
+            keep_checkpoints=cfg.study.keep_checkpoints, visible=visible))
         scripts.append(script)
     array_script = None
     if lc.array:
@@ -429,6 +512,8 @@ def launch_study(cfg: StudyConfig, lc: LaunchConfig, out_dir: str | Path | None 
             title=f"megatron-moe study {name}: {len(scripts)} runs as one job array"))
 
     if dry_run:
+        for line in assumptions(lc, todo[0].dir, visible):
+            echo(line)
         echo(f"dry run: rendered {len(scripts)} script(s), submitted nothing")
         for run, script in zip(todo, scripts):
             echo(f"  {run.arm} seed {run.seed}: {script}")

@@ -104,7 +104,14 @@ def test_render_two_nodes_by_eight_gpus(tmp_path):
     assert '--rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv-id "$SLURM_JOB_ID"' in flat
     assert 'export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)' in script
     assert "export MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))" in script
-    assert "--container-image=nvcr.io#nvidia/pytorch:26.04-py3" in flat and "--container-mounts=/lustre:/lustre" in flat
+    assert "--container-image=nvcr.io#nvidia/pytorch:26.04-py3" in flat
+    # the study directory and this checkout at the same paths inside, then the mounts asked for
+    mounts = re.search(r"--container-mounts=(\S+)", flat).group(1).split(",")
+    assert f"{out}:{out}" in mounts and f"{REPO}:{REPO}" in mounts and mounts[-1] == "/lustre:/lustre"
+    assert "export NCCL_DEBUG=${NCCL_DEBUG:-WARN}" in script  # overridable defaults
+    assert script.index("export NCCL_DEBUG") < script.index("module load nccl")  # --setup lines come after
+    assert "assumed: container nvcr.io#nvidia/pytorch:26.04-py3" in proc.stdout
+    assert "assumed: each job exports CUDA_DEVICE_MAX_CONNECTIONS=1" in proc.stdout
     assert re.search(r"srun --ntasks-per-node=1 --kill-on-bad-exit=1 .*python -m torch\.distributed\.run", flat)
     assert '-m megatron_moe.cli train "$RUN_DIR/run.toml" &' in flat
     assert "--signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1" in flat
@@ -205,7 +212,7 @@ def test_user_arguments_cannot_run_shell_code_in_the_job_script(tmp_path):
     flat = re.sub(r"\s*\\\n\s*", " ", script)
     assert f"'/opt/py{evil}/python' -m torch.distributed.run" in flat
     assert f"'--comment=`touch {marker}`'" in flat and f"'--container-image=img{evil}'" in flat
-    assert "'--container-mounts=/a:/b$HOME'" in flat
+    assert re.search(r"'--container-mounts=[^']*,/a:/b\$HOME'", flat)
     assert '--rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv-id "$SLURM_JOB_ID"' in flat
     assert '-m megatron_moe.cli train "$RUN_DIR/run.toml" &' in flat
     assert "\nrm -rf /" not in script and "\n#SBATCH --x" not in script  # names stay on their own line
@@ -221,8 +228,38 @@ def test_user_arguments_cannot_run_shell_code_in_the_job_script(tmp_path):
     subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True, timeout=60)
     args = (tmp_path / "args").read_text().splitlines()
     assert f"/opt/py{evil}/python" in args and f"--comment=`touch {marker}`" in args
-    assert "--container-mounts=/a:/b$HOME" in args and str(tmp_path / "run") + "/run.toml" in args
+    assert any(a.startswith("--container-mounts=") and a.endswith(",/a:/b$HOME") for a in args)
+    assert str(tmp_path / "run") + "/run.toml" in args
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("has_requirements", [True, False])
+def test_container_step_installs_what_the_image_lacks_then_starts_the_agent(tmp_path, has_requirements):
+    """Inside a container the step first checks that its python imports megatron-moe's requirements; when it does
+    not, megatron-core is installed without dependencies (the image's torch stays) and the rest with theirs, into
+    a directory of the job on PYTHONPATH; then the agent starts with its arguments intact."""
+    from megatron_moe.study.slurm import container_requirements, container_setup
+
+    stub = tmp_path / "py"
+    stub.write_text('#!/bin/sh\nif [ "$1" = -c ]; then exit "$IMPORT_RC"; fi\n'
+                    'printf "%s|" "$@" >> "$LOG"; printf "PYTHONPATH=%s\\n" "$PYTHONPATH" >> "$LOG"\n')
+    stub.chmod(0o755)
+    log = tmp_path / "log"
+    env = {"PATH": "/usr/bin:/bin", "LOG": str(log), "SLURM_JOB_ID": "42", "IMPORT_RC": "0" if has_requirements else "1"}
+    proc = subprocess.run(["bash", "-c", container_setup(str(stub)), "step", str(stub), "-m", "agent", "a b"],
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    calls = log.read_text().splitlines()
+    assert calls[-1].startswith("-m|agent|a b|")  # the agent, with its arguments intact
+    if has_requirements:
+        assert len(calls) == 1 and calls[0].endswith("PYTHONPATH=")
+        return
+    site = "/tmp/megatron-moe-site-42"
+    core = [r for r in container_requirements() if r.startswith("megatron-core")]
+    assert core == ["megatron-core==0.16.1"] and not any(r.startswith(("torch", "numpy")) for r in container_requirements())
+    assert calls[0].startswith(f"-m|pip|install|--quiet|--disable-pip-version-check|--target|{site}|--no-deps|{core[0]}|")
+    assert "|tokenizers>=0.19|" in calls[1] and "--no-deps" not in calls[1]
+    assert calls[-1].endswith(f"PYTHONPATH={site}")
 
 
 def test_relative_data_path_is_refused(tmp_path):
