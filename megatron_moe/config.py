@@ -375,12 +375,23 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
+MAX_CONFIG_BYTES = 2**20
+"""Configs are a few kB: a larger file is not one (and /dev/zero would never end)."""
+
+
 def load_toml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise ConfigError(f"config file {str(path)!r} does not exist")
+    if not path.is_file() or path.stat().st_size > MAX_CONFIG_BYTES:
+        what = "a directory" if path.is_dir() else "not a regular file" if not path.is_file() else "larger than 1 MiB"
+        raise ConfigError(f"config file {str(path)!r} is {what}; give a TOML file")
     try:
         return tomllib.loads(path.read_text())
+    except PermissionError:
+        raise ConfigError(f"config file {str(path)!r} is not readable (permission denied)") from None
+    except OSError as exc:
+        raise ConfigError(f"config file {str(path)!r} cannot be read ({exc.strerror or exc})") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: not valid TOML ({exc})") from None
 

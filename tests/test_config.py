@@ -108,3 +108,17 @@ def test_saved_toml_reads_back_any_string(tmp_path, value):
     cfg.train.output_dir = value
     save_toml(cfg, tmp_path / "run.toml")
     assert load_run_config(str(tmp_path / "run.toml"), []).train.output_dir == value
+
+
+@pytest.mark.parametrize("given, message", [
+    ("missing.toml", "config file 'missing.toml' does not exist"),
+    ("examples", "config file 'examples' is a directory; give a TOML file"),
+    ("/dev/zero", "config file '/dev/zero' is not a regular file; give a TOML file"),
+])
+def test_a_config_that_is_not_a_toml_file_is_one_line(given, message, capsys, monkeypatch):
+    from megatron_moe.cli import main
+    from tests.conftest import REPO
+
+    monkeypatch.chdir(REPO)
+    assert main(["config", "show", given]) == 2
+    assert capsys.readouterr().err.strip() == f"megatron-moe: error: {message}"

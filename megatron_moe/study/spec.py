@@ -24,6 +24,7 @@ data.seed: the spread over seeds is init noise only.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -164,9 +165,23 @@ def load_study(path: str | Path, overrides: list[str] = (), *, check_world: bool
     return cfg
 
 
+SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+"""Study and variant names become directory names, SLURM job names and report labels: letters, digits, '_', '.',
+'-', starting with a letter or digit (so never a path like '..', an option or a shell word break)."""
+
+
+def check_name(field: str, name: str) -> None:
+    if not SAFE_NAME.match(name):
+        raise ConfigError(f"{field} = {name!r} is not allowed; use 1-100 letters, digits, '_', '.' or '-', starting "
+                          "with a letter or digit")
+
+
 def validate_study(cfg: StudyConfig, *, check_world: bool = True) -> None:
     """Check the [study] table and the base run config; raises ConfigError naming the field."""
     s = cfg.study
+    check_name("study.name", s.name)
+    for name in s.variants:
+        check_name(f"study.variants.{name}", name)
     if s.nproc_per_node < 1:
         raise ConfigError(f"study.nproc_per_node = {s.nproc_per_node} must be >= 1")
     base = cfg.base()

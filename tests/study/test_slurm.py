@@ -159,6 +159,10 @@ def test_layout_is_checked_against_the_launch_world_size(tmp_path):
         (["--slurm", "--sbatch-arg", "constraint=h100"], "must be one option such as --foo=bar"),
         (["--slurm", "--partition", "a b"], "must not contain whitespace"),
         (["--slurm", "--launch-config", "LAUNCH"], "unknown key 'launch.gpus'"),
+        # a name goes into #SBATCH --job-name and the study directory: no options smuggled in, no path out of runs/
+        (["--slurm", "study.name=mini --account=stolen --qos=high"], "study.name = 'mini --account=stolen --qos=high' is not allowed"),
+        (["--slurm", "study.name=../../../../tmp/x"], "study.name = '../../../../tmp/x' is not allowed"),
+        (["--slurm", "study.name=-x"], "is not allowed; use 1-100 letters, digits"),
     ],
 )
 def test_bad_launch_input_is_one_line_and_exit_2(tmp_path, capsys, args, message):
