@@ -245,8 +245,9 @@ def verify_checkpoint(path: Path) -> str | None:
     return None
 
 
-def find_checkpoint(root: Path) -> tuple[Path | None, list[str]]:
-    """(the newest checkpoint under `root` that verifies, notes about the newer ones skipped and why).
+def find_checkpoint(root: Path, below: int | None = None) -> tuple[Path | None, list[str]]:
+    """(the newest checkpoint under `root` that verifies, notes about the newer ones skipped and why); with
+    `below`, the newest of those before that step (the fallback when a checkpoint verified but failed to load).
 
     None when `root` holds no checkpoint at all (a new run). TrainingError (one line) when it holds
     checkpoints, or a `latest` naming one, but none verifies: the run must not silently start over.
@@ -264,7 +265,8 @@ def find_checkpoint(root: Path) -> tuple[Path | None, list[str]]:
             notes.append(f"{root / LATEST} holds {shown!r}, not a step_* name: ignored")
         elif not (root / latest_text).is_dir():
             notes.append(f"{root / LATEST} names {latest_text}, which is missing")
-    candidates = sorted((p for p in root.glob("step_*") if step_of(p.name) is not None), key=lambda p: -step_of(p.name))
+    candidates = sorted((p for p in root.glob("step_*") if step_of(p.name) is not None
+                         and (below is None or step_of(p.name) < below)), key=lambda p: -step_of(p.name))
     for path in candidates:
         why = verify_checkpoint(path)
         if why is None:

@@ -109,6 +109,10 @@ def plan_start(cfg: RunConfig) -> StartPlan:
                 f"use a new train.output_dir, or set train.allow_config_change = true to resume from "
                 f"{checkpoint.name} with the new values")
         return StartPlan(checkpoint, notes, changes)
+    if (out_dir / "result.json").is_file() and not t.overwrite_output_dir:
+        raise ConfigError(
+            f"train.output_dir = {str(out_dir)!r} holds a finished run (result.json) and no checkpoint to resume "
+            "from; use a new train.output_dir, or set train.overwrite_output_dir = true to train it again from step 0")
     if (out_dir / "metrics.jsonl").is_file() and not t.overwrite_output_dir:
         changes = None if recorded is None else config_changes(recorded, cfg)
         if changes is None or changes:

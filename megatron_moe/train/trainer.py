@@ -22,7 +22,7 @@ from megatron_moe.config import ConfigError, RunConfig, save_toml, validate
 from megatron_moe.files import atomic_write_json
 from megatron_moe.planner.ledger import ledger
 from megatron_moe.train.checkpoint import (
-    TrainState, check_checkpoint_writer, latest_checkpoint, load_checkpoint, save_checkpoint
+    TrainState, check_checkpoint_writer, find_checkpoint, latest_checkpoint, load_checkpoint, save_checkpoint, step_of
 )
 from megatron_moe.train.monitors import (
     ExpertLoadMonitor,
@@ -220,10 +220,10 @@ class Trainer:
         tcfg.grad_scale_func = self.optimizer.scale_loss
         self.forward_backward = get_forward_backward_func()
 
-        self.resumed_from = start.checkpoint
-        self.state = TrainState() if self.resumed_from is None else load_checkpoint(self, self.resumed_from)
         for note in start.notes:
             self.log(note)
+        self.resumed_from = start.checkpoint
+        self.state = TrainState() if self.resumed_from is None else self._resume()
         metrics_path = None
         if self.par.is_logging_rank:
             self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -254,6 +254,33 @@ class Trainer:
         if isinstance(box[0], Exception):
             raise box[0]
         return box[0]
+
+    def _resume(self) -> TrainState:
+        """Load `resumed_from`; a checkpoint that verified but does not load (a crafted or truncated shard its
+        manifest cannot show) is skipped like a damaged one, for the newest older one that verifies. Every rank
+        takes the same decision; the error of the last candidate is the run's when none loads."""
+        while True:
+            try:
+                state, error = load_checkpoint(self, self.resumed_from), None
+            except TrainingError as exc:
+                state, error = None, str(exc)
+            errors: list[str | None] = [None] * dist.get_world_size()
+            dist.all_gather_object(errors, error)
+            error = next((e for e in errors if e), None)
+            if error is None:
+                return state
+            older: Path | None = None
+            if dist.get_rank() == 0:
+                try:
+                    older, _ = find_checkpoint(self.checkpoint_dir, below=step_of(self.resumed_from.name))
+                except TrainingError:
+                    older = None
+            box = [older]
+            dist.broadcast_object_list(box, src=0)
+            if box[0] is None:
+                raise TrainingError(error)
+            self.log(f"{error}; trying {box[0].name}")
+            self.resumed_from = box[0]
 
     @property
     def step(self) -> int:

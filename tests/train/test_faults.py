@@ -189,6 +189,40 @@ def test_resume_skips_a_truncated_checkpoint_and_a_garbage_latest(reference, tmp
 
 
 @pytest.mark.slow
+def test_a_checkpoint_that_verifies_but_does_not_load_falls_back_to_the_one_before(reference, tmp_path):
+    """Without its manifest a checkpoint is checked for its files' presence only, so a truncated shard shows at
+    load: the run skips it like a damaged one and resumes from the checkpoint before."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference.dir, run_dir)
+    (run_dir / "result.json").unlink()
+    newest = run_dir / "checkpoints" / "step_0000010"
+    (newest / "manifest.json").unlink()
+    shard = newest / "__0_0.distcp"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    proc = train(run_dir, check=True)
+    assert f"checkpoint {newest} does not load into this run" in proc.stdout
+    assert "trying step_0000008" in proc.stdout and "step_0000008 at step 8" in proc.stdout
+    assert_same_as(run_dir, reference)
+
+
+@pytest.mark.slow
+def test_a_finished_run_without_checkpoints_is_refused_not_restarted(reference, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference.dir, run_dir)
+    shutil.rmtree(run_dir / "checkpoints")
+    kept = {name: (run_dir / name).read_text() for name in ("metrics.jsonl", "result.json")}
+    proc = train(run_dir)
+    assert proc.returncode == 2
+    assert last_line(proc) == (
+        f"megatron-moe: error: train.output_dir = {str(run_dir)!r} holds a finished run (result.json) and no "
+        "checkpoint to resume from; use a new train.output_dir, or set train.overwrite_output_dir = true to train "
+        "it again from step 0")
+    assert {name: (run_dir / name).read_text() for name in kept} == kept
+    train(run_dir, "train.overwrite_output_dir=true", check=True)
+    assert_same_as(run_dir, reference)
+
+
+@pytest.mark.slow
 def test_a_crafted_rng_file_runs_no_code(reference, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(reference.dir, run_dir)
