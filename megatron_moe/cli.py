@@ -62,16 +62,24 @@ def _check_output_dir(path: str | None, what: str) -> None:
 
 def train_main(args: argparse.Namespace) -> int:
     from megatron_moe.config import load_run_config
-    from megatron_moe.parallel import destroy_parallel
-    from megatron_moe.train.stop import PREEMPTED_EXIT_CODE, Preempted, TrainingError, survive_lost_output
-    from megatron_moe.train.trainer import train
+    from megatron_moe.train.stop import (
+        PREEMPTED_EXIT_CODE, Preempted, StopFlag, TrainingError, forked_children_die_with_this_process,
+        survive_lost_output,
+    )
 
+    # Caught from here on, before torch is imported: a stop signal during start-up ends in a clean stop too.
+    stop = StopFlag()
+    forked_children_die_with_this_process()
     survive_lost_output()  # a runner killed with its pipe must not cost this trainer its last checkpoint
+    # The config is checked before the heavy imports, so a bad one is refused at once.
     config, overrides = _split_config(args.config, args.overrides)
     cfg = load_run_config(config, overrides, world_size=int(os.environ.get("WORLD_SIZE", "1")))
     _check_output_dir(cfg.train.output_dir, "train.output_dir")
+    from megatron_moe.parallel import destroy_parallel
+    from megatron_moe.train.trainer import train
+
     try:
-        train(cfg)
+        train(cfg, stop=stop)
     except TrainingError as exc:
         print(f"megatron-moe: error: {exc}", file=sys.stderr)
         return 1
@@ -391,6 +399,9 @@ def _add_study(sub: argparse._SubParsersAction) -> None:
     rep.add_argument("dir", help="study directory (holding study.json)")
     rep.add_argument("-o", "--output-dir", help="where to write the report (default: the study directory)")
     rep.add_argument("--confidence", type=float, default=0.95, help="confidence level of the t intervals (default 0.95)")
+    rep.add_argument("--allow-damaged", action="store_true",
+                     help="leave out unreadable metrics.jsonl lines anywhere, with a warning (default: only a torn "
+                     "last line; any other is refused)")
 
     rep.set_defaults(func=study_report_main)
     _add_study_launch(verbs)
@@ -430,7 +441,7 @@ def study_report_main(args: argparse.Namespace) -> int:
     from megatron_moe.study.report import tables, write_report
 
     _check_output_dir(args.output_dir, "--output-dir")
-    paths = write_report(args.dir, args.output_dir, args.confidence)
+    paths = write_report(args.dir, args.output_dir, args.confidence, args.allow_damaged)
     results = json.loads(paths["results.json"].read_text())
     for w in results["warnings"]:
         print(f"WARNING: {w}")

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from megatron_moe.config import ConfigError
-from megatron_moe.files import atomic_write_bytes, atomic_write_json, atomic_write_text, read_jsonl
+from megatron_moe.files import DamagedJsonLines, atomic_write_bytes, atomic_write_json, atomic_write_text, read_jsonl
 from megatron_moe.planner.format import human
 from megatron_moe.study.plots import make_plots
 from megatron_moe.study.report_er import equal_resources_results, er_summary, er_tables, mean_ci
@@ -50,6 +50,8 @@ class RunData:
     """kind=train rows, one per step (a resumed run's repeated steps keep the last row)."""
     evals: list[dict[str, Any]] = field(default_factory=list)
     """kind=eval rows, one per step."""
+    damaged_lines: list[int] = field(default_factory=list)
+    """metrics.jsonl lines before the last that did not parse, left out (with --allow-damaged)."""
 
     @property
     def best(self) -> tuple[float, int] | None:
@@ -71,19 +73,27 @@ def _rows_by_step(rows: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]
     return [by_step[s] for s in sorted(by_step)]
 
 
-def load_run(study_dir: Path, entry: dict[str, Any]) -> RunData:
+def load_run(study_dir: Path, entry: dict[str, Any], allow_damaged: bool = False) -> RunData:
+    """One run's files; ConfigError (one line) when its metrics.jsonl has an unreadable line before the last, unless
+    `allow_damaged`."""
     run_dir = study_dir / entry["dir"]
     result_path, metrics_path = run_dir / "result.json", run_dir / "metrics.jsonl"
     result = json.loads(result_path.read_text()) if result_path.is_file() else None
-    rows = read_jsonl(metrics_path) if metrics_path.is_file() else []
+    damaged: list[int] = []
+    try:
+        rows = read_jsonl(metrics_path, allow_damaged=allow_damaged, damaged=damaged) if metrics_path.is_file() else []
+    except DamagedJsonLines as exc:
+        raise ConfigError(f"{exc} (only a torn last line is skipped); repair the file, or pass --allow-damaged to "
+                          "report without those lines") from None
     return RunData(arm=entry["arm"], seed=int(entry["seed"]), dir=run_dir, complete=result is not None,
-                   result=result, train=_rows_by_step(rows, "train"), evals=_rows_by_step(rows, "eval"))
+                   result=result, train=_rows_by_step(rows, "train"), evals=_rows_by_step(rows, "eval"),
+                   damaged_lines=damaged)
 
 
-def load_study_dir(study_dir: str | Path) -> tuple[StudyManifest, list[RunData]]:
+def load_study_dir(study_dir: str | Path, allow_damaged: bool = False) -> tuple[StudyManifest, list[RunData]]:
     """The manifest (study.json) and every run it lists."""
     man = load_manifest(study_dir)
-    return man, [load_run(Path(study_dir), e) for e in man.runs]
+    return man, [load_run(Path(study_dir), e, allow_damaged) for e in man.runs]
 
 
 def _close(a: float, b: float) -> bool:
@@ -111,6 +121,10 @@ def build_results(study_dir: str | Path, confidence: float = 0.95,
                "final_train_loss": (r.result or {}).get("final_train_loss", r.train[-1]["loss"] if r.train else None),
                "train_time_s": r.result.get("train_time_s") if r.result else None}
         run_rows.append(row)
+        if r.damaged_lines:
+            n = len(r.damaged_lines)
+            warnings.append(f"{row['dir']}: {n} unreadable metrics.jsonl line{'s' if n > 1 else ''} left out "
+                            f"(--allow-damaged): {', '.join(map(str, r.damaged_lines))}")
         if not r.complete:
             continue
         if b is None:
@@ -488,13 +502,14 @@ def render_html(results: dict[str, Any], plots: dict[str, bytes]) -> str:
     return "\n".join(parts) + "\n"
 
 
-def write_report(study_dir: str | Path, out_dir: str | Path | None = None, confidence: float = 0.95) -> dict[str, Path]:
+def write_report(study_dir: str | Path, out_dir: str | Path | None = None, confidence: float = 0.95,
+                 allow_damaged: bool = False) -> dict[str, Path]:
     """Write report.md, report.html, results.json and plots/*.png (default: into the study directory)."""
     if not 0.0 < confidence < 1.0:
         raise ConfigError(f"--confidence {confidence} must be in (0, 1)")
     study_dir = Path(study_dir)
     out = Path(out_dir) if out_dir else study_dir
-    loaded = load_study_dir(study_dir)
+    loaded = load_study_dir(study_dir, allow_damaged)
     results = build_results(study_dir, confidence, loaded)
     plots = make_plots(results, *loaded)
     paths = {}

@@ -46,7 +46,7 @@ class Metrics:
             if resumed_step is None:
                 path.unlink()
             else:
-                kept = [r for r in read_jsonl(path) if r["step"] <= resumed_step]
+                kept = [r for r in read_jsonl(path, allow_damaged=True) if r["step"] <= resumed_step]
                 atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
         return cls(path, list(sinks))
 

@@ -41,21 +41,34 @@ class StartPlan:
     """Config fields changed since the checkpoint (allowed by train.allow_config_change): (old, new)."""
 
 
-def claim_output_dir(out_dir: Path) -> None:
+def claim_output_dir(out_dir: Path) -> list[str]:
     """Hold the run directory's lock for the life of this process; ConfigError (one line) when another process
-    holds it. On a file system without locks the run goes on unlocked."""
+    holds it. On a file system without locks the run goes on unlocked. Returns notes (a stale lock taken over)."""
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ConfigError(f"cannot create train.output_dir = {str(out_dir)!r}: {exc.strerror}") from None
+    notes: list[str] = []
     try:
-        lock_exclusive(out_dir / RUN_LOCK)
+        lock_exclusive(out_dir / RUN_LOCK, notes)
     except Locked as exc:
         raise ConfigError(f"train.output_dir = {str(out_dir)!r} is in use by another training process "
                           f"({exc.holder or 'unknown'}, lock {exc.path}); wait for it to end or stop it") from None
     except OSError as exc:
         if exc.errno not in (errno.ENOLCK, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS):
             raise ConfigError(f"cannot lock train.output_dir = {str(out_dir)!r}: {exc.strerror}") from None
+    return notes
+
+
+def release_unused_output_dir(out_dir: Path) -> None:
+    """Remove a run directory that this attempt created and that holds nothing but its lock (a refusal after the
+    claim): a refused run leaves no trace."""
+    try:
+        if {p.name for p in out_dir.iterdir()} <= {RUN_LOCK}:
+            (out_dir / RUN_LOCK).unlink(missing_ok=True)
+            out_dir.rmdir()
+    except OSError:
+        pass
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

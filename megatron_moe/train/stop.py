@@ -43,6 +43,29 @@ RUN_LOCK = ".train.lock"
 """Held (flock) by the trainer writing a run directory; holds "pid@host" of that trainer."""
 
 
+def forked_children_die_with_this_process() -> None:
+    """Children this process forks from now on (megatron-core's checkpoint writers) get SIGKILL when it dies, even
+    of SIGKILL, instead of living on under init (Linux; elsewhere nothing). They already drop the run's lock at
+    fork (`files.lock_exclusive`), so none can hold a killed trainer's run directory."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    pr_set_pdeathsig = 1
+    forking = [0]  # the pid of the process about to fork, as its child sees it
+
+    def note() -> None:
+        forking[0] = os.getpid()
+
+    def arm() -> None:
+        libc.prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0)
+        if os.getppid() != forking[0]:  # the parent died between the fork and the line above
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    os.register_at_fork(before=note, after_in_child=arm)
+
+
 def mark_preempted(out_dir: Path, step: int, signum: int) -> None:
     atomic_write_json(out_dir / PREEMPTED_MARKER, {"step": step, "signal": signal.Signals(signum).name})
 

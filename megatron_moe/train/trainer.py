@@ -37,7 +37,9 @@ from megatron_moe.train.monitors import (
     progress_line,
     run_line,
 )
-from megatron_moe.train.rundir import StartPlan, claim_output_dir, describe_changes, plan_start, record_config_change
+from megatron_moe.train.rundir import (
+    StartPlan, claim_output_dir, describe_changes, plan_start, record_config_change, release_unused_output_dir
+)
 from megatron_moe.train.stop import Preempted, StopFlag, TrainingError, clear_preempted, mark_preempted
 
 
@@ -245,8 +247,9 @@ class Trainer:
         verdict: StartPlan | Exception | None = None
         if dist.get_rank() == 0:
             try:
-                claim_output_dir(self.out_dir)
+                taken_over = claim_output_dir(self.out_dir)
                 verdict = plan_start(self.cfg)
+                verdict.notes[:0] = taken_over
             except (ConfigError, TrainingError) as exc:
                 verdict = exc
         box = [verdict]
@@ -470,19 +473,24 @@ class Trainer:
         return result
 
 
-def train(cfg: RunConfig, *, quiet: bool = False) -> dict[str, Any]:
+def train(cfg: RunConfig, *, quiet: bool = False, stop: StopFlag | None = None) -> dict[str, Any]:
     """Train one run on this process (one rank of a torchrun job, or alone).
 
-    The stop signals are caught from before start-up (data, model, checkpoint loading), so a signal that
-    arrives then still ends in a checkpoint, after the first step.
+    The stop signals are caught from before start-up (data, model, checkpoint loading; from before torch's import
+    when the caller passes its `stop`), so a signal that arrives then still ends in a checkpoint, after the first
+    step.
     """
-    stop = StopFlag()
+    stop = stop or StopFlag()
+    out_dir = Path(cfg.train.output_dir)
+    new_dir = not out_dir.exists()
     try:
         return Trainer(cfg, quiet=quiet).fit(stop)
-    except (MemoryError, RuntimeError) as exc:
-        if not _out_of_memory(exc):
-            raise
-        raise TrainingError(_out_of_memory_message(cfg, exc)) from None
+    except BaseException as exc:
+        if new_dir and int(os.environ.get("RANK", "0")) == 0:
+            release_unused_output_dir(out_dir)
+        if isinstance(exc, (MemoryError, RuntimeError)) and _out_of_memory(exc):
+            raise TrainingError(_out_of_memory_message(cfg, exc)) from None
+        raise
 
 
 def _out_of_memory(exc: BaseException) -> bool:

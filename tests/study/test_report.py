@@ -116,6 +116,29 @@ def test_results_from_run_directories(tmp_path):
     assert len(res["warnings"]) == 2 and "dense_total seed 3" in res["warnings"][-1]
 
 
+def test_an_unreadable_line_before_the_last_is_refused_unless_allowed(tmp_path, capsys):
+    """A torn last line is what a killed writer leaves and is skipped quietly; a bad line anywhere else means the
+    file was damaged, so the report refuses it (one line) or, with --allow-damaged, names the lines it left out."""
+    from megatron_moe.cli import main
+
+    study_dir = _fake_study(tmp_path)
+    metrics = next(p for p in study_dir.glob("runs/moe-s2-*/metrics.jsonl"))
+    lines = metrics.read_text().splitlines()
+    lines[1] = "garbage"  # moe seed 2's step-2 train row
+    metrics.write_text("\n".join(lines) + "\n")
+    assert main(["study", "report", str(study_dir)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"megatron-moe: error: {metrics}: line 2 is not JSON (only a torn last line is skipped); repair "
+                   "the file, or pass --allow-damaged to report without those lines")
+    assert not (study_dir / "results.json").exists()
+    assert main(["study", "report", str(study_dir), "--allow-damaged"]) == 0
+    res = json.loads((study_dir / "results.json").read_text())
+    (warning,) = [w for w in res["warnings"] if "unreadable" in w]
+    assert warning == f"{metrics.parent.relative_to(study_dir)}: 1 unreadable metrics.jsonl line left out (--allow-damaged): 2"
+    # the rows around it still count: moe seed 2's best is unchanged
+    assert {a["arm"]: a for a in res["arms"]}["moe"]["best_val_loss"]["per_seed"]["2"] == 1.60
+
+
 def test_confidence_level_is_labelled_exactly(tmp_path):
     res = build_results(_fake_study(tmp_path), confidence=0.975)
     headers = [h for _, _, header, _ in tables(res) for h in header]

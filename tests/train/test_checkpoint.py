@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -146,6 +147,33 @@ def test_stop_signal_during_start_up_checkpoints_after_the_first_step(tmp_path):
     assert json.loads((run_dir / PREEMPTED_MARKER).read_text()) == {"step": 1, "signal": "SIGUSR1"}
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_0000001"
     assert [(r["kind"], r["step"]) for r in untimed_rows(run_dir)] == [("train", 1), ("eval", 1)]
+
+
+def _catches(pid: int, sig: signal.Signals) -> bool:
+    """Whether process `pid` has a handler for `sig` (its SigCgt mask in /proc)."""
+    try:
+        status = open(f"/proc/{pid}/status").read()
+    except OSError:
+        return False
+    mask = int(re.search(r"^SigCgt:\s*([0-9a-f]+)$", status, re.M).group(1), 16)
+    return bool(mask >> (sig - 1) & 1)
+
+
+def test_stop_signal_while_torch_imports_is_a_clean_stop(tmp_path):
+    """The trainer catches the stop signals from before its heavy imports: a SIGTERM as soon as it can be caught
+    (while torch and megatron-core are still importing) ends in exit 75 with the marker, not a death by signal,
+    and the run directory resumes."""
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "megatron_moe.cli", "train", *ARGS, f"train.output_dir={run_dir}"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    wait_for(lambda: _catches(proc.pid, signal.SIGTERM), proc, seconds=60)
+    os.kill(proc.pid, signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=240)
+    assert proc.returncode == 75 and "Traceback" not in stderr, stderr[-2000:]
+    assert json.loads((run_dir / PREEMPTED_MARKER).read_text())["signal"] == "SIGTERM"
+    cli("train", *ARGS, f"train.output_dir={run_dir}")
+    assert json.loads((run_dir / "result.json").read_text())["steps"] == 40
 
 
 def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path):
