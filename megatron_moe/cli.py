@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
+import errno
 import inspect
 import json
 import logging
@@ -676,6 +677,23 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"megatron-moe: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        if exc.filename is None:
+            raise
+        print(f"megatron-moe: error: {storage_error(exc)}", file=sys.stderr)
+        return 1
+
+
+def storage_error(exc: OSError) -> str:
+    """One line for a file the command could not read or write: the path, what went wrong, what to do."""
+    path = repr(str(exc.filename))
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return f"permission denied on {path}: this command needs to read it (or write where it goes); check its mode and owner"
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"no space left on device writing {path}; free space there or write elsewhere"
+    if exc.errno == errno.EROFS:
+        return f"{path} is on a read-only file system; write elsewhere"
+    return f"cannot use {path}: {exc.strerror or exc}"
 
 
 if __name__ == "__main__":

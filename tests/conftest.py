@@ -36,7 +36,12 @@ TINY_MOE = TINY + [
 ]
 
 
-def cli(*args: str, nproc: int = 1, check: bool = True, timeout: float = 300,
+HANG_S = 900
+"""How long a test's command may take before it counts as hung. A hang detector, not a speed test: the commands here
+take seconds to a minute alone, several times that on a loaded 2-core machine (300 s was seen to run out there)."""
+
+
+def cli(*args: str, nproc: int = 1, check: bool = True, timeout: float = HANG_S,
         env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """Run `megatron-moe ARGS` in a fresh process (under torchrun when nproc > 1), `env` added."""
     if nproc == 1:

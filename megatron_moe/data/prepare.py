@@ -398,7 +398,10 @@ def prepare_dataset(
                 yield d, "valid"
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_dir_for(out)
+    try:
+        tmp = temp_dir_for(out)
+    except OSError as exc:  # named by the directory it is made in, not by the random name it would have had
+        raise OSError(exc.errno, exc.strerror, str(out.parent)) from None
     try:
         extra = {"inputs": [{"path": str(f), "bytes": f.stat().st_size} for f in files],
                  "valid_inputs": [{"path": str(f), "bytes": f.stat().st_size} for f in valid_files]}
@@ -408,7 +411,9 @@ def prepare_dataset(
             label=f"prepare {out.name}", meter=meter,
         )
         publish(tmp, out, force)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError) and exc.filename is None:  # a failed write (a full disk) names no file
+            raise OSError(exc.errno, exc.strerror, str(out)) from None
         raise
     return manifest

@@ -391,7 +391,14 @@ def _os_error(exc: BaseException | None, seen: set[int] | None = None) -> OSErro
     found = _os_error(exc.__cause__, seen) or _os_error(exc.__context__, seen)
     if found is None and "No space left on device" in str(exc):
         return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    if found is None and any(text in str(exc) for text in _TORCH_WRITE_FAILED):
+        return OSError(errno.EIO, "torch's file writer failed")
     return found
+
+
+_TORCH_WRITE_FAILED = ("PytorchStreamWriter failed", "file write failed")
+"""What torch's C++ file writer (inline_container.cc) raises, as a RuntimeError without the OS error, when a write
+fails: on a full disk, for one."""
 
 
 def _save_failure(exc: BaseException, trainer, root: Path, name: str, tmp: Path) -> str | None:
@@ -400,13 +407,18 @@ def _save_failure(exc: BaseException, trainer, root: Path, name: str, tmp: Path)
     if err is None:
         return None
     where = err.filename or tmp
-    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+    need = free_bytes = None
+    if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO):
+        need = _size_estimate(trainer, root)
         try:
-            free = f", {_human_bytes(shutil.disk_usage(root).free)} free"
+            free_bytes = shutil.disk_usage(root).free
         except OSError:
-            free = ""
-        what = (f"no space left on device writing {where} (a checkpoint needs about "
-                f"{_human_bytes(_size_estimate(trainer, root))}{free})")
+            pass
+    # torch's writer does not say why a write failed: too little space left for a checkpoint is the likely cause
+    full = err.errno == errno.EIO and free_bytes is not None and free_bytes < need
+    if err.errno in (errno.ENOSPC, errno.EDQUOT) or full:
+        free = "" if free_bytes is None else f", {_human_bytes(free_bytes)} free"
+        what = f"no space left on device writing {where} (a checkpoint needs about {_human_bytes(need)}{free})"
     elif err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         what = f"{err.strerror or 'permission denied'} writing {where}; make {root} writable"
     else:

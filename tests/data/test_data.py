@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import errno
 import gzip
 import os
 import json
 import lzma
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +23,7 @@ from megatron_moe.data.source import DataSource, build_data_source
 from megatron_moe.data.store import TokenStore, read_manifest
 from megatron_moe.data.corpora import synthetic_dataset
 from megatron_moe.data.tokenizers import EOD_TEXT, load_tokenizer
-from tests.conftest import SHARED_DATA, cli
+from tests.conftest import REPO, SHARED_DATA, cli
 
 
 DOCS = [
@@ -631,3 +634,63 @@ def test_parquet_text_column_is_read_and_a_missing_column_is_one_line(tmp_path):
     proc = cli("data", "prepare", str(tmp_path / "c.parquet"), "-o", str(tmp_path / "x"), "--text-key", "body",
                "--quiet", check=False)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "has no column 'body'" in proc.stderr
+
+
+# ---------------------------------------------------------------- storage errors: one line, nothing half-written
+
+
+def _without_root_reads(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """`megatron-moe ARGS` as a user that file modes apply to: as root, with the capabilities that let root read and
+    write anything dropped (setpriv); as anyone else, as is."""
+    cmd = [sys.executable, "-m", "megatron_moe.cli", *args]
+    if os.geteuid() == 0:
+        if shutil.which("setpriv") is None:
+            pytest.fail("setpriv (util-linux) is needed to test file modes as root")
+        cmd = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", *cmd]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize("target", ["train.bin", "train.idx", "manifest.json"])
+def test_an_unreadable_dataset_file_is_one_line(prepared, tmp_path, target):
+    data = tmp_path / "data"
+    shutil.copytree(prepared / "out", data)
+    (data / target).chmod(0)
+    proc = _without_root_reads("data", "inspect", str(data), "--verify", cwd=tmp_path)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip() == (f"megatron-moe: error: permission denied on '{data / target}': this command needs "
+                                   "to read it (or write where it goes); check its mode and owner")
+
+
+def test_unreadable_config_and_unwritable_output_are_one_line(prepared, tmp_path):
+    config = tmp_path / "run.toml"
+    config.write_text("[train]\nlr = 1e-3\n")
+    config.chmod(0)
+    proc = _without_root_reads("config", "show", str(config), cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.strip() == (
+        f"megatron-moe: error: config file '{config}' is not readable (permission denied)")
+    parent = tmp_path / "locked"
+    parent.mkdir()
+    parent.chmod(0o555)
+    proc = _without_root_reads("data", "prepare", str(prepared / "b.jsonl"), "-o", str(parent / "out"),
+                               "--vocab-size", "300", cwd=tmp_path)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"megatron-moe: error: permission denied on '{parent}': this command needs to read it (or write where it "
+        "goes); check its mode and owner")
+    assert list(parent.iterdir()) == []
+
+
+def test_a_full_disk_while_preparing_is_one_line_and_leaves_nothing(prepared, tmp_path, monkeypatch, capsys):
+    from megatron_moe.cli import main
+    from megatron_moe.data import prepare
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # what a write onto a full disk raises: no file named
+
+    monkeypatch.setattr(prepare, "write_dataset", full)
+    out = tmp_path / "out"
+    assert main(["data", "prepare", str(prepared / "b.jsonl"), "-o", str(out), "--vocab-size", "300"]) == 1
+    assert capsys.readouterr().err.strip() == (
+        f"megatron-moe: error: no space left on device writing '{out}'; free space there or write elsewhere")
+    assert list(tmp_path.iterdir()) == []  # no output, no temporary directory

@@ -18,7 +18,7 @@ import time
 import pytest
 
 from megatron_moe.train.stop import PREEMPTED_MARKER, was_preempted
-from tests.conftest import REPO, TINY, TINY_MOE, cli, untimed_rows
+from tests.conftest import HANG_S, REPO, TINY, TINY_MOE, cli, untimed_rows
 
 pytestmark = pytest.mark.slow
 RUN = ["train.train_steps=40", "train.save_interval=5", "train.eval_interval=10"]
@@ -37,7 +37,7 @@ def start(run_dir):
     return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True, text=True)
 
 
-def wait_for(predicate, proc, seconds=240):
+def wait_for(predicate, proc, seconds=HANG_S):
     deadline = time.time() + seconds
     while time.time() < deadline and not predicate():
         time.sleep(0.05)
@@ -76,7 +76,7 @@ def test_stop_signal_saves_exits_75_and_resumes(tmp_path, straight):
     metrics = run_dir / "metrics.jsonl"
     wait_for(lambda: metrics.exists() and metrics.read_text().count("\n") >= 12, proc)
     os.kill(proc.pid, signal.SIGUSR1)  # what SLURM sends ahead of a time limit (--signal=USR1@...)
-    _, stderr = proc.communicate(timeout=120)
+    _, stderr = proc.communicate(timeout=HANG_S)
     assert proc.returncode == 75, stderr[-2000:]
     step = int((run_dir / "checkpoints" / "latest").read_text().strip().split("_")[1])
     assert f"stopped by signal at step {step}; checkpoint saved" in stderr
@@ -141,7 +141,7 @@ def test_stop_signal_during_start_up_checkpoints_after_the_first_step(tmp_path):
     # The trainer is building the synthetic corpus into the empty cache: start-up, before any step.
     wait_for(lambda: cache.is_dir() and any(p.name.startswith(".synthetic") for p in cache.iterdir()), proc)
     os.kill(proc.pid, signal.SIGUSR1)
-    _, stderr = proc.communicate(timeout=240)
+    _, stderr = proc.communicate(timeout=HANG_S)
     assert proc.returncode == 75, stderr[-2000:]
     assert "stopped by signal at step 1; checkpoint saved" in stderr
     assert json.loads((run_dir / PREEMPTED_MARKER).read_text()) == {"step": 1, "signal": "SIGUSR1"}
@@ -167,9 +167,9 @@ def test_stop_signal_while_torch_imports_is_a_clean_stop(tmp_path):
     cmd = [sys.executable, "-m", "megatron_moe.cli", "train", *ARGS, f"train.output_dir={run_dir}"]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
-    wait_for(lambda: _catches(proc.pid, signal.SIGTERM), proc, seconds=60)
+    wait_for(lambda: _catches(proc.pid, signal.SIGTERM), proc)
     os.kill(proc.pid, signal.SIGTERM)
-    _, stderr = proc.communicate(timeout=240)
+    _, stderr = proc.communicate(timeout=HANG_S)
     assert proc.returncode == 75 and "Traceback" not in stderr, stderr[-2000:]
     assert json.loads((run_dir / PREEMPTED_MARKER).read_text())["signal"] == "SIGTERM"
     cli("train", *ARGS, f"train.output_dir={run_dir}")

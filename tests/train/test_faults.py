@@ -31,7 +31,7 @@ import pytest
 from megatron_moe.config import load_run_config, save_toml
 from megatron_moe.files import lock_holder
 from megatron_moe.train.stop import PREEMPTED_MARKER, RUN_LOCK
-from tests.conftest import REPO, TINY_MOE, cli, untimed_rows
+from tests.conftest import HANG_S, REPO, TINY_MOE, cli, untimed_rows
 
 ARGS = [*TINY_MOE, "train.train_steps=10", "train.save_interval=4", "train.eval_interval=5", "train.log_interval=3"]
 """Checkpoints at steps 4, 8 and 10 (the last two kept). Logging every 3 steps while saving every 4 puts a
@@ -324,7 +324,7 @@ def test_disk_full_on_save_is_one_line_and_leaves_no_partial_checkpoint(referenc
     run_dir = at_step_8
     env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run([sys.executable, "-c", DISK_FULL, "train", *ARGS, f"train.output_dir={run_dir}"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=HANG_S)
     assert proc.returncode == 1, proc.stderr[-3000:]
     line = last_line(proc)
     assert line.startswith("megatron-moe: error: cannot save checkpoint step_0000010: no space left on device "
@@ -337,7 +337,7 @@ def test_disk_full_on_save_is_one_line_and_leaves_no_partial_checkpoint(referenc
     assert_same_as(run_dir, reference)
 
 
-def test_storage_errors_on_save_are_one_line_naming_the_path(tmp_path):
+def test_storage_errors_on_save_are_one_line_naming_the_path(tmp_path, monkeypatch):
     """Permission errors read like a full disk; the OSError is found however the checkpoint writers wrapped it."""
     from torch.distributed.checkpoint.api import CheckpointException
 
@@ -354,6 +354,18 @@ def test_storage_errors_on_save_are_one_line_naming_the_path(tmp_path):
     worker.__cause__ = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     assert ck._os_error(CheckpointException("save failed", {1: (worker, None)})).errno == errno.ENOSPC
     assert ck._save_failure(ValueError("a bug"), None, root, "step_0000004", tmp) is None  # not a storage error
+    # torch's own writer reports a failed write (a full disk, say) as a RuntimeError that names no OS error
+    torch_writer = RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 64 vs 0 "
+                                "PytorchStreamWriter failed writing file data/0: file write failed")
+    assert ck._os_error(torch_writer).errno == errno.EIO
+    (root / "step_0000002").mkdir()
+    (root / "step_0000002" / "shard").write_bytes(b"x" * 100)  # a checkpoint takes 100 bytes
+    message = ck._save_failure(torch_writer, None, root, "step_0000004", tmp)
+    assert message.startswith(f"cannot save checkpoint step_0000004: torch's file writer failed writing {tmp}")
+    monkeypatch.setattr(ck.shutil, "disk_usage", lambda path: SimpleNamespace(free=40))  # less than a checkpoint
+    assert ck._save_failure(torch_writer, None, root, "step_0000004", tmp).startswith(
+        f"cannot save checkpoint step_0000004: no space left on device writing {tmp} (a checkpoint needs about "
+        "100 bytes, 40 bytes free)")
 
 
 def test_a_missing_checkpoint_writer_dependency_is_one_line_before_training(tmp_path):
@@ -363,7 +375,7 @@ def test_a_missing_checkpoint_writer_dependency_is_one_line_before_training(tmp_
     shim.mkdir()
     (shim / "psutil.py").write_text("raise ImportError('hidden for this test')\n")
     proc = cli("train", *ARGS, "train.train_steps=4", f"train.output_dir={tmp_path / 'run'}", check=False,
-               timeout=120, env={"PYTHONPATH": str(shim)})
+               timeout=HANG_S, env={"PYTHONPATH": str(shim)})
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert last_line(proc) == ("megatron-moe: error: megatron-core's checkpoint writer needs psutil, which is not "
                                "installed: pip install psutil")
@@ -378,7 +390,7 @@ def test_a_missing_checkpoint_writer_dependency_is_one_line_before_training(tmp_
 def test_errors_under_torchrun_are_one_line_on_every_rank(tmp_path, overrides, message):
     """A bad layout is refused before the process group exists, a bad data path once it does (local rank 0 reads
     the data first): either way the ranks stop with the same line and none with a traceback of ours."""
-    proc = cli("train", *ARGS, *overrides, f"train.output_dir={tmp_path / 'run'}", nproc=2, check=False, timeout=120)
+    proc = cli("train", *ARGS, *overrides, f"train.output_dir={tmp_path / 'run'}", nproc=2, check=False, timeout=HANG_S)
     assert proc.returncode != 0
     # The ranks write at once (their lines may interleave), and torchrun stops the others when one exits.
     ours = proc.stderr.split("megatron-moe: error: ")[1:]
@@ -411,7 +423,7 @@ def test_a_second_trainer_on_a_run_directory_is_refused(reference, at_step_8):
         assert last_line(second) == (f"megatron-moe: error: train.output_dir = '{run_dir}' is in use by another "
                                      f"training process ({first.pid}@{socket.gethostname()}, lock {run_dir / RUN_LOCK}); "
                                      "wait for it to end or stop it")
-        _, stderr = first.communicate(timeout=300)
+        _, stderr = first.communicate(timeout=HANG_S)
     finally:
         if first.poll() is None:
             os.killpg(first.pid, signal.SIGKILL)
@@ -499,7 +511,7 @@ def test_a_model_too_big_for_memory_is_one_line(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.run([sys.executable, "-m", "megatron_moe.cli", "train", *ARGS, "model.vocab_size=1073741824",
                            f"train.output_dir={tmp_path}"], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=300, preexec_fn=_limit_memory)
+                          timeout=HANG_S, preexec_fn=_limit_memory)
     assert proc.returncode == 1, proc.stderr[-3000:]
     line = last_line(proc)
     assert line.startswith("megatron-moe: error: out of host memory (") and "parameters, about" in line, line
