@@ -24,6 +24,26 @@ class ConfigError(ValueError):
     """A bad configuration value; the message is one line naming the field and what is allowed."""
 
 
+ROLES = {
+    "trains": "what is trained (model, data, optimizer, schedule): in the run hash, fixed on resume",
+    "measures": "what an evaluation measures: in the run hash, fixed on resume",
+    "schedule": "when evaluations happen: in the run hash, may change on resume",
+    "layout": "how the work is split over processes (megatron-core reshards): in the run hash, may change on resume",
+    "bookkeeping": "where and how often a run writes, its metric sinks and start-up flags: outside the run hash, "
+                   "may change on resume",
+}
+"""What a config field is for. Each field has one, `trains` unless it says otherwise (`_role`); the run hash, the
+resume check derive their sets from it."""
+HASHED_ROLES = frozenset(ROLES) - {"bookkeeping"}
+RESUMABLE_ROLES = frozenset({"schedule", "layout", "bookkeeping"})
+
+
+def _role(role: str, default: Any) -> Any:
+    """A field whose role is not `trains`."""
+    assert role in ROLES, role
+    return field(default=default, metadata={"role": role})
+
+
 @dataclass
 class MoEConfig:
     """Mixture-of-Experts block. `num_experts = 0` means a dense model."""
@@ -126,13 +146,13 @@ class ModelConfig:
 class ParallelConfig:
     """Parallel layout. Data parallel size = world size / (tensor x pipeline)."""
 
-    tensor: int = 1
+    tensor: int = _role("layout", 1)
     """Tensor-parallel size."""
-    pipeline: int = 1
+    pipeline: int = _role("layout", 1)
     """Pipeline-parallel size."""
-    expert: int = 1
+    expert: int = _role("layout", 1)
     """Expert-parallel size (must divide num_experts and the data x tensor ranks)."""
-    sequence_parallel: bool = False
+    sequence_parallel: bool = _role("layout", False)
     """Sequence parallelism (needs tensor > 1)."""
 
     def data_parallel_size(self, world_size: int) -> int:
@@ -210,32 +230,32 @@ class TrainConfig:
     """auto = fp32 on CPU, bf16 on GPU; fp8 needs Transformer Engine on Hopper."""
     distributed_optimizer: bool = False
     """Shard optimizer state over data-parallel ranks."""
-    log_interval: int = 10
+    log_interval: int = _role("bookkeeping", 10)
     """Steps between progress lines."""
-    eval_interval: int = 0
+    eval_interval: int = _role("schedule", 0)
     """Steps between validation passes (0 = only at the end)."""
-    eval_iters: int = 0
+    eval_iters: int = _role("measures", 0)
     """Validation batches (of train.global_batch_size sequences) per pass; 0 = every complete batch of the
     validation split, the same tokens for every arm."""
-    save_interval: int = 0
+    save_interval: int = _role("bookkeeping", 0)
     """Steps between checkpoints (0 = none)."""
-    output_dir: str = "runs/default"
+    output_dir: str = _role("bookkeeping", "runs/default")
     """Run directory: metrics.jsonl, result.json, checkpoints. One `train` at a time (it holds a lock on it)."""
-    allow_config_change: bool = False
+    allow_config_change: bool = _role("bookkeeping", False)
     """Resume a run whose config differs from the one it was started with in a field that changes the trained
     model or its schedule (refused otherwise, naming the fields; output_dir, the intervals, metric sinks and the
     parallel layout may always change). The new values apply from the resumed step, and the change is appended
     to config_changes.jsonl in the run directory."""
-    overwrite_output_dir: bool = False
+    overwrite_output_dir: bool = _role("bookkeeping", False)
     """Start over in an output_dir holding another run's metrics.jsonl (a different config.toml) and no
     checkpoint, replacing its files (refused otherwise)."""
-    tensorboard_dir: str = ""
+    tensorboard_dir: str = _role("bookkeeping", "")
     """TensorBoard event directory that also gets the metrics rows (empty = off; needs the tensorboard extra)."""
-    wandb_project: str = ""
+    wandb_project: str = _role("bookkeeping", "")
     """Weights & Biases project that also gets the metrics rows (empty = off; needs the wandb extra)."""
-    wandb_entity: str = ""
+    wandb_entity: str = _role("bookkeeping", "")
     """W&B team or user owning the project (empty = your default entity)."""
-    wandb_run_name: str = ""
+    wandb_run_name: str = _role("bookkeeping", "")
     """W&B run name (empty = one W&B makes up; `study run` sets <study>/<arm>-s<seed>)."""
 
     def micro_batches(self, data_parallel: int) -> int:
@@ -254,6 +274,18 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def without(self, roles: frozenset[str] | set[str]) -> dict[str, Any]:
+        """`to_dict()` less the fields whose role is in `roles`."""
+        d = self.to_dict()
+        for name, role in field_roles().items():
+            if role in roles:
+                *parents, last = name.split(".")
+                node = d
+                for key in parents:
+                    node = node[key]
+                del node[last]
+        return d
 
     def with_model(self, model: ModelConfig) -> RunConfig:
         """This run with another model; a dense model gets parallel.expert = 1 (it has no experts)."""
@@ -377,6 +409,19 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 MAX_CONFIG_BYTES = 2**20
 """Configs are a few kB: a larger file is not one (and /dev/zero would never end)."""
+
+
+def field_roles(cls: type = None, prefix: str = "") -> dict[str, str]:
+    """Every field of `cls` (default RunConfig), by dotted name, with its role (see ROLES); nested configs recurse."""
+    cls = cls or RunConfig
+    out: dict[str, str] = {}
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            out.update(field_roles(hints[f.name], f"{prefix}{f.name}."))
+        else:
+            out[f"{prefix}{f.name}"] = f.metadata.get("role", "trains")
+    return out
 
 
 def load_toml(path: str | Path) -> dict[str, Any]:

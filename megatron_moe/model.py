@@ -12,6 +12,7 @@ import hashlib
 import importlib.util
 import re
 from collections import Counter
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -19,8 +20,24 @@ import torch.nn.functional as F
 from megatron_moe.config import ConfigError, ModelConfig, ParallelConfig
 from megatron_moe.planner.ledger import COMPONENTS, padded_vocab_size
 
-AUX_LOSS_TYPES = {"micro_batch": "aux_loss", "sequence": "seq_aux_loss", "global_batch": "global_aux_loss"}
-"""model.moe.aux_loss -> megatron-core's moe_router_load_balancing_type."""
+@dataclass(frozen=True)
+class Balancing:
+    """One value of model.moe.aux_loss, in megatron-core's terms and ours."""
+
+    router_type: str
+    """megatron-core's moe_router_load_balancing_type."""
+    tracked: str
+    """The name megatron-core's aux-loss tracker records the loss under, which is also its metrics field."""
+    short: str
+    """Its name in progress lines and (with '_' for ' ') under moe/ in TensorBoard and W&B."""
+
+
+BALANCING = {
+    "micro_batch": Balancing("aux_loss", "load_balancing_loss", "lb"),
+    "sequence": Balancing("seq_aux_loss", "seq_load_balancing_loss", "seq lb"),
+    "global_batch": Balancing("global_aux_loss", "global_load_balancing_loss", "global lb"),
+}
+"""model.moe.aux_loss -> what it is: the one table of balancing losses."""
 
 
 def have_transformer_engine() -> bool:
@@ -104,7 +121,7 @@ def transformer_config(
             moe_ffn_hidden_size=m.expert_ffn,
             moe_shared_expert_intermediate_size=e.shared_expert_ffn_hidden_size or None,
             moe_layer_freq=m.moe_layer_pattern(),
-            moe_router_load_balancing_type=AUX_LOSS_TYPES[e.aux_loss] if e.aux_loss_coeff > 0 else "none",
+            moe_router_load_balancing_type=BALANCING[e.aux_loss].router_type if e.aux_loss_coeff > 0 else "none",
             moe_router_enable_expert_bias=e.expert_bias_update_rate > 0,
             moe_router_bias_update_rate=e.expert_bias_update_rate or 1e-3,
             moe_aux_loss_coeff=e.aux_loss_coeff,

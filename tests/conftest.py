@@ -91,6 +91,25 @@ def pytest_configure(config):
         config.option.random_order_enabled = True
 
 
+def with_other_value(cfg, dotted: str):
+    """A copy of dataclass config `cfg` whose field `dotted` holds another value of its type (not validated)."""
+    import dataclasses
+
+    head, _, rest = dotted.partition(".")
+    if rest:
+        return dataclasses.replace(cfg, **{head: with_other_value(getattr(cfg, head), rest)})
+    value = getattr(cfg, head)
+    if isinstance(value, bool):
+        other = not value
+    elif isinstance(value, (int, float)):
+        other = value * 2 + 1
+    elif isinstance(value, str):
+        other = value + "x"
+    else:
+        raise AssertionError(f"no other value for {dotted} = {value!r}")
+    return dataclasses.replace(cfg, **{head: other})
+
+
 @pytest.fixture(scope="session")
 def single_process():
     """This pytest process as a one-rank megatron-core job (CPU layer applied when there is no CUDA)."""

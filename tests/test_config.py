@@ -122,3 +122,22 @@ def test_a_config_that_is_not_a_toml_file_is_one_line(given, message, capsys, mo
     monkeypatch.chdir(REPO)
     assert main(["config", "show", given]) == 2
     assert capsys.readouterr().err.strip() == f"megatron-moe: error: {message}"
+
+
+def test_every_field_has_a_role_and_resume_may_change_exactly_the_resumable_ones():
+    """Roles are declared on the fields; the resume check derives from them: a changed field is refused on resume
+    unless its role is schedule, layout or bookkeeping."""
+    from megatron_moe.config import RESUMABLE_ROLES, ROLES, field_roles
+    from megatron_moe.train.rundir import _flatten, config_changes
+    from tests.conftest import with_other_value
+
+    roles = field_roles()
+    assert set(roles.values()) <= set(ROLES) and len(roles) > 60
+    assert {k for k, r in roles.items() if r == "layout"} == {f"parallel.{n}" for n in
+                                                              ("tensor", "pipeline", "expert", "sequence_parallel")}
+    assert roles["train.eval_interval"] == "schedule" and roles["train.eval_iters"] == "measures"
+    cfg = RunConfig()
+    recorded = _flatten(cfg.to_dict())
+    for name, role in roles.items():
+        refused = config_changes(recorded, with_other_value(cfg, name))
+        assert refused == ({} if role in RESUMABLE_ROLES else {name: (recorded[name], refused[name][1])}), name

@@ -88,9 +88,11 @@ def test_a_lock_held_for_a_dead_owner_is_taken_over_with_a_note(tmp_path):
             if stale:
                 fd = lock_exclusive(lock, notes)
                 assert notes == [f"took over {lock}: its owner {owner} no longer runs (a process it left held the lock)"]
+                assert lock.read_text() == f"{os.getpid()}@{socket.gethostname()}\n"  # a new file, this process's
                 from megatron_moe import files
 
-                os.close(files._HELD.pop(str(lock.resolve())))  # let go: this test process lives on
+                assert files._HELD.pop(str(lock.resolve())) == fd
+                os.close(fd)  # let go: this test process lives on
             else:  # another host's process cannot be checked from here: still refused
                 try:
                     lock_exclusive(lock, notes)

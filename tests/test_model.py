@@ -185,3 +185,12 @@ def test_gpu_fusions_make_a_valid_config(activation):
 
     kept = {f.name: getattr(tcfg, f.name) for f in dataclasses.fields(TransformerConfig) if f.init}
     TransformerConfig(**{**kept, **gpu})  # raises on a combination megatron-core refuses
+
+
+def test_every_balancing_method_the_config_allows_is_in_the_one_table():
+    import typing
+
+    from megatron_moe.model import BALANCING
+
+    assert set(BALANCING) == set(typing.get_args(typing.get_type_hints(MoEConfig)["aux_loss"]))
+    assert len({b.router_type for b in BALANCING.values()}) == len({b.tracked for b in BALANCING.values()}) == 3

@@ -89,7 +89,7 @@ MUTANTS = (
            "self.counts[layer] += routing_map.sum(dim=0).flip(0)",
            ("tests/train/test_monitors.py::test_expert_load_equals_the_top_k_of_the_router_logits_on_a_fixed_batch",)),
     Mutant("balancing-type-ignored", "model.moe.aux_loss picks megatron-core's sequence or global-batch loss",
-           "megatron_moe/model.py", "AUX_LOSS_TYPES[e.aux_loss] if e.aux_loss_coeff > 0",
+           "megatron_moe/model.py", "BALANCING[e.aux_loss].router_type if e.aux_loss_coeff > 0",
            '"aux_loss" if e.aux_loss_coeff > 0',
            ("tests/train/test_balancing.py::test_an_aux_loss_free_run_resumes_bitwise",)),
     Mutant("expert-bias-never-on", "expert_bias_update_rate > 0 turns on aux-loss-free balancing",
@@ -104,7 +104,7 @@ MUTANTS = (
            "            except (ConfigError, TrainingError) as exc:\n                raise\n",
            ("tests/train/test_faults.py::test_errors_under_torchrun_are_one_line_on_every_rank",)),
     Mutant("config-error-traceback", "bad input is a one-line error with exit code 2",
-           "megatron_moe/cli.py", "    except ConfigError as exc:\n", "    except ZeroDivisionError as exc:\n",
+           "megatron_moe/cli/__init__.py", "    except ConfigError as exc:\n", "    except ZeroDivisionError as exc:\n",
            ("tests/test_cli.py::test_config_show_refuses_a_bad_override_in_one_line",
             "tests/test_cli.py::test_bad_output_dirs_and_zero_sizes_are_one_line_errors")),
 )

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from megatron_moe.config import ConfigError, ModelConfig, changed_fields, get_dotted, validate_model
-from megatron_moe.planner.format import human
+from megatron_moe.text import human
 from megatron_moe.planner.ledger import Count, FlopConvention, Ledger, Numbers, Resize, Shape, ledger_from, numbers_of, shape_of
 
 

@@ -16,7 +16,7 @@ different seeds see different document orders (and budget selections), so the sp
 data-order noise. `data_check` therefore describes the data per seed, and arms are compared within a seed.
 
 Each (arm, seed) is a run in `<study>/runs/<arm>-s<seed>-<hash>`. The hash covers the whole resolved run config
-except bookkeeping that cannot change the trained model (`BOOKKEEPING_FIELDS`), so a changed study spec gets
+except its bookkeeping fields (`config.ROLES`), which cannot change the trained model, so a changed study spec gets
 new run directories and an unchanged one finds its finished runs.
 """
 
@@ -29,14 +29,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from megatron_moe import directories
 from megatron_moe.config import ConfigError, DataConfig, ModelConfig, RunConfig, changed_fields, get_dotted, validate
-from megatron_moe.planner.format import human, table
+from megatron_moe.text import human, table
 from megatron_moe.study.spec import StudyConfig, variant_moe
-
-
-BOOKKEEPING_FIELDS = ("output_dir", "log_interval", "save_interval", "tensorboard_dir", "wandb_project", "wandb_entity",
-                      "wandb_run_name", "allow_config_change", "overwrite_output_dir")
-"""train.* fields left out of the run hash: they cannot change the trained model."""
 
 
 @dataclass(frozen=True)
@@ -125,10 +121,8 @@ def _changed(base: RunConfig, arm: RunConfig) -> tuple[str, ...]:
 
 
 def run_hash(cfg: RunConfig) -> str:
-    """12 hex of sha256 over the resolved run config minus bookkeeping (BOOKKEEPING_FIELDS)."""
-    d = cfg.to_dict()
-    for name in BOOKKEEPING_FIELDS:
-        d["train"].pop(name)
+    """12 hex of sha256 over the resolved run config less its bookkeeping fields (`config.ROLES`)."""
+    d = cfg.without({"bookkeeping"})
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -288,7 +282,7 @@ def plan_study(cfg: StudyConfig, out_dir: str | Path | None = None, *, check_wor
             rc = dataclasses.replace(arm.config, train=dataclasses.replace(arm.config.train, seed=seed),
                                      data=dataclasses.replace(arm.config.data, seed=run_data_seed(cfg, seed)))
             h = run_hash(rc)
-            run_dir = out / "runs" / f"{arm.name}-s{seed}-{h}"
+            run_dir = out / directories.RUNS / f"{arm.name}-s{seed}-{h}"
             rc = dataclasses.replace(rc, train=dataclasses.replace(rc.train, output_dir=str(run_dir),
                                                                    **_sink_names(rc, cfg.study.name, arm.name, seed)))
             runs.append(Run(arm=arm.name, seed=seed, config=rc, hash=h, dir=run_dir))

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from megatron_moe.study.stats import summarize
 
 if TYPE_CHECKING:
-    from megatron_moe.study.report import RunData
+    from megatron_moe.study.records import RunData
     from megatron_moe.study.rundir import StudyManifest
 
 

@@ -22,78 +22,19 @@ import base64
 import html
 import json
 import math
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from megatron_moe import directories
 from megatron_moe.config import ConfigError
-from megatron_moe.files import DamagedJsonLines, atomic_write_bytes, atomic_write_json, atomic_write_text, read_jsonl
-from megatron_moe.planner.format import human
+from megatron_moe.files import atomic_write_bytes, atomic_write_json, atomic_write_text
 from megatron_moe.study.plots import make_plots
+from megatron_moe.study.records import RunData, load_study_dir
 from megatron_moe.study.report_er import equal_resources_results, er_summary, er_tables, mean_ci
-from megatron_moe.study.rundir import StudyManifest, load_manifest
+from megatron_moe.study.rundir import StudyManifest
 from megatron_moe.study.stats import ordering, paired, summarize
-
-
-@dataclass
-class RunData:
-    """One (arm, seed) as found on disk."""
-
-    arm: str
-    seed: int
-    dir: Path
-    complete: bool
-    """result.json exists."""
-    result: dict[str, Any] | None
-    train: list[dict[str, Any]] = field(default_factory=list)
-    """kind=train rows, one per step (a resumed run's repeated steps keep the last row)."""
-    evals: list[dict[str, Any]] = field(default_factory=list)
-    """kind=eval rows, one per step."""
-    damaged_lines: list[int] = field(default_factory=list)
-    """metrics.jsonl lines before the last that did not parse, left out (with --allow-damaged)."""
-
-    @property
-    def best(self) -> tuple[float, int] | None:
-        """(best validation loss, its step) from metrics.jsonl."""
-        row = self.best_row
-        return None if row is None else (row["val_loss"], row["step"])
-
-    @property
-    def best_row(self) -> dict[str, Any] | None:
-        """The eval row with the lowest validation loss (the earliest of equal ones)."""
-        return min(self.evals, key=lambda r: (r["val_loss"], r["step"])) if self.evals else None
-
-
-def _rows_by_step(rows: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
-    by_step: dict[int, dict[str, Any]] = {}
-    for r in rows:
-        if r.get("kind") == kind and "step" in r:
-            by_step[int(r["step"])] = r  # a resumed run may repeat steps after its last checkpoint: keep the last
-    return [by_step[s] for s in sorted(by_step)]
-
-
-def load_run(study_dir: Path, entry: dict[str, Any], allow_damaged: bool = False) -> RunData:
-    """One run's files; ConfigError (one line) when its metrics.jsonl has an unreadable line before the last, unless
-    `allow_damaged`."""
-    run_dir = study_dir / entry["dir"]
-    result_path, metrics_path = run_dir / "result.json", run_dir / "metrics.jsonl"
-    result = json.loads(result_path.read_text()) if result_path.is_file() else None
-    damaged: list[int] = []
-    try:
-        rows = read_jsonl(metrics_path, allow_damaged=allow_damaged, damaged=damaged) if metrics_path.is_file() else []
-    except DamagedJsonLines as exc:
-        raise ConfigError(f"{exc} (only a torn last line is skipped); repair the file, or pass --allow-damaged to "
-                          "report without those lines") from None
-    return RunData(arm=entry["arm"], seed=int(entry["seed"]), dir=run_dir, complete=result is not None,
-                   result=result, train=_rows_by_step(rows, "train"), evals=_rows_by_step(rows, "eval"),
-                   damaged_lines=damaged)
-
-
-def load_study_dir(study_dir: str | Path, allow_damaged: bool = False) -> tuple[StudyManifest, list[RunData]]:
-    """The manifest (study.json) and every run it lists."""
-    man = load_manifest(study_dir)
-    return man, [load_run(Path(study_dir), e, allow_damaged) for e in man.runs]
+from megatron_moe.text import human
 
 
 def _close(a: float, b: float) -> bool:
@@ -514,10 +455,10 @@ def write_report(study_dir: str | Path, out_dir: str | Path | None = None, confi
     plots = make_plots(results, *loaded)
     paths = {}
     for name, data in plots.items():
-        atomic_write_bytes(out / "plots" / name, data)
-        paths[name] = out / "plots" / name
-    atomic_write_json(out / "results.json", results)
-    atomic_write_text(out / "report.md", render_markdown(results, [f"plots/{n}" for n in plots]))
-    atomic_write_text(out / "report.html", render_html(results, plots))
-    paths.update({"results.json": out / "results.json", "report.md": out / "report.md", "report.html": out / "report.html"})
+        atomic_write_bytes(out / directories.PLOTS / name, data)
+        paths[name] = out / directories.PLOTS / name
+    atomic_write_json(out / directories.RESULTS, results)
+    atomic_write_text(out / directories.REPORT_MD, render_markdown(results, [f"{directories.PLOTS}/{n}" for n in plots]))
+    atomic_write_text(out / directories.REPORT_HTML, render_html(results, plots))
+    paths.update({name: out / name for name in (directories.RESULTS, directories.REPORT_MD, directories.REPORT_HTML)})
     return paths

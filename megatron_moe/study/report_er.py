@@ -16,11 +16,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from megatron_moe.planner.format import human
+from megatron_moe.text import human
 from megatron_moe.study.stats import fit_optimum, summarize
 
 if TYPE_CHECKING:
-    from megatron_moe.study.report import RunData
+    from megatron_moe.study.records import RunData
     from megatron_moe.study.rundir import StudyManifest
 
 

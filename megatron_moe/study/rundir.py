@@ -1,19 +1,5 @@
-"""The study directory on disk: every file `study run`, `study launch` and `study report` share, and its lock.
-
-    study.toml            the study file as loaded (with overrides)
-    study.json            manifest: spec, base config, arms (changed fields, matched quantity, target,
-                          residual, ledger, steps), pairs, runs, data seeds and planned data fingerprints
-                          per seed, versions, git
-    log.jsonl             one line per runner event: start, resume, skip, done, failed, interrupted
-    .lock                 held by a `study run` while it trains (`study_lock`)
-    runs/<arm>-s<seed>-<hash>/
-        run.toml          the resolved run config the trainer is given
-        run.json          arm, seed, hash, and per attempt: time, exit code, versions, git commit
-        train.log         the trainer's output, all attempts
-        slurm.json        every `study launch` submission: job id, array task, time, script, log, layout,
-                          versions, git commit (a job submitted by hand with sbatch is not in it, so
-                          `study run` cannot see it queued)
-        config.toml, metrics.jsonl, checkpoints/, result.json   written by the trainer (result.json = complete)
+"""The study directory on disk: the manifest (study.json), the runs' records (run.json, slurm.json), the runner's log
+and its lock, which `study run`, `study launch` and `study report` share. What lies where is `megatron_moe.directories`.
 
 The code version (git commit) and package versions are recorded here, never hashed into a run's name.
 """
@@ -33,12 +19,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from megatron_moe import directories
 from megatron_moe.config import ConfigError, to_toml
 from megatron_moe.files import atomic_write_json, atomic_write_text
 from megatron_moe.study.plan import Plan, Run, run_data_seed, unequal_data
 from megatron_moe.study.spec import DATA_ORDERS
 
-LOCK = ".lock"
 ARM_KEYS = ("name", "contract", "is_moe", "changed_fields", "train_steps", "tokens_per_step", "planned_tokens",
             "total_params", "active_params", "nonembedding_params", "nonembedding_active_params", "r_a",
             "flops_train_per_token", "flops_er_per_token")
@@ -108,9 +94,9 @@ def now() -> str:
 
 def run_status(run: Run) -> str:
     """'done' (result.json exists), 'partial' (started, not finished) or 'new'."""
-    if (run.dir / "result.json").is_file():
+    if (run.dir / directories.RESULT).is_file():
         return "done"
-    if (run.dir / "run.json").is_file() or (run.dir / "metrics.jsonl").is_file():
+    if (run.dir / directories.RUN_JSON).is_file() or (run.dir / directories.METRICS).is_file():
         return "partial"
     return "new"
 
@@ -119,12 +105,12 @@ def run_status(run: Run) -> str:
 def study_lock(out: Path) -> Iterator[None]:
     """Hold the study directory's lock: two runners on one study directory would train the same runs twice."""
     out.mkdir(parents=True, exist_ok=True)
-    lock = (out / LOCK).open("w")
+    lock = (out / directories.STUDY_LOCK).open("w")
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         lock.close()
-        raise ConfigError(f"another `study run` is using {out} (lock {out / LOCK})") from None
+        raise ConfigError(f"another `study run` is using {out} (lock {out / directories.STUDY_LOCK})") from None
     try:
         yield
     finally:
@@ -133,7 +119,7 @@ def study_lock(out: Path) -> Iterator[None]:
 
 def check_unlocked(out: Path) -> None:
     """Refuse while a `study run` holds the study directory's lock: jobs would train the same runs."""
-    lock_path = out / LOCK
+    lock_path = out / directories.STUDY_LOCK
     if not lock_path.is_file():
         return
     with lock_path.open("a") as lock:
@@ -166,7 +152,7 @@ def manifest(plan: Plan, study_file: str | None, data: dict[str, Any] | None) ->
         "family": plan.family,
         "data": data,
         "data_fingerprints_equal": None if data is None else not unequal_data(data),
-        "runs": [{"arm": r.arm, "seed": r.seed, "hash": r.hash, "dir": f"runs/{r.name}"} for r in plan.runs],
+        "runs": [{"arm": r.arm, "seed": r.seed, "hash": r.hash, "dir": f"{directories.RUNS}/{r.name}"} for r in plan.runs],
         "environment": environment(),
         "git": git_state(),
     }
@@ -178,13 +164,13 @@ def write_study_files(plan: Plan, study_file: str | None, data: dict[str, Any] |
     before any run is complete."""
     out = plan.out_dir
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "study.toml", to_toml(dataclasses.asdict(plan.study)))
+    atomic_write_text(out / directories.STUDY_TOML, to_toml(dataclasses.asdict(plan.study)))
     man = manifest(plan, study_file, data)
-    if data is None and (out / "study.json").is_file():
+    if data is None and (out / directories.STUDY_JSON).is_file():
         previous = load_manifest(out)
         if previous.base.get("data") == man["base"]["data"] and previous.data_order == man["data_order"]:
             man["data"], man["data_fingerprints_equal"] = previous.data, previous.data_fingerprints_equal
-    atomic_write_json(out / "study.json", man)
+    atomic_write_json(out / directories.STUDY_JSON, man)
 
 
 @dataclass(frozen=True)
@@ -219,7 +205,7 @@ class StudyManifest:
 def load_manifest(study_dir: str | Path) -> StudyManifest:
     """Read `study_dir`/study.json; ConfigError (one line, naming the file) when missing, corrupt or misshapen."""
     study_dir = Path(study_dir)
-    path = study_dir / "study.json"
+    path = study_dir / directories.STUDY_JSON
     if not path.is_file():
         raise ConfigError(f"{str(study_dir)!r} is not a study directory (no study.json; run `megatron-moe study run` first)")
     try:
@@ -296,13 +282,13 @@ def load_manifest(study_dir: str | Path) -> StudyManifest:
 
 
 def log_event(out: Path, event: str, **fields: Any) -> None:
-    with (out / "log.jsonl").open("a") as f:
+    with (out / directories.STUDY_LOG).open("a") as f:
         f.write(json.dumps({"time": now(), "event": event, **fields}) + "\n")
 
 
 def record_attempt(run: Run, attempt: dict[str, Any]) -> None:
     """Add or update (same start time) one attempt in run.json."""
-    path = run.dir / "run.json"
+    path = run.dir / directories.RUN_JSON
     info = json.loads(path.read_text()) if path.is_file() else {
         "arm": run.arm, "seed": run.seed, "hash": run.hash, "attempts": [],
     }
@@ -312,12 +298,12 @@ def record_attempt(run: Run, attempt: dict[str, Any]) -> None:
 
 
 def submissions(run_dir: Path) -> list[dict[str, Any]]:
-    path = run_dir / "slurm.json"
+    path = run_dir / directories.SLURM_JSON
     return json.loads(path.read_text())["submissions"] if path.is_file() else []
 
 
 def record_submission(run_dir: Path, entry: dict[str, Any]) -> None:
-    atomic_write_json(run_dir / "slurm.json", {"submissions": [*submissions(run_dir), entry]})
+    atomic_write_json(run_dir / directories.SLURM_JSON, {"submissions": [*submissions(run_dir), entry]})
 
 
 def job_state(job: str) -> str | None:

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from megatron_moe import directories
 from megatron_moe.config import save_toml
 from megatron_moe.files import lock_holder
 from megatron_moe.study.plan import (
@@ -29,7 +30,7 @@ from megatron_moe.study.plan import (
 from megatron_moe.study.rundir import (environment, git_state, live_job, log_event, now, package_root, record_attempt,
                                        run_status, study_lock, write_study_files)
 from megatron_moe.study.spec import StudyConfig
-from megatron_moe.train.stop import PREEMPTED_EXIT_CODE, RUN_LOCK, RUNNER_STOP_SIGNALS, clear_preempted, was_preempted
+from megatron_moe.train.stop import PREEMPTED_EXIT_CODE, RUNNER_STOP_SIGNALS, clear_preempted, was_preempted
 
 
 class _Stop(Exception):
@@ -38,7 +39,7 @@ class _Stop(Exception):
 
 
 def _train_command(run: Run, nproc: int) -> list[str]:
-    cli = ["-m", "megatron_moe.cli", "train", str(run.dir / "run.toml")]
+    cli = ["-m", "megatron_moe.cli", "train", str(run.dir / directories.RUN_TOML)]
     if nproc == 1:
         return [sys.executable, *cli]
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *cli]
@@ -68,14 +69,14 @@ def _dies_with_runner() -> Callable[[], None] | None:
 def _wait_for_run_dir(run: Run, echo: Callable[[str], None], prefix: str) -> None:
     """Wait (up to LOCK_WAIT_S) while another trainer still holds the run directory; the trainer started after it
     refuses in one line if it is still held."""
-    holder = lock_holder(run.dir / RUN_LOCK)
+    holder = lock_holder(run.dir / directories.RUN_LOCK)
     if holder is None:
         return
     echo(f"{prefix} waiting for the trainer that still holds {run.dir} ({holder}) to stop")
     deadline = time.monotonic() + LOCK_WAIT_S
     while holder is not None and time.monotonic() < deadline:
         time.sleep(0.5)
-        holder = lock_holder(run.dir / RUN_LOCK)
+        holder = lock_holder(run.dir / directories.RUN_LOCK)
 
 
 def _train_subprocess(run: Run, nproc: int, echo: Callable[[str], None], prefix: str) -> int:
@@ -92,7 +93,7 @@ def _train_subprocess(run: Run, nproc: int, echo: Callable[[str], None], prefix:
     env["PYTHONUNBUFFERED"] = "1"
     _wait_for_run_dir(run, echo, prefix)
     clear_preempted(run.dir)
-    with (run.dir / "train.log").open("a") as log:
+    with (run.dir / directories.TRAIN_LOG).open("a") as log:
         log.write(f"==== {now()} {' '.join(_train_command(run, nproc))}\n")
         log.flush()
         proc = subprocess.Popen(_train_command(run, nproc), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -185,7 +186,7 @@ def _run_locked(plan: Plan, data: dict[str, Any], study_file: str | None, *, kee
     statuses = {r.name: run_status(r) for r in plan.runs}
     write_study_files(plan, study_file, data)
     known = {r.name for r in plan.runs}
-    stray = [p.name for p in (out / "runs").glob("*") if p.is_dir() and p.name not in known] if (out / "runs").is_dir() else []
+    stray = [p.name for p in (out / directories.RUNS).glob("*") if p.is_dir() and p.name not in known] if (out / directories.RUNS).is_dir() else []
     if stray:
         echo(f"note: {len(stray)} run directories under {out / 'runs'} belong to another spec (left untouched)")
 
@@ -219,7 +220,7 @@ def _run_locked(plan: Plan, data: dict[str, Any], study_file: str | None, *, kee
             steps = run.config.train.train_steps
             echo(f"{tag}: {'resuming' if resumed else 'starting'} {steps} steps -> runs/{run.name}")
             run.dir.mkdir(parents=True, exist_ok=True)
-            save_toml(run.config, run.dir / "run.toml")
+            save_toml(run.config, run.dir / directories.RUN_TOML)
             attempt = {"started": now(), "resumed": resumed, "versions": env, "git": git, "command": None}
             current = (run, attempt)
             record_attempt(run, attempt)
@@ -231,21 +232,21 @@ def _run_locked(plan: Plan, data: dict[str, Any], study_file: str | None, *, kee
                            command=" ".join(_train_command(run, s.nproc_per_node)))
             record_attempt(run, attempt)
             current = None
-            complete = rc == 0 and (run.dir / "result.json").is_file()
+            complete = rc == 0 and (run.dir / directories.RESULT).is_file()
             if rc == PREEMPTED_EXIT_CODE:  # the trainer got a stop signal itself, saved and exited: stop too
                 log_event(out, "interrupted", signal="trainer stopped", run=run.name, returncode=rc)
                 echo(f"{tag}: stopped by a signal with a checkpoint saved; run the same command again to resume")
                 return PREEMPTED_EXIT_CODE
             if not complete:
                 log_event(out, "failed", run=run.name, returncode=rc, elapsed_s=elapsed)
-                echo(f"{tag}: FAILED (exit {rc}); see {run.dir / 'train.log'}")
+                echo(f"{tag}: FAILED (exit {rc}); see {run.dir / directories.TRAIN_LOG}")
                 failed.append(run.name)
                 if not keep_going:
                     break
                 continue
             if not s.keep_checkpoints:
-                shutil.rmtree(run.dir / "checkpoints", ignore_errors=True)
-            result = json.loads((run.dir / "result.json").read_text())
+                shutil.rmtree(run.dir / directories.CHECKPOINTS, ignore_errors=True)
+            result = json.loads((run.dir / directories.RESULT).read_text())
             log_event(out, "done", run=run.name, elapsed_s=elapsed, best_val_loss=result.get("best_val_loss"))
             steps_run += steps
             time_run += elapsed

@@ -34,6 +34,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from megatron_moe import directories
 from megatron_moe.config import ConfigError, from_dict, load_toml, save_toml, validate
 from megatron_moe.files import atomic_write_text
 from megatron_moe.study.plan import Plan, Run, absent_data_path, dry_run_note, plan_study, refuse_unequal_data
@@ -489,16 +490,16 @@ def launch_study(cfg: StudyConfig, lc: LaunchConfig, out_dir: str | Path | None 
     write_study_files(plan, study_file, data)
 
     # Logs: each run directory (one job per run: requeued attempts append to slurm-<job>.out), or one folder.
-    log_dir = Path(lc.log_dir).resolve() if lc.log_dir else (out / "slurm" if lc.array else None)
+    log_dir = Path(lc.log_dir).resolve() if lc.log_dir else (out / directories.SLURM_DIR if lc.array else None)
     if log_dir:
         log_dir.mkdir(parents=True, exist_ok=True)  # sbatch does not create it: the job would fail silently
     visible = [out, *([data_path] if data_path else []), *([log_dir] if log_dir else [])]
     scripts = []
     for run in todo:
         run.dir.mkdir(parents=True, exist_ok=True)
-        save_toml(run.config, run.dir / "run.toml")
+        save_toml(run.config, run.dir / directories.RUN_TOML)
         output = str(log_dir / "%x-%A_%a.out") if lc.array else str((log_dir or run.dir) / "slurm-%j.out")
-        script = run.dir / "slurm.sbatch"
+        script = run.dir / directories.SLURM_SCRIPT
         atomic_write_text(script, render_run_script(
             lc, run_dir=run.dir, job_name=f"{name}-{run.name}", nproc_per_node=nproc, output=output,
             title=f"megatron-moe study {name}: run {run.name} (arm {run.arm}, seed {run.seed})",
@@ -506,7 +507,7 @@ def launch_study(cfg: StudyConfig, lc: LaunchConfig, out_dir: str | Path | None 
         scripts.append(script)
     array_script = None
     if lc.array:
-        array_script = out / "slurm" / f"array-{datetime.now().strftime('%Y%m%d-%H%M%S')}.sbatch"
+        array_script = out / directories.SLURM_DIR / f"array-{datetime.now().strftime('%Y%m%d-%H%M%S')}.sbatch"
         atomic_write_text(array_script, render_array_script(
             lc, scripts=scripts, job_name=name, output=str(log_dir / "%x-%A_%a.out"),
             title=f"megatron-moe study {name}: {len(scripts)} runs as one job array"))

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Literal
 
 from megatron_moe.config import ConfigError, MoEConfig, RunConfig, apply_overrides, from_dict, load_toml, validate
-from megatron_moe.planner.format import parse_count
+from megatron_moe.text import parse_count
 
 
 DATA_ORDERS = ("per_seed", "shared")

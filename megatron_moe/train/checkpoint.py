@@ -40,15 +40,14 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
 
+from megatron_moe import directories
 from megatron_moe.config import ConfigError, save_toml
 from megatron_moe.files import atomic_write_bytes, atomic_write_json, atomic_write_text
 from megatron_moe.train.stop import TrainingError
 
 KEEP = 2  # complete checkpoints kept; older ones are deleted after a successful save
-TRAIN_STATE = "train_state.json"
-MANIFEST = "manifest.json"
-CONFIG = "config.toml"
-LATEST = "latest"
+TRAIN_STATE, MANIFEST, CONFIG, LATEST = (directories.CHECKPOINT_STATE, directories.CHECKPOINT_MANIFEST,
+                                         directories.CHECKPOINT_CONFIG, directories.CHECKPOINT_LATEST)
 CHECKSUM_MAX_BYTES = 64 << 20
 """Files up to this size get a CRC-32 in the manifest; larger shards are checked by size only (reading a
 multi-GB checkpoint through a checksum on every resume would cost minutes)."""

@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 from megatron_moe.config import ConfigError
 from megatron_moe.files import atomic_write_text, read_jsonl
+from megatron_moe.model import BALANCING
 
 
 @dataclass
@@ -78,9 +79,7 @@ SINK_KEYS = {
     "elapsed_s": "perf/elapsed_s",
     "gpu_mem_allocated_peak_gib": "perf/gpu_mem_allocated_peak_gib",
     "gpu_mem_reserved_peak_gib": "perf/gpu_mem_reserved_peak_gib",
-    "load_balancing_loss": "moe/lb",
-    "seq_load_balancing_loss": "moe/seq_lb",
-    "global_load_balancing_loss": "moe/global_lb",
+    **{b.tracked: f"moe/{b.short.replace(' ', '_')}" for b in BALANCING.values()},
     "expert_bias_spread": "moe/expert_bias_spread",
     "z_loss": "moe/z",
     "load_imbalance": "moe/load_imbalance",
@@ -300,9 +299,6 @@ class ExpertLoadMonitor:
         return [bias, held]
 
 
-BALANCING_LOSS_NAMES = {"micro_batch": "load_balancing_loss", "sequence": "seq_load_balancing_loss",
-                        "global_batch": "global_load_balancing_loss"}
-"""model.moe.aux_loss -> the name megatron-core tracks the loss under, which is also its metrics field."""
 
 
 class MoELossReader:
@@ -316,7 +312,7 @@ class MoELossReader:
         self.num_layers = model_cfg.num_layers
         self.moe_layers = sum(model_cfg.moe_layer_pattern())
         e = model_cfg.moe
-        self.coeffs = {BALANCING_LOSS_NAMES[e.aux_loss]: e.aux_loss_coeff, "z_loss": e.z_loss_coeff}
+        self.coeffs = {BALANCING[e.aux_loss].tracked: e.aux_loss_coeff, "z_loss": e.z_loss_coeff}
         self.tensor = tensor
         self.data_parallel = data_parallel
         self.micro_batches = micro_batches
@@ -392,8 +388,7 @@ def gpu_memory() -> dict[str, float]:
             "gpu_mem_reserved_peak_gib": torch.cuda.max_memory_reserved() / 2**30}
 
 
-_AUX_NAMES = {"load_balancing_loss": "lb", "seq_load_balancing_loss": "seq lb", "global_load_balancing_loss": "global lb",
-              "z_loss": "z", "expert_bias_spread": "bias spread"}
+_AUX_NAMES = {**{b.tracked: b.short for b in BALANCING.values()}, "z_loss": "z", "expert_bias_spread": "bias spread"}
 
 
 def run_line(is_moe: bool, param_counts: dict[str, int], par, train_steps: int, tokens_per_step: int) -> str:

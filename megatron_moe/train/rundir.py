@@ -5,7 +5,6 @@ another run's metrics). Decided once on global rank 0 and handed to every rank b
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import json
 import tomllib
@@ -14,19 +13,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from megatron_moe.config import ConfigError, RunConfig
+from megatron_moe import directories
+from megatron_moe.config import RESUMABLE_ROLES, ConfigError, RunConfig
 from megatron_moe.files import Locked, lock_exclusive
-from megatron_moe.train.checkpoint import CONFIG, find_checkpoint
-from megatron_moe.train.stop import RUN_LOCK
+from megatron_moe.train.checkpoint import find_checkpoint
 
 
-RESUME_MAY_CHANGE = ("parallel.", "train.output_dir", "train.log_interval", "train.save_interval",
-                     "train.eval_interval", "train.allow_config_change", "train.overwrite_output_dir",
-                     "train.tensorboard_dir", "train.wandb_")
-"""Config fields (dotted prefixes) a resumed run may change without train.allow_config_change: where and how
-often it writes, and the parallel layout (megatron-core reshards the checkpoint). Every other field changes the
-trained model, its data or its schedule."""
-CONFIG_CHANGES = "config_changes.jsonl"
 
 
 @dataclass
@@ -50,7 +42,7 @@ def claim_output_dir(out_dir: Path) -> list[str]:
         raise ConfigError(f"cannot create train.output_dir = {str(out_dir)!r}: {exc.strerror}") from None
     notes: list[str] = []
     try:
-        lock_exclusive(out_dir / RUN_LOCK, notes)
+        lock_exclusive(out_dir / directories.RUN_LOCK, notes)
     except Locked as exc:
         raise ConfigError(f"train.output_dir = {str(out_dir)!r} is in use by another training process "
                           f"({exc.holder or 'unknown'}, lock {exc.path}); wait for it to end or stop it") from None
@@ -64,8 +56,8 @@ def release_unused_output_dir(out_dir: Path) -> None:
     """Remove a run directory that this attempt created and that holds nothing but its lock (a refusal after the
     claim): a refused run leaves no trace."""
     try:
-        if {p.name for p in out_dir.iterdir()} <= {RUN_LOCK}:
-            (out_dir / RUN_LOCK).unlink(missing_ok=True)
+        if {p.name for p in out_dir.iterdir()} <= {directories.RUN_LOCK}:
+            (out_dir / directories.RUN_LOCK).unlink(missing_ok=True)
             out_dir.rmdir()
     except OSError:
         pass
@@ -84,7 +76,7 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def _recorded_config(out_dir: Path, checkpoint: Path | None) -> dict[str, Any] | None:
     """The config the checkpoint was trained with, else the run directory's config.toml; None when neither
     can be read."""
-    for path in ([checkpoint / CONFIG] if checkpoint else []) + [out_dir / "config.toml"]:
+    for path in ([checkpoint / directories.CHECKPOINT_CONFIG] if checkpoint else []) + [out_dir / directories.CONFIG]:
         try:
             return _flatten(tomllib.loads(path.read_text()))
         except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
@@ -93,11 +85,11 @@ def _recorded_config(out_dir: Path, checkpoint: Path | None) -> dict[str, Any] |
 
 
 def config_changes(recorded: dict[str, Any], cfg: RunConfig) -> dict[str, tuple[Any, Any]]:
-    """Fields outside RESUME_MAY_CHANGE whose value in `cfg` differs from the flattened `recorded` config
-    (fields one of them lacks, added or removed by another version of this package, are not compared)."""
-    now = _flatten(dataclasses.asdict(cfg))
-    return {k: (recorded[k], v) for k, v in now.items()
-            if k in recorded and recorded[k] != v and not k.startswith(RESUME_MAY_CHANGE)}
+    """Fields a resume may not change (roles outside `config.RESUMABLE_ROLES`) whose value in `cfg` differs from
+    the flattened `recorded` config (fields one of them lacks, added or removed by another version of this package,
+    are not compared)."""
+    now = _flatten(cfg.without(RESUMABLE_ROLES))
+    return {k: (recorded[k], v) for k, v in now.items() if k in recorded and recorded[k] != v}
 
 
 def _describe(changes: dict[str, tuple[Any, Any]], limit: int = 6) -> str:
@@ -112,7 +104,7 @@ def plan_start(cfg: RunConfig) -> StartPlan:
     metrics (ConfigError, each naming the override)."""
     t = cfg.train
     out_dir = Path(t.output_dir)
-    checkpoint, notes = find_checkpoint(out_dir / "checkpoints")
+    checkpoint, notes = find_checkpoint(out_dir / directories.CHECKPOINTS)
     recorded = _recorded_config(out_dir, checkpoint)
     if checkpoint is not None:
         changes = {} if recorded is None else config_changes(recorded, cfg)
@@ -122,11 +114,11 @@ def plan_start(cfg: RunConfig) -> StartPlan:
                 f"use a new train.output_dir, or set train.allow_config_change = true to resume from "
                 f"{checkpoint.name} with the new values")
         return StartPlan(checkpoint, notes, changes)
-    if (out_dir / "result.json").is_file() and not t.overwrite_output_dir:
+    if (out_dir / directories.RESULT).is_file() and not t.overwrite_output_dir:
         raise ConfigError(
             f"train.output_dir = {str(out_dir)!r} holds a finished run (result.json) and no checkpoint to resume "
             "from; use a new train.output_dir, or set train.overwrite_output_dir = true to train it again from step 0")
-    if (out_dir / "metrics.jsonl").is_file() and not t.overwrite_output_dir:
+    if (out_dir / directories.METRICS).is_file() and not t.overwrite_output_dir:
         changes = None if recorded is None else config_changes(recorded, cfg)
         if changes is None or changes:
             why = f"config {_describe(changes)}" if changes else "no config.toml"
@@ -137,10 +129,10 @@ def plan_start(cfg: RunConfig) -> StartPlan:
 
 
 def record_config_change(out_dir: Path, step: int, changes: dict[str, tuple[Any, Any]]) -> None:
-    """Append a resume's allowed config change to the run directory's CONFIG_CHANGES."""
+    """Append a resume's allowed config change to the run directory's config_changes.jsonl."""
     row = {"time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "step": step,
            "changes": {k: [old, new] for k, (old, new) in changes.items()}}
-    with (out_dir / CONFIG_CHANGES).open("a") as f:
+    with (out_dir / directories.CONFIG_CHANGES).open("a") as f:
         f.write(json.dumps(row) + "\n")
 
 

@@ -21,6 +21,7 @@ import sys
 import threading
 from pathlib import Path
 
+from megatron_moe import directories
 from megatron_moe.files import atomic_write_json
 
 
@@ -38,8 +39,8 @@ RUNNER_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGU
 """Signals that stop `study run`, which hands them to its trainer as SIGTERM."""
 TORCHRUN_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
 """torchrun's --signals-to-handle: the agent passes these on to its trainers instead of dying of them."""
-PREEMPTED_MARKER = "preempted.json"
-RUN_LOCK = ".train.lock"
+PREEMPTED_MARKER = directories.PREEMPTED
+RUN_LOCK = directories.RUN_LOCK
 """Held (flock) by the trainer writing a run directory; holds "pid@host" of that trainer."""
 
 

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megatron_moe import directories
 from megatron_moe.config import ConfigError, RunConfig, save_toml, validate
 from megatron_moe.files import atomic_write_json
 from megatron_moe.planner.ledger import ledger
@@ -149,7 +150,7 @@ class Trainer:
         self.par = initialize_parallel(cfg.parallel, self.device)
         t = cfg.train
         self.out_dir = Path(t.output_dir)
-        self.checkpoint_dir = self.out_dir / "checkpoints"
+        self.checkpoint_dir = self.out_dir / directories.CHECKPOINTS
         start = self._claim_run_dir()
         if self.par.is_logging_rank:
             clear_preempted(self.out_dir)  # a marker from an earlier attempt must not outlive this one's failure
@@ -229,14 +230,14 @@ class Trainer:
         metrics_path = None
         if self.par.is_logging_rank:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            save_toml(cfg, self.out_dir / "config.toml")
+            save_toml(cfg, self.out_dir / directories.CONFIG)
             if self.resumed_from is None:
-                (self.out_dir / "result.json").unlink(missing_ok=True)  # from an earlier attempt, now redone
+                (self.out_dir / directories.RESULT).unlink(missing_ok=True)  # from an earlier attempt, now redone
             if start.changes:
                 record_config_change(self.out_dir, self.step, start.changes)
                 self.log(f"continuing from step {self.step} with a changed config (train.allow_config_change = true, "
                          f"recorded in config_changes.jsonl): {describe_changes(start.changes)}")
-            metrics_path = self.out_dir / "metrics.jsonl"
+            metrics_path = self.out_dir / directories.METRICS
         resumed_step = None if self.resumed_from is None else self.step
         sinks = open_sinks(cfg, resumed_step) if self.par.is_logging_rank else []
         self.metrics = Metrics.open(metrics_path, resumed_step=resumed_step, sinks=sinks)
@@ -469,7 +470,7 @@ class Trainer:
             **gpu_memory(),
         }
         if self.par.is_logging_rank:
-            atomic_write_json(self.out_dir / "result.json", result)
+            atomic_write_json(self.out_dir / directories.RESULT, result)
         return result
 
 

@@ -10,7 +10,8 @@ import pytest
 
 from megatron_moe.config import ConfigError, ModelConfig, MoEConfig
 from megatron_moe.planner.family import equal_resources_family, explicit_dense
-from megatron_moe.planner.format import format_family, format_ledger, format_matches, parse_count
+from megatron_moe.planner.format import format_family, format_ledger, format_matches
+from megatron_moe.text import parse_count
 from megatron_moe.planner.ledger import ledger
 from megatron_moe.planner.match import match_dense
 

@@ -39,9 +39,10 @@ def start(run_dir):
 
 def wait_for(predicate, proc, seconds=HANG_S):
     deadline = time.time() + seconds
-    while time.time() < deadline and not predicate():
+    while time.time() < deadline and not predicate() and proc.poll() is None:
         time.sleep(0.05)
     assert proc.poll() is None, "the run finished before it could be interrupted"
+    assert predicate(), f"nothing happened in {seconds} s"
 
 
 def assert_same_run(run_dir, straight):
