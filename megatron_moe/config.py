@@ -258,9 +258,23 @@ class TrainConfig:
     wandb_run_name: str = _role("bookkeeping", "")
     """W&B run name (empty = one W&B makes up; `study run` sets <study>/<arm>-s<seed>)."""
 
+    @property
+    def min_train_steps(self) -> int:
+        """The fewest steps a run may take: one more than its warm-up (the warm-up rule; every check reads it here)."""
+        return self.lr_warmup_steps + 1
+
+    def resolved_precision(self, on_gpu: bool) -> str:
+        """precision with "auto" decided (`resolved_precision`)."""
+        return resolved_precision(self.precision, on_gpu)
+
     def micro_batches(self, data_parallel: int) -> int:
         """Micro-batches per optimizer step on each data-parallel rank."""
         return self.global_batch_size // (self.micro_batch_size * data_parallel)
+
+
+def resolved_precision(precision: str, on_gpu: bool) -> str:
+    """A train.precision with "auto" decided: bf16 on GPU, fp32 on CPU."""
+    return ("bf16" if on_gpu else "fp32") if precision == "auto" else precision
 
 
 @dataclass
@@ -603,7 +617,7 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
     for name in ("adam_beta1", "adam_beta2"):
         if not 0 <= getattr(t, name) < 1:
             raise ConfigError(f"train.{name} = {getattr(t, name)} must be in [0, 1)")
-    if t.lr_warmup_steps >= t.train_steps:
+    if t.train_steps < t.min_train_steps:
         raise ConfigError(
             f"train.lr_warmup_steps = {t.lr_warmup_steps} must be below train.train_steps = {t.train_steps}"
         )

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from megatron_moe.cli.common import check_output_dir
+from megatron_moe.planner.family import DEFAULT_R_A_GRID
 
 PLAN_EPILOG = """examples:
   megatron-moe plan examples/tiny_moe.toml                      # ledger + active/total/flops-matched dense
@@ -53,8 +54,8 @@ def _add_plan(sub: argparse._SubParsersAction) -> None:
                    help="parameters the active/total contracts compare (default non-embedding)")
     p.add_argument("--causal-attention", action="store_true", help="count (S+1)/2 keys per query instead of S")
     er = p.add_argument_group("equal-resources family (--match equal-resources)")
-    er.add_argument("--r-a", type=_csv(float), default=(0.1, 0.15, 0.2, 0.25, 0.3),
-                    help="activation rates (default 0.1,0.15,0.2,0.25,0.3)")
+    er.add_argument("--r-a", type=_csv(float), default=DEFAULT_R_A_GRID,
+                    help=f"activation rates (default {','.join(map(str, DEFAULT_R_A_GRID))})")
     # counts as researchers write them (6.5e9, 6.5B, 130B, 1_000_000); parsed in plan_main so that a bad one is
     # refused in one line rather than with argparse's usage text
     er.add_argument("--total-params", help="N, non-embedding parameters, e.g. 6.5B or 6.5e9 (default: the config's)")

@@ -144,7 +144,7 @@ def _steps_for(cfg: StudyConfig, flops_per_token: int, what: str) -> int:
         source = f"study.budget_tokens = {s.budget_tokens:,} / {per_step:,} tokens/step"
     else:
         return t.train_steps
-    if steps <= t.lr_warmup_steps:
+    if steps < t.min_train_steps:
         raise ConfigError(f"{what}: {source} = {steps} steps, not above train.lr_warmup_steps = {t.lr_warmup_steps}")
     return steps
 
@@ -185,7 +185,7 @@ def _equal_resources_arms(cfg: StudyConfig) -> tuple[list[Arm], list[dict[str, s
     arms, pairs = [], []
     for member in members:
         steps = member.consumed_tokens // per_step
-        if steps <= cfg.train.lr_warmup_steps:
+        if steps < cfg.train.min_train_steps:
             raise ConfigError(
                 f"equal-resources arm {member.name}: {member.consumed_tokens:,} tokens / {per_step:,} "
                 f"tokens/step = {steps} steps, not above train.lr_warmup_steps = {cfg.train.lr_warmup_steps}; "

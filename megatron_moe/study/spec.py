@@ -29,9 +29,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from megatron_moe.config import ConfigError, MoEConfig, RunConfig, apply_overrides, from_dict, load_toml, validate
+from megatron_moe.config import (
+    ConfigError,
+    MoEConfig,
+    RunConfig,
+    apply_overrides,
+    from_dict,
+    load_toml,
+    validate,
+)
+from megatron_moe.planner.family import DEFAULT_R_A_GRID
 from megatron_moe.text import parse_count
-
 
 DATA_ORDERS = ("per_seed", "shared")
 MATCHED_ARMS = ("moe", "dense_active", "dense_total", "dense_flops")
@@ -64,7 +72,7 @@ class MatchSpec:
 class EqualResourcesSpec:
     """The equal-resources family (see `planner.equal_resources_family`): equal N, C and unique tokens D."""
 
-    r_a: list[float] = field(default_factory=lambda: [0.1, 0.2, 0.3, 0.5])
+    r_a: list[float] = field(default_factory=lambda: list(DEFAULT_R_A_GRID))
     """Target activation rates N_a / N of the MoE arms."""
     total_params: int = 0
     """N, non-embedding parameters (0 = the explicit dense baseline's when dense_ffn is set, else the base
@@ -188,7 +196,7 @@ def validate_study(cfg: StudyConfig, *, check_world: bool = True) -> None:
     if s.budget_tokens or s.budget_flops or "equal_resources" in s.arms:
         # train.train_steps is not used: each arm's steps come from the budget (arms are validated when derived)
         t = base.train
-        base = dataclasses.replace(base, train=dataclasses.replace(t, train_steps=max(t.train_steps, t.lr_warmup_steps + 1)))
+        base = dataclasses.replace(base, train=dataclasses.replace(t, train_steps=max(t.train_steps, t.min_train_steps)))
     validate(base, s.nproc_per_node if check_world else None)
     if not cfg.model.is_moe:
         raise ConfigError("model.moe.num_experts = 0: a study's base model must be the MoE (the planner derives the dense arms)")

@@ -352,7 +352,7 @@ def _dir_bytes(path: Path) -> int:
 
 
 def _size_estimate(trainer, root: Path) -> int:
-    """Bytes one checkpoint takes: the newest saved one's size, else parameters x (weights + Adam moments)."""
+    """Bytes one checkpoint takes: the newest saved one's size, else the parameters' checkpoint state."""
     for path in sorted(root.glob("step_*"), key=lambda p: -(step_of(p.name) or -1)):
         if step_of(path.name) is not None:
             try:
@@ -360,10 +360,10 @@ def _size_estimate(trainer, root: Path) -> int:
             except OSError:
                 break
     from megatron_moe.planner.ledger import ledger
+    from megatron_moe.planner.memory import CHECKPOINT_STATE, state_bytes
 
     params = ledger(trainer.cfg.model, trainer.cfg.parallel.tensor).total_params
-    fp32 = trainer.cfg.train.precision == "fp32" or not torch.cuda.is_available()
-    return params * (12 if fp32 else 14)  # fp32 weights + 2 fp32 moments; bf16 adds fp32 master weights
+    return state_bytes(params, trainer.cfg.train.resolved_precision(torch.cuda.is_available()), CHECKPOINT_STATE)
 
 
 def _human_bytes(n: float) -> str:

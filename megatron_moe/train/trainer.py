@@ -19,9 +19,10 @@ import torch
 import torch.distributed as dist
 
 from megatron_moe import directories
-from megatron_moe.config import ConfigError, RunConfig, save_toml, validate
+from megatron_moe.config import ConfigError, RunConfig, resolved_precision, save_toml, validate
 from megatron_moe.files import atomic_write_json
 from megatron_moe.planner.ledger import ledger
+from megatron_moe.planner.memory import state_bytes
 from megatron_moe.train.checkpoint import (
     TrainState, check_checkpoint_writer, find_checkpoint, latest_checkpoint, load_checkpoint, save_checkpoint, step_of
 )
@@ -54,8 +55,7 @@ def _quiet_megatron_warnings() -> None:
 
 def resolve_precision(precision: str, on_gpu: bool) -> tuple[torch.dtype, bool]:
     """(params dtype, fp8) for the configured precision."""
-    if precision == "auto":
-        precision = "bf16" if on_gpu else "fp32"
+    precision = resolved_precision(precision, on_gpu)
     if precision in ("bf16", "fp8") and not on_gpu:
         raise ConfigError(f"train.precision = {precision!r} needs a GPU; on CPU use 'fp32' or 'auto'")
     if precision == "fp8":
@@ -503,8 +503,7 @@ def _out_of_memory(exc: BaseException) -> bool:
 def _out_of_memory_message(cfg: RunConfig, exc: BaseException) -> str:
     """One line: what ran out, and how big the model is against it."""
     params = ledger(cfg.model, cfg.parallel.tensor).total_params
-    # fp32 weights and gradients and two Adam moments (bf16 trades 2 bytes of weights for 4 of master weights)
-    need = params * 16
+    need = state_bytes(params, cfg.train.resolved_precision(torch.cuda.is_available()))
     human = f"{need / 2**30:.1f} GiB" if need >= 2**30 else f"{need / 2**20:.0f} MiB"
     where = "GPU" if "CUDA" in str(exc) else "host"  # torch names CUDA in its GPU allocator's errors
     first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
