@@ -32,16 +32,16 @@ import re
 import shutil
 import zlib
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Protocol
 
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_moe import directories
-from megatron_moe.config import ConfigError, save_toml
+from megatron_moe.config import ConfigError, RunConfig, save_toml
 from megatron_moe.files import atomic_write_bytes, atomic_write_json, atomic_write_text
 from megatron_moe.train.stop import TrainingError
 
@@ -70,6 +70,52 @@ class TrainState:
     def record_eval(self, val_loss: float) -> None:
         if self.best_val_loss is None or val_loss < self.best_val_loss:
             self.best_val_loss, self.best_val_step = val_loss, self.step
+
+
+class Stateful(Protocol):
+    """A part of a run that a checkpoint saves into train_state.json under its name (JSON-able state)."""
+
+    def state_dict(self) -> Any: ...
+
+    def load_state_dict(self, state: Any) -> None: ...
+
+
+class ShardedStates:
+    """Model, optimizer and LR scheduler, saved and loaded through megatron-core's distributed checkpointing (each
+    rank writes its shards; a checkpoint loads into another parallel layout)."""
+
+    def __init__(self, model, optimizer, scheduler, distributed_optimizer: bool):
+        self.model = getattr(model.module, "module", model.module)  # the GPTModel inside DDP (and Float16Module)
+        self.optimizer, self.scheduler = optimizer, scheduler
+        self.metadata = {"distrib_optim_sharding_type": "fully_reshardable"} if distributed_optimizer else None
+
+    def sharded_state_dict(self, is_loading: bool) -> dict[str, Any]:
+        model_sd = self.model.sharded_state_dict()
+        return {
+            "model": model_sd,
+            "optimizer": self.optimizer.sharded_state_dict(model_sd, is_loading=is_loading, metadata=self.metadata),
+            "scheduler": self.scheduler.state_dict(),
+        }
+
+    def load(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+
+
+@dataclass
+class Checkpointable:
+    """Everything one checkpoint holds, by owner: what `save_checkpoint` writes and `load_checkpoint` restores. The
+    checkpoint code reads nothing else of the run."""
+
+    sharded: Any
+    """The sharded states (`ShardedStates`, or anything with `sharded_state_dict(is_loading)` and `load(state)`)."""
+    train: TrainState
+    """The loop's own state; `load_checkpoint` returns the saved one."""
+    config: RunConfig
+    """The run's config, saved beside the states (the resume check compares against it)."""
+    parts: dict[str, Stateful] = field(default_factory=dict)
+    """More states by name, saved in train_state.json (the expert-load window)."""
 
 
 def checkpoint_name(step: int) -> str:
@@ -298,60 +344,11 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def _gpt_model(trainer):
-    """The GPTModel inside megatron-core's DDP (and Float16Module) wrappers."""
-    model = trainer.model.module
-    return getattr(model, "module", model)
-
-
-def _state_dict(trainer, is_loading: bool) -> dict[str, Any]:
-    model_sd = _gpt_model(trainer).sharded_state_dict()
-    metadata = {"distrib_optim_sharding_type": "fully_reshardable"} if trainer.cfg.train.distributed_optimizer else None
-    return {
-        "model": model_sd,
-        "optimizer": trainer.optimizer.sharded_state_dict(model_sd, is_loading=is_loading, metadata=metadata),
-        "scheduler": trainer.scheduler.state_dict(),
-    }
-
-
-def _expert_load_totals(trainer) -> dict[str, list] | None:
-    """The expert-load counters of the logging window in progress, summed over ranks (a collective).
-
-    They are counts of whole tokens in float64, so the sum is exact and a resumed run logs the same imbalance.
-    """
-    monitor = getattr(trainer, "load_monitor", None)
-    if monitor is None:
-        return None
-    both = torch.cat([monitor.counts.flatten().cpu(), monitor.routed])
-    dist.all_reduce(both)
-    n = monitor.counts.numel()
-    return {"counts": both[:n].view_as(monitor.counts).tolist(), "routed": both[n:].tolist()}
-
-
-def _restore_expert_load(trainer, saved: Any) -> None:
-    """Put the saved window's counters on global rank 0 (the monitor sums over every rank when it reports)."""
-    monitor = getattr(trainer, "load_monitor", None)
-    if monitor is None:
-        return
-    monitor.counts.zero_()
-    monitor.routed.zero_()
-    if not isinstance(saved, dict) or dist.get_rank() != 0:
-        return
-    try:
-        counts = torch.tensor(saved["counts"], dtype=monitor.counts.dtype)
-        routed = torch.tensor(saved["routed"], dtype=monitor.routed.dtype)
-    except (KeyError, TypeError, ValueError, RuntimeError):
-        return
-    if counts.shape == monitor.counts.shape and routed.shape == monitor.routed.shape:
-        monitor.counts.copy_(counts)
-        monitor.routed.copy_(routed)
-
-
 def _dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.iterdir() if p.is_file())
 
 
-def _size_estimate(trainer, root: Path) -> int:
+def _size_estimate(config: RunConfig, root: Path) -> int:
     """Bytes one checkpoint takes: the newest saved one's size, else the parameters' checkpoint state."""
     for path in sorted(root.glob("step_*"), key=lambda p: -(step_of(p.name) or -1)):
         if step_of(path.name) is not None:
@@ -362,8 +359,8 @@ def _size_estimate(trainer, root: Path) -> int:
     from megatron_moe.planner.ledger import ledger
     from megatron_moe.planner.memory import CHECKPOINT_STATE, state_bytes
 
-    params = ledger(trainer.cfg.model, trainer.cfg.parallel.tensor).total_params
-    return state_bytes(params, trainer.cfg.train.resolved_precision(torch.cuda.is_available()), CHECKPOINT_STATE)
+    params = ledger(config.model, config.parallel.tensor).total_params
+    return state_bytes(params, config.train.resolved_precision(torch.cuda.is_available()), CHECKPOINT_STATE)
 
 
 def _human_bytes(n: float) -> str:
@@ -400,7 +397,7 @@ _TORCH_WRITE_FAILED = ("PytorchStreamWriter failed", "file write failed")
 fails: on a full disk, for one."""
 
 
-def _save_failure(exc: BaseException, trainer, root: Path, name: str, tmp: Path) -> str | None:
+def _save_failure(exc: BaseException, config: RunConfig | None, root: Path, name: str, tmp: Path) -> str | None:
     """The one-line reason a save failed on storage, or None when `exc` is not a storage error."""
     err = _os_error(exc)
     if err is None:
@@ -408,7 +405,7 @@ def _save_failure(exc: BaseException, trainer, root: Path, name: str, tmp: Path)
     where = err.filename or tmp
     need = free_bytes = None
     if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO):
-        need = _size_estimate(trainer, root)
+        need = _size_estimate(config, root)
         try:
             free_bytes = shutil.disk_usage(root).free
         except OSError:
@@ -456,20 +453,20 @@ def check_checkpoint_writer() -> None:
                           "pip install psutil") from None
 
 
-def save_checkpoint(trainer, root: Path) -> Path:
-    """Save the trainer's full state (`trainer.state` included) for its current step; every rank must call this."""
+def save_checkpoint(run: Checkpointable, root: Path) -> Path:
+    """Save `run` for its current step (`run.train.step`) under `root`; every rank must call this."""
     from megatron.core import dist_checkpointing
 
     rank = dist.get_rank()
-    name = checkpoint_name(trainer.state.step)
+    name = checkpoint_name(run.train.step)
     final, tmp = root / name, root / f".{name}.tmp"
-    expert_load = _expert_load_totals(trainer)
+    parts = {key: part.state_dict() for key, part in run.parts.items()}  # may be collectives: every rank
 
     def attempt(stage) -> tuple[str | None, BaseException] | None:
         try:
             stage()
         except (Exception, CheckpointException) as exc:
-            return _save_failure(exc, trainer, root, name, tmp), exc
+            return _save_failure(exc, run.config, root, name, tmp), exc
         return None
 
     def prepare() -> None:
@@ -479,15 +476,15 @@ def save_checkpoint(trainer, root: Path) -> Path:
         tmp.mkdir(parents=True)
 
     def write_shards() -> None:
-        dist_checkpointing.save(_state_dict(trainer, is_loading=False), str(tmp))
+        dist_checkpointing.save(run.sharded.sharded_state_dict(is_loading=False), str(tmp))
         buffer = io.BytesIO()
         torch.save(_rng_state(), buffer)
         atomic_write_bytes(tmp / f"rng_rank{rank}.pt", buffer.getvalue())
 
     def finish() -> None:
-        atomic_write_json(tmp / TRAIN_STATE, {**dataclasses.asdict(trainer.state), "expert_load": expert_load})
-        save_toml(trainer.cfg, tmp / CONFIG)
-        atomic_write_json(tmp / MANIFEST, {"step": trainer.state.step, "files": _manifest_entries(tmp)})
+        atomic_write_json(tmp / TRAIN_STATE, {**dataclasses.asdict(run.train), **parts})
+        save_toml(run.config, tmp / CONFIG)
+        atomic_write_json(tmp / MANIFEST, {"step": run.train.step, "files": _manifest_entries(tmp)})
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
 
@@ -521,9 +518,9 @@ def _prune(root: Path, newest: Path) -> None:
 # ---------------------------------------------------------------- loading
 
 
-def load_checkpoint(trainer, path: Path) -> TrainState:
-    """Restore model, optimizer, scheduler, this rank's RNG and the expert-load window from checkpoint `path`
-    (verified by `find_checkpoint`); returns its train state."""
+def load_checkpoint(run: Checkpointable, path: Path) -> TrainState:
+    """Restore `run`'s states and this rank's RNG from checkpoint `path` (verified by `find_checkpoint`); returns
+    the saved train state. TrainingError (one line) when the checkpoint does not load into this run."""
     from megatron.core import dist_checkpointing
 
     saved = _read_state_file(path)
@@ -531,14 +528,12 @@ def load_checkpoint(trainer, path: Path) -> TrainState:
     rng = path / f"rng_rank{dist.get_rank()}.pt"
     try:
         with _weights_only_loads():
-            state = dist_checkpointing.load(_state_dict(trainer, is_loading=True), str(path))
-            _gpt_model(trainer).load_state_dict(state["model"])
-            trainer.optimizer.load_state_dict(state["optimizer"])
-            trainer.scheduler.load_state_dict(state["scheduler"])
+            run.sharded.load(dist_checkpointing.load(run.sharded.sharded_state_dict(is_loading=True), str(path)))
             if rng.is_file():  # absent when resuming on a different number of ranks
                 _set_rng_state(torch.load(rng, map_location="cpu", weights_only=True))
     except (Exception, CheckpointException) as exc:
         raise TrainingError(f"checkpoint {path} does not load into this run ({type(exc).__name__}: "
                             f"{_first_line(exc)})") from None
-    _restore_expert_load(trainer, saved.get("expert_load"))
+    for key, part in run.parts.items():
+        part.load_state_dict(saved.get(key))
     return train_state

@@ -288,6 +288,32 @@ class ExpertLoadMonitor:
             out["expert_bias_spread"] = float((bias.max(dim=1).values - bias.min(dim=1).values).mean())
         return out
 
+    def state_dict(self) -> dict[str, list]:
+        """The counters of the logging window in progress, summed over ranks (a collective: every rank calls it).
+
+        They are counts of whole tokens in float64, so the sum is exact and a resumed run logs the same imbalance.
+        """
+        both = torch.cat([self.counts.flatten().cpu(), self.routed])
+        dist.all_reduce(both)
+        n = self.counts.numel()
+        return {"counts": both[:n].view_as(self.counts).tolist(), "routed": both[n:].tolist()}
+
+    def load_state_dict(self, saved: Any) -> None:
+        """Put a saved window's counters on global rank 0 (`collect` sums over every rank); a missing or malformed
+        one (another model's, or none saved) starts an empty window."""
+        self.counts.zero_()
+        self.routed.zero_()
+        if not isinstance(saved, dict) or dist.get_rank() != 0:
+            return
+        try:
+            counts = torch.tensor(saved["counts"], dtype=self.counts.dtype)
+            routed = torch.tensor(saved["routed"], dtype=self.routed.dtype)
+        except (KeyError, TypeError, ValueError, RuntimeError):
+            return
+        if counts.shape == self.counts.shape and routed.shape == self.routed.shape:
+            self.counts.copy_(counts)
+            self.routed.copy_(routed)
+
     def _local_bias(self) -> list[torch.Tensor]:
         """This rank's expert biases summed per layer, and how many of its routers hold each layer: every replica
         of a layer holds the same bias, so the world's sums over the holders' count is that bias."""

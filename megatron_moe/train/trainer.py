@@ -24,7 +24,8 @@ from megatron_moe.files import atomic_write_json
 from megatron_moe.planner.ledger import ledger
 from megatron_moe.planner.memory import state_bytes
 from megatron_moe.train.checkpoint import (
-    TrainState, check_checkpoint_writer, find_checkpoint, latest_checkpoint, load_checkpoint, save_checkpoint, step_of
+    Checkpointable, ShardedStates, TrainState, check_checkpoint_writer, find_checkpoint, latest_checkpoint,
+    load_checkpoint, save_checkpoint, step_of,
 )
 from megatron_moe.train.monitors import (
     ExpertLoadMonitor,
@@ -126,24 +127,14 @@ class Trainer:
     """Owns the model, optimizer, scheduler, data and train state of one run on this process."""
 
     def __init__(self, cfg: RunConfig, *, quiet: bool = False):
-        _quiet_megatron_warnings()
-        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-        from megatron.core.distributed.finalize_model_grads import finalize_model_grads
-        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-        from megatron.core.pipeline_parallel import get_forward_backward_func
-        from megatron.core.transformer.module import Float16Module
-        from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
-
-        from megatron_moe.data.source import build_data_source
-        from megatron_moe.model import build_model, local_parameter_counts
         from megatron_moe.parallel import initialize_parallel
-        from megatron_moe.platform import seed_everything, setup_platform
+        from megatron_moe.platform import setup_platform
 
+        _quiet_megatron_warnings()
         self.cfg = cfg
         self.quiet = quiet
         self.device = setup_platform()
-        on_gpu = self.device.type == "cuda"
-        params_dtype, fp8 = resolve_precision(cfg.train.precision, on_gpu)
+        params_dtype, fp8 = resolve_precision(cfg.train.precision, self.device.type == "cuda")
         validate(cfg, int(os.environ.get("WORLD_SIZE", "1")))
         check_sinks(cfg.train)
         check_checkpoint_writer()
@@ -156,15 +147,32 @@ class Trainer:
             clear_preempted(self.out_dir)  # a marker from an earlier attempt must not outlive this one's failure
         self.num_micro_batches = t.micro_batches(self.par.data)
         self.tokens_per_step = t.global_batch_size * cfg.model.seq_length
+        self.data = self._build_data()
+        model = self._build_model(params_dtype, fp8)
+        self._build_optimizer(model, params_dtype)
+        for note in start.notes:
+            self.log(note)
+        self.resumed_from = start.checkpoint
+        self.state = TrainState()
+        if self.resumed_from is not None:
+            self.state = self._resume()
+        self.metrics = self._open_metrics(start)
 
-        # A cold data cache (the synthetic corpus) is built once per machine: local rank 0 first, then the
-        # other ranks read what it wrote. Its error (a bad data.path) reaches every rank, so all of them stop
-        # with the same one line instead of the others failing on a closed connection.
+    def _build_data(self):
+        """This run's data source, refused (one line, on every rank) when it does not fit the run.
+
+        A cold data cache (the synthetic corpus) is built once per machine: local rank 0 first, then the other ranks
+        read what it wrote. Its error (a bad data.path) reaches every rank, so all of them stop with the same one
+        line instead of the others failing on a closed connection.
+        """
+        from megatron_moe.data.source import build_data_source
+
+        cfg, t = self.cfg, self.cfg.train
         builds_first = int(os.environ.get("LOCAL_RANK", "0")) == 0
-        error: Exception | None = None
+        data, error = None, None
         if builds_first:
             try:
-                self.data = build_data_source(cfg.data, cfg.model.seq_length, t.global_batch_size, t.train_steps)
+                data = build_data_source(cfg.data, cfg.model.seq_length, t.global_batch_size, t.train_steps)
             except (ConfigError, TrainingError) as exc:
                 error = exc
         errors: list[Exception | None] = [None] * dist.get_world_size()
@@ -173,14 +181,23 @@ class Trainer:
         if error is not None:
             raise error
         if not builds_first:
-            self.data = build_data_source(cfg.data, cfg.model.seq_length, t.global_batch_size, t.train_steps)
-        if self.data.vocab_size > cfg.model.vocab_size:
+            data = build_data_source(cfg.data, cfg.model.seq_length, t.global_batch_size, t.train_steps)
+        if data.vocab_size > cfg.model.vocab_size:
             raise ConfigError(
                 f"model.vocab_size = {cfg.model.vocab_size} is smaller than the tokenizer's vocabulary "
-                f"({self.data.vocab_size}); set model.vocab_size >= {self.data.vocab_size}"
+                f"({data.vocab_size}); set model.vocab_size >= {data.vocab_size}"
             )
-        self.data.valid_batch_count(t.global_batch_size, t.eval_iters)  # refused now, not at the first evaluation
+        data.valid_batch_count(t.global_batch_size, t.eval_iters)  # refused now, not at the first evaluation
+        return data
 
+    def _build_model(self, params_dtype: torch.dtype, fp8: bool):
+        """This rank's model, seeded, with the monitors that read it and the throughput figures of its size."""
+        from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+
+        from megatron_moe.model import build_model, local_parameter_counts
+        from megatron_moe.platform import seed_everything
+
+        cfg, t = self.cfg, self.cfg.train
         # megatron-core's aux-loss tracker is a process global sized by the first model that used it.
         get_moe_layer_wise_logging_tracker().clear()
         seed_everything(t.seed, self.par.tp_rank, self.par.ep_rank)
@@ -194,6 +211,17 @@ class Trainer:
             self.moe_losses = MoELossReader(cfg.model, self.par.tensor, self.par.data, self.num_micro_batches)
         self.flops_per_token = ledger(cfg.model, cfg.parallel.tensor).flops_train_per_token
         self.device_name, self.peak_flops = device_peak_flops(fp8)
+        return model
+
+    def _build_optimizer(self, model, params_dtype: torch.dtype) -> None:
+        """megatron-core's DDP wrapper, optimizer, LR scheduler and forward-backward schedule around `model`."""
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+        from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+        from megatron.core.transformer.module import Float16Module
+
+        t = self.cfg.train
         tcfg = model.config
         if params_dtype != torch.float32:
             model = Float16Module(tcfg, model)
@@ -217,16 +245,16 @@ class Trainer:
             use_distributed_optimizer=t.distributed_optimizer,
         )
         self.optimizer = get_megatron_optimizer(opt_config, [self.model])
-        self.scheduler = lr_scheduler(self.optimizer, cfg)
+        self.scheduler = lr_scheduler(self.optimizer, self.cfg)
         tcfg.no_sync_func = self.model.no_sync
         tcfg.finalize_model_grads_func = finalize_model_grads
         tcfg.grad_scale_func = self.optimizer.scale_loss
         self.forward_backward = get_forward_backward_func()
 
-        for note in start.notes:
-            self.log(note)
-        self.resumed_from = start.checkpoint
-        self.state = TrainState() if self.resumed_from is None else self._resume()
+    def _open_metrics(self, start: StartPlan) -> Metrics:
+        """The run directory's files for this attempt (config, config changes, no stale result) and the metrics sink,
+        continued from the resumed step."""
+        cfg = self.cfg
         metrics_path = None
         if self.par.is_logging_rank:
             self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -240,7 +268,7 @@ class Trainer:
             metrics_path = self.out_dir / directories.METRICS
         resumed_step = None if self.resumed_from is None else self.step
         sinks = open_sinks(cfg, resumed_step) if self.par.is_logging_rank else []
-        self.metrics = Metrics.open(metrics_path, resumed_step=resumed_step, sinks=sinks)
+        return Metrics.open(metrics_path, resumed_step=resumed_step, sinks=sinks)
 
     def _claim_run_dir(self) -> StartPlan:
         """Lock the output directory, pick the checkpoint to resume and check the config against the run's
@@ -265,7 +293,7 @@ class Trainer:
         takes the same decision; the error of the last candidate is the run's when none loads."""
         while True:
             try:
-                state, error = load_checkpoint(self, self.resumed_from), None
+                state, error = load_checkpoint(self.checkpointable(), self.resumed_from), None
             except TrainingError as exc:
                 state, error = None, str(exc)
             errors: list[str | None] = [None] * dist.get_world_size()
@@ -384,10 +412,18 @@ class Trainer:
         loss = loss_sum / tokens
         return {"val_loss": loss, "val_bpb": loss / math.log(2) / self.data.bytes_per_token, "val_tokens": int(tokens)}
 
+    def checkpointable(self) -> Checkpointable:
+        """What a checkpoint of this run holds, by owner."""
+        return Checkpointable(
+            sharded=ShardedStates(self.model, self.optimizer, self.scheduler, self.cfg.train.distributed_optimizer),
+            train=self.state, config=self.cfg,
+            parts={} if self.load_monitor is None else {"expert_load": self.load_monitor},
+        )
+
     def save(self, elapsed_s: float) -> None:
         """Checkpoint this step; `elapsed_s`, the run's wall-clock time so far, goes into the train state."""
         self.state.elapsed_s = elapsed_s
-        save_checkpoint(self, self.checkpoint_dir)
+        save_checkpoint(self.checkpointable(), self.checkpoint_dir)
 
     # ------------------------------------------------------------ the loop
 
