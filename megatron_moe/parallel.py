@@ -42,7 +42,8 @@ class ParallelInfo:
         return self.is_last_stage and self.tp_rank == 0 and self.dp_rank == 0
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -70,7 +71,7 @@ def init_distributed(device: torch.device) -> tuple[int, int]:
     if "RANK" in os.environ:  # torchrun, srun + torchrun, ...
         dist.init_process_group(backend=backend, timeout=timeout)
     else:  # a lone process: a private rendezvous, leaving the environment to child processes untouched
-        init = f"tcp://127.0.0.1:{_free_port()}"
+        init = f"tcp://127.0.0.1:{free_port()}"
         dist.init_process_group(backend=backend, init_method=init, rank=0, world_size=1, timeout=timeout)
     return dist.get_rank(), dist.get_world_size()
 

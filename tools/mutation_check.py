@@ -60,7 +60,7 @@ MUTANTS = (
            "return cfg.data.seed",
            ("tests/study/test_study.py::test_each_seed_has_its_own_data_order_shared_by_its_arms",)),
     Mutant("runner-accepts-unequal-data", "the runner refuses arms of a seed whose data fingerprints differ",
-           "megatron_moe/study/plan.py", "    bad = unequal_data(data)\n    if bad:", "    bad = unequal_data(data)\n    if False:",
+           "megatron_moe/study/datacheck.py", "    bad = unequal_data(data)\n    if bad:", "    bad = unequal_data(data)\n    if False:",
            ("tests/study/test_study.py::test_runner_refuses_when_the_arms_of_a_seed_see_different_data",)),
     Mutant("preemption-by-exit-code-only", "study run counts a trainer as preempted from the marker it leaves",
            "megatron_moe/study/runner.py", "was_preempted(", "(lambda d: True)(",

@@ -13,7 +13,8 @@ which every arm reads a prefix once).
 A run (arm, seed) sets train.seed = seed and, unless study.data_order = "shared", data.seed = the study's
 data.seed + seed (`run_data_seed`): the arms of one seed share one data stream (their gaps are paired), and
 different seeds see different document orders (and budget selections), so the spread over seeds includes
-data-order noise. `data_check` therefore describes the data per seed, and arms are compared within a seed.
+data-order noise. The data check (`study.datacheck`) therefore describes the data per seed, and arms are compared
+within a seed.
 
 Each (arm, seed) is a run in `<study>/runs/<arm>-s<seed>-<hash>`. The hash covers the whole resolved run config
 except its bookkeeping fields (`config.ROLES`), which cannot change the trained model, so a changed study spec gets
@@ -30,9 +31,17 @@ from pathlib import Path
 from typing import Any
 
 from megatron_moe import directories
-from megatron_moe.config import ConfigError, DataConfig, ModelConfig, RunConfig, changed_fields, get_dotted, validate
-from megatron_moe.text import human, table
+from megatron_moe.config import (
+    ConfigError,
+    DataConfig,
+    ModelConfig,
+    RunConfig,
+    changed_fields,
+    get_dotted,
+    validate,
+)
 from megatron_moe.study.spec import StudyConfig, variant_moe
+from megatron_moe.text import human, table
 
 
 @dataclass(frozen=True)
@@ -299,71 +308,6 @@ def _sink_names(cfg: RunConfig, study: str, arm: str, seed: int) -> dict[str, st
     if cfg.train.wandb_project:
         out["wandb_run_name"] = name
     return out
-
-
-def absent_data_path(plan: Plan) -> str | None:
-    """A `data.path` of the plan's runs that does not exist on this machine (None when every one does): a dry run
-    plans without the data, so that a study can be designed before its corpus is prepared or copied here."""
-    return next((r.config.data.path for r in plan.runs
-                 if r.config.data.path and not Path(r.config.data.path).exists()), None)
-
-
-def dry_run_note(path: str) -> str:
-    return (f"note: data.path = {path!r} does not exist here; this dry run plans without checking the data "
-            "(a real run refuses)")
-
-
-def data_check(plan: Plan) -> dict[str, dict[str, dict[str, Any]]]:
-    """Build each run's data source once per distinct data config (no training) and describe it: catches a
-    schedule too short for an arm's steps, or a dataset too small for the budget, before any compute is spent.
-    Keyed by seed (as a string, as in study.json), then arm."""
-    from megatron_moe.data.source import build_data_source
-
-    out: dict[str, dict[str, dict[str, Any]]] = {}
-    cache: dict[str, Any] = {}
-    for run in plan.runs:
-        c = run.config
-        key = json.dumps([dataclasses.asdict(c.data), c.model.seq_length, c.train.global_batch_size])
-        if key not in cache:
-            cache[key] = build_data_source(c.data, c.model.seq_length, c.train.global_batch_size)
-        ds = cache[key]
-        if ds.num_steps is not None and c.train.train_steps > ds.num_steps:
-            raise ConfigError(
-                f"arm {run.arm}: train.train_steps = {c.train.train_steps} exceeds the {ds.num_steps} steps the data "
-                f"schedule provides (data.seed = {c.data.seed})"
-            )
-        if ds.vocab_size > c.model.vocab_size:
-            raise ConfigError(
-                f"model.vocab_size = {c.model.vocab_size} is smaller than the tokenizer's vocabulary ({ds.vocab_size})"
-            )
-        d = ds.describe(c.train.train_steps)
-        out.setdefault(str(run.seed), {})[run.arm] = {
-            **{k: d[k] for k in ("source", "unique_tokens", "consumed_tokens", "epochs", "fingerprint")},
-            "data_seed": c.data.seed,
-        }
-    return out
-
-
-def unequal_data(data: dict[str, dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
-    """The seeds whose arms would not see the same data: {seed: {arm: fingerprint}} ({} when fair)."""
-    out = {}
-    for seed, arms in data.items():
-        prints = {arm: d.get("fingerprint") for arm, d in arms.items()}
-        if len(set(prints.values())) != 1 or not all(prints.values()):
-            out[seed] = prints
-    return out
-
-
-def refuse_unequal_data(data: dict[str, dict[str, dict[str, Any]]]) -> None:
-    """ConfigError when the arms of one seed would see different data. The planner gives every arm of a seed
-    the same data config, so this cannot happen by construction; it is checked so that an unfair study is
-    refused rather than trained."""
-    bad = unequal_data(data)
-    if bad:
-        where = "; ".join(f"seed {seed}: " + ", ".join(f"{arm} {fp}" for arm, fp in prints.items())
-                          for seed, prints in bad.items())
-        raise ConfigError(f"arms of one seed would see different data (fingerprints {where}); every arm of a seed "
-                          "needs the same data config")
 
 
 def format_arms(plan: Plan) -> str:

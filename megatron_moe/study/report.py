@@ -31,7 +31,12 @@ from megatron_moe.config import ConfigError
 from megatron_moe.files import atomic_write_bytes, atomic_write_json, atomic_write_text
 from megatron_moe.study.plots import make_plots
 from megatron_moe.study.records import RunData, load_study_dir
-from megatron_moe.study.report_er import equal_resources_results, er_summary, er_tables, mean_ci
+from megatron_moe.study.report_er import (
+    equal_resources_results,
+    er_summary,
+    er_tables,
+    mean_ci,
+)
 from megatron_moe.study.rundir import StudyManifest
 from megatron_moe.study.stats import ordering, paired, summarize
 from megatron_moe.text import human

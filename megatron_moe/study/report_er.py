@@ -16,8 +16,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from megatron_moe.text import human
 from megatron_moe.study.stats import fit_optimum, summarize
+from megatron_moe.text import human
 
 if TYPE_CHECKING:
     from megatron_moe.study.records import RunData

@@ -22,7 +22,8 @@ from typing import Any
 from megatron_moe import directories
 from megatron_moe.config import ConfigError, to_toml
 from megatron_moe.files import atomic_write_json, atomic_write_text
-from megatron_moe.study.plan import Plan, Run, run_data_seed, unequal_data
+from megatron_moe.study.datacheck import unequal_data
+from megatron_moe.study.plan import Plan, Run, run_data_seed
 from megatron_moe.study.spec import DATA_ORDERS
 
 ARM_KEYS = ("name", "contract", "is_moe", "changed_fields", "train_steps", "tokens_per_step", "planned_tokens",

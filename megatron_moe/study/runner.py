@@ -24,13 +24,32 @@ from typing import Any, Callable
 from megatron_moe import directories
 from megatron_moe.config import save_toml
 from megatron_moe.files import lock_holder
-from megatron_moe.study.plan import (
-    Plan, Run, absent_data_path, data_check, dry_run_note, format_arms, plan_study, refuse_unequal_data
+from megatron_moe.study.datacheck import (
+    absent_data_path,
+    data_check,
+    dry_run_note,
+    refuse_unequal_data,
 )
-from megatron_moe.study.rundir import (environment, git_state, live_job, log_event, now, package_root, record_attempt,
-                                       run_status, study_lock, write_study_files)
+from megatron_moe.study.plan import Plan, Run, format_arms, plan_study
+from megatron_moe.study.rundir import (
+    environment,
+    git_state,
+    live_job,
+    log_event,
+    now,
+    package_root,
+    record_attempt,
+    run_status,
+    study_lock,
+    write_study_files,
+)
 from megatron_moe.study.spec import StudyConfig
-from megatron_moe.train.stop import PREEMPTED_EXIT_CODE, RUNNER_STOP_SIGNALS, clear_preempted, was_preempted
+from megatron_moe.train.stop import (
+    PREEMPTED_EXIT_CODE,
+    RUNNER_STOP_SIGNALS,
+    clear_preempted,
+    was_preempted,
+)
 
 
 class _Stop(Exception):

@@ -37,10 +37,25 @@ from typing import Any
 from megatron_moe import directories
 from megatron_moe.config import ConfigError, from_dict, load_toml, save_toml, validate
 from megatron_moe.files import atomic_write_text
-from megatron_moe.study.plan import Plan, Run, absent_data_path, dry_run_note, plan_study, refuse_unequal_data
-from megatron_moe.study.plan import data_check as run_data_check
-from megatron_moe.study.rundir import (LaunchError, check_unlocked, environment, git_state, live_job, now,
-                                       package_root, record_submission, run_status, write_study_files)
+from megatron_moe.study.datacheck import (
+    absent_data_path,
+    dry_run_note,
+    refuse_unequal_data,
+)
+from megatron_moe.study.datacheck import data_check as run_data_check
+from megatron_moe.study.plan import Plan, Run, plan_study
+from megatron_moe.study.rundir import (
+    LaunchError,
+    check_unlocked,
+    environment,
+    git_state,
+    live_job,
+    now,
+    package_root,
+    record_submission,
+    run_status,
+    write_study_files,
+)
 from megatron_moe.study.spec import StudyConfig
 from megatron_moe.train.stop import PREEMPTED_EXIT_CODE, TORCHRUN_SIGNALS
 

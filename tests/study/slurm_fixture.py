@@ -35,6 +35,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from megatron_moe.parallel import free_port
+
 DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "srun", "squeue", "scontrol", "scancel", "sinfo")
 CRED_EXPIRE_S = 10  # job credential lifetime, which is also the requeue delay
 ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE",
@@ -42,12 +44,6 @@ ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEM
 """Job states after which a job will not run again ('' = the controller forgot it)."""
 MARKER = "MEGATRON_MOE_SLURM_FIXTURE"
 """Environment variable naming the fixture directory; every process the cluster starts inherits it."""
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _die_with_parent() -> None:
@@ -122,15 +118,15 @@ class LocalSlurm:
         else:
             host = socket.gethostname().split(".")[0]
             node_lines = [
-                f"NodeName={n} NodeHostname={host} NodeAddr=127.0.0.1 Port={_free_port()} CPUs={cpus} State=UNKNOWN"
+                f"NodeName={n} NodeHostname={host} NodeAddr=127.0.0.1 Port={free_port()} CPUs={cpus} State=UNKNOWN"
                 for n in self.nodes
             ]
         conf = f"""\
 ClusterName=mmoe{os.getpid()}
 FirstJobId={random.randrange(1000, 1_000_000)}
 SlurmctldHost={socket.gethostname().split('.')[0]}(127.0.0.1)
-SlurmctldPort={_free_port()}
-SlurmdPort={_free_port()}
+SlurmctldPort={free_port()}
+SlurmdPort={free_port()}
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge

@@ -22,7 +22,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -32,8 +31,15 @@ import pytest
 
 from megatron_moe.cli import main
 from megatron_moe.config import DataConfig, load_run_config, save_toml
+from megatron_moe.parallel import free_port
 from megatron_moe.study import slurm as slurm_launch
-from megatron_moe.study.slurm import LaunchConfig, parse_job_id, render_run_script, time_limit_seconds, torchrun_command
+from megatron_moe.study.slurm import (
+    LaunchConfig,
+    parse_job_id,
+    render_run_script,
+    time_limit_seconds,
+    torchrun_command,
+)
 from megatron_moe.train.stop import PREEMPTED_EXIT_CODE, TORCHRUN_SIGNALS
 from tests.conftest import REPO, TINY_MOE, train_losses, train_rows
 from tests.study.slurm_fixture import ENDED, LocalSlurm, unavailable_reason
@@ -305,18 +311,12 @@ def test_time_limits_and_job_ids():
 # ================================================================ two nodes on loopback, no scheduler
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_torchrun_agents_on_loopback_match_single_process(reference, tmp_path):
     cfg = load_run_config(None, [*RUN, SEED_1_DATA, "parallel.expert=2", f"train.output_dir={tmp_path / 'run'}"],
                           world_size=2)
     save_toml(cfg, tmp_path / "run.toml")
-    endpoint = f"127.0.0.1:{_free_port()}"
+    endpoint = f"127.0.0.1:{free_port()}"
     agents = [
         subprocess.Popen(torchrun_command(sys.executable, str(tmp_path / "run.toml"), nnodes=2, nproc_per_node=1,
                                           endpoint=endpoint, rdzv_id="loopback", node_rank=rank),
@@ -336,7 +336,7 @@ def test_torchrun_agent_hands_usr1_to_the_trainer(tmp_path):
     cfg = load_run_config(None, [*TINY_MOE, "train.train_steps=2000", f"train.output_dir={run_dir}"], world_size=1)
     save_toml(cfg, tmp_path / "run.toml")
     agent = subprocess.Popen(torchrun_command(sys.executable, str(tmp_path / "run.toml"), nnodes=1, nproc_per_node=1,
-                                              endpoint=f"127.0.0.1:{_free_port()}", rdzv_id="usr1"),
+                                              endpoint=f"127.0.0.1:{free_port()}", rdzv_id="usr1"),
                              cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                              start_new_session=True)  # its own process group: only the agent is signalled
     try:
@@ -399,7 +399,7 @@ def test_srun_two_tasks_form_one_gloo_group(slurm, tmp_path):
     job_script.write_text(
         f"#!/bin/bash\n#SBATCH --nodes={nodes}\n#SBATCH --ntasks=2\n#SBATCH --output={tmp_path}/job.out\n"
         'export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)\n'
-        f"export MASTER_PORT={_free_port()}\n"
+        f"export MASTER_PORT={free_port()}\n"
         f"srun --kill-on-bad-exit=1 {sys.executable} {worker}\n"
     )
     job = parse_job_id(slurm.run("sbatch", "--parsable", str(job_script)).stdout)

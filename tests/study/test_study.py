@@ -3,8 +3,8 @@ that is interrupted, resumed without redoing finished runs, and reported."""
 
 from __future__ import annotations
 
-import dataclasses
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -16,10 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from megatron_moe.planner.match import match_dense
-from megatron_moe.study.plan import data_check, plan_study, run_hash
-from megatron_moe.study.spec import load_study
 from megatron_moe.config import ConfigError, RunConfig
+from megatron_moe.planner.match import match_dense
+from megatron_moe.study.datacheck import data_check
+from megatron_moe.study.plan import plan_study, run_hash
+from megatron_moe.study.spec import load_study
 from tests.conftest import REPO, cli, train_rows
 
 EXAMPLES = REPO / "examples"
@@ -388,7 +389,12 @@ sys.exit(1)
 @pytest.mark.parametrize("mode", ["marker", "text", "stale marker"])
 def test_study_run_counts_a_trainer_as_preempted_from_its_marker(tmp_path, monkeypatch, mode):
     from megatron_moe.study import runner
-    from megatron_moe.train.stop import PREEMPTED_EXIT_CODE, PREEMPTED_MARKER, mark_preempted, was_preempted
+    from megatron_moe.train.stop import (
+        PREEMPTED_EXIT_CODE,
+        PREEMPTED_MARKER,
+        mark_preempted,
+        was_preempted,
+    )
 
     cfg = load_study(_write(tmp_path), ["study.arms=['moe']", "study.seeds=[1]"])
     (run,) = plan_study(cfg, tmp_path / "study").runs
