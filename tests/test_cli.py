@@ -8,7 +8,8 @@ import pytest
 
 from megatron_moe import __version__
 from megatron_moe.cli import build_parser, main
-from megatron_moe.config import RunConfig, from_dict, load_run_config
+from megatron_moe.config import RunConfig, load_run_config
+from megatron_moe.schema import from_dict
 from tests.conftest import REPO
 
 

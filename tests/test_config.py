@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from megatron_moe.config import (
-    ConfigError, RunConfig, apply_overrides, from_dict, load_run_config, save_toml, to_toml, validate,
-)
+from megatron_moe.config import ConfigError, RunConfig, load_run_config, validate
+from megatron_moe.schema import apply_overrides, from_dict, save_toml, to_toml
 from tests.conftest import cli
 
 

@@ -13,7 +13,8 @@ import shlex
 import pytest
 
 from megatron_moe.cli import main, parse
-from megatron_moe.config import load_run_config, load_toml
+from megatron_moe.config import load_run_config
+from megatron_moe.schema import load_toml
 from megatron_moe.study.spec import load_study
 from tests.conftest import REPO
 

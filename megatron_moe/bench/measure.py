@@ -33,7 +33,8 @@ from pathlib import Path
 from typing import Any
 
 from megatron_moe.bench.baseline import megatron_uses_fused_adam, plain_description, run_plain, time_steps
-from megatron_moe.config import ConfigError, RunConfig, load_run_config, load_toml, save_toml
+from megatron_moe.config import ConfigError, RunConfig, load_run_config
+from megatron_moe.schema import load_toml, save_toml
 from megatron_moe.files import atomic_write_json, atomic_write_text
 from megatron_moe.text import human
 from megatron_moe.planner.ledger import ledger

@@ -26,7 +26,8 @@ def _add_config(sub: argparse._SubParsersAction) -> None:
 
 
 def config_show_main(args: argparse.Namespace) -> int:
-    from megatron_moe.config import load_run_config, load_toml, to_toml
+    from megatron_moe.config import load_run_config
+    from megatron_moe.schema import load_toml, to_toml
 
     config, overrides = split_config(args.config, args.overrides)
     if config is not None and "study" in load_toml(config):

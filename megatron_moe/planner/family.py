@@ -16,7 +16,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from megatron_moe.config import ConfigError, ModelConfig, changed_fields, validate_model
+from megatron_moe.config import ConfigError, ModelConfig, validate_model
+from megatron_moe.schema import changed_fields
 from megatron_moe.text import human
 from megatron_moe.planner.ledger import FlopConvention, Ledger, Resize, Shape, ledger, numbers_of, shape_of
 from megatron_moe.planner.match import DEFAULT_MULTIPLE_OF, DEFAULT_TOLERANCE_PCT, config_of, dense_of, solve_dense

@@ -14,7 +14,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from megatron_moe.config import ConfigError, ModelConfig, changed_fields, get_dotted, validate_model
+from megatron_moe.config import ConfigError, ModelConfig, validate_model
+from megatron_moe.schema import changed_fields, get_dotted
 from megatron_moe.text import human
 from megatron_moe.planner.ledger import Count, FlopConvention, Ledger, Numbers, Resize, Shape, ledger_from, numbers_of, shape_of
 

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from megatron_moe.config import ModelConfig, RunConfig, apply_overrides, from_dict, load_toml, save_toml, validate
+from megatron_moe.config import ModelConfig, RunConfig, validate
+from megatron_moe.schema import apply_overrides, from_dict, load_toml, save_toml
 from megatron_moe.files import atomic_write_json
 from megatron_moe.planner.family import Family, equal_resources_family
 from megatron_moe.planner.ledger import Ledger, ledger

@@ -31,15 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from megatron_moe import directories
-from megatron_moe.config import (
-    ConfigError,
-    DataConfig,
-    ModelConfig,
-    RunConfig,
-    changed_fields,
-    get_dotted,
-    validate,
-)
+from megatron_moe.config import ConfigError, DataConfig, ModelConfig, RunConfig, validate
+from megatron_moe.schema import changed_fields, get_dotted
 from megatron_moe.study.spec import StudyConfig, variant_moe
 from megatron_moe.text import human, table
 

@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from megatron_moe import directories
-from megatron_moe.config import ConfigError, to_toml
+from megatron_moe.config import ConfigError
+from megatron_moe.schema import to_toml
 from megatron_moe.files import atomic_write_json, atomic_write_text
 from megatron_moe.study.datacheck import unequal_data
 from megatron_moe.study.plan import Plan, Run, run_data_seed

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from megatron_moe import directories
-from megatron_moe.config import save_toml
+from megatron_moe.schema import save_toml
 from megatron_moe.files import lock_holder
 from megatron_moe.study.datacheck import (
     absent_data_path,

@@ -35,7 +35,8 @@ from pathlib import Path
 from typing import Any
 
 from megatron_moe import directories
-from megatron_moe.config import ConfigError, from_dict, load_toml, save_toml, validate
+from megatron_moe.config import ConfigError, validate
+from megatron_moe.schema import from_dict, load_toml, save_toml
 from megatron_moe.files import atomic_write_text
 from megatron_moe.study.datacheck import (
     absent_data_path,

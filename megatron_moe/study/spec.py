@@ -29,15 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from megatron_moe.config import (
-    ConfigError,
-    MoEConfig,
-    RunConfig,
-    apply_overrides,
-    from_dict,
-    load_toml,
-    validate,
-)
+from megatron_moe.config import ConfigError, MoEConfig, RunConfig, validate
+from megatron_moe.schema import apply_overrides, from_dict, load_toml
 from megatron_moe.planner.family import DEFAULT_R_A_GRID
 from megatron_moe.text import parse_count
 

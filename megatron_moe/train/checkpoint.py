@@ -41,7 +41,8 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_moe import directories
-from megatron_moe.config import ConfigError, RunConfig, save_toml
+from megatron_moe.config import ConfigError, RunConfig
+from megatron_moe.schema import save_toml
 from megatron_moe.files import atomic_write_bytes, atomic_write_json, atomic_write_text
 from megatron_moe.train.stop import TrainingError
 

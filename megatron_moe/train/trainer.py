@@ -19,7 +19,8 @@ import torch
 import torch.distributed as dist
 
 from megatron_moe import directories
-from megatron_moe.config import ConfigError, RunConfig, resolved_precision, save_toml, validate
+from megatron_moe.config import ConfigError, RunConfig, resolved_precision, validate
+from megatron_moe.schema import save_toml
 from megatron_moe.files import atomic_write_json
 from megatron_moe.planner.ledger import ledger
 from megatron_moe.planner.memory import state_bytes

@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from megatron_moe.config import ConfigError, DataConfig, RunConfig, from_dict
+from megatron_moe.config import ConfigError, DataConfig, RunConfig
+from megatron_moe.schema import from_dict
 from megatron_moe.data.prepare import prepare_dataset
 from megatron_moe.data.schedule import Schedule
 from megatron_moe.data.source import DataSource, build_data_source

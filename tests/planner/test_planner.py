@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from megatron_moe.config import ConfigError, MoEConfig, ModelConfig, ParallelConfig, changed_fields, load_run_config
+from megatron_moe.config import ConfigError, MoEConfig, ModelConfig, ParallelConfig, load_run_config
+from megatron_moe.schema import changed_fields
 from megatron_moe.planner.family import equal_resources_family
 from megatron_moe.planner.ledger import COMPONENTS, Ledger, ledger, padded_vocab_size
 from megatron_moe.planner.match import CONTRACTS, match_dense

@@ -30,7 +30,8 @@ from pathlib import Path
 import pytest
 
 from megatron_moe.cli import main
-from megatron_moe.config import DataConfig, load_run_config, save_toml
+from megatron_moe.config import DataConfig, load_run_config
+from megatron_moe.schema import save_toml
 from megatron_moe.parallel import free_port
 from megatron_moe.study import slurm as slurm_launch
 from megatron_moe.study.slurm import (

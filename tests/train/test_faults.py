@@ -28,7 +28,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from megatron_moe.config import load_run_config, save_toml
+from megatron_moe.config import load_run_config
+from megatron_moe.schema import save_toml
 from megatron_moe.files import lock_holder
 from megatron_moe.train.stop import PREEMPTED_MARKER, RUN_LOCK
 from tests.conftest import HANG_S, REPO, TINY_MOE, cli, untimed_rows
