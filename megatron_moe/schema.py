@@ -157,7 +157,9 @@ def save_toml(cfg: Any, path: str | Path) -> None:
     atomic_write_text(path, to_toml(dataclasses.asdict(cfg)))
 
 
-def to_toml(data: dict[str, Any]) -> str:
+def to_toml(data: dict[str, Any], comments: dict[str, str] | None = None) -> str:
+    """`data` as TOML; `comments` (dotted name -> text) go after the values they name."""
+
     def fmt(v: Any) -> str:
         if isinstance(v, bool):
             return "true" if v else "false"
@@ -179,7 +181,8 @@ def to_toml(data: dict[str, Any]) -> str:
         if prefix and scalars:
             lines.append(f"[{prefix}]")
         for k, v in scalars.items():
-            lines.append(f"{k} = {fmt(v)}")
+            note = (comments or {}).get(f"{prefix}.{k}" if prefix else k)
+            lines.append(f"{k} = {fmt(v)}" + (f"  # {note}" if note else ""))
         if scalars:
             lines.append("")
         for k, v in tables.items():

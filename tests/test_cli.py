@@ -82,3 +82,20 @@ def test_overrides_may_follow_options(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["plan", str(REPO / "examples/tiny_moe.toml"), "--json", "--no-such-flag"])
     assert exc.value.code == 2 and "unrecognized arguments: --no-such-flag" in capsys.readouterr().err
+
+
+def test_config_show_roles_marks_every_field_that_does_not_train(capsys):
+    """The marks come from the fields' roles, and the output stays the same TOML config."""
+    from megatron_moe.config import field_roles
+
+    assert main(["config", "show", str(REPO / "examples/tiny_moe.toml"), "--roles"]) == 0
+    out = capsys.readouterr().out
+    assert from_dict(RunConfig, tomllib.loads(out)) == load_run_config(REPO / "examples/tiny_moe.toml")
+    section, marked = "", {}
+    for line in out.splitlines():
+        if line.startswith("["):
+            section = line.strip("[]") + "."
+        elif " = " in line and "  # " in line:
+            marked[section + line.split(" = ")[0]] = line.rsplit("  # ", 1)[1]
+    assert marked == {name: role for name, role in field_roles().items() if role != "trains"}
+    assert marked["parallel.tensor"] == "layout" and "train.lr" not in marked

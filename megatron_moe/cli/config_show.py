@@ -22,11 +22,13 @@ def _add_config(sub: argparse._SubParsersAction) -> None:
                             epilog=CONFIG_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     show.add_argument("config", nargs="?", help="run or study config TOML (omit for the defaults)")
     show.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
+    show.add_argument("--roles", action="store_true",
+                      help="mark each field that does not change what is trained with its role (see the header)")
     show.set_defaults(func=config_show_main)
 
 
 def config_show_main(args: argparse.Namespace) -> int:
-    from megatron_moe.config import load_run_config
+    from megatron_moe.config import ROLES, field_roles, load_run_config
     from megatron_moe.schema import load_toml, to_toml
 
     config, overrides = split_config(args.config, args.overrides)
@@ -36,5 +38,9 @@ def config_show_main(args: argparse.Namespace) -> int:
         cfg = load_study(config, overrides, check_world=False)
     else:
         cfg = load_run_config(config, overrides)
-    print(to_toml(dataclasses.asdict(cfg)), end="")
+    comments = None
+    if args.roles:
+        comments = {name: role for name, role in field_roles().items() if role != "trains"}
+        print("".join(f"# {role}: {meaning}\n" for role, meaning in ROLES.items()) + "# (unmarked fields: trains)\n")
+    print(to_toml(dataclasses.asdict(cfg), comments), end="")
     return 0

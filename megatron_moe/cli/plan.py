@@ -8,6 +8,7 @@ from pathlib import Path
 
 from megatron_moe.cli.common import check_output_dir
 from megatron_moe.planner.family import DEFAULT_R_A_GRID
+from megatron_moe.planner.match import CONTRACTS
 
 PLAN_EPILOG = """examples:
   megatron-moe plan examples/tiny_moe.toml                      # ledger + active/total/flops-matched dense
@@ -41,7 +42,7 @@ def _add_plan(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("config", help="run config TOML (or a bare model config)")
     p.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. model.moe.top_k=1")
-    p.add_argument("--match", default="all", choices=["active", "total", "flops", "all", "equal-resources"],
+    p.add_argument("--match", default="all", choices=[*CONTRACTS, "all", "equal-resources"],
                    help="which matched configs to plan (default all = active, total, flops)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.add_argument("-o", "--output-dir", "--write-dir", dest="write_dir",
@@ -69,7 +70,6 @@ def _add_plan(sub: argparse._SubParsersAction) -> None:
 
 def plan_main(args: argparse.Namespace) -> int:
     from megatron_moe.planner.format import format_plan
-    from megatron_moe.planner.match import CONTRACTS
     from megatron_moe.planner.plan import load_plan_config, plan_config
     from megatron_moe.text import parse_count
 

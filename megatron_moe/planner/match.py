@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import typing
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -20,11 +21,9 @@ from megatron_moe.text import human
 from megatron_moe.planner.ledger import Count, FlopConvention, Ledger, Numbers, Resize, Shape, ledger_from, numbers_of, shape_of
 
 
-CONTRACTS = ("active", "total", "flops")
-"""Dense matching contracts (`equal-resources` is a family, see `equal_resources_family`)."""
-
-
 Contract = Literal["active", "total", "flops"]
+CONTRACTS: tuple[str, ...] = typing.get_args(Contract)
+"""Dense matching contracts (`equal-resources` is a family, see `equal_resources_family`)."""
 
 
 DEFAULT_MULTIPLE_OF = 8

@@ -33,7 +33,7 @@ from typing import Any
 from megatron_moe import directories
 from megatron_moe.config import ConfigError, DataConfig, ModelConfig, RunConfig, validate
 from megatron_moe.schema import changed_fields, get_dotted
-from megatron_moe.study.spec import StudyConfig, variant_moe
+from megatron_moe.study.spec import DENSE_ARMS, StudyConfig, variant_moe
 from megatron_moe.text import human, table
 
 
@@ -238,7 +238,7 @@ def derive_arms(
                 match = {}
                 contract = "base" if arm == "moe" else "variant"
             else:
-                contract = arm.removeprefix("dense_")
+                contract = DENSE_ARMS[arm]
                 mt = match_dense(cfg.model, contract, tensor, multiple_of=m.multiple_of, resize=m.resize,
                                  count=m.count, flops=m.flops, causal_attention=m.causal_attention,
                                  tolerance_pct=m.tolerance_pct)
@@ -256,7 +256,7 @@ def derive_arms(
         for moe in moes:
             prefix = "" if moe == "moe" else f"{moe}-"
             for arm in arms:
-                if arm.name.startswith("dense_"):
+                if arm.name in DENSE_ARMS:
                     pairs.append({"name": f"{prefix}matched-{arm.contract}", "baseline": arm.name, "moe": moe,
                                   "description": f"dense matched to the MoE's {arm.match['quantity']}"})
             if moe != "moe" and "moe" in moes:

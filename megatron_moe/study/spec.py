@@ -32,10 +32,13 @@ from typing import Literal
 from megatron_moe.config import ConfigError, MoEConfig, RunConfig, validate
 from megatron_moe.schema import apply_overrides, from_dict, load_toml
 from megatron_moe.planner.family import DEFAULT_R_A_GRID
+from megatron_moe.planner.match import CONTRACTS
 from megatron_moe.text import parse_count
 
 DATA_ORDERS = ("per_seed", "shared")
-MATCHED_ARMS = ("moe", "dense_active", "dense_total", "dense_flops")
+DENSE_ARMS = {f"dense_{contract}": contract for contract in CONTRACTS}
+"""The dense arms by name, each matched to the base MoE under its contract (`planner.match.CONTRACTS`)."""
+MATCHED_ARMS = ("moe", *DENSE_ARMS)
 ARM_CHOICES = (*MATCHED_ARMS, "equal_resources")
 VARIANT_FIELDS = ("score_function", "topk_renormalize", "aux_loss", "aux_loss_coeff", "z_loss_coeff",
                   "expert_bias_update_rate")
