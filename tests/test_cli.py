@@ -99,3 +99,12 @@ def test_config_show_roles_marks_every_field_that_does_not_train(capsys):
             marked[section + line.split(" = ")[0]] = line.rsplit("  # ", 1)[1]
     assert marked == {name: role for name, role in field_roles().items() if role != "trains"}
     assert marked["parallel.tensor"] == "layout" and "train.lr" not in marked
+
+
+def test_launch_help_keeps_acronyms(capsys):
+    with pytest.raises(SystemExit):
+        main(["study", "launch", "--help"])
+    out = capsys.readouterr().out
+    assert "GPUs requested per node" in out and "SLURM partition" in out and "USR1 reaches" in out
+    assert "container image" in out  # a plain first word is still lowered
+    assert not any(bad in out for bad in ("gPUs", "cPUs", "sLURM", "uSR1"))

@@ -97,6 +97,8 @@ def study_report_main(args: argparse.Namespace) -> int:
         print(f"WARNING: {w}")
     if results.get("ordering"):
         print(f"\nordering of mean best validation loss: {results['ordering']['line']}")
+    if results.get("regime"):
+        print(f"regime: {results['regime']['line']}")
     for title, _, header, rows in tables(results)[:2]:
         print(f"\n{title}")
         widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
@@ -173,7 +175,9 @@ def _add_launch_flags(p: argparse.ArgumentParser) -> tuple[str, ...]:
         group = group or groups.setdefault("launch options", p.add_argument_group("launch options"))
         default = f.default_factory() if f.default is dataclasses.MISSING else f.default
         doc = docs.get(f.name, "").removesuffix(".")
-        help_text = doc[:1].lower() + doc[1:] + ("" if default in ("", 0, [], False) else f" (default {default})")
+        # "Study name" -> "study name", but an acronym (GPUs, SLURM, USR1) keeps its capitals
+        first = doc[:1].lower() if doc[1:2].islower() else doc[:1]
+        help_text = first + doc[1:] + ("" if default in ("", 0, [], False) else f" (default {default})")
         flag = "--" + f.name.removesuffix("_args").replace("_", "-") + ("-arg" if f.name.endswith("_args") else "")
         if f.type in ("bool", bool):
             group.add_argument(flag, dest=f.name, action="store_true", default=None, help=help_text)

@@ -126,6 +126,10 @@ def build_results(study_dir: str | Path, confidence: float = 0.95,
         warnings.append(f"{len(missing)} of {len(runs)} runs are not complete (left out): {', '.join(missing)}")
     er = equal_resources_results(man, complete, best, contract, gaps, confidence)
     warnings += er["warnings"] if er else []
+    regime = capacity_regime(best)
+    if regime and not regime["pays"]:
+        warnings.append(f"extra parameters do not pay yet at this budget ({regime['line']}): a MoE only adds capacity, so "
+                        "this comparison cannot show what the published studies show (dense_total < moe < dense_active)")
     return {
         "study": man.name,
         "study_dir": str(study_dir),
@@ -139,6 +143,7 @@ def build_results(study_dir: str | Path, confidence: float = 0.95,
         "data_seeds": man.data_seeds,
         "arms": arms_out,
         "ordering": ordering(best, arm_names),
+        "regime": regime,
         "gaps": gaps,
         "contract": contract,
         "data_fingerprints_equal": data_ok,
@@ -281,13 +286,34 @@ def _data_note(results: dict[str, Any]) -> str:
             "the spread over seeds includes data-order noise as well as init noise.")
 
 
+def capacity_regime(best: dict[str, dict[int, float]]) -> dict[str, Any] | None:
+    """Whether extra parameters pay at this budget: dense_total against dense_active, paired by seed (None without
+    both arms). It pays when dense_total is ahead in every seed, by more on average than the seeds' spread."""
+    if not best.get("dense_active") or not best.get("dense_total"):
+        return None
+    seeds = sorted(set(best["dense_active"]) & set(best["dense_total"]))
+    if not seeds:
+        return None
+    ahead = [best["dense_active"][s] - best["dense_total"][s] for s in seeds]  # > 0: dense_total is better
+    mean = sum(ahead) / len(ahead)
+    spread = (sum((a - mean) ** 2 for a in ahead) / (len(ahead) - 1)) ** 0.5 if len(ahead) > 1 else 0.0
+    wins = sum(a > 0 for a in ahead)
+    pays = wins == len(ahead) and mean > spread
+    line = (f"dense_total {'ahead of' if mean > 0 else 'not ahead of'} dense_active by {mean:+.4f} nats/token on "
+            f"average (seed spread {spread:.4f}), ahead in {wins}/{len(ahead)} seeds")
+    return {"per_seed": {str(s): a for s, a in zip(seeds, ahead)}, "mean": mean, "std": spread, "wins": wins,
+            "n": len(ahead), "pays": pays, "line": line}
+
+
 def ordering_lines(results: dict[str, Any]) -> list[str]:
     """The ordering of the arms' mean best validation loss and in how many seeds it holds: all arms, then each
-    paired comparison."""
+    paired comparison; then whether extra parameters pay (the regime check)."""
     lines = []
     if results.get("ordering"):
         lines.append(f"all arms: {results['ordering']['line']}")
     lines += [f"{g['name']}: {g['ordering']['line']}" for g in results["gaps"] if g.get("ordering")]
+    if results.get("regime"):
+        lines.append(f"regime: {results['regime']['line']}")
     return lines
 
 

@@ -308,3 +308,23 @@ def test_report_before_any_run_is_complete(tmp_path):
     assert res["data_fingerprints_equal"] is None and all(a["best_val_loss"]["n"] == 0 for a in res["arms"])
     assert [w for w in res["warnings"] if "DATA" in w] == [] and "9 of 9 runs are not complete" in res["warnings"][0]
     assert "unknown (no run complete)" in render_markdown(res, [])
+
+
+def test_the_regime_line_and_its_warning_when_extra_parameters_do_not_pay(tmp_path):
+    # the default curves: dense_total ahead of dense_active by 0.20 (seed 1) and 0.13 (seed 2); seed 3 never finished
+    pays = build_results(_fake_study(tmp_path / "pays"))["regime"]
+    assert pays["per_seed"] == pytest.approx({"1": 0.20, "2": 0.13}) and pays["wins"] == 2 and pays["n"] == 2
+    assert pays["mean"] == pytest.approx(0.165) and pays["std"] == pytest.approx(0.07 / math.sqrt(2)) and pays["pays"]
+    assert pays["line"] == ("dense_total ahead of dense_active by +0.1650 nats/token on average (seed spread 0.0495), "
+                            "ahead in 2/2 seeds")
+    # dense_total behind in seed 2: extra parameters do not pay yet, and the report says so
+    curves = {**CURVES, ("dense_total", 1): [1.75, 1.69], ("dense_total", 2): [1.70, 1.68],
+              ("dense_total", 3): [1.70, 1.63]}
+    paths = write_report(_fake_study(tmp_path / "not", curves=curves))
+    res = json.loads(paths["results.json"].read_text())
+    regime = res["regime"]
+    assert regime["per_seed"] == pytest.approx({"1": 0.01, "2": -0.03, "3": -0.01}) and regime["wins"] == 1
+    assert not regime["pays"] and regime["line"].startswith("dense_total not ahead of dense_active by -0.0100")
+    (warning,) = [w for w in res["warnings"] if "do not pay" in w]
+    assert warning.startswith(f"extra parameters do not pay yet at this budget ({regime['line']})")
+    assert f"regime: {regime['line']}" in paths["report.md"].read_text()
