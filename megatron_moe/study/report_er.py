@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from megatron_moe.study.stats import fit_optimum, summarize
+from megatron_moe.study.stats import MIN_SEEDS_FOR_INTERVAL, fit_optimum, summarize
 from megatron_moe.text import human
 
 if TYPE_CHECKING:
@@ -74,8 +74,8 @@ def equal_resources_results(man: StudyManifest, complete: list[RunData], best: d
         })
     moe = [x for x in arms if x["is_moe"]]
     dense = next((x for x in arms if not x["is_moe"]), None)
-    opt = fit_optimum({x["r_a"]: list(x["best_val_loss"]["per_seed"].values()) for x in moe}, confidence,
-                      BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED)
+    opt = fit_optimum({x["r_a"]: {int(s): v for s, v in x["best_val_loss"]["per_seed"].items()} for x in moe},
+                      confidence, BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED)
     warnings = []
     fit = None
     if opt is None:
@@ -99,14 +99,16 @@ def equal_resources_results(man: StudyManifest, complete: list[RunData], best: d
                 f"lowest on r_a {f.x_min:.3g}..{f.x_max:.3g}, not a bracketed minimum. Extend "
                 f"study.equal_resources.r_a {side} it")
         if opt.ci_low is None:
-            warnings.append("equal-resources fit: one seed per arm, so r_a* has no bootstrap interval")
+            warnings.append(f"equal-resources fit: too few seeds for an interval (r_a* has none below "
+                            f"{MIN_SEEDS_FOR_INTERVAL} seeds that every MoE arm has)")
     return {
         "total_params": fam["total_params"], "unique_tokens": fam["unique_tokens"], "compute": fam["compute"],
         "flops": fam["flops"], "reuse": reuse, "granularity": fam.get("granularity", "free"),
         "metric": "best validation loss (nats/token); bits/byte at the best evaluation",
         "fit_method": FIT_NOTE,
         "bootstrap": {"resamples": BOOTSTRAP_RESAMPLES, "seed": BOOTSTRAP_SEED,
-                      "scheme": "each arm's per-seed losses drawn with replacement, refitted, minimum within the grid"},
+                      "scheme": "seeds drawn with replacement, the same draw for every arm (paired), refitted, minimum "
+                                "within the grid"},
         "arms": arms,
         "dense": None if dense is None else dense["arm"],
         "fit": fit,
@@ -164,8 +166,7 @@ def er_tables(results: dict[str, Any]) -> list[tuple[str, str, list[str], list[l
     boot = er["bootstrap"]
     tail = 50 * (1 - results["confidence"])
     n_seeds = max((x["best_val_loss"]["n"] for x in er["arms"]), default=0)
-    # with 2 seeds an arm's resampled mean takes only 3 values, so the interval is coarse
-    few_seeds = f"; with {n_seeds} seeds per arm a rough interval" if 1 < n_seeds < 5 else ""
+    few_seeds = f"; with {n_seeds} seeds per arm a rough interval" if MIN_SEEDS_FOR_INTERVAL <= n_seeds < 5 else ""
     out = [(
         "Equal resources: optimal activation rate",
         f"r_a* from {er['fit_method']}. Interval: the {tail:g}-{100 - tail:g} percentiles of r_a* over "
@@ -177,7 +178,8 @@ def er_tables(results: dict[str, Any]) -> list[tuple[str, str, list[str], list[l
         ["r_a*", "interval", "fitted loss at r_a*", "bracketed", "lowest-mean arm", "dense loss", "reuse",
          "granularity"],
         [[f"{fit['x_opt']:.4f}" if fit else "n/a",
-          f"[{fit['ci'][0]:.4f}, {fit['ci'][1]:.4f}]" if fit and fit["ci"][0] is not None else "n/a",
+          f"[{fit['ci'][0]:.4f}, {fit['ci'][1]:.4f}]" if fit and fit["ci"][0] is not None
+          else "too few seeds for an interval" if fit else "n/a",
           f"{fit['y_opt']:.4f}" if fit else "n/a", ("no (edge)" if fit["at_edge"] else "yes") if fit else "n/a",
           fit["best_arm"] if fit else "n/a", mean_ci(dense["best_val_loss"]) if dense else "n/a", er["reuse"],
           er["granularity"]]],

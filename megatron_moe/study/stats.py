@@ -242,26 +242,35 @@ class Optimum:
                 "at_edge": self.at_edge, "best_x": self.best_x}
 
 
-def fit_optimum(per_seed: dict[float, list[float]], confidence: float = 0.95, resamples: int = 2000,
-                seed: int = 0) -> Optimum | None:
-    """The minimum over x of a quadratic in log x through the mean of each grid point's per-seed values, and a
-    bootstrap interval over seeds: each resample draws every grid point's values with replacement (as many as
-    it has), refits through the resampled means and takes the minimum within the grid; the interval is the
-    central `confidence` share of those minima. Seeded by `seed`, so the same values give the same interval.
-    None with fewer than 3 grid points that have values."""
+MIN_SEEDS_FOR_INTERVAL = 3
+"""Fewer seeds than this give no bootstrap interval: 2 seeds resample to 3 distinct means per arm, and their t factor
+is 12.7, so any interval would be noise."""
+
+
+def fit_optimum(per_seed: dict[float, dict[int, float] | list[float]], confidence: float = 0.95,
+                resamples: int = 2000, seed: int = 0) -> Optimum | None:
+    """The minimum over x of a quadratic in log x through the mean of each grid point's per-seed values, and a paired
+    bootstrap interval over seeds: each resample draws seeds with replacement, the same draw for every grid point
+    (a seed's init and data order are shared by its arms, so its effect cancels in the optimum rather than widening
+    it), refits through the resampled means and takes the minimum within the grid; the interval is the central
+    `confidence` share of those minima. Only seeds every grid point has are drawn, and with fewer than
+    MIN_SEEDS_FOR_INTERVAL of them there is no interval. Values are {seed: value} (a list is keyed by position).
+    Seeded by `seed`, so the same values give the same interval. None with fewer than 3 grid points that have values."""
     import random
 
+    per_seed = {x: dict(enumerate(v)) if isinstance(v, list) else dict(v) for x, v in per_seed.items()}
     grid = sorted(x for x, v in per_seed.items() if v)
-    means = [sum(per_seed[x]) / len(per_seed[x]) for x in grid]
+    means = [sum(per_seed[x].values()) / len(per_seed[x]) for x in grid]
     fit = fit_log_quadratic(grid, means)
     if fit is None:
         return None
     rng = random.Random(seed)
     optima, interior = [], 0
-    if any(len(per_seed[x]) > 1 for x in grid):
+    shared = sorted(set.intersection(*(set(per_seed[x]) for x in grid)))
+    if len(shared) >= MIN_SEEDS_FOR_INTERVAL:
         for _ in range(resamples):
-            boot = [sum(rng.choices(per_seed[x], k=len(per_seed[x]))) / len(per_seed[x]) for x in grid]
-            f = fit_log_quadratic(grid, boot)
+            draw = rng.choices(shared, k=len(shared))
+            f = fit_log_quadratic(grid, [sum(per_seed[x][s] for s in draw) / len(draw) for x in grid])
             if f is not None:
                 optima.append(f.x_opt)
                 interior += f.interior

@@ -71,21 +71,21 @@ def test_quadratic_in_log_x_is_exact_for_a_parabola():
 
 
 def test_fit_recovers_a_known_optimum_and_its_interval_shrinks_with_seeds():
-    few = fit_optimum(_per_seed(3, 0.02))
+    few = fit_optimum(_per_seed(5, 0.02))
     many = fit_optimum(_per_seed(40, 0.02))
     for opt in (few, many):
         assert opt.ci_low < 0.18 < opt.ci_high and not opt.at_edge and opt.interior_fraction > 0.9
         assert opt.resamples == 2000 and opt.seed == 0 and opt.best_x in (0.15, 0.2)
     assert many.fit.x_opt == pytest.approx(0.18, rel=0.05)
     width_few, width_many = few.ci_high - few.ci_low, many.ci_high - many.ci_low
-    assert width_many < 0.5 * width_few  # ~ 1 / sqrt(seeds): 40 seeds vs 3
+    assert width_many < 0.5 * width_few  # ~ 1 / sqrt(seeds): 40 seeds vs 5
     # seeded: the same values give the same interval; another resampler seed another one
-    again = fit_optimum(_per_seed(3, 0.02))
+    again = fit_optimum(_per_seed(5, 0.02))
     assert (again.ci_low, again.ci_high) == (few.ci_low, few.ci_high)
-    other = fit_optimum(_per_seed(3, 0.02), seed=1)
+    other = fit_optimum(_per_seed(5, 0.02), seed=1)
     assert (other.ci_low, other.ci_high) != (few.ci_low, few.ci_high)
     # a narrower confidence gives a narrower interval inside the wider one
-    narrow = fit_optimum(_per_seed(3, 0.02), confidence=0.5)
+    narrow = fit_optimum(_per_seed(5, 0.02), confidence=0.5)
     assert few.ci_low <= narrow.ci_low < narrow.ci_high <= few.ci_high
 
 
@@ -104,3 +104,23 @@ def test_an_optimum_at_the_grid_edge_is_flagged(loss, interior, x_opt):
     # the bootstrap optima stay on the grid's range: the interval never extrapolates
     assert GRID[0] <= opt.ci_low <= opt.ci_high <= GRID[-1]
     assert fit_optimum({0.1: [1.0], 0.2: [0.9]}) is None
+
+
+def test_the_bootstrap_resamples_seeds_jointly_across_the_grid():
+    """A seed effect shared by every arm (its init and data order) moves all means together, which cannot move the
+    optimum: resampling seeds jointly gives every resample the optimum of the seed-free curve, a zero-width interval
+    (by hand: each resampled mean is loss(r) + the mean of the drawn seeds' offsets, the same for every r). Resampled
+    arm by arm, the offsets would not cancel and the interval would be wide."""
+    offsets = {1: -0.3, 2: 0.0, 3: 0.25, 4: 0.5}
+    per_seed = {r: {s: _loss(r) + off for s, off in offsets.items()} for r in GRID}
+    opt = fit_optimum(per_seed)
+    assert opt.ci_low == pytest.approx(0.18, rel=1e-9) and opt.ci_high == pytest.approx(0.18, rel=1e-9)
+    # only seeds every grid point has are drawn: dropping seed 4 from one arm leaves 3 shared seeds, still exact
+    per_seed[GRID[0]].pop(4)
+    assert fit_optimum(per_seed).ci_high == pytest.approx(0.18, rel=1e-9)
+
+
+def test_fewer_than_three_seeds_give_no_interval():
+    opt = fit_optimum(_per_seed(2, 0.02))
+    assert opt.fit is not None and (opt.ci_low, opt.ci_high) == (None, None) and opt.resamples == 0
+    assert fit_optimum(_per_seed(3, 0.02)).ci_low is not None
