@@ -22,7 +22,7 @@ from __future__ import annotations
 import io
 from typing import TYPE_CHECKING, Any
 
-from megatron_moe.study.stats import summarize
+from megatron_moe.study.stats import TOO_FEW, summarize
 
 if TYPE_CHECKING:
     from megatron_moe.study.records import RunData
@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
 
 def _band(values: list[float], confidence: float) -> tuple[float, float | None, float | None]:
-    """Mean and t interval of one step's values over seeds (no interval for one seed)."""
+    """Mean and t interval of one step's values over seeds (no interval for too few seeds)."""
     st = summarize(values, confidence)
     return st.mean, st.ci_low, st.ci_high
 
@@ -94,7 +94,7 @@ def make_plots(results: dict[str, Any], man: StudyManifest, runs: list[RunData])
             ax.plot(x, mean, label=f"{arm} (n={len(series)})", color=colors[arm],
                     marker="o" if rows_of == "evals" else None, markersize=3)
             low, high = mean, mean
-            if len(series) > 1:
+            if all(lo is not None for _, lo, _ in stats):  # no band below MIN_SEEDS_FOR_INTERVAL seeds
                 low, high = [lo for _, lo, _ in stats], [hi for _, _, hi in stats]
                 ax.fill_between(x, low, high, color=colors[arm], alpha=0.2, linewidth=0)
             drawn.append((x, low, high))
@@ -148,7 +148,7 @@ def make_plots(results: dict[str, Any], man: StudyManifest, runs: list[RunData])
                 ax.errorbar([g["mean"]], [y], xerr=[[g["mean"] - lo], [hi - g["mean"]]], fmt="D", color="C0",
                             capsize=4, label=f"mean, {100 * conf:g}% t interval" if i == 0 else None, zorder=3)
             else:
-                ax.scatter([g["mean"]], [y], marker="D", color="C0", label="mean (one seed)" if i == 0 else None)
+                ax.scatter([g["mean"]], [y], marker="D", color="C0", label=f"mean ({TOO_FEW})" if i == 0 else None)
         ax.axvline(0.0, color="black", linewidth=0.8)
         ax.set_yticks(range(len(gaps)), [g["name"] for g in reversed(gaps)])
         ax.set_ylim(-0.7, len(gaps) - 0.3)

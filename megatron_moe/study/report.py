@@ -38,7 +38,7 @@ from megatron_moe.study.report_er import (
     mean_ci,
 )
 from megatron_moe.study.rundir import StudyManifest
-from megatron_moe.study.stats import ordering, paired, summarize
+from megatron_moe.study.stats import MIN_SEEDS_FOR_INTERVAL, TOO_FEW, ordering, paired, summarize
 from megatron_moe.text import human
 
 
@@ -121,6 +121,11 @@ def build_results(study_dir: str | Path, confidence: float = 0.95,
         warnings.append(f"{len(last)} of {len(complete)} complete runs have their best validation loss at their last "
                         f"evaluation ({', '.join(last)}): still improving when training stopped, so the budget is too "
                         "short to call a best (their best is their final loss)")
+    few = [f"{a['arm']} ({a['best_val_loss']['n']})" for a in arms_out
+           if 0 < a["best_val_loss"]["n"] < MIN_SEEDS_FOR_INTERVAL]
+    if few:
+        warnings.append(f"{TOO_FEW} where fewer than {MIN_SEEDS_FOR_INTERVAL} seeds are complete: {', '.join(few)}; "
+                        "those arms' intervals, and the gaps' that involve them, are left out")
     missing = [f"{r['arm']} seed {r['seed']}" for r in run_rows if not r["complete"]]
     if missing:
         warnings.append(f"{len(missing)} of {len(runs)} runs are not complete (left out): {', '.join(missing)}")
@@ -128,8 +133,9 @@ def build_results(study_dir: str | Path, confidence: float = 0.95,
     warnings += er["warnings"] if er else []
     regime = capacity_regime(best)
     if regime and not regime["pays"]:
-        warnings.append(f"extra parameters do not pay yet at this budget ({regime['line']}): a MoE only adds capacity, so "
-                        "this comparison cannot show what the published studies show (dense_total < moe < dense_active)")
+        warnings.append(f"extra parameters do not pay yet at this budget ({regime['line']}): a MoE only adds "
+                        "capacity, so this comparison cannot show what the published studies show (dense_total < moe "
+                        "< dense_active)")
     return {
         "study": man.name,
         "study_dir": str(study_dir),
@@ -269,7 +275,9 @@ def _pm(st: dict[str, Any], digits: int = 4) -> str:
 
 def _ci(st: dict[str, Any], digits: int = 4) -> str:
     lo, hi = st["ci"]
-    return "n/a" if lo is None else f"[{lo:.{digits}f}, {hi:.{digits}f}]"
+    if lo is None:
+        return TOO_FEW if st.get("n") else "n/a"
+    return f"[{lo:.{digits}f}, {hi:.{digits}f}]"
 
 
 def _epochs(x: Any) -> str:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from megatron_moe.study.stats import MIN_SEEDS_FOR_INTERVAL, fit_optimum, summarize
+from megatron_moe.study.stats import MIN_SEEDS_FOR_INTERVAL, TOO_FEW, fit_optimum, summarize
 from megatron_moe.text import human
 
 if TYPE_CHECKING:
@@ -124,7 +124,7 @@ def _answer(fit: dict[str, Any] | None, dense: dict[str, Any] | None, moe: list[
     parts = []
     if fit is not None:
         lo, hi = fit["ci"]
-        ci = "" if lo is None else f" ({conf} seed-bootstrap interval {lo:.3g} to {hi:.3g})"
+        ci = f" ({TOO_FEW})" if lo is None else f" ({conf} seed-bootstrap interval {lo:.3g} to {hi:.3g})"
         edge = ", at the edge of the grid" if fit["at_edge"] else ""
         parts.append(f"Fitted optimum r_a* = {fit['x_opt']:.3g}{ci}{edge}, fitted best validation loss "
                      f"{fit['y_opt']:.4f} there.")
@@ -132,7 +132,12 @@ def _answer(fit: dict[str, Any] | None, dense: dict[str, Any] | None, moe: list[
               and x["gap_vs_dense"]["ci"][0] > 0]
     worse = [x for x in moe if x["gap_vs_dense"] and x["gap_vs_dense"]["ci"][1] is not None
              and x["gap_vs_dense"]["ci"][1] < 0]
-    if dense is not None and dense["best_val_loss"]["mean"] is not None:
+    gaps = [x for x in moe if x["gap_vs_dense"] and x["gap_vs_dense"]["mean"] is not None]
+    if dense is not None and dense["best_val_loss"]["mean"] is not None and gaps and \
+            all(x["gap_vs_dense"]["ci"][0] is None for x in gaps):
+        parts.append(f"Dense baseline {dense['best_val_loss']['mean']:.4f}; paired gaps to it (dense - MoE, "
+                     f"{TOO_FEW}): " + ", ".join(f"{x['arm']} {x['gap_vs_dense']['mean']:+.4f}" for x in gaps) + ".")
+    elif dense is not None and dense["best_val_loss"]["mean"] is not None:
         parts.append(f"Dense baseline {dense['best_val_loss']['mean']:.4f}; MoE arms better than it ({conf} t "
                      f"interval of the paired gap above 0): {', '.join(x['arm'] for x in better) or 'none'}; worse: "
                      f"{', '.join(x['arm'] for x in worse) or 'none'}.")
@@ -150,7 +155,7 @@ def mean_ci(st: dict[str, Any] | None, digits: int = 4) -> str:
     if st is None or st["mean"] is None:
         return "n/a"
     lo, hi = st["ci"]
-    return f"{st['mean']:.{digits}f}" + ("" if lo is None else f" [{lo:.{digits}f}, {hi:.{digits}f}]")
+    return f"{st['mean']:.{digits}f}" + (f" ({TOO_FEW})" if lo is None else f" [{lo:.{digits}f}, {hi:.{digits}f}]")
 
 
 def er_tables(results: dict[str, Any]) -> list[tuple[str, str, list[str], list[list[str]]]]:
@@ -179,7 +184,7 @@ def er_tables(results: dict[str, Any]) -> list[tuple[str, str, list[str], list[l
          "granularity"],
         [[f"{fit['x_opt']:.4f}" if fit else "n/a",
           f"[{fit['ci'][0]:.4f}, {fit['ci'][1]:.4f}]" if fit and fit["ci"][0] is not None
-          else "too few seeds for an interval" if fit else "n/a",
+          else TOO_FEW if fit else "n/a",
           f"{fit['y_opt']:.4f}" if fit else "n/a", ("no (edge)" if fit["at_edge"] else "yes") if fit else "n/a",
           fit["best_arm"] if fit else "n/a", mean_ci(dense["best_val_loss"]) if dense else "n/a", er["reuse"],
           er["granularity"]]],

@@ -86,8 +86,15 @@ class Stats:
                 "confidence": self.confidence}
 
 
+MIN_SEEDS_FOR_INTERVAL = 3
+"""Fewer seeds (values) than this give no interval, t or bootstrap: at 2 the t factor is 12.7 and a bootstrap sees 3
+distinct means, so any interval would be noise."""
+TOO_FEW = "too few seeds for an interval"
+
+
 def summarize(values: list[float], confidence: float = 0.95) -> Stats:
-    """Mean ± std and the t interval mean ± t_{(1+c)/2, n-1} x std / sqrt(n)."""
+    """Mean ± std and the t interval mean ± t_{(1+c)/2, n-1} x std / sqrt(n); no interval below
+    MIN_SEEDS_FOR_INTERVAL values (at 2 the t factor is 12.7: the interval would say nothing)."""
     n = len(values)
     if n == 0:
         return Stats(0, None, None, None, None, confidence)
@@ -95,6 +102,8 @@ def summarize(values: list[float], confidence: float = 0.95) -> Stats:
     if n < 2:
         return Stats(1, mean, None, None, None, confidence)
     std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    if n < MIN_SEEDS_FOR_INTERVAL:
+        return Stats(n, mean, std, None, None, confidence)
     half = t_quantile(0.5 + confidence / 2.0, n - 1) * std / math.sqrt(n)
     return Stats(n, mean, std, mean - half, mean + half, confidence)
 
@@ -240,11 +249,6 @@ class Optimum:
                 "residual_std": f.residual_std, "ci": [self.ci_low, self.ci_high], "confidence": self.confidence,
                 "resamples": self.resamples, "interior_fraction": self.interior_fraction, "bootstrap_seed": self.seed,
                 "at_edge": self.at_edge, "best_x": self.best_x}
-
-
-MIN_SEEDS_FOR_INTERVAL = 3
-"""Fewer seeds than this give no bootstrap interval: 2 seeds resample to 3 distinct means per arm, and their t factor
-is 12.7, so any interval would be noise."""
 
 
 def fit_optimum(per_seed: dict[float, dict[int, float] | list[float]], confidence: float = 0.95,
