@@ -305,9 +305,12 @@ def container_setup(python: str) -> str:
             ' && export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}" || exit 1; }; exec "$@"')
 
 
-def container_mounts(lc: LaunchConfig, paths: Sequence[Path | str]) -> str:
-    """`--container-mounts`: each of `paths` (the study, the package's checkout, the data, the logs) at the same
-    place inside, where another listed path does not already hold it, then --container-mounts as given."""
+def container_mounts(lc: LaunchConfig, run_dir: Path, visible: Sequence[Path | str]) -> str:
+    """`--container-mounts`: the run directory, the job's work directory, the package's checkout and `visible` (the
+    study, the data, the logs) at the same place inside, where another of them does not already hold it, then
+    --container-mounts as given."""
+    source = lc.workdir or source_checkout()
+    paths = [run_dir, lc.workdir or run_dir, *([source] if source else []), *visible]
     unique = sorted({Path(p).resolve() for p in paths if p})
     kept = [p for p in unique if not any(q != p and p.is_relative_to(q) for q in unique)]
     return ",".join([*(f"{p}:{p}" for p in kept), *([lc.container_mounts] if lc.container_mounts else [])])
@@ -318,10 +321,8 @@ def assumptions(lc: LaunchConfig, run_dir: Path, visible: Sequence[Path | str]) 
     env = ", ".join(f"{k}={v}" for k, v in JOB_ENVIRONMENT.items())
     lines = [f"assumed: each job exports {env} unless the submitting environment or a --setup line sets them"]
     if lc.container_image:
-        source = lc.workdir or source_checkout()
-        mounts = container_mounts(lc, [run_dir, lc.workdir or run_dir, *([source] if source else []), *visible])
         lines += [f"assumed: container {lc.container_image} (pyxis/enroot) with python, torch and numpy; mounted at the "
-                  f"same paths: {mounts}",
+                  f"same paths: {container_mounts(lc, run_dir, visible)}",
                   f"assumed: where the image's python lacks them, each job installs {', '.join(container_requirements())}"
                   " into /tmp on each node first (needs network on the compute nodes; an image built from "
                   "docker/Dockerfile has them)"]
@@ -348,9 +349,8 @@ def render_run_script(lc: LaunchConfig, *, run_dir: Path, job_name: str, nproc_p
     agent = torchrun_command(python, _RUN_TOML, nnodes=lc.nodes, nproc_per_node=nproc_per_node,
                              endpoint=_ENDPOINT, rdzv_id=_RDZV_ID)
     if lc.container_image:
-        mounts = container_mounts(lc, [run_dir, workdir, *([source] if source else []), *visible])
         srun += [f"--container-image={lc.container_image}", f"--container-workdir={workdir}",
-                 f"--container-mounts={mounts}"]
+                 f"--container-mounts={container_mounts(lc, run_dir, visible)}"]
         agent = ["bash", "-c", container_setup(python), "megatron-moe-train", *agent]
     srun += lc.srun_args
     shutdown_s = max(30, lc.signal_seconds - 30)
