@@ -111,6 +111,13 @@ def _micro_batches(batch: np.ndarray, dp_rank: int, dp: int, micro_batch_size: i
     return out
 
 
+def _first_error_of_any_rank(error: Any) -> Any:
+    """The error of the lowest rank that has one (None when no rank has): every rank takes the same decision."""
+    errors: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    return next((e for e in errors if e is not None), None)
+
+
 def _loss_func(loss_mask: torch.Tensor, output: torch.Tensor):
     losses = output.float()
     loss_sum = (losses * loss_mask).sum()
@@ -176,9 +183,7 @@ class Trainer:
                 data = build_data_source(cfg.data, cfg.model.seq_length, t.global_batch_size, t.train_steps)
             except (ConfigError, TrainingError) as exc:
                 error = exc
-        errors: list[Exception | None] = [None] * dist.get_world_size()
-        dist.all_gather_object(errors, error)
-        error = next((e for e in errors if e is not None), None)
+        error = _first_error_of_any_rank(error)
         if error is not None:
             raise error
         if not builds_first:
@@ -297,9 +302,7 @@ class Trainer:
                 state, error = load_checkpoint(self.checkpointable(), self.resumed_from), None
             except TrainingError as exc:
                 state, error = None, str(exc)
-            errors: list[str | None] = [None] * dist.get_world_size()
-            dist.all_gather_object(errors, error)
-            error = next((e for e in errors if e), None)
+            error = _first_error_of_any_rank(error)
             if error is None:
                 return state
             older: Path | None = None
