@@ -46,6 +46,12 @@ def _type_name(tp: Any) -> str:
 
 
 def _coerce(value: Any, tp: Any, path: str) -> Any:
+    if tp is Any:
+        return value
+    if tp in (dict, list):
+        if not isinstance(value, tp):
+            raise ConfigError(f"{path} = {value!r} has the wrong type; expected a {'table' if tp is dict else 'list'}")
+        return value
     origin = typing.get_origin(tp)
     if origin is Literal:
         allowed = typing.get_args(tp)
@@ -89,7 +95,8 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{path} = {value!r} has the wrong type; expected a table")
-        return dict(value)
+        _, item = typing.get_args(tp)
+        return {k: _coerce(v, item, f"{path}.{k}") for k, v in value.items()}
     raise ConfigError(f"{path}: unsupported field type {tp}")
 
 
@@ -103,6 +110,10 @@ def from_dict(cls: type, data: dict[str, Any], path: str = "") -> Any:
         if key not in fields:
             raise ConfigError(f"unknown key {dotted!r}; valid keys here: {', '.join(fields)}")
         kwargs[key] = _coerce(value, hints[key], dotted)
+    missing = [f.name for f in fields.values() if f.name not in kwargs and f.init
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ConfigError(f"no {'.'.join(filter(None, (path, missing[0])))!r}")
     return cls(**kwargs)
 
 

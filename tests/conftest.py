@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from megatron_moe import directories
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data" / "tinystories"
@@ -66,7 +67,7 @@ TIMING_KEYS = ("tokens_per_s", "elapsed_s", "tflops_per_device", "mfu", "gpu_mem
 def metrics_rows(run_dir: Path, kind: str | None = None) -> list[dict]:
     """The rows of a run's metrics.jsonl (only those of `kind`, "train" or "eval", when given); every line must
     parse."""
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (run_dir / directories.METRICS).read_text().splitlines()]
     return [r for r in rows if kind is None or r["kind"] == kind]
 
 

@@ -55,7 +55,7 @@ MUTANTS = (
            "        if False:",
            ("tests/data/test_data.py::test_verify_catches_token_ids_outside_the_vocabulary_even_with_rewritten_checksums",)),
     Mutant("same-data-order-every-seed", "each seed has its own data order, shared by the arms of that seed",
-           "megatron_moe/study/plan.py",
+           "megatron_moe/study/design.py",
            'return cfg.data.seed if cfg.study.data_order == "shared" else cfg.data.seed + seed',
            "return cfg.data.seed",
            ("tests/study/test_study.py::test_each_seed_has_its_own_data_order_shared_by_its_arms",)),

@@ -85,7 +85,7 @@ def bench_config(cfg: RunConfig, steps: int, warmup: int) -> RunConfig:
 def cases_for(path: str | None, overrides: list[str]) -> tuple[list[Case], str]:
     """The cases of a run config (plus its active-matched dense when MoE) or of a study's arms."""
     if path and "study" in load_toml(path):
-        from megatron_moe.study.plan import derive_arms
+        from megatron_moe.study.design import derive_arms
         from megatron_moe.study.spec import load_study
 
         study = load_study(path, overrides, check_world=False)  # measured on one device
@@ -177,7 +177,7 @@ def bench(
     """Measure every case; returns (and writes to `out_dir`) the results."""
     import torch
 
-    from megatron_moe.study.rundir import environment
+    from megatron_moe.study.studydir import environment
     from megatron_moe.train.monitors import device_peak_flops
     from megatron_moe.train.trainer import resolve_precision
 

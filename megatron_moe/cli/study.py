@@ -6,7 +6,6 @@ import argparse
 import ast
 import dataclasses
 import inspect
-import json
 import sys
 from pathlib import Path
 
@@ -88,17 +87,18 @@ def study_run_main(args: argparse.Namespace) -> int:
 
 
 def study_report_main(args: argparse.Namespace) -> int:
+    from megatron_moe.study.records import load_results
     from megatron_moe.study.report import tables, write_report
 
     check_output_dir(args.output_dir, "--output-dir")
     paths = write_report(args.dir, args.output_dir, args.confidence, args.allow_damaged)
-    results = json.loads(paths[directories.RESULTS].read_text())
-    for w in results["warnings"]:
+    results = load_results(paths[directories.RESULTS])
+    for w in results.warnings:
         print(f"WARNING: {w}")
-    if results.get("ordering"):
-        print(f"\nordering of mean best validation loss: {results['ordering']['line']}")
-    if results.get("regime"):
-        print(f"regime: {results['regime']['line']}")
+    if results.ordering:
+        print(f"\nordering of mean best validation loss: {results.ordering['line']}")
+    if results.regime:
+        print(f"regime: {results.regime['line']}")
     for title, _, header, rows in tables(results)[:2]:
         print(f"\n{title}")
         widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]

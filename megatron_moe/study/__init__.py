@@ -1,8 +1,8 @@
 """Studies: arms x seeds x budgets, derived by the planner, trained, and reported (no torch at import).
 
 - `spec`: the study file ([study] table) and its checks.
-- `plan`: the arms and runs a spec derives (pure: no side effects).
-- `rundir`: the study directory on disk: study.json (writer and reader), run status, the lock, run.json
+- `design`: the arms and runs a spec derives (pure: no side effects).
+- `studydir`: the study directory on disk: study.json (writer and reader), run status, the lock, run.json
   attempts, log.jsonl events and slurm.json submissions.
 - `runner`: `study run`, every (arm, seed) in a fresh trainer process, resumable.
 - `slurm`: `study launch --slurm`, sbatch scripts and job submission.

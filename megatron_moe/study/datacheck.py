@@ -10,13 +10,13 @@ from pathlib import Path
 from typing import Any
 
 from megatron_moe.config import ConfigError
-from megatron_moe.study.plan import Plan
+from megatron_moe.study.design import Design
 
 
-def absent_data_path(plan: Plan) -> str | None:
-    """A `data.path` of the plan's runs that does not exist on this machine (None when every one does): a dry run
+def absent_data_path(design: Design) -> str | None:
+    """A `data.path` of the design's runs that does not exist on this machine (None when every one does): a dry run
     plans without the data, so that a study can be designed before its corpus is prepared or copied here."""
-    return next((r.config.data.path for r in plan.runs
+    return next((r.config.data.path for r in design.runs
                  if r.config.data.path and not Path(r.config.data.path).exists()), None)
 
 
@@ -25,7 +25,7 @@ def dry_run_note(path: str) -> str:
             "(a real run refuses)")
 
 
-def data_check(plan: Plan) -> dict[str, dict[str, dict[str, Any]]]:
+def data_check(design: Design) -> dict[str, dict[str, dict[str, Any]]]:
     """Build each run's data source once per distinct data config (no training) and describe it: catches a
     schedule too short for an arm's steps, or a dataset too small for the budget, before any compute is spent.
     Keyed by seed (as a string, as in study.json), then arm."""
@@ -33,7 +33,7 @@ def data_check(plan: Plan) -> dict[str, dict[str, dict[str, Any]]]:
 
     out: dict[str, dict[str, dict[str, Any]]] = {}
     cache: dict[str, Any] = {}
-    for run in plan.runs:
+    for run in design.runs:
         c = run.config
         key = json.dumps([dataclasses.asdict(c.data), c.model.seq_length, c.train.global_batch_size])
         if key not in cache:

@@ -25,8 +25,7 @@ from typing import TYPE_CHECKING, Any
 from megatron_moe.study.stats import TOO_FEW, summarize
 
 if TYPE_CHECKING:
-    from megatron_moe.study.records import RunData
-    from megatron_moe.study.rundir import StudyManifest
+    from megatron_moe.study.records import RunData, StudyRecord, StudyResults
 
 
 def _band(values: list[float], confidence: float) -> tuple[float, float | None, float | None]:
@@ -49,7 +48,7 @@ def _zoom(ax: Any, drawn: list[tuple[list[float], list[float], list[float]]]) ->
         ax.set_ylim(lo - pad, hi + pad)
 
 
-def make_plots(results: dict[str, Any], man: StudyManifest, runs: list[RunData]) -> dict[str, bytes]:
+def make_plots(results: StudyResults, record: StudyRecord, runs: list[RunData]) -> dict[str, bytes]:
     """PNG bytes by file name (see the module docstring); {} without matplotlib."""
     try:
         import matplotlib
@@ -58,16 +57,16 @@ def make_plots(results: dict[str, Any], man: StudyManifest, runs: list[RunData])
         import matplotlib.pyplot as plt
     except ImportError:
         return {}
-    conf = results["confidence"]
+    conf = results.confidence
     band = f"{100 * conf:g}% t interval over seeds"
     # x axis: training tokens; for an equal-resources family training compute, where every arm ends at C
-    if man.family:
-        tps = {a["name"]: a["tokens_per_step"] * a["match"]["flops_per_token"] for a in man.arms}
-        xlabel = f"training FLOPs ({man.family['flops']} convention)"
+    if record.family:
+        tps = {a.name: a.tokens_per_step * a.match["flops_per_token"] for a in record.arms}
+        xlabel = f"training FLOPs ({record.family['flops']} convention)"
     else:
-        tps = {a["name"]: a["tokens_per_step"] for a in man.arms}
+        tps = {a.name: a.tokens_per_step for a in record.arms}
         xlabel = "training tokens"
-    arm_names = [a["name"] for a in man.arms]
+    arm_names = [a.name for a in record.arms]
     colors = {a: plt.get_cmap("tab10")(i % 10) for i, a in enumerate(arm_names)}
     out: dict[str, bytes] = {}
 
@@ -117,9 +116,9 @@ def make_plots(results: dict[str, Any], man: StudyManifest, runs: list[RunData])
     fig.tight_layout()
     out["loss_curves.png"] = png(fig)
 
-    if any(g["over_training"] for g in results["gaps"]):
+    if any(g["over_training"] for g in results.gaps):
         fig, ax = plt.subplots(figsize=(7, 4))
-        for g in results["gaps"]:
+        for g in results.gaps:
             pts = [p for p in g["over_training"] if p["mean"] is not None]
             if not pts:
                 continue
@@ -136,7 +135,7 @@ def make_plots(results: dict[str, Any], man: StudyManifest, runs: list[RunData])
         ax.legend(fontsize=8)
         out["gaps.png"] = png(fig)
 
-    gaps = [g for g in results["gaps"] if g["mean"] is not None]
+    gaps = [g for g in results.gaps if g["mean"] is not None]
     if gaps:
         fig, ax = plt.subplots(figsize=(7, 1.2 + 0.6 * len(gaps)))
         for i, g in enumerate(gaps):
@@ -159,7 +158,7 @@ def make_plots(results: dict[str, Any], man: StudyManifest, runs: list[RunData])
         out["gap_intervals.png"] = png(fig)
 
     fig, ax = plt.subplots(figsize=(max(5, 1.3 * len(arm_names)), 4))
-    for i, a in enumerate(results["arms"]):
+    for i, a in enumerate(results.arms):
         vals = list(a["best_val_loss"]["per_seed"].values())
         ax.scatter([i] * len(vals), vals, color=colors[a["arm"]], alpha=0.6, s=18)
         st = a["best_val_loss"]
@@ -172,8 +171,8 @@ def make_plots(results: dict[str, Any], man: StudyManifest, runs: list[RunData])
     ax.set_title(f"best validation loss per arm (dots: seeds; diamond: mean, bar: {band})", fontsize=9)
     ax.grid(alpha=0.3, axis="y")
     out["best_val_loss.png"] = png(fig)
-    if results.get("equal_resources"):
-        out.update(_er_plots(results["equal_resources"], plt, png, band))
+    if results.equal_resources:
+        out.update(_er_plots(results.equal_resources, plt, png, band))
     return out
 
 

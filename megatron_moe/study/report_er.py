@@ -20,8 +20,7 @@ from megatron_moe.study.stats import MIN_SEEDS_FOR_INTERVAL, TOO_FEW, fit_optimu
 from megatron_moe.text import human
 
 if TYPE_CHECKING:
-    from megatron_moe.study.records import RunData
-    from megatron_moe.study.rundir import StudyManifest
+    from megatron_moe.study.records import RunData, StudyRecord, StudyResults
 
 
 BOOTSTRAP_RESAMPLES = 2000
@@ -37,22 +36,22 @@ def _one(x: Any) -> Any:
     return min(x) if isinstance(x, list) and x else x
 
 
-def equal_resources_results(man: StudyManifest, complete: list[RunData], best: dict[str, dict[int, float]],
+def equal_resources_results(record: StudyRecord, complete: list[RunData], best: dict[str, dict[int, float]],
                             contract: list[dict[str, Any]], gaps: list[dict[str, Any]],
                             confidence: float) -> dict[str, Any] | None:
     """Everything the report shows about an equal-resources family (None when the study has none)."""
-    fam = man.family
+    fam = record.family
     if not fam:
         return None
     rows = {c["arm"]: c for c in contract}
     gap_of = {g["moe"]: g for g in gaps if g.get("baseline") == "er_dense"}
     reuse = fam.get("reuse", "strict")
     arms = []
-    for a in man.arms:
-        name, match = a["name"], a.get("match") or {}
+    for a in record.arms:
+        name, match = a.name, a.match
         c = rows.get(name, {})
         consumed = _one(c.get("consumed_tokens"))
-        consumed = consumed if isinstance(consumed, int) else a["planned_tokens"]
+        consumed = consumed if isinstance(consumed, int) else a.planned_tokens
         pool = _one(c.get("unique_tokens"))
         pool = pool if isinstance(pool, int) else fam.get("data_unique_tokens", fam["unique_tokens"])
         # An arm reads the first `consumed` tokens of the stream: each once up to the pool, then again.
@@ -62,10 +61,10 @@ def equal_resources_results(man: StudyManifest, complete: list[RunData], best: d
         loss = summarize([best[name][s] for s in sorted(best[name])], confidence).to_dict()
         gap = gap_of.get(name)
         arms.append({
-            "arm": name, "is_moe": a["is_moe"], "target_r_a": match.get("target_r_a"), "r_a": a["r_a"],
-            "inv_r_a": 1.0 / a["r_a"], **match["granularity"], "nonembedding_params": a["nonembedding_params"],
+            "arm": name, "is_moe": a.is_moe, "target_r_a": match.get("target_r_a"), "r_a": a.r_a,
+            "inv_r_a": 1.0 / a.r_a, **match["granularity"], "nonembedding_params": a.nonembedding_params,
             "residual_pct": match.get("residual_pct"), "flops_per_token": match.get("flops_per_token"),
-            "train_steps": a["train_steps"], "consumed_tokens": consumed, "unique_tokens": unique,
+            "train_steps": a.train_steps, "consumed_tokens": consumed, "unique_tokens": unique,
             "epochs": consumed / unique if unique else None,
             "best_val_loss": {**loss, "per_seed": {str(s): v for s, v in sorted(best[name].items())}},
             "best_val_bpb": {**summarize([bpb[s] for s in sorted(bpb)], confidence).to_dict(),
@@ -144,9 +143,9 @@ def _answer(fit: dict[str, Any] | None, dense: dict[str, Any] | None, moe: list[
     return " ".join(parts)
 
 
-def er_summary(results: dict[str, Any]) -> str:
+def er_summary(results: StudyResults) -> str:
     """The answer sentence (empty for a study without an equal-resources family)."""
-    er = results.get("equal_resources")
+    er = results.equal_resources
     return f"Equal resources: {er['answer']}" if er and er["answer"] else ""
 
 
@@ -158,18 +157,18 @@ def mean_ci(st: dict[str, Any] | None, digits: int = 4) -> str:
     return f"{st['mean']:.{digits}f}" + (f" ({TOO_FEW})" if lo is None else f" [{lo:.{digits}f}, {hi:.{digits}f}]")
 
 
-def er_tables(results: dict[str, Any]) -> list[tuple[str, str, list[str], list[list[str]]]]:
+def er_tables(results: StudyResults) -> list[tuple[str, str, list[str], list[list[str]]]]:
     """(title, note, header, rows) of the equal-resources tables; [] for a study without the family."""
-    er = results.get("equal_resources")
+    er = results.equal_resources
     if not er:
         return []
-    conf = f"{100 * results['confidence']:g}%"
-    seeds = [str(s) for s in results["seeds"]]
+    conf = f"{100 * results.confidence:g}%"
+    seeds = [str(s) for s in results.seeds]
     by_arm = {x["arm"]: x for x in er["arms"]}
     dense = by_arm.get(er["dense"]) if er["dense"] else None
     fit = er["fit"]
     boot = er["bootstrap"]
-    tail = 50 * (1 - results["confidence"])
+    tail = 50 * (1 - results.confidence)
     n_seeds = max((x["best_val_loss"]["n"] for x in er["arms"]), default=0)
     few_seeds = f"; with {n_seeds} seeds per arm a rough interval" if MIN_SEEDS_FOR_INTERVAL <= n_seeds < 5 else ""
     out = [(

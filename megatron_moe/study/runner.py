@@ -5,13 +5,12 @@ running on SLURM (`study launch`) left to its job. A stop signal (`RUNNER_STOP_S
 SIGTERM) is handed to the trainer as SIGTERM; it checkpoints, and the runner exits with `PREEMPTED_EXIT_CODE`, so
 the same command resumes. A runner killed outright (SIGKILL, an OOM kill) takes its trainer with it: the trainer
 gets SIGTERM, checkpoints and exits, so no orphan keeps writing the run directory. The study directory's files
-are `rundir`'s.
+are `studydir`'s.
 """
 
 from __future__ import annotations
 
 import ctypes
-import json
 import os
 import shutil
 import signal
@@ -30,8 +29,8 @@ from megatron_moe.study.datacheck import (
     dry_run_note,
     refuse_unequal_data,
 )
-from megatron_moe.study.plan import Plan, Run, format_arms, plan_study
-from megatron_moe.study.rundir import (
+from megatron_moe.study.design import Design, Run, format_arms, design_study
+from megatron_moe.study.studydir import (
     environment,
     git_state,
     live_job,
@@ -44,6 +43,7 @@ from megatron_moe.study.rundir import (
     write_study_files,
 )
 from megatron_moe.study.spec import StudyConfig
+from megatron_moe.train.result import read_result
 from megatron_moe.train.stop import (
     PREEMPTED_EXIT_CODE,
     RUNNER_STOP_SIGNALS,
@@ -55,6 +55,10 @@ from megatron_moe.train.stop import (
 class _Stop(Exception):
     """A runner stop signal arrived: stop the current run (the trainer checkpoints on SIGTERM) and exit with
     PREEMPTED_EXIT_CODE; the same command resumes."""
+
+
+def _loss(value: float | None) -> str:
+    return "none" if value is None else f"{value:.4f}"
 
 
 def _train_command(run: Run, nproc: int) -> list[str]:
@@ -169,42 +173,42 @@ def run_study(
 ) -> int:
     """Train every (arm, seed) not yet complete, one after another; 0 when all runs are complete.
     `on_progress(complete, total)` is called at the start and after each run (a progress bar, say)."""
-    plan = plan_study(cfg, out_dir)
-    out = plan.out_dir
+    design = design_study(cfg, out_dir)
+    out = design.out_dir
     s = cfg.study
-    statuses = {r.name: run_status(r) for r in plan.runs}
+    statuses = {r.name: run_status(r) for r in design.runs}
     n_done = sum(v == "done" for v in statuses.values())
-    echo(f"study {s.name}: {len(plan.arms)} arms x {len(s.seeds)} seeds = {len(plan.runs)} runs in {out} "
+    echo(f"study {s.name}: {len(design.arms)} arms x {len(s.seeds)} seeds = {len(design.runs)} runs in {out} "
          f"({n_done} complete, {sum(v == 'partial' for v in statuses.values())} partial)")
-    echo(format_arms(plan))
-    if plan.family:
-        f = plan.family
+    echo(format_arms(design))
+    if design.family:
+        f = design.family
         echo(f"equal resources: N = {f['total_params']:,}, D = {f['unique_tokens']:,} unique tokens, "
              f"C = {f['compute']:.4g} FLOPs ({f['flops']})")
-    absent = absent_data_path(plan) if dry_run else None
+    absent = absent_data_path(design) if dry_run else None
     if absent:
         echo(dry_run_note(absent))
     else:
-        data = data_check(plan)
+        data = data_check(design)
         refuse_unequal_data(data)
         for line in describe_data(data, s.data_order):
             echo(line)
     if dry_run:
-        for r in plan.runs:
+        for r in design.runs:
             echo(f"  {statuses[r.name]:<8}{r.name}")
         return 0
     with study_lock(out):
-        return _run_locked(plan, data, study_file, keep_going=keep_going, quiet=quiet, echo=echo,
+        return _run_locked(design, data, study_file, keep_going=keep_going, quiet=quiet, echo=echo,
                            on_progress=on_progress)
 
 
-def _run_locked(plan: Plan, data: dict[str, Any], study_file: str | None, *, keep_going: bool, quiet: bool,
+def _run_locked(design: Design, data: dict[str, Any], study_file: str | None, *, keep_going: bool, quiet: bool,
                 echo: Callable[[str], None], on_progress: Callable[[int, int], None] | None = None) -> int:
-    """The runner proper, under the study directory's lock: manifest, then every run not yet complete."""
-    s, out = plan.study.study, plan.out_dir
-    statuses = {r.name: run_status(r) for r in plan.runs}
-    write_study_files(plan, study_file, data)
-    known = {r.name for r in plan.runs}
+    """The runner proper, under the study directory's lock: study record, then every run not yet complete."""
+    s, out = design.study.study, design.out_dir
+    statuses = {r.name: run_status(r) for r in design.runs}
+    write_study_files(design, study_file, data)
+    known = {r.name for r in design.runs}
     stray = [p.name for p in (out / directories.RUNS).glob("*") if p.is_dir() and p.name not in known] if (out / directories.RUNS).is_dir() else []
     if stray:
         echo(f"note: {len(stray)} run directories under {out / 'runs'} belong to another spec (left untouched)")
@@ -216,15 +220,15 @@ def _run_locked(plan: Plan, data: dict[str, Any], study_file: str | None, *, kee
     for sig in old:
         signal.signal(sig, on_signal)
     env, git = environment(), git_state()
-    total = len(plan.runs)
-    steps_left = sum(r.config.train.train_steps for r in plan.runs if statuses[r.name] != "done")
+    total = len(design.runs)
+    steps_left = sum(r.config.train.train_steps for r in design.runs if statuses[r.name] != "done")
     steps_run, time_run, failed, queued = 0, 0.0, [], []
     start_all = time.perf_counter()
     current: tuple[Run, dict[str, Any]] | None = None
     if on_progress is not None:
         on_progress(sum(v == "done" for v in statuses.values()), total)
     try:
-        for i, run in enumerate(plan.runs, 1):
+        for i, run in enumerate(design.runs, 1):
             tag = f"[{i}/{total}] {run.arm} seed {run.seed}"
             if statuses[run.name] == "done":
                 echo(f"{tag}: complete, skipped ({run.name})")
@@ -265,14 +269,14 @@ def _run_locked(plan: Plan, data: dict[str, Any], study_file: str | None, *, kee
                 continue
             if not s.keep_checkpoints:
                 shutil.rmtree(run.dir / directories.CHECKPOINTS, ignore_errors=True)
-            result = json.loads((run.dir / directories.RESULT).read_text())
-            log_event(out, "done", run=run.name, elapsed_s=elapsed, best_val_loss=result.get("best_val_loss"))
+            result = read_result(run.dir)
+            log_event(out, "done", run=run.name, elapsed_s=elapsed, best_val_loss=result.best_val_loss)
             steps_run += steps
             time_run += elapsed
             steps_left -= steps
             eta = time_run / steps_run * steps_left if steps_run else 0.0
-            complete = sum(run_status(r) == "done" for r in plan.runs)
-            echo(f"{tag}: done in {elapsed:,.0f} s, best val loss {result.get('best_val_loss', float('nan')):.4f} | "
+            complete = sum(run_status(r) == "done" for r in design.runs)
+            echo(f"{tag}: done in {elapsed:,.0f} s, best val loss {_loss(result.best_val_loss)} | "
                  f"study {complete}/{total} complete, {time.perf_counter() - start_all:,.0f} s so far, eta {eta:,.0f} s")
             if on_progress is not None:
                 on_progress(complete, total)
@@ -290,7 +294,7 @@ def _run_locked(plan: Plan, data: dict[str, Any], study_file: str | None, *, kee
     if failed:
         echo(f"{len(failed)} run(s) failed: {', '.join(failed)}")
         return 1
-    remaining = [r.name for r in plan.runs if run_status(r) != "done" and r.name not in queued]
+    remaining = [r.name for r in design.runs if run_status(r) != "done" and r.name not in queued]
     if remaining:
         return 1
     if queued:

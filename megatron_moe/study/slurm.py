@@ -13,9 +13,9 @@ keeps its id and appends to its log), or exits with `PREEMPTED_EXIT_CODE` when t
 again, the trainer finds the checkpoint in the run directory and resumes bit-exactly. A SIGTERM (scancel, or
 SLURM's own preemption) is handed on too, but never requeues.
 
-Run directories are the study's (`plan.plan_study`): `study run` skips runs finished this way, leaves runs
+Run directories are the study's (`design.design_study`): `study run` skips runs finished this way, leaves runs
 still queued to their job, and `study report` reads them. Each run directory gains slurm.sbatch (the rendered
-job script), slurm.json (the submissions, see `rundir`) and slurm-<job>.out (the job's log, all attempts;
+job script), slurm.json (the submissions, see `studydir`) and slurm-<job>.out (the job's log, all attempts;
 job arrays log to <study>/slurm/ instead).
 """
 
@@ -44,8 +44,8 @@ from megatron_moe.study.datacheck import (
     refuse_unequal_data,
 )
 from megatron_moe.study.datacheck import data_check as run_data_check
-from megatron_moe.study.plan import Plan, Run, plan_study
-from megatron_moe.study.rundir import (
+from megatron_moe.study.design import Design, Run, design_study
+from megatron_moe.study.studydir import (
     LaunchError,
     check_unlocked,
     environment,
@@ -456,10 +456,10 @@ def submit(script: Path) -> str:
     return parse_job_id(proc.stdout)
 
 
-def _runs_to_submit(plan: Plan, check_queue: bool, echo: Callable[[str], None]) -> list[Run]:
+def _runs_to_submit(design: Design, check_queue: bool, echo: Callable[[str], None]) -> list[Run]:
     """The runs neither complete nor (when check_queue) still queued or running from an earlier launch."""
     todo = []
-    for run in plan.runs:
+    for run in design.runs:
         if run_status(run) == "done":
             echo(f"{run.arm} seed {run.seed}: complete, skipped ({run.name})")
         elif check_queue and (live := live_job(run.dir)):
@@ -473,11 +473,11 @@ def launch_study(cfg: StudyConfig, lc: LaunchConfig, out_dir: str | Path | None 
                  study_file: str | None = None, dry_run: bool = False, data_check: bool = True,
                  echo: Callable[[str], None] = print) -> int:
     """Render (and unless dry_run, submit) a SLURM job for every run of the study not complete nor queued."""
-    plan = plan_study(cfg, out_dir, check_world=False)  # checked below against this launch's world size
-    out, name = plan.out_dir, cfg.study.name
+    design = design_study(cfg, out_dir, check_world=False)  # checked below against this launch's world size
+    out, name = design.out_dir, cfg.study.name
     nproc = processes_per_node(lc, cfg.study.nproc_per_node)
     world = lc.nodes * nproc
-    for run in plan.runs:
+    for run in design.runs:
         try:
             validate(run.config, world)
         except ConfigError as exc:
@@ -489,21 +489,21 @@ def launch_study(cfg: StudyConfig, lc: LaunchConfig, out_dir: str | Path | None 
     if re.search(r"\s", str(out)):
         raise ConfigError(f"study directory {str(out)!r} must not contain whitespace (SLURM log paths)")
     p = cfg.parallel
-    echo(f"study {name}: {len(plan.runs)} runs in {out}; each {lc.nodes} node(s) x {nproc} process(es) = "
+    echo(f"study {name}: {len(design.runs)} runs in {out}; each {lc.nodes} node(s) x {nproc} process(es) = "
          f"world size {world} (tensor {p.tensor} x pipeline {p.pipeline} x data {p.data_parallel_size(world)}"
          f", expert {p.expert})")
-    absent = absent_data_path(plan) if dry_run and data_check else None
+    absent = absent_data_path(design) if dry_run and data_check else None
     if absent:
         echo(dry_run_note(absent))
-    data = run_data_check(plan) if data_check and not absent else None
+    data = run_data_check(design) if data_check and not absent else None
     if data is not None:
         refuse_unequal_data(data)
-    todo = _runs_to_submit(plan, check_queue=not dry_run, echo=echo)
+    todo = _runs_to_submit(design, check_queue=not dry_run, echo=echo)
     if not todo:
         echo("nothing to submit")
         return 0
     check_unlocked(out)
-    write_study_files(plan, study_file, data)
+    write_study_files(design, study_file, data)
 
     # Logs: each run directory (one job per run: requeued attempts append to slurm-<job>.out), or one folder.
     log_dir = Path(lc.log_dir).resolve() if lc.log_dir else (out / directories.SLURM_DIR if lc.array else None)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -35,7 +36,8 @@ from megatron_moe.planner.family import DEFAULT_R_A_GRID
 from megatron_moe.planner.match import CONTRACTS
 from megatron_moe.text import parse_count
 
-DATA_ORDERS = ("per_seed", "shared")
+DataOrder = Literal["per_seed", "shared"]
+DATA_ORDERS: tuple[str, ...] = typing.get_args(DataOrder)
 DENSE_ARMS = {f"dense_{contract}": contract for contract in CONTRACTS}
 """The dense arms by name, each matched to the base MoE under its contract (`planner.match.CONTRACTS`)."""
 MATCHED_ARMS = ("moe", *DENSE_ARMS)
@@ -121,7 +123,7 @@ class StudySpec:
     """Arms by contract: moe, dense_active, dense_total, dense_flops, or equal_resources (alone)."""
     seeds: list[int] = field(default_factory=lambda: [1, 2, 3])
     """Run seeds: train.seed = seed; data.seed = the study's data.seed + seed unless data_order = "shared"."""
-    data_order: Literal["per_seed", "shared"] = "per_seed"
+    data_order: DataOrder = "per_seed"
     """per_seed: each seed its own data order, shared by the seed's arms; shared: one data.seed for every run."""
     budget_tokens: int = 0
     """Training tokens per run, equal across arms (0 = train.train_steps steps)."""

@@ -21,7 +21,6 @@ import torch.distributed as dist
 from megatron_moe import directories
 from megatron_moe.config import ConfigError, RunConfig, resolved_precision, validate
 from megatron_moe.schema import save_toml
-from megatron_moe.files import atomic_write_json
 from megatron_moe.planner.ledger import ledger
 from megatron_moe.planner.memory import state_bytes
 from megatron_moe.train.checkpoint import (
@@ -44,6 +43,7 @@ from megatron_moe.train.monitors import (
 from megatron_moe.train.rundir import (
     StartPlan, claim_output_dir, describe_changes, plan_start, record_config_change, release_unused_output_dir
 )
+from megatron_moe.train.result import RunResult, write_result
 from megatron_moe.train.stop import Preempted, StopFlag, TrainingError, clear_preempted, mark_preempted
 
 
@@ -435,7 +435,7 @@ class Trainer:
         if self.par.is_logging_rank and not self.quiet:
             print(text, flush=True)
 
-    def fit(self, stop: StopFlag | None = None) -> dict[str, Any]:
+    def fit(self, stop: StopFlag | None = None) -> RunResult:
         """Train to `train.train_steps`; a stop signal (see `StopFlag`) saves and raises `Preempted`."""
         t = self.cfg.train
         stop = stop or StopFlag()
@@ -498,23 +498,23 @@ class Trainer:
             mark_preempted(self.out_dir, self.step, signum)
         raise Preempted(f"stopped by signal at step {self.step}; checkpoint saved, run again to resume")
 
-    def _write_result(self, meter: ThroughputMeter) -> dict[str, Any]:
-        result = {
-            "steps": self.step,
-            "final_train_loss": self.state.last_train_loss,
-            "best_val_loss": self.state.best_val_loss,
-            "best_val_step": self.state.best_val_step,
-            "train_time_s": meter.elapsed(),
-            "tokens_per_step": self.tokens_per_step,
-            "data": self.data.describe(),
+    def _write_result(self, meter: ThroughputMeter) -> RunResult:
+        result = RunResult(
+            steps=self.step,
+            final_train_loss=self.state.last_train_loss,
+            best_val_loss=self.state.best_val_loss,
+            best_val_step=self.state.best_val_step,
+            train_time_s=meter.elapsed(),
+            tokens_per_step=self.tokens_per_step,
+            data=self.data.describe(),
             **gpu_memory(),
-        }
+        )
         if self.par.is_logging_rank:
-            atomic_write_json(self.out_dir / directories.RESULT, result)
+            write_result(self.out_dir, result)
         return result
 
 
-def train(cfg: RunConfig, *, quiet: bool = False, stop: StopFlag | None = None) -> dict[str, Any]:
+def train(cfg: RunConfig, *, quiet: bool = False, stop: StopFlag | None = None) -> RunResult:
     """Train one run on this process (one rank of a torchrun job, or alone).
 
     The stop signals are caught from before start-up (data, model, checkpoint loading; from before torch's import

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from megatron_moe import directories
 from megatron_moe.data.prepare import prepare_dataset
 from megatron_moe.data.store import TokenStore
 from megatron_moe.data.tokenizers import load_tokenizer
@@ -67,7 +68,7 @@ def test_megatron_lm_corpus_is_imported_without_retokenizing_and_trains(ours, tm
     run = tmp_path / "run"
     cli("train", *TINY, "model.vocab_size=512", f"data.path={out}", "train.train_steps=3", "train.eval_iters=1",
         f"train.output_dir={run}")
-    assert json.loads((run / "result.json").read_text())["steps"] == 3
+    assert json.loads((run / directories.RESULT).read_text())["steps"] == 3
 
 
 def test_import_refuses_token_ids_beyond_the_tokenizer_in_one_line(ours, tmp_path):

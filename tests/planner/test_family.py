@@ -8,12 +8,13 @@ import re
 
 import pytest
 
+from megatron_moe import directories
 from megatron_moe.config import ConfigError, ModelConfig, MoEConfig
 from megatron_moe.planner.family import equal_resources_family, explicit_dense
 from megatron_moe.planner.format import format_family, format_ledger, format_matches
-from megatron_moe.text import parse_count
 from megatron_moe.planner.ledger import ledger
 from megatron_moe.planner.match import match_dense
+from megatron_moe.text import parse_count
 
 # The study's 7B MoE backbone (1 dense + 23 MoE layers, D_m 2048, S 2048).
 MOE_7B = ModelConfig(
@@ -222,7 +223,7 @@ def test_plan_command_reads_counts_as_written(tmp_path, capsys):
     from megatron_moe.cli import main
     from tests.planner.test_planner import _write_run_config
 
-    path = _write_run_config(tmp_path / "run.toml")
+    path = _write_run_config(tmp_path / directories.RUN_TOML)
     er = ["--match", "equal-resources", "--r-a", "0.3,0.5", "--json"]
     plans = []
     for n, d in (("2M", "40M"), ("2e6", "4e7"), ("2_000_000", "40_000_000"), ("2000000", "40000000")):

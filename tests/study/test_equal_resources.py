@@ -11,13 +11,15 @@ from pathlib import Path
 
 import pytest
 
+from megatron_moe import directories
 from megatron_moe.config import ConfigError
-from megatron_moe.files import atomic_write_json
-from megatron_moe.study.plan import format_arms, plan_study
+from megatron_moe.study.design import format_arms, design_study
+from megatron_moe.study.records import load_results
 from megatron_moe.study.report import build_results, render_markdown, tables, write_report
 from megatron_moe.study.report_er import er_tables
-from megatron_moe.study.rundir import manifest
 from megatron_moe.study.spec import load_study
+from megatron_moe.study.studydir import write_study_files
+from megatron_moe.train.result import RunResult, write_result
 
 # The CPU example's backbone on the synthetic corpus (planning only reads [model], [parallel], [train]).
 ER = """
@@ -96,14 +98,14 @@ def test_bad_equal_resources_specs_fail_with_one_line(tmp_path, override, messag
 
 
 def test_strict_and_loose_reuse_run_configs(tmp_path):
-    strict = plan_study(_study(tmp_path), tmp_path / "s")
-    loose = plan_study(_study(tmp_path, "study.equal_resources.reuse='loose'"), tmp_path / "l")
+    strict = design_study(_study(tmp_path), tmp_path / "s")
+    loose = design_study(_study(tmp_path, "study.equal_resources.reuse='loose'"), tmp_path / "l")
     per_step = 16 * 128
     assert strict.family["reuse"] == "strict" and loose.family["reuse"] == "loose"
-    for plan in (strict, loose):
+    for design in (strict, loose):
         # one data config for every arm (one fingerprint per seed), an unbounded reuse schedule
-        assert len({json.dumps(r.config.data.__dict__, sort_keys=True) for r in plan.runs if r.seed == 1}) == 1
-        assert all(r.config.data.epochs == 0 and r.config.data.consumed_tokens == 0 for r in plan.runs)
+        assert len({json.dumps(r.config.data.__dict__, sort_keys=True) for r in design.runs if r.seed == 1}) == 1
+        assert all(r.config.data.epochs == 0 and r.config.data.consumed_tokens == 0 for r in design.runs)
     s_arms, l_arms = {a.name: a for a in strict.arms}, {a.name: a for a in loose.arms}
     assert list(s_arms) == list(l_arms) == ["er_dense", "er_moe_ra0.15", "er_moe_ra0.20", "er_moe_ra0.30",
                                             "er_moe_ra0.52"]
@@ -130,12 +132,12 @@ def test_strict_and_loose_reuse_run_configs(tmp_path):
 
 
 def test_granularity_and_dense_shape_reach_the_arms(tmp_path):
-    held_k = plan_study(_study(tmp_path, "study.equal_resources.granularity='hold_top_k'",
+    held_k = design_study(_study(tmp_path, "study.equal_resources.granularity='hold_top_k'",
                                "study.equal_resources.top_k=[2]"), tmp_path / "k")
     moes = [a for a in held_k.arms if a.config.model.is_moe]
     assert {a.config.model.moe.top_k for a in moes} == {2} and held_k.family["granularity"] == "hold_top_k"
     assert all(a.match["granularity"]["top_k"] == 2 for a in moes)
-    held_d = plan_study(_study(tmp_path, "study.equal_resources.granularity='hold_expert_size'",
+    held_d = design_study(_study(tmp_path, "study.equal_resources.granularity='hold_expert_size'",
                                "study.equal_resources.expert_ffn_hidden_size=16", "study.equal_resources.r_a=[0.13, 0.17]",
                                "study.equal_resources.top_k=[2, 3, 4, 5, 6, 7, 8]", "study.equal_resources.max_experts=256"),
                      tmp_path / "d")
@@ -150,8 +152,8 @@ def test_granularity_and_dense_shape_reach_the_arms(tmp_path):
         if a.config.model.is_moe:
             assert line[:cols[" D_e "] + 4].split()[-1] == "16"
             assert line[:cols[" D_se "] + 5].split()[-1] == str(16 * g.top_k)
-    dense = plan_study(_study(tmp_path, "study.equal_resources.dense_layers=6", "study.equal_resources.dense_hidden=192"),
-                       tmp_path / "dense")
+    dense = design_study(_study(tmp_path, "study.equal_resources.dense_layers=6",
+                                "study.equal_resources.dense_hidden=192"), tmp_path / "dense")
     d = dense.arms[0]
     assert d.name == "er_dense" and (d.config.model.num_layers, d.config.model.hidden_size) == (6, 192)
     assert d.config.model.num_attention_heads == 6 and d.config.model.num_query_groups == 3  # head dim 32 kept
@@ -167,19 +169,19 @@ def _fake_er_study(tmp_path: Path, loss_of, *overrides: str, seeds_noise: float 
     best validation loss loss_of(r_a) + noise (seed 1 up, seed 2 down); the dense arm at 2.05. The data pool is
     `shortfall` tokens under the planned budget, as whole documents leave it."""
     cfg = _study(tmp_path, *overrides)
-    plan = plan_study(cfg, tmp_path / "study")
+    design = design_study(cfg, tmp_path / "study")
     per_step = 16 * 128
-    pool = plan.family["data_unique_tokens"] - shortfall
+    pool = design.family["data_unique_tokens"] - shortfall
 
     def described(run) -> dict:
         consumed = run.config.train.train_steps * per_step
         return {"source": "synthetic", "unique_tokens": pool, "consumed_tokens": consumed, "epochs": consumed / pool,
                 "fingerprint": f"f{run.seed}", "data_seed": run.config.data.seed}
 
-    data = {str(s): {r.arm: described(r) for r in plan.runs if r.seed == s} for s in cfg.study.seeds}
-    atomic_write_json(plan.out_dir / "study.json", manifest(plan, "er.toml", data))
-    arms = {a.name: a for a in plan.arms}
-    for run in plan.runs:
+    data = {str(s): {r.arm: described(r) for r in design.runs if r.seed == s} for s in cfg.study.seeds}
+    write_study_files(design, "er.toml", data)
+    arms = {a.name: a for a in design.arms}
+    for run in design.runs:
         arm = arms[run.arm]
         base = loss_of(arm.ledger.r_a) if arm.config.model.is_moe else 2.05
         best = base + (seeds_noise if run.seed == 1 else -seeds_noise)
@@ -188,10 +190,10 @@ def _fake_er_study(tmp_path: Path, loss_of, *overrides: str, seeds_noise: float 
                 {"kind": "eval", "step": steps // 2, "val_loss": best + 0.3, "val_bpb": (best + 0.3) / math.log(2) / 3},
                 {"kind": "eval", "step": steps, "val_loss": best, "val_bpb": best / math.log(2) / 3}]
         run.dir.mkdir(parents=True)
-        (run.dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        atomic_write_json(run.dir / "result.json", {"steps": steps, "best_val_loss": best, "best_val_step": steps,
-                                                    "data": described(run)})
-    return plan.out_dir
+        (run.dir / directories.METRICS).write_text("".join(json.dumps(r) + "\n" for r in rows))
+        write_result(run.dir, RunResult(steps=steps, final_train_loss=best, best_val_loss=best, best_val_step=steps,
+                                        train_time_s=1.0, tokens_per_step=per_step, data=described(run)))
+    return design.out_dir
 
 
 def _bowl(r: float) -> float:
@@ -200,16 +202,16 @@ def _bowl(r: float) -> float:
 
 def test_report_recovers_the_optimum(tmp_path):
     res = build_results(_fake_er_study(tmp_path, _bowl))
-    er = res["equal_resources"]
+    er = res.equal_resources
     fit = er["fit"]
     # the arms' means lie on a quadratic in log r_a, so the fit recovers its minimum exactly
     assert fit["x_opt"] == pytest.approx(0.22, rel=1e-6) and fit["y_opt"] == pytest.approx(2.0, abs=1e-9)
     assert fit["interior"] and not fit["at_edge"] and fit["best_arm"] == "er_moe_ra0.20"
     # two seeds: too few for an interval, and the report says so rather than give one
     assert fit["ci"] == [None, None] and fit["resamples"] == 0 and fit["bootstrap_seed"] == 0
-    assert any("too few seeds for an interval" in w for w in res["warnings"])
+    assert any("too few seeds for an interval" in w for w in res.warnings)
     assert "too few seeds for an interval" in [row for _, _, _, rows in er_tables(res) for row in rows][0]
-    assert not [w for w in res["warnings"] if "edge" in w]
+    assert not [w for w in res.warnings if "edge" in w]
     arms = {x["arm"]: x for x in er["arms"]}
     dense = arms["er_dense"]
     assert dense["best_val_loss"]["mean"] == pytest.approx(2.05) and dense["epochs"] == pytest.approx(1.0)
@@ -240,8 +242,8 @@ def test_report_files_have_the_equal_resources_plots(tmp_path):
     assert paths["er_loss_vs_ra.png"].read_bytes()[:4] == b"\x89PNG"
     md = paths["report.md"].read_text()
     assert "](plots/er_loss_vs_ra.png)" in md and "## Equal resources: optimal activation rate" in md
-    results = json.loads(paths["results.json"].read_text())
-    assert results["equal_resources"]["fit"]["x_opt"] == pytest.approx(0.22, rel=1e-6)
+    results = load_results(paths[directories.RESULTS])
+    assert results.equal_resources["fit"]["x_opt"] == pytest.approx(0.22, rel=1e-6)
     assert "r_a*" in paths["report.html"].read_text()
 
 
@@ -255,33 +257,33 @@ def test_report_files_have_the_equal_resources_plots(tmp_path):
 ])
 def test_an_optimum_at_the_grid_edge_is_warned_about(tmp_path, loss_of, why, side):
     res = build_results(_fake_er_study(tmp_path, loss_of))
-    fit = res["equal_resources"]["fit"]
+    fit = res.equal_resources["fit"]
     assert fit["at_edge"]
-    (warning,) = [w for w in res["warnings"] if "edge of the grid" in w]
+    (warning,) = [w for w in res.warnings if "edge of the grid" in w]
     assert re.search(why, warning), warning
     if side:
         assert f"Extend study.equal_resources.r_a {side} it" in warning
     if side and not fit["interior"]:  # no minimum inside: r_a* is the grid's end where the curve is lowest
         assert fit["x_opt"] == pytest.approx(fit["x_max"] if side == "above" else fit["x_min"])
-    assert "at the edge of the grid" in res["equal_resources"]["answer"]
+    assert "at the edge of the grid" in res.equal_resources["answer"]
     assert tables(res)[0][3][0][3] == "no (edge)"
 
 
 def test_loose_reuse_report_counts_fresh_tokens(tmp_path):
     res = build_results(_fake_er_study(tmp_path, _bowl, "study.equal_resources.reuse='loose'"))
-    er = res["equal_resources"]
+    er = res.equal_resources
     assert er["reuse"] == "loose" and "loose reuse" in tables(res)[0][1]
     for x in er["arms"]:  # every arm reads a prefix of the pool once: its unique tokens are its consumed tokens
         assert x["unique_tokens"] == x["consumed_tokens"] == x["train_steps"] * 16 * 128 and x["epochs"] == 1.0
     # a pool that fell short of the largest arm's budget (whole documents): the re-read tokens show as epochs > 1
     res = build_results(_fake_er_study(tmp_path / "short", _bowl, "study.equal_resources.reuse='loose'",
                                        shortfall=3000))
-    big = next(x for x in res["equal_resources"]["arms"] if x["arm"] == "er_moe_ra0.15")
+    big = next(x for x in res.equal_resources["arms"] if x["arm"] == "er_moe_ra0.15")
     assert big["unique_tokens"] < big["consumed_tokens"] and 1.0 < big["epochs"] < 1.01
 
 
 def test_one_seed_gives_a_fit_without_an_interval(tmp_path):
     res = build_results(_fake_er_study(tmp_path, _bowl, "study.seeds=[1]", seeds_noise=0.0))
-    fit = res["equal_resources"]["fit"]
+    fit = res.equal_resources["fit"]
     assert fit["x_opt"] == pytest.approx(0.22, rel=1e-6) and fit["ci"] == [None, None]
-    assert any("too few seeds for an interval" in w for w in res["warnings"])
+    assert any("too few seeds for an interval" in w for w in res.warnings)

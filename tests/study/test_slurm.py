@@ -29,11 +29,13 @@ from pathlib import Path
 
 import pytest
 
+from megatron_moe import directories
 from megatron_moe.cli import main
 from megatron_moe.config import DataConfig, load_run_config
-from megatron_moe.schema import save_toml
 from megatron_moe.parallel import free_port
+from megatron_moe.schema import save_toml
 from megatron_moe.study import slurm as slurm_launch
+from megatron_moe.study.records import load_results
 from megatron_moe.study.slurm import (
     LaunchConfig,
     parse_job_id,
@@ -66,7 +68,7 @@ def _cli(*args: str, env: dict[str, str] | None = None, check: bool = True) -> s
 
 
 def _study_file(tmp_path: Path) -> Path:
-    path = tmp_path / "study.toml"
+    path = tmp_path / directories.STUDY_TOML
     path.write_text(STUDY)
     return path
 
@@ -100,7 +102,7 @@ def test_render_two_nodes_by_eight_gpus(tmp_path):
     )
     assert "world size 16 (tensor 1 x pipeline 1 x data 16, expert 1)" in proc.stdout
     (run_dir,) = (out / "runs").iterdir()
-    script = (run_dir / "slurm.sbatch").read_text()
+    script = (run_dir / directories.SLURM_SCRIPT).read_text()
     directives = re.findall(r"^#SBATCH (\S+)$", script, re.M)
     for d in ("--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=8", "--partition=batch", "--account=proj",
               "--qos=high", "--time=04:00:00", "--requeue", "--open-mode=append", "--signal=B:USR1@600",
@@ -123,11 +125,11 @@ def test_render_two_nodes_by_eight_gpus(tmp_path):
     assert '-m megatron_moe.cli train "$RUN_DIR/run.toml" &' in flat
     assert "--signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1" in flat
     assert "module load nccl" in script and 'scontrol requeue "$SLURM_JOB_ID"' in script
-    assert subprocess.run(["bash", "-n", str(run_dir / "slurm.sbatch")]).returncode == 0
+    assert subprocess.run(["bash", "-n", str(run_dir / directories.SLURM_SCRIPT)]).returncode == 0
     # The run directory is the study's: study run/report read it; a dry run submits nothing.
-    assert (run_dir / "run.toml").is_file() and (out / "study.json").is_file()
-    assert not (run_dir / "slurm.json").exists()
-    assert load_run_config(run_dir / "run.toml").train.output_dir == str(run_dir)
+    assert (run_dir / directories.RUN_TOML).is_file() and (out / directories.STUDY_JSON).is_file()
+    assert not (run_dir / directories.SLURM_JSON).exists()
+    assert load_run_config(run_dir / directories.RUN_TOML).train.output_dir == str(run_dir)
 
 
 def test_render_job_array(tmp_path):
@@ -138,8 +140,8 @@ def test_render_job_array(tmp_path):
     text = array.read_text()
     assert "#SBATCH --array=0-2%2" in text and f"#SBATCH --output={out}/slurm/%x-%A_%a.out" in text
     runs = sorted((out / "runs").iterdir())
-    assert len(runs) == 3 and all(str(r / "slurm.sbatch") in text for r in runs)
-    assert "export MASTER_PORT=29500" in (runs[0] / "slurm.sbatch").read_text()
+    assert len(runs) == 3 and all(str(r / directories.SLURM_SCRIPT) in text for r in runs)
+    assert "export MASTER_PORT=29500" in (runs[0] / directories.SLURM_SCRIPT).read_text()
     assert subprocess.run(["bash", "-n", str(array)]).returncode == 0
 
 
@@ -149,7 +151,7 @@ def test_layout_is_checked_against_the_launch_world_size(tmp_path):
             "--skip-data-check"]
     _cli(*args, "-o", str(tmp_path / "two"), "--nproc-per-node", "2")
     (run_dir,) = (tmp_path / "two" / "runs").iterdir()
-    assert "--nproc-per-node 2" in (run_dir / "slurm.sbatch").read_text()
+    assert "--nproc-per-node 2" in (run_dir / directories.SLURM_SCRIPT).read_text()
     one = _cli(*args, "-o", str(tmp_path / "one"), check=False)
     assert one.returncode == 2 and "parallel.expert = 2 does not divide data x tensor = 1 x 1 = 1" in one.stderr
 
@@ -189,7 +191,7 @@ def _rendered(tmp_path: Path, *flags: str) -> tuple[Path, str]:
     assert main(["study", "launch", str(_study_file(tmp_path)), *TINY_MOE, "--slurm", "--dry-run", "--skip-data-check",
                  "-o", str(out), *flags]) == 0
     (run_dir,) = (out / "runs").iterdir()
-    return run_dir, (run_dir / "slurm.sbatch").read_text()
+    return run_dir, (run_dir / directories.SLURM_SCRIPT).read_text()
 
 
 def test_jobs_run_in_their_run_directory_from_a_checkout_or_a_wheel(tmp_path, monkeypatch, capsys):
@@ -204,7 +206,7 @@ def test_jobs_run_in_their_run_directory_from_a_checkout_or_a_wheel(tmp_path, mo
     assert f"\ncd {run_dir} || exit 1\n" in script
     assert "PYTHONPATH=" not in script and "site-packages" not in script
     assert str(REPO) not in script.replace(sys.executable, "python")  # the interpreter aside, nothing of the checkout
-    assert subprocess.run(["bash", "-n", str(run_dir / "slurm.sbatch")]).returncode == 0
+    assert subprocess.run(["bash", "-n", str(run_dir / directories.SLURM_SCRIPT)]).returncode == 0
     # --workdir, as before: the job runs there and puts it on PYTHONPATH.
     run_dir, script = _rendered(tmp_path / "workdir", "--workdir", "/opt/moe")
     assert "\ncd /opt/moe || exit 1\n" in script
@@ -316,11 +318,11 @@ def test_time_limits_and_job_ids():
 def test_two_torchrun_agents_on_loopback_match_single_process(reference, tmp_path):
     cfg = load_run_config(None, [*RUN, SEED_1_DATA, "parallel.expert=2", f"train.output_dir={tmp_path / 'run'}"],
                           world_size=2)
-    save_toml(cfg, tmp_path / "run.toml")
+    save_toml(cfg, tmp_path / directories.RUN_TOML)
     endpoint = f"127.0.0.1:{free_port()}"
     agents = [
-        subprocess.Popen(torchrun_command(sys.executable, str(tmp_path / "run.toml"), nnodes=2, nproc_per_node=1,
-                                          endpoint=endpoint, rdzv_id="loopback", node_rank=rank),
+        subprocess.Popen(torchrun_command(sys.executable, str(tmp_path / directories.RUN_TOML), nnodes=2,
+                                          nproc_per_node=1, endpoint=endpoint, rdzv_id="loopback", node_rank=rank),
                          cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for rank in (0, 1)
     ]
@@ -335,14 +337,14 @@ def test_torchrun_agent_hands_usr1_to_the_trainer(tmp_path):
     stops; an agent that does not handle USR1 dies of it and leaves the trainer running on, orphaned."""
     run_dir = tmp_path / "run"
     cfg = load_run_config(None, [*TINY_MOE, "train.train_steps=2000", f"train.output_dir={run_dir}"], world_size=1)
-    save_toml(cfg, tmp_path / "run.toml")
-    agent = subprocess.Popen(torchrun_command(sys.executable, str(tmp_path / "run.toml"), nnodes=1, nproc_per_node=1,
-                                              endpoint=f"127.0.0.1:{free_port()}", rdzv_id="usr1"),
+    save_toml(cfg, tmp_path / directories.RUN_TOML)
+    agent = subprocess.Popen(torchrun_command(sys.executable, str(tmp_path / directories.RUN_TOML), nnodes=1,
+                                              nproc_per_node=1, endpoint=f"127.0.0.1:{free_port()}", rdzv_id="usr1"),
                              cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                              start_new_session=True)  # its own process group: only the agent is signalled
     try:
         deadline = time.monotonic() + 120
-        while not ((run_dir / "metrics.jsonl").is_file() and train_rows(run_dir)):
+        while not ((run_dir / directories.METRICS).is_file() and train_rows(run_dir)):
             assert time.monotonic() < deadline and agent.poll() is None, agent.stdout.read()[-3000:]
             time.sleep(0.1)
         agent.send_signal(signal.SIGUSR1)
@@ -350,7 +352,7 @@ def test_torchrun_agent_hands_usr1_to_the_trainer(tmp_path):
     finally:
         os.killpg(agent.pid, signal.SIGKILL) if agent.poll() is None else None
     assert re.search(r"stopped by signal at step \d+", output), output[-3000:]
-    assert list((run_dir / "checkpoints").iterdir()), output[-3000:]
+    assert list((run_dir / directories.CHECKPOINTS).iterdir()), output[-3000:]
 
 
 # ================================================================ a real SLURM on this machine
@@ -428,7 +430,7 @@ def slurm_study(slurm, tmp_path_factory) -> tuple[Path, str, list[Path]]:
     for i, run_dir in enumerate(runs):
         state = slurm.wait_job(f"{job}_{i}", timeout=240)
         log = out / "slurm" / f"tiny-{job}_{i}.out"
-        assert (run_dir / "result.json").is_file(), f"task {job}_{i} ended {state}:\n" + (
+        assert (run_dir / directories.RESULT).is_file(), f"task {job}_{i} ended {state}:\n" + (
             log.read_text()[-3000:] if log.is_file() else "(no log)")
     return out, job, runs
 
@@ -439,18 +441,18 @@ def test_job_array_runs_every_seed_and_logs_each_task(slurm_study):
     (array,) = (out / "slurm").glob("array-*.sbatch")
     assert "#SBATCH --array=0-1" in array.read_text()
     for i, run_dir in enumerate(runs):
-        sub = json.loads((run_dir / "slurm.json").read_text())["submissions"][-1]
+        sub = json.loads((run_dir / directories.SLURM_JSON).read_text())["submissions"][-1]
         assert (sub["job_id"], sub["array_task"], sub["world_size"]) == (job, i, 1)
         assert sub["log"] == str(out / "slurm" / f"tiny-{job}_{i}.out")
         assert "run complete" in Path(sub["log"]).read_text()
-        assert (run_dir / "slurm.sbatch").is_file() and (run_dir / "run.toml").is_file()
+        assert (run_dir / directories.SLURM_SCRIPT).is_file() and (run_dir / directories.RUN_TOML).is_file()
 
 
 @pytest.mark.slow
 def test_launched_study_completes_and_study_commands_reuse_it(slurm, slurm_study, reference):
     out, _, runs = slurm_study
     _close(train_losses(runs[0]), reference)  # seed 1 is the reference config
-    study_file = out.parent / "study.toml"
+    study_file = out.parent / directories.STUDY_TOML
     # study run finds the runs complete; a second launch submits nothing; the report reads the same directory.
     again = _cli("study", "run", str(study_file), *RUN, SEEDS, "-o", str(out))
     assert again.stdout.count("complete, skipped") == 2
@@ -458,8 +460,8 @@ def test_launched_study_completes_and_study_commands_reuse_it(slurm, slurm_study
                     env=slurm.env)
     assert relaunch.stdout.count("complete, skipped") == 2 and "nothing to submit" in relaunch.stdout
     _cli("study", "report", str(out))
-    results = json.loads((out / "results.json").read_text())
-    assert [(r["seed"], r["complete"], r["steps"]) for r in results["runs"]] == [(1, True, STEPS), (2, True, STEPS)]
+    results = load_results(out / directories.RESULTS)
+    assert [(r["seed"], r["complete"], r["steps"]) for r in results.runs] == [(1, True, STEPS), (2, True, STEPS)]
 
 
 @pytest.mark.slow
@@ -467,17 +469,17 @@ def test_usr1_checkpoints_requeues_and_resumes_exactly(slurm, slurm_study, tmp_p
     uninterrupted = slurm_study[2][0]
     job, run_dir = _launch(slurm, tmp_path, tmp_path / "study")
     assert run_dir.name == uninterrupted.name  # same config, same hash
-    again = _cli("study", "launch", str(tmp_path / "study.toml"), *RUN, "--slurm", "-o", str(tmp_path / "study"),
-                 "--skip-data-check", env=slurm.env)
+    again = _cli("study", "launch", str(tmp_path / directories.STUDY_TOML), *RUN, "--slurm", "-o",
+                 str(tmp_path / "study"), "--skip-data-check", env=slurm.env)
     assert f"already queued as job {job}" in again.stdout  # a queued run is not submitted twice
     deadline = time.monotonic() + 180
-    while not ((run_dir / "metrics.jsonl").is_file() and train_rows(run_dir)):
+    while not ((run_dir / directories.METRICS).is_file() and train_rows(run_dir)):
         assert time.monotonic() < deadline and slurm.job_state(job) not in ENDED, _job_log(run_dir, job)
         time.sleep(0.1)
     slurm.run("scancel", "--signal=USR1", "--batch", job)  # what --signal=B:USR1@... does before the time limit
     state = slurm.wait_job(job, timeout=240, release=True)  # start the requeued job once it may
     log = _job_log(run_dir, job)
-    assert state == "COMPLETED" and (run_dir / "result.json").is_file(), log[-3000:]
+    assert state == "COMPLETED" and (run_dir / directories.RESULT).is_file(), log[-3000:]
     stopped = re.search(r"stopped by signal at step (\d+)", log)
     assert stopped and int(stopped.group(1)) < STEPS, log[-3000:]
     assert "requeueing job" in log and "attempt 2" in log and "resumed from" in log
@@ -490,10 +492,10 @@ def test_study_run_skips_runs_queued_on_slurm(slurm, tmp_path):
     job, run_dir = _launch(slurm, tmp_path, out, "--sbatch-arg=--hold", "--skip-data-check")
     try:
         assert slurm.job_state(job) == "PENDING"
-        local = _cli("study", "run", str(tmp_path / "study.toml"), *RUN, "-o", str(out), env=slurm.env)
+        local = _cli("study", "run", str(tmp_path / directories.STUDY_TOML), *RUN, "-o", str(out), env=slurm.env)
         assert f"queued on SLURM as job {job} (PENDING), skipped" in local.stdout
         assert "1 run(s) are queued or running on SLURM" in local.stdout
-        assert not (run_dir / "metrics.jsonl").exists()  # nothing trained locally
+        assert not (run_dir / directories.METRICS).exists()  # nothing trained locally
     finally:
         slurm.run("scancel", job)
 
@@ -505,7 +507,7 @@ def test_two_node_job_trains_like_one_process(slurm, reference, tmp_path):
     job, run_dir = _launch(slurm, tmp_path, tmp_path / "study", "--nodes", "2", "--skip-data-check")
     state = slurm.wait_job(job, timeout=240)
     log = _job_log(run_dir, job)
-    assert state == "COMPLETED" and (run_dir / "result.json").is_file(), log[-3000:]
+    assert state == "COMPLETED" and (run_dir / directories.RESULT).is_file(), log[-3000:]
     assert "world 2 = tp 1 x pp 1 x dp 2" in log
     assert re.search(r"attempt 1 on \S+,\S+, rendezvous \S+:\d+", log)  # two nodes in the job's node list
     _close(train_losses(run_dir), reference)

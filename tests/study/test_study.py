@@ -16,10 +16,12 @@ from pathlib import Path
 
 import pytest
 
+from megatron_moe import directories
 from megatron_moe.config import ConfigError, RunConfig
 from megatron_moe.planner.match import match_dense
 from megatron_moe.study.datacheck import data_check
-from megatron_moe.study.plan import plan_study, run_hash
+from megatron_moe.study.design import design_study, run_hash
+from megatron_moe.study.records import load_results
 from megatron_moe.study.spec import load_study
 from tests.conftest import REPO, cli, train_rows
 
@@ -99,8 +101,8 @@ def test_bad_study_specs_fail_with_one_line(tmp_path, override, message):
 
 def test_arms_are_derived_by_the_planner(tmp_path):
     cfg = load_study(_write(tmp_path), ["study.arms=['dense_active', 'moe', 'dense_total', 'dense_flops']"])
-    plan = plan_study(cfg, tmp_path / "out")
-    arms = {a.name: a for a in plan.arms}
+    design = design_study(cfg, tmp_path / "out")
+    arms = {a.name: a for a in design.arms}
     assert list(arms) == ["dense_active", "moe", "dense_total", "dense_flops"]
     base = cfg.base()
     assert arms["moe"].config.model == base.model and arms["moe"].match == {}
@@ -110,24 +112,24 @@ def test_arms_are_derived_by_the_planner(tmp_path):
         assert arm.match["residual_pct"] == m.residual_pct and arm.match["target"] == m.target
         assert arm.changed_fields == m.changed_fields  # only model.* fields differ from the base
     # Everything but the model is identical across arms: data, optimizer, schedule, evaluation, steps.
-    for a in plan.arms:
+    for a in design.arms:
         assert a.config.data == base.data
         assert dataclasses.replace(a.config.train, output_dir="") == dataclasses.replace(base.train, output_dir="")
-    assert [(p["name"], p["baseline"], p["moe"]) for p in plan.pairs] == [
+    assert [(p["name"], p["baseline"], p["moe"]) for p in design.pairs] == [
         ("matched-active", "dense_active", "moe"), ("matched-total", "dense_total", "moe"),
         ("matched-flops", "dense_flops", "moe")]
     # One run per (arm, seed): the seed is the model-init seed and offsets the data seed (the same for every arm
     # of a seed); dirs keyed by a hash.
-    assert len(plan.runs) == 8
-    for r in plan.runs:
+    assert len(design.runs) == 8
+    for r in design.runs:
         assert r.config.train.seed == r.seed and r.config.data.seed == base.data.seed + r.seed
         assert dataclasses.replace(r.config.data, seed=base.data.seed) == base.data
         assert r.dir == (tmp_path / "out" / "runs" / f"{r.arm}-s{r.seed}-{r.hash}").resolve()
         assert r.config.train.output_dir == str(r.dir)
-    assert len({r.dir for r in plan.runs}) == 8
+    assert len({r.dir for r in design.runs}) == 8
     # Two contracts may derive the same model (here flops = active): same hash, still one directory per arm.
     assert arms["dense_flops"].config.model == arms["dense_active"].config.model
-    assert len({r.hash for r in plan.runs}) == 6
+    assert len({r.hash for r in design.runs}) == 6
 
 
 VARIANT = """
@@ -141,8 +143,8 @@ expert_bias_update_rate = 1e-3
 def test_variant_arms_differ_from_the_base_moe_only_in_balancing_and_pair_with_every_dense_arm(tmp_path):
     text = MINI.replace('arms = ["dense_active", "moe"]', 'arms = ["dense_active", "moe", "moe_aux_free", "dense_total"]')
     cfg = load_study(_write(tmp_path, text + VARIANT))
-    plan = plan_study(cfg, tmp_path / "out")
-    arms = {a.name: a for a in plan.arms}
+    design = design_study(cfg, tmp_path / "out")
+    arms = {a.name: a for a in design.arms}
     variant, moe = arms["moe_aux_free"], arms["moe"]
     assert variant.contract == "variant" and variant.match == {}
     assert variant.changed_fields == ("model.moe.score_function", "model.moe.aux_loss_coeff",
@@ -150,12 +152,12 @@ def test_variant_arms_differ_from_the_base_moe_only_in_balancing_and_pair_with_e
     assert dataclasses.replace(variant.config.model, moe=moe.config.model.moe) == moe.config.model
     assert variant.ledger == moe.ledger  # the same parameters: each dense arm is matched to both MoE arms
     assert variant.config.train == moe.config.train and variant.config.data == moe.config.data
-    assert [(p["name"], p["baseline"], p["moe"]) for p in plan.pairs] == [
+    assert [(p["name"], p["baseline"], p["moe"]) for p in design.pairs] == [
         ("matched-active", "dense_active", "moe"), ("matched-total", "dense_total", "moe"),
         ("moe_aux_free-matched-active", "dense_active", "moe_aux_free"),
         ("moe_aux_free-matched-total", "dense_total", "moe_aux_free"),
         ("moe_aux_free-vs-moe", "moe", "moe_aux_free")]
-    assert len({r.hash for r in plan.runs}) == len(plan.runs) == 8
+    assert len({r.hash for r in design.runs}) == len(design.runs) == 8
 
 
 @pytest.mark.parametrize("variant, arms, message", [
@@ -188,16 +190,16 @@ def test_run_hash_covers_every_field_but_bookkeeping():
 
 def test_sinks_name_each_run_without_changing_its_hash(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # a relative tensorboard_dir is resolved here, at planning
-    plain = plan_study(load_study(_write(tmp_path)), tmp_path / "out")
+    plain = design_study(load_study(_write(tmp_path)), tmp_path / "out")
     assert all(not r.config.train.tensorboard_dir and not r.config.train.wandb_run_name for r in plain.runs)
-    sinks = plan_study(load_study(_write(tmp_path), ["train.tensorboard_dir='tb'", "train.wandb_project='p'",
+    sinks = design_study(load_study(_write(tmp_path), ["train.tensorboard_dir='tb'", "train.wandb_project='p'",
                                                      "train.wandb_run_name='ignored'"]), tmp_path / "out")
     assert [(r.dir, r.hash) for r in sinks.runs] == [(r.dir, r.hash) for r in plain.runs]
     for r in sinks.runs:
         t = r.config.train
         assert t.wandb_run_name == f"mini/{r.arm}-s{r.seed}" and t.wandb_project == "p"
         assert t.tensorboard_dir == str((tmp_path / "tb").resolve() / "mini" / f"{r.arm}-s{r.seed}")
-    only_tb = plan_study(load_study(_write(tmp_path), ["train.tensorboard_dir='tb'"]), tmp_path / "out")
+    only_tb = design_study(load_study(_write(tmp_path), ["train.tensorboard_dir='tb'"]), tmp_path / "out")
     assert all(r.config.train.wandb_run_name == "" for r in only_tb.runs)  # W&B stays off
 
 
@@ -206,23 +208,23 @@ def test_sinks_name_each_run_without_changing_its_hash(tmp_path, monkeypatch):
 
 def test_each_seed_has_its_own_data_order_shared_by_its_arms(tmp_path):
     from megatron_moe.study import runner
-    from megatron_moe.study.rundir import manifest
+    from megatron_moe.study.studydir import study_record
 
     cfg = load_study(_write(tmp_path), ["study.seeds=[1, 2, 3]"])
     assert cfg.study.data_order == "per_seed"
-    plan = plan_study(cfg, tmp_path / "study")
-    assert {(r.arm, r.seed): r.config.data.seed for r in plan.runs} == {
+    design = design_study(cfg, tmp_path / "study")
+    assert {(r.arm, r.seed): r.config.data.seed for r in design.runs} == {
         (arm, seed): cfg.data.seed + seed for arm in ("dense_active", "moe") for seed in (1, 2, 3)}
-    data = data_check(plan)
+    data = data_check(design)
     assert list(data) == ["1", "2", "3"]
     for seed, arms in data.items():
         assert list(arms) == ["dense_active", "moe"]
         assert len({d["fingerprint"] for d in arms.values()}) == 1  # all arms of a seed: one data stream
         assert {d["data_seed"] for d in arms.values()} == {cfg.data.seed + int(seed)}
     assert len({arms["moe"]["fingerprint"] for arms in data.values()}) == 3  # a different order per seed
-    man = manifest(plan, None, data)
-    assert man["data_fingerprints_equal"] is True and man["data_order"] == "per_seed"
-    assert man["data_seeds"] == {"1": cfg.data.seed + 1, "2": cfg.data.seed + 2, "3": cfg.data.seed + 3}
+    record = study_record(design, None, data)
+    assert record.data_fingerprints_equal is True and record.data_order == "per_seed"
+    assert record.data_seeds == {"1": cfg.data.seed + 1, "2": cfg.data.seed + 2, "3": cfg.data.seed + 3}
     # what `study run --dry-run` says: one line per seed
     lines: list[str] = []
     assert runner.run_study(cfg, tmp_path / "study", dry_run=True, echo=lines.append) == 0
@@ -233,22 +235,22 @@ def test_each_seed_has_its_own_data_order_shared_by_its_arms(tmp_path):
 
 def test_a_shared_data_order_keeps_one_fingerprint(tmp_path):
     cfg = load_study(_write(tmp_path), ["study.seeds=[1, 2, 3]", "study.data_order='shared'"])
-    plan = plan_study(cfg, tmp_path / "study")
-    assert {r.config.data.seed for r in plan.runs} == {cfg.data.seed}
-    data = data_check(plan)
+    design = design_study(cfg, tmp_path / "study")
+    assert {r.config.data.seed for r in design.runs} == {cfg.data.seed}
+    data = data_check(design)
     assert len({d["fingerprint"] for arms in data.values() for d in arms.values()}) == 1
-    per_seed = plan_study(load_study(_write(tmp_path), ["study.seeds=[1, 2, 3]"]), tmp_path / "study")
+    per_seed = design_study(load_study(_write(tmp_path), ["study.seeds=[1, 2, 3]"]), tmp_path / "study")
     # the data seed is part of the run hash: the two policies never share a run directory
-    assert not {r.hash for r in plan.runs} & {r.hash for r in per_seed.runs}
+    assert not {r.hash for r in design.runs} & {r.hash for r in per_seed.runs}
 
 
 def test_runner_refuses_when_the_arms_of_a_seed_see_different_data(tmp_path, monkeypatch):
     from megatron_moe.study import runner
 
     cfg = load_study(_write(tmp_path))
-    real = data_check(plan_study(cfg, tmp_path / "study"))
+    real = data_check(design_study(cfg, tmp_path / "study"))
 
-    def skewed(plan):
+    def skewed(design):
         data = json.loads(json.dumps(real))
         data["2"]["moe"]["fingerprint"] = "beefbeefbeefbeef"
         return data
@@ -269,24 +271,24 @@ def test_runner_refuses_when_the_arms_of_a_seed_see_different_data(tmp_path, mon
         slurm.launch_study(cfg, slurm.LaunchConfig(), tmp_path / "study", dry_run=True, echo=lambda _: None)
     assert not (tmp_path / "study").exists()
     # different orders across seeds (the unskewed data) are not refused
-    monkeypatch.setattr(runner, "data_check", lambda plan: real)
+    monkeypatch.setattr(runner, "data_check", lambda design: real)
     assert runner.run_study(cfg, tmp_path / "study", dry_run=True, echo=lambda _: None) == 0
 
 
 def test_budgets(tmp_path):
     path = _write(tmp_path)
     tokens_per_step = 8 * 32
-    plan = plan_study(load_study(path, ["study.budget_tokens=2600"]))
-    assert {a.config.train.train_steps for a in plan.arms} == {2600 // tokens_per_step}
+    design = design_study(load_study(path, ["study.budget_tokens=2600"]))
+    assert {a.config.train.train_steps for a in design.arms} == {2600 // tokens_per_step}
     # A compute budget: each arm trains floor(C / (training FLOPs/token x tokens/step)) steps.
     c = 1e12
-    plan = plan_study(load_study(path, ["study.budget_flops=1e12", "study.arms=['moe', 'dense_total']"]))
-    for a in plan.arms:
+    design = design_study(load_study(path, ["study.budget_flops=1e12", "study.arms=['moe', 'dense_total']"]))
+    for a in design.arms:
         assert a.config.train.train_steps == int(c // (a.ledger.flops_train_per_token * tokens_per_step))
-    steps = {a.name: a.config.train.train_steps for a in plan.arms}
+    steps = {a.name: a.config.train.train_steps for a in design.arms}
     assert steps["dense_total"] < steps["moe"]  # the total-matched dense is dearer per token
     with pytest.raises(ConfigError, match=r"= 1 steps, not above train.lr_warmup_steps = 1"):
-        plan_study(load_study(path, ["study.budget_tokens=300"]))
+        design_study(load_study(path, ["study.budget_tokens=300"]))
 
 
 # ---------------------------------------------------------------- the examples
@@ -295,48 +297,48 @@ def test_budgets(tmp_path):
 def test_tiny_three_arm_examples():
     for name, max_total in (("cpu", 3e6), ("gpu", 25e6)):
         cfg = load_study(EXAMPLES / "tiny_three_arm" / f"{name}.toml")
-        plan = plan_study(cfg)
-        arms = {a.name: a for a in plan.arms}
+        design = design_study(cfg)
+        arms = {a.name: a for a in design.arms}
         assert list(arms) == ["dense_active", "moe", "dense_total"] and cfg.study.seeds == [1, 2, 3]
         moe = arms["moe"].config.model
         assert (moe.moe.num_experts, moe.moe.top_k, moe.moe.topk_renormalize) == (4, 2, True)
         assert moe.moe.aux_loss_coeff > 0 and moe.moe.z_loss_coeff > 0
         assert (moe.normalization, moe.activation, moe.position_embedding) == ("RMSNorm", "swiglu", "rope")
         assert cfg.data.path == ""  # runs with no dataset downloaded
-        for a in plan.arms:  # width-resized at fixed depth, tight match, sub-25M
+        for a in design.arms:  # width-resized at fixed depth, tight match, sub-25M
             assert a.config.model.num_layers == moe.num_layers
             assert a.ledger.total_params < max_total
             if a.match:
                 assert abs(a.match["residual_pct"]) < 0.5
-        assert len({a.config.train.train_steps for a in plan.arms}) == 1
+        assert len({a.config.train.train_steps for a in design.arms}) == 1
 
 
 def test_balancing_example_compares_two_moe_arms_differing_only_in_balancing():
-    plan = plan_study(load_study(EXAMPLES / "balancing" / "cpu.toml"))
-    arms = {a.name: a for a in plan.arms}
+    design = design_study(load_study(EXAMPLES / "balancing" / "cpu.toml"))
+    arms = {a.name: a for a in design.arms}
     assert list(arms) == ["dense_active", "moe", "moe_aux_free"]
     switch, free = arms["moe"].config.model.moe, arms["moe_aux_free"].config.model.moe
     assert (switch.aux_loss_coeff, switch.expert_bias_update_rate) == (0.01, 0.0)
     assert (free.aux_loss_coeff, free.expert_bias_update_rate) == (0.0, 1e-3)
     assert dataclasses.replace(free, aux_loss_coeff=0.01, expert_bias_update_rate=0.0) == switch
     assert abs(arms["dense_active"].match["residual_pct"]) < 0.5
-    assert {p["name"] for p in plan.pairs} == {"matched-active", "moe_aux_free-matched-active", "moe_aux_free-vs-moe"}
+    assert {p["name"] for p in design.pairs} == {"matched-active", "moe_aux_free-matched-active", "moe_aux_free-vs-moe"}
 
 
 @pytest.mark.parametrize("name, n_total", [("cpu", None), ("2b", 2.0e9), ("7b", 6.5e9)])
 def test_equal_resources_examples(name, n_total):
     cfg = load_study(EXAMPLES / "equal_resources" / f"{name}.toml")
-    plan = plan_study(cfg)
-    fam = plan.family
+    design = design_study(cfg)
+    fam = design.family
     if n_total:
         assert fam["total_params"] == pytest.approx(n_total, rel=0.005)
-    dense, *moes = plan.arms
+    dense, *moes = design.arms
     assert dense.name == "er_dense" and not dense.config.model.is_moe and dense.config.parallel.expert == 1
     assert len(moes) >= 3
     rates = [a.ledger.r_a for a in moes]
     assert min(rates) <= 0.21 and max(rates) >= 0.45 and all(0.09 <= r <= 0.55 for r in rates)
     tokens_per_step = fam["tokens_per_step"]
-    for a in plan.arms:
+    for a in design.arms:
         m, e = a.config.model, a.config.model.moe
         # equal N (within the planner's 0.5%), equal C (to one step of tokens), equal unique tokens D
         assert abs(a.ledger.nonembedding_params - fam["total_params"]) <= 0.005 * fam["total_params"]
@@ -356,7 +358,7 @@ def test_study_help_is_fast_and_shows_examples():
     t0 = time.perf_counter()
     proc = cli("study", "run", "--help")
     assert "study run examples/tiny_three_arm/cpu.toml" in proc.stdout and time.perf_counter() - t0 < 10
-    modules = ", ".join(f"megatron_moe.study.{m}" for m in ("spec", "plan", "rundir", "runner", "slurm", "stats",
+    modules = ", ".join(f"megatron_moe.study.{m}" for m in ("spec", "design", "studydir", "runner", "slurm", "stats",
                                                              "report"))
     proc = subprocess.run([sys.executable, "-c", f"import sys, megatron_moe.cli, {modules}; print(' '.join(sys.modules))"],
                           capture_output=True, text=True, cwd=REPO)
@@ -397,7 +399,7 @@ def test_study_run_counts_a_trainer_as_preempted_from_its_marker(tmp_path, monke
     )
 
     cfg = load_study(_write(tmp_path), ["study.arms=['moe']", "study.seeds=[1]"])
-    (run,) = plan_study(cfg, tmp_path / "study").runs
+    (run,) = design_study(cfg, tmp_path / "study").runs
     monkeypatch.setattr(runner, "_train_command", lambda r, nproc: [
         sys.executable, "-c", FAKE_TRAINER, str(r.dir), "text" if mode == "stale marker" else mode])
     if mode == "stale marker":  # left by an earlier attempt: must not count for this one
@@ -405,8 +407,8 @@ def test_study_run_counts_a_trainer_as_preempted_from_its_marker(tmp_path, monke
         mark_preempted(run.dir, 1, 15)
     lines: list[str] = []
     rc = runner.run_study(cfg, tmp_path / "study", echo=lines.append)
-    log = [json.loads(x) for x in (tmp_path / "study" / "log.jsonl").read_text().splitlines()]
-    attempt = json.loads((run.dir / "run.json").read_text())["attempts"][-1]
+    log = [json.loads(x) for x in (tmp_path / "study" / directories.STUDY_LOG).read_text().splitlines()]
+    attempt = json.loads((run.dir / directories.RUN_JSON).read_text())["attempts"][-1]
     if mode == "marker":
         assert rc == PREEMPTED_EXIT_CODE and attempt["returncode"] == PREEMPTED_EXIT_CODE
         assert log[-1] == {**log[-1], "event": "interrupted", "signal": "trainer stopped", "run": run.name}
@@ -424,7 +426,7 @@ def test_study_run_counts_a_trainer_as_preempted_from_its_marker(tmp_path, monke
 
 def _metrics_best(run_dir: Path) -> float:
     evals = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+    for line in (run_dir / directories.METRICS).read_text().splitlines():
         row = json.loads(line)
         if row["kind"] == "eval":
             evals[row["step"]] = row["val_loss"]
@@ -444,10 +446,10 @@ def test_study_runs_is_interrupted_resumes_and_reports(tmp_path):
         deadline = time.time() + 120
         while time.time() < deadline and len(list(out.glob("runs/*/result.json"))) < 1:
             time.sleep(0.2)
-        while time.time() < deadline and len((out / "log.jsonl").read_text().splitlines()) < 3:
+        while time.time() < deadline and len((out / directories.STUDY_LOG).read_text().splitlines()) < 3:
             time.sleep(0.1)  # wait for the second run's start event
-        second = out / "runs" / json.loads((out / "log.jsonl").read_text().splitlines()[2])["run"]
-        while time.time() < deadline and not (second / "metrics.jsonl").is_file():
+        second = out / "runs" / json.loads((out / directories.STUDY_LOG).read_text().splitlines()[2])["run"]
+        while time.time() < deadline and not (second / directories.METRICS).is_file():
             time.sleep(0.1)  # and for it to train
         os.killpg(runner.pid, signal.SIGINT)
         time.sleep(0.3)
@@ -463,47 +465,47 @@ def test_study_runs_is_interrupted_resumes_and_reports(tmp_path):
     first = sorted(out.glob("runs/*/result.json"))
     assert len(first) == 1
     first_mtime = first[0].stat().st_mtime_ns
-    log = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    log = [json.loads(x) for x in (out / directories.STUDY_LOG).read_text().splitlines()]
     assert [e["event"] for e in log] == ["start", "done", "start", "interrupted"]
     interrupted = log[-1]["run"]
-    assert interrupted == log[2]["run"] and not (out / "runs" / interrupted / "result.json").exists()
-    info = json.loads((out / "runs" / interrupted / "run.json").read_text())
+    assert interrupted == log[2]["run"] and not (out / "runs" / interrupted / directories.RESULT).exists()
+    info = json.loads((out / "runs" / interrupted / directories.RUN_JSON).read_text())
     assert info["attempts"][-1]["interrupted"] == "SIGINT"
-    assert "megatron-moe: stopped by signal at step" in (out / "runs" / interrupted / "train.log").read_text()
+    assert "megatron-moe: stopped by signal at step" in (out / "runs" / interrupted / directories.TRAIN_LOG).read_text()
 
     # 2. The same command again: the finished run is skipped, the interrupted one resumed, the rest started.
     proc = cli("study", "run", str(study_file), *extra, "-o", str(out), "--quiet")
     assert "complete, skipped" in proc.stdout and "study complete: 4 runs" in proc.stdout
-    log = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()][4:]
+    log = [json.loads(x) for x in (out / directories.STUDY_LOG).read_text().splitlines()][4:]
     assert [(e["event"], e["run"]) for e in log[:2]] == [("skip", first[0].parent.name), ("resume", interrupted)]
     assert [e["event"] for e in log] == ["skip", "resume", "done", "start", "done", "start", "done"]
     assert first[0].stat().st_mtime_ns == first_mtime  # not redone
     # 3. A third time: nothing to do.
     proc = cli("study", "run", str(study_file), *extra, "-o", str(out), "--quiet")
-    log = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()][11:]
+    log = [json.loads(x) for x in (out / directories.STUDY_LOG).read_text().splitlines()][11:]
     assert [e["event"] for e in log] == ["skip"] * 4
 
     # Provenance: resolved config, versions and git commit per run; manifest with the planner's residuals.
-    man = json.loads((out / "study.json").read_text())
+    man = json.loads((out / directories.STUDY_JSON).read_text())
     assert [a["name"] for a in man["arms"]] == ["dense_active", "moe"] and man["data_fingerprints_equal"]
     assert man["arms"][0]["match"]["residual_pct"] == pytest.approx(
         match_dense(load_study(study_file).model, "active").residual_pct)
     for entry in man["runs"]:
         run_dir = out / entry["dir"]
         assert entry["dir"] == f"runs/{entry['arm']}-s{entry['seed']}-{entry['hash']}"
-        info = json.loads((run_dir / "run.json").read_text())
+        info = json.loads((run_dir / directories.RUN_JSON).read_text())
         assert info["versions"]["torch"] and info["versions"]["megatron-core"] == "0.16.1"
         assert info["versions"]["python"] and info["versions"]["megatron-moe"]
         assert "git" in info and (info["git"] is None or len(info["git"]["commit"]) == 40)
-        assert (run_dir / "config.toml").is_file() and (run_dir / "run.toml").is_file()
-        assert (run_dir / "metrics.jsonl").is_file() and not (run_dir / "checkpoints").exists()
+        assert (run_dir / directories.CONFIG).is_file() and (run_dir / directories.RUN_TOML).is_file()
+        assert (run_dir / directories.METRICS).is_file() and not (run_dir / directories.CHECKPOINTS).exists()
 
     # 4. The report's numbers are the ones recomputed from metrics.jsonl.
     proc = cli("study", "report", str(out))
     assert "Paired gaps" in proc.stdout
-    results = json.loads((out / "results.json").read_text())
+    results = load_results(out / directories.RESULTS)
     best = {(e["arm"], e["seed"]): _metrics_best(out / e["dir"]) for e in man["runs"]}
-    for arm in results["arms"]:
+    for arm in results.arms:
         vals = [best[(arm["arm"], s)] for s in (1, 2)]
         assert arm["best_val_loss"]["per_seed"] == {"1": vals[0], "2": vals[1]}
         assert arm["best_val_loss"]["mean"] == pytest.approx(sum(vals) / 2, abs=1e-12)
@@ -513,19 +515,19 @@ def test_study_runs_is_interrupted_resumes_and_reports(tmp_path):
             assert arm["final_load_imbalance"]["mean"] == pytest.approx(sum(last) / 2, abs=1e-12) and min(last) >= 1
         else:
             assert last == [None, None] and arm["final_load_imbalance"]["mean"] is None
-    (gap,) = results["gaps"]
+    (gap,) = results.gaps
     diffs = [best[("dense_active", s)] - best[("moe", s)] for s in (1, 2)]
     assert gap["name"] == "matched-active" and gap["per_seed"] == {"1": diffs[0], "2": diffs[1]}
     assert gap["mean"] == pytest.approx(sum(diffs) / 2, abs=1e-12)
     assert [p["step"] for p in gap["over_training"]] == [2, 4]
-    assert results["data_fingerprints_equal"]
+    assert results.data_fingerprints_equal
     # each seed trained on its own data order, the same for both arms (fingerprints from the runs' result.json)
-    fps = results["fingerprints"]
+    fps = results.fingerprints
     assert all(len(set(fps[s].values())) == 1 for s in ("1", "2")) and fps["1"]["moe"] != fps["2"]["moe"]
     # 4 steps are too few to call a best, and 2 seeds too few for an interval: the only warnings here
     assert all("at their last evaluation" in w or w.startswith("too few seeds for an interval")
-               for w in results["warnings"])
-    for name in ("report.md", "report.html", "results.json"):
+               for w in results.warnings)
+    for name in (directories.REPORT_MD, directories.REPORT_HTML, directories.RESULTS):
         assert (out / name).is_file()
 
 
@@ -533,8 +535,10 @@ def test_study_run_reports_progress_after_each_run(tmp_path, monkeypatch):
     from megatron_moe.study import runner
 
     cfg = load_study(_write(tmp_path), ["study.arms=['moe']", "study.seeds=[1, 2]"])
-    finished = ("import json, sys, pathlib; d = pathlib.Path(sys.argv[1]); d.mkdir(parents=True, exist_ok=True); "
-                "(d / 'result.json').write_text(json.dumps({'best_val_loss': 1.0}))")
+    finished = ("import sys, pathlib; from megatron_moe.train.result import RunResult, write_result; "
+                "d = pathlib.Path(sys.argv[1]); d.mkdir(parents=True, exist_ok=True); "
+                "write_result(d, RunResult(steps=1, final_train_loss=1.0, best_val_loss=1.0, best_val_step=1, "
+                "train_time_s=1.0, tokens_per_step=1))")
     monkeypatch.setattr(runner, "_train_command", lambda r, nproc: [sys.executable, "-c", finished, str(r.dir)])
     calls: list[tuple[int, int]] = []
     assert runner.run_study(cfg, tmp_path / "study", echo=lambda _: None,

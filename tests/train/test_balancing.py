@@ -14,6 +14,7 @@ import sys
 
 import pytest
 
+from megatron_moe import directories
 from tests.conftest import REPO, TINY_MOE, cli, train_rows, untimed_rows
 
 pytestmark = pytest.mark.slow
@@ -63,9 +64,9 @@ def test_an_aux_loss_free_run_resumes_bitwise(tmp_path):
     cli("train", *args, f"train.output_dir={straight}")
     resumed = tmp_path / "resumed"
     shutil.copytree(straight, resumed)
-    shutil.rmtree(resumed / "checkpoints" / "step_0000008")
-    (resumed / "metrics.jsonl").unlink()
-    (resumed / "result.json").unlink()
+    shutil.rmtree(resumed / directories.CHECKPOINTS / "step_0000008")
+    (resumed / directories.METRICS).unlink()
+    (resumed / directories.RESULT).unlink()
     cli("train", *args, f"train.output_dir={resumed}")
     want = [r for r in untimed_rows(straight) if r["kind"] == "train" and r["step"] > 4]
     assert [r for r in untimed_rows(resumed) if r["kind"] == "train"] == want

@@ -11,6 +11,7 @@ import os
 import pytest
 import torch
 
+from megatron_moe import directories
 from megatron_moe.config import RunConfig
 from megatron_moe.train.checkpoint import (
     Checkpointable, TrainState, find_checkpoint, load_checkpoint, save_checkpoint, verify_checkpoint
@@ -51,14 +52,14 @@ def _run(step: int, values=(1.0, 2.0, 3.0), n: int = 7) -> Checkpointable:
 
 
 def test_save_then_load_restores_every_part(single_process, tmp_path):
-    root = tmp_path / "checkpoints"
+    root = tmp_path / directories.CHECKPOINTS
     path = save_checkpoint(_run(4), root)
     assert path == root / "step_0000004" and verify_checkpoint(path) is None
-    assert (root / "latest").read_text() == "step_0000004\n"
-    saved = json.loads((path / "train_state.json").read_text())
+    assert (root / directories.CHECKPOINT_LATEST).read_text() == "step_0000004\n"
+    saved = json.loads((path / directories.CHECKPOINT_STATE).read_text())
     assert saved["step"] == 4 and saved["counter"] == {"n": 7}  # each part under its name
-    assert set(json.loads((path / "manifest.json").read_text())["files"]) >= {"train_state.json", "config.toml",
-                                                                              "rng_rank0.pt", ".metadata"}
+    assert set(json.loads((path / directories.CHECKPOINT_MANIFEST).read_text())["files"]) >= {
+        directories.CHECKPOINT_STATE, directories.CHECKPOINT_CONFIG, "rng_rank0.pt", ".metadata"}
     torch.manual_seed(123)
     expected_next = torch.rand(3)
     torch.manual_seed(123)  # the RNG state at save time
@@ -72,7 +73,7 @@ def test_save_then_load_restores_every_part(single_process, tmp_path):
 
 
 def test_two_newest_checkpoints_are_kept(single_process, tmp_path):
-    root = tmp_path / "checkpoints"
+    root = tmp_path / directories.CHECKPOINTS
     for step in (1, 2, 3):
         save_checkpoint(_run(step), root)
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step_0000002", "step_0000003"]
@@ -80,7 +81,7 @@ def test_two_newest_checkpoints_are_kept(single_process, tmp_path):
 
 
 def test_a_checkpoint_of_another_shape_does_not_load_in_one_line(single_process, tmp_path):
-    path = save_checkpoint(_run(2), tmp_path / "checkpoints")
+    path = save_checkpoint(_run(2), tmp_path / directories.CHECKPOINTS)
     with pytest.raises(TrainingError) as exc:
         load_checkpoint(_run(0, values=(0.0, 0.0)), path)
     assert str(exc.value).startswith(f"checkpoint {path} does not load into this run (") and "\n" not in str(exc.value)
@@ -89,7 +90,7 @@ def test_a_checkpoint_of_another_shape_does_not_load_in_one_line(single_process,
 def test_a_failed_save_removes_its_partial_directory_and_keeps_the_last(single_process, tmp_path, monkeypatch):
     from megatron.core import dist_checkpointing
 
-    root = tmp_path / "checkpoints"
+    root = tmp_path / directories.CHECKPOINTS
     save_checkpoint(_run(2), root)
 
     def full(*args, **kwargs):

@@ -28,9 +28,10 @@ from types import SimpleNamespace
 
 import pytest
 
+from megatron_moe import directories
 from megatron_moe.config import load_run_config
-from megatron_moe.schema import save_toml
 from megatron_moe.files import lock_holder
+from megatron_moe.schema import save_toml
 from megatron_moe.train.stop import PREEMPTED_MARKER, RUN_LOCK
 from tests.conftest import HANG_S, REPO, TINY_MOE, cli, untimed_rows
 
@@ -52,13 +53,13 @@ def last_line(proc: subprocess.CompletedProcess) -> str:
 
 def assert_same_as(run_dir: Path, reference: SimpleNamespace) -> None:
     assert untimed_rows(run_dir) == untimed_rows(reference.dir)
-    result, expected = (json.loads((d / "result.json").read_text()) for d in (run_dir, reference.dir))
+    result, expected = (json.loads((d / directories.RESULT).read_text()) for d in (run_dir, reference.dir))
     for key in ("steps", "final_train_loss", "best_val_loss", "best_val_step"):
         assert result[key] == expected[key], key
 
 
 def checkpoints(run_dir: Path) -> list[str]:
-    return sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    return sorted(p.name for p in (run_dir / directories.CHECKPOINTS).iterdir())
 
 
 @pytest.fixture(scope="module")
@@ -66,10 +67,11 @@ def reference(tmp_path_factory) -> SimpleNamespace:
     """The uninterrupted run. Its directory first holds another run's metrics.jsonl and config.toml, which
     `train` refuses to replace until told to (train.overwrite_output_dir); told to, it starts over cleanly."""
     out = tmp_path_factory.mktemp("reference")
-    (out / "metrics.jsonl").write_text(FOREIGN_ROW)
-    save_toml(load_run_config(None, [*ARGS, "model.hidden_size=32", f"train.output_dir={out}"]), out / "config.toml")
+    (out / directories.METRICS).write_text(FOREIGN_ROW)
+    foreign = load_run_config(None, [*ARGS, "model.hidden_size=32", f"train.output_dir={out}"])
+    save_toml(foreign, out / directories.CONFIG)
     refused = train(out)
-    foreign_left = (out / "metrics.jsonl").read_text()
+    foreign_left = (out / directories.METRICS).read_text()
     train(out, "train.overwrite_output_dir=true", check=True)
     return SimpleNamespace(dir=out, refused=refused, foreign_left=foreign_left)
 
@@ -79,9 +81,9 @@ def at_step_8(reference, tmp_path) -> Path:
     """A copy of the reference run as a run killed after its step-8 checkpoint (the step-10 one never saved)."""
     run_dir = tmp_path / "run"
     shutil.copytree(reference.dir, run_dir)
-    shutil.rmtree(run_dir / "checkpoints" / "step_0000010")
-    (run_dir / "checkpoints" / "latest").write_text("step_0000008\n")
-    (run_dir / "result.json").unlink()
+    shutil.rmtree(run_dir / directories.CHECKPOINTS / "step_0000010")
+    (run_dir / directories.CHECKPOINTS / directories.CHECKPOINT_LATEST).write_text("step_0000008\n")
+    (run_dir / directories.RESULT).unlink()
     return run_dir
 
 
@@ -115,7 +117,7 @@ def _craft(path: Path, marker: Path) -> None:
         buffer = io.BytesIO()
         torch.save({"torch": _RunsCode(marker)}, buffer)
         path.write_bytes(buffer.getvalue())
-    manifest_path = path.parent / "manifest.json"
+    manifest_path = path.parent / directories.CHECKPOINT_MANIFEST
     manifest = json.loads(manifest_path.read_text())
     data = path.read_bytes()
     manifest["files"][path.name] = {"size": len(data), "crc32": zlib.crc32(data)}
@@ -131,13 +133,13 @@ DAMAGE = {
                     "step_0000008", r"skipped checkpoint step_0000010 \(rng_rank0\.pt fails its checksum\)"),
     "corrupt common": (lambda c, m: _flip_middle_byte(c / "common.pt"),
                        "step_0000008", r"skipped checkpoint step_0000010 \(common\.pt fails its checksum\)"),
-    "wrong step": (lambda c, m: (c / "train_state.json").write_text('{"step": 9}'),
+    "wrong step": (lambda c, m: (c / directories.CHECKPOINT_STATE).write_text('{"step": 9}'),
                    "step_0000008", r"skipped checkpoint step_0000010 \(train_state\.json says step 9\)"),
-    "unreadable train state": (lambda c, m: (c / "train_state.json").write_text('{"step": 1'),
+    "unreadable train state": (lambda c, m: (c / directories.CHECKPOINT_STATE).write_text('{"step": 1'),
                                "step_0000008", r"skipped checkpoint step_0000010 \(train_state\.json is unreadable"),
-    "empty latest": (lambda c, m: (c.parent / "latest").write_text(""),
+    "empty latest": (lambda c, m: (c.parent / directories.CHECKPOINT_LATEST).write_text(""),
                      "step_0000010", r"latest holds '', not a step_\* name: ignored"),
-    "latest outside": (lambda c, m: (c.parent / "latest").write_text("../../../../etc\n"),
+    "latest outside": (lambda c, m: (c.parent / directories.CHECKPOINT_LATEST).write_text("../../../../etc\n"),
                        "step_0000010", r"latest holds '\.\./\.\./\.\./\.\./etc', not a step_\* name: ignored"),
     "newest missing": (lambda c, m: shutil.rmtree(c),
                        "step_0000008", r"latest names step_0000010, which is missing"),
@@ -154,8 +156,8 @@ DAMAGE = {
 def test_a_damaged_newest_checkpoint_is_skipped_with_its_reason(reference, tmp_path, damage):
     from megatron_moe.train.checkpoint import find_checkpoint
 
-    root = tmp_path / "checkpoints"
-    shutil.copytree(reference.dir / "checkpoints", root)
+    root = tmp_path / directories.CHECKPOINTS
+    shutil.copytree(reference.dir / directories.CHECKPOINTS, root)
     harm, chosen, note = DAMAGE[damage]
     marker = tmp_path / "code-ran"
     harm(root / "step_0000010", marker)
@@ -172,10 +174,10 @@ def test_a_damaged_newest_checkpoint_is_skipped_with_its_reason(reference, tmp_p
 def test_resume_skips_a_truncated_checkpoint_and_a_garbage_latest(reference, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(reference.dir, run_dir)
-    (run_dir / "result.json").unlink()
-    shard = run_dir / "checkpoints" / "step_0000010" / "__0_1.distcp"
+    (run_dir / directories.RESULT).unlink()
+    shard = run_dir / directories.CHECKPOINTS / "step_0000010" / "__0_1.distcp"
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
-    (run_dir / "checkpoints" / "latest").write_text("not a checkpoint\n")
+    (run_dir / directories.CHECKPOINTS / directories.CHECKPOINT_LATEST).write_text("not a checkpoint\n")
     proc = train(run_dir, check=True)
     assert "latest holds 'not a checkpoint', not a step_* name: ignored" in proc.stdout
     assert "skipped checkpoint step_0000010 (__0_1.distcp has" in proc.stdout
@@ -185,8 +187,9 @@ def test_resume_skips_a_truncated_checkpoint_and_a_garbage_latest(reference, tmp
     assert checkpoints(run_dir) == ["latest", "step_0000008", "step_0000010"]
     from megatron_moe.train.checkpoint import verify_checkpoint
 
-    assert all(verify_checkpoint(run_dir / "checkpoints" / s) is None for s in ("step_0000008", "step_0000010"))
-    assert (run_dir / "checkpoints" / "latest").read_text() == "step_0000010\n"
+    saved = run_dir / directories.CHECKPOINTS
+    assert all(verify_checkpoint(saved / s) is None for s in ("step_0000008", "step_0000010"))
+    assert (run_dir / directories.CHECKPOINTS / directories.CHECKPOINT_LATEST).read_text() == "step_0000010\n"
 
 
 @pytest.mark.slow
@@ -195,9 +198,9 @@ def test_a_checkpoint_that_verifies_but_does_not_load_falls_back_to_the_one_befo
     load: the run skips it like a damaged one and resumes from the checkpoint before."""
     run_dir = tmp_path / "run"
     shutil.copytree(reference.dir, run_dir)
-    (run_dir / "result.json").unlink()
-    newest = run_dir / "checkpoints" / "step_0000010"
-    (newest / "manifest.json").unlink()
+    (run_dir / directories.RESULT).unlink()
+    newest = run_dir / directories.CHECKPOINTS / "step_0000010"
+    (newest / directories.CHECKPOINT_MANIFEST).unlink()
     shard = newest / "__0_0.distcp"
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
     proc = train(run_dir, check=True)
@@ -210,7 +213,7 @@ def test_a_checkpoint_that_verifies_but_does_not_load_falls_back_to_the_one_befo
 def test_a_finished_run_without_checkpoints_is_refused_not_restarted(reference, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(reference.dir, run_dir)
-    shutil.rmtree(run_dir / "checkpoints")
+    shutil.rmtree(run_dir / directories.CHECKPOINTS)
     kept = {name: (run_dir / name).read_text() for name in ("metrics.jsonl", "result.json")}
     proc = train(run_dir)
     assert proc.returncode == 2
@@ -227,9 +230,9 @@ def test_a_finished_run_without_checkpoints_is_refused_not_restarted(reference, 
 def test_a_crafted_rng_file_runs_no_code(reference, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(reference.dir, run_dir)
-    (run_dir / "result.json").unlink()
+    (run_dir / directories.RESULT).unlink()
     marker = tmp_path / "code-ran"
-    _craft(run_dir / "checkpoints" / "step_0000010" / "rng_rank0.pt", marker)
+    _craft(run_dir / directories.CHECKPOINTS / "step_0000010" / "rng_rank0.pt", marker)
     proc = train(run_dir, check=True)
     assert "skipped checkpoint step_0000010 (rng_rank0.pt holds objects other than tensors" in proc.stdout
     assert not marker.exists()
@@ -240,21 +243,21 @@ def test_a_crafted_rng_file_runs_no_code(reference, tmp_path):
 def test_no_usable_checkpoint_is_one_line_and_deletes_nothing(reference, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(reference.dir, run_dir)
-    (run_dir / "result.json").unlink()
+    (run_dir / directories.RESULT).unlink()
     for step in ("step_0000008", "step_0000010"):
-        (run_dir / "checkpoints" / step / "train_state.json").unlink()
-    metrics = (run_dir / "metrics.jsonl").read_text()
+        (run_dir / directories.CHECKPOINTS / step / directories.CHECKPOINT_STATE).unlink()
+    metrics = (run_dir / directories.METRICS).read_text()
     proc = train(run_dir)
     assert proc.returncode == 1
     line = last_line(proc)
     assert line.startswith(f"megatron-moe: error: no usable checkpoint in {run_dir / 'checkpoints'}: skipped "
                            "checkpoint step_0000010 (no train_state.json); skipped checkpoint step_0000008 "
                            "(no train_state.json); move"), line
-    assert (run_dir / "metrics.jsonl").read_text() == metrics  # not restarted from step 0
+    assert (run_dir / directories.METRICS).read_text() == metrics  # not restarted from step 0
     assert checkpoints(run_dir) == ["latest", "step_0000008", "step_0000010"]
     # put one back: the run resumes from it and ends as the reference did
-    shutil.copy(reference.dir / "checkpoints" / "step_0000008" / "train_state.json",
-                run_dir / "checkpoints" / "step_0000008")
+    shutil.copy(reference.dir / directories.CHECKPOINTS / "step_0000008" / directories.CHECKPOINT_STATE,
+                run_dir / directories.CHECKPOINTS / "step_0000008")
     train(run_dir, check=True)
     assert_same_as(run_dir, reference)
 
@@ -265,23 +268,23 @@ def test_no_usable_checkpoint_is_one_line_and_deletes_nothing(reference, tmp_pat
 @pytest.mark.slow
 def test_a_changed_config_is_refused_unless_allowed_and_then_recorded(reference, at_step_8):
     run_dir = at_step_8
-    config = (run_dir / "config.toml").read_text()
+    config = (run_dir / directories.CONFIG).read_text()
     proc = train(run_dir, "train.lr=0.001", "model.hidden_size=128")
     assert proc.returncode == 2
     line = last_line(proc)
     assert line.startswith(f"megatron-moe: error: train.output_dir = '{run_dir}' was started with another config ("), line
     assert "model.hidden_size 64 -> 128" in line and "train.lr 0.003 -> 0.001" in line
     assert "set train.allow_config_change = true to resume from step_0000008" in line
-    assert (run_dir / "config.toml").read_text() == config and not (run_dir / "config_changes.jsonl").exists()
+    assert (run_dir / directories.CONFIG).read_text() == config and not (run_dir / directories.CONFIG_CHANGES).exists()
     # bookkeeping may change; with the config it was started with, the run ends as the reference did
     train(run_dir, "train.save_interval=2", check=True)
     assert_same_as(run_dir, reference)
     # allowed: the new value applies from the resumed step, and the change is recorded
     proc = train(run_dir, "train.lr=0.001", "train.allow_config_change=true", check=True)
     assert "continuing from step 10 with a changed config" in proc.stdout and "train.lr 0.003 -> 0.001" in proc.stdout
-    (change,) = [json.loads(x) for x in (run_dir / "config_changes.jsonl").read_text().splitlines()]
+    (change,) = [json.loads(x) for x in (run_dir / directories.CONFIG_CHANGES).read_text().splitlines()]
     assert change["step"] == 10 and change["changes"] == {"train.lr": [0.003, 0.001]}
-    recorded = load_run_config(run_dir / "config.toml")
+    recorded = load_run_config(run_dir / directories.CONFIG)
     assert recorded.train.lr == 0.001 and recorded.train.allow_config_change
 
 
@@ -332,8 +335,8 @@ def test_disk_full_on_save_is_one_line_and_leaves_no_partial_checkpoint(referenc
                            f"writing {run_dir / 'checkpoints' / '.step_0000010.tmp'} (a checkpoint needs about "), line
     assert "MiB" in line and "removed the partial .step_0000010.tmp, the last checkpoint step_0000008 is intact" in line
     assert checkpoints(run_dir) == ["latest", "step_0000008"]  # no temporary directory left to fill the disk
-    assert (run_dir / "checkpoints" / "latest").read_text() == "step_0000008\n"
-    assert not (run_dir / "result.json").exists()
+    assert (run_dir / directories.CHECKPOINTS / directories.CHECKPOINT_LATEST).read_text() == "step_0000008\n"
+    assert not (run_dir / directories.RESULT).exists()
     train(run_dir, check=True)
     assert_same_as(run_dir, reference)
 
@@ -344,7 +347,7 @@ def test_storage_errors_on_save_are_one_line_naming_the_path(tmp_path, monkeypat
 
     from megatron_moe.train import checkpoint as ck
 
-    root = tmp_path / "checkpoints"
+    root = tmp_path / directories.CHECKPOINTS
     root.mkdir()
     tmp = root / ".step_0000004.tmp"
     denied = PermissionError(errno.EACCES, "Permission denied", str(tmp))
@@ -380,7 +383,7 @@ def test_a_missing_checkpoint_writer_dependency_is_one_line_before_training(tmp_
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert last_line(proc) == ("megatron-moe: error: megatron-core's checkpoint writer needs psutil, which is not "
                                "installed: pip install psutil")
-    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+    assert not (tmp_path / "run" / directories.METRICS).exists()
 
 
 @pytest.mark.slow
@@ -397,7 +400,7 @@ def test_errors_under_torchrun_are_one_line_on_every_rank(tmp_path, overrides, m
     ours = proc.stderr.split("megatron-moe: error: ")[1:]
     assert 1 <= len(ours) <= 2 and all(part.startswith(message) for part in ours), proc.stderr[-3000:]
     assert "megatron_moe/" not in proc.stderr and "Connection closed" not in proc.stderr, proc.stderr[-3000:]
-    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+    assert not (tmp_path / "run" / directories.METRICS).exists()
 
 
 # ---------------------------------------------------------------- one owner per run directory
@@ -452,7 +455,7 @@ def _alive(pid: int) -> bool:
 def test_a_killed_runner_takes_its_trainer_along(reference, tmp_path):
     """SIGKILL to `study run` alone: its trainer (a session of its own) gets SIGTERM from the kernel, checkpoints
     and exits instead of training on, orphaned; the next `study run` resumes the run."""
-    study, out = tmp_path / "study.toml", tmp_path / "study"
+    study, out = tmp_path / directories.STUDY_TOML, tmp_path / "study"
     study.write_text(STUDY)
     command = [sys.executable, "-m", "megatron_moe.cli", "study", "run", str(study), *ARGS, "-o", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONUNBUFFERED": "1"}
@@ -462,7 +465,7 @@ def test_a_killed_runner_takes_its_trainer_along(reference, tmp_path):
     try:
         deadline = time.monotonic() + 240
         runs = out / "runs"
-        while not (runs.is_dir() and any((d / "metrics.jsonl").is_file() for d in runs.iterdir())):
+        while not (runs.is_dir() and any((d / directories.METRICS).is_file() for d in runs.iterdir())):
             assert time.monotonic() < deadline and runner.poll() is None, "the trainer never logged a step"
             time.sleep(0.1)
         (run_dir,) = runs.iterdir()
@@ -480,7 +483,7 @@ def test_a_killed_runner_takes_its_trainer_along(reference, tmp_path):
             os.kill(trainer, signal.SIGKILL)
     marker = json.loads((run_dir / PREEMPTED_MARKER).read_text())
     assert marker["signal"] == "SIGTERM"  # it stopped on the signal, with a checkpoint of its last step
-    assert (run_dir / "checkpoints" / f"step_{marker['step']:07d}").is_dir()
+    assert (run_dir / directories.CHECKPOINTS / f"step_{marker['step']:07d}").is_dir()
     # The last thread closes the descriptor table, and with it the lock, a moment after it stops running.
     let_go = time.monotonic() + 30
     while lock_holder(run_dir / RUN_LOCK) is not None:
@@ -493,10 +496,10 @@ def test_a_killed_runner_takes_its_trainer_along(reference, tmp_path):
     # The report's final train loss is result.json's, whatever metrics.jsonl still holds.
     from megatron_moe.study.report import build_results
 
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    (run_dir / "metrics.jsonl").write_text("\n".join(lines[:-3]) + "\n")  # the last train rows are gone
+    lines = (run_dir / directories.METRICS).read_text().splitlines()
+    (run_dir / directories.METRICS).write_text("\n".join(lines[:-3]) + "\n")  # the last train rows are gone
     (arm,) = build_results(out)["arms"]
-    assert arm["final_train_loss"]["mean"] == json.loads((run_dir / "result.json").read_text())["final_train_loss"]
+    assert arm["final_train_loss"]["mean"] == json.loads((run_dir / directories.RESULT).read_text())["final_train_loss"]
 
 
 # ---------------------------------------------------------------- a model too big for memory
@@ -516,4 +519,4 @@ def test_a_model_too_big_for_memory_is_one_line(tmp_path):
     assert proc.returncode == 1, proc.stderr[-3000:]
     line = last_line(proc)
     assert line.startswith("megatron-moe: error: out of host memory (") and "parameters, about" in line, line
-    assert not (tmp_path / "metrics.jsonl").exists() and not (tmp_path / "checkpoints").exists()
+    assert not (tmp_path / directories.METRICS).exists() and not (tmp_path / directories.CHECKPOINTS).exists()

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from megatron_moe import directories
 from megatron_moe.config import ConfigError, TrainConfig
 from megatron_moe.train.monitors import SINK_KEYS, TensorBoardSink, check_sinks, sink_scalars
 from tests.conftest import TINY_MOE, cli, metrics_rows
@@ -158,4 +159,4 @@ def test_missing_sink_package_stops_training_at_start_up_with_one_line(tmp_path)
     assert proc.stderr.strip().splitlines()[-1] == (
         "megatron-moe: error: train.wandb_project = 'p' needs the wandb package; install it with "
         "pip install 'megatron-moe[wandb]' (or set train.wandb_project = \"\" to turn it off)")
-    assert not (out / "metrics.jsonl").exists()
+    assert not (out / directories.METRICS).exists()

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from megatron_moe import directories
 from tests.conftest import REPO, TINY, TINY_MOE, cli, train_rows
 
 pytestmark = pytest.mark.slow  # every test here trains a model in a fresh process
@@ -21,9 +22,9 @@ def test_tiny_moe_loss_falls_and_metrics_are_written(tmp_path):
     assert rows[-1]["loss"] < rows[0]["loss"] - 1.5, [r["loss"] for r in rows]
     assert all(r["tokens_per_s"] > 0 and "load_balancing_loss" in r and "z_loss" in r for r in rows)
     assert all(r["dropped_fraction"] == 0 for r in rows)  # dropless by default
-    result = json.loads((tmp_path / "result.json").read_text())
+    result = json.loads((tmp_path / directories.RESULT).read_text())
     assert result["steps"] == 30 and result["best_val_loss"] < rows[0]["loss"]
-    assert (tmp_path / "config.toml").is_file()
+    assert (tmp_path / directories.CONFIG).is_file()
     assert "step 30/30 | loss" in proc.stdout and "tok/s" in proc.stdout
 
 
@@ -80,7 +81,7 @@ def test_too_small_validation_split_is_refused_before_training(tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("megatron-moe: error: validation split has") and "lower train.eval_iters" in last
-    assert not (tmp_path / "metrics.jsonl").exists()  # refused before any step
+    assert not (tmp_path / directories.METRICS).exists()  # refused before any step
 
 
 def _evaluate_once(tmp_path, name: str, *overrides: str) -> dict:

@@ -1,4 +1,4 @@
-"""The study directory on disk: the manifest (study.json), the runs' records (run.json, slurm.json), the runner's log
+"""The study directory on disk: the study record (study.json, typed in `records`), the runs' records (run.json, slurm.json), the runner's log
 and its lock, which `study run`, `study launch` and `study report` share. What lies where is `megatron_moe.directories`.
 
 The code version (git commit) and package versions are recorded here, never hashed into a run's name.
@@ -14,7 +14,6 @@ import shutil
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -24,13 +23,8 @@ from megatron_moe.config import ConfigError
 from megatron_moe.schema import to_toml
 from megatron_moe.files import atomic_write_json, atomic_write_text
 from megatron_moe.study.datacheck import unequal_data
-from megatron_moe.study.plan import Plan, Run, run_data_seed
-from megatron_moe.study.spec import DATA_ORDERS
-
-ARM_KEYS = ("name", "contract", "is_moe", "changed_fields", "train_steps", "tokens_per_step", "planned_tokens",
-            "total_params", "active_params", "nonembedding_params", "nonembedding_active_params", "r_a",
-            "flops_train_per_token", "flops_er_per_token")
-"""Keys of each study.json arm that the report reads (see `Arm.to_dict`)."""
+from megatron_moe.study.records import ArmRecord, PairRecord, RunEntry, StudyRecord, load_study_record
+from megatron_moe.study.design import Design, Run, run_data_seed
 
 LIVE_STATES = {
     "PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "SUSPENDED", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED",
@@ -131,156 +125,49 @@ def check_unlocked(out: Path) -> None:
             raise ConfigError(f"a `study run` is using {out} (lock {lock_path}); launch when it has stopped") from None
 
 
-def manifest(plan: Plan, study_file: str | None, data: dict[str, Any] | None) -> dict[str, Any]:
+def study_record(design: Design, study_file: str | None, data: dict[str, Any] | None) -> StudyRecord:
     """The study-level record written to study.json."""
-    cfg = plan.study
+    cfg = design.study
     shared = cfg.study.data_order == "shared"
-    return {
-        "name": cfg.study.name,
-        "study_file": study_file,
-        "updated": now(),
-        "spec": dataclasses.asdict(cfg.study),
-        "base": cfg.base().to_dict(),
-        "seeds": list(cfg.study.seeds),
-        "data_seed": cfg.data.seed,
-        "data_order": cfg.study.data_order,
-        "data_seeds": {str(seed): run_data_seed(cfg, seed) for seed in cfg.study.seeds},
-        "seed_policy": "train.seed = the run's seed (model init); " + (
+    return StudyRecord(
+        name=cfg.study.name,
+        study_file=study_file,
+        updated=now(),
+        spec=dataclasses.asdict(cfg.study),
+        base=cfg.base().to_dict(),
+        seeds=list(cfg.study.seeds),
+        data_seed=cfg.data.seed,
+        data_order=cfg.study.data_order,
+        data_seeds={str(seed): run_data_seed(cfg, seed) for seed in cfg.study.seeds},
+        seed_policy="train.seed = the run's seed (model init); " + (
             "data.seed = data_seed for every run (one data order)" if shared else
             "data.seed = data_seed + the run's seed (one data order per seed, shared by its arms)"),
-        "gap_sign": "gap = best val loss(baseline) - best val loss(MoE); positive = the MoE is better",
-        "arms": [a.to_dict() for a in plan.arms],
-        "pairs": list(plan.pairs),
-        "family": plan.family,
-        "data": data,
-        "data_fingerprints_equal": None if data is None else not unequal_data(data),
-        "runs": [{"arm": r.arm, "seed": r.seed, "hash": r.hash, "dir": f"{directories.RUNS}/{r.name}"} for r in plan.runs],
-        "environment": environment(),
-        "git": git_state(),
-    }
+        gap_sign="gap = best val loss(baseline) - best val loss(MoE); positive = the MoE is better",
+        arms=[ArmRecord(**a.to_dict()) for a in design.arms],
+        pairs=[PairRecord(**p) for p in design.pairs],
+        family=design.family,
+        data=data,
+        data_fingerprints_equal=None if data is None else not unequal_data(data),
+        runs=[RunEntry(arm=r.arm, seed=r.seed, hash=r.hash, dir=f"{directories.RUNS}/{r.name}") for r in design.runs],
+        environment=environment(),
+        git=git_state(),
+    )
 
 
-def write_study_files(plan: Plan, study_file: str | None, data: dict[str, Any] | None) -> None:
+def write_study_files(design: Design, study_file: str | None, data: dict[str, Any] | None) -> None:
     """study.toml and study.json. Without a data check (`data` None) an earlier study.json's planned data
     fingerprints are kept while the base data config is unchanged: they are what the report compares against
     before any run is complete."""
-    out = plan.out_dir
+    out = design.out_dir
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / directories.STUDY_TOML, to_toml(dataclasses.asdict(plan.study)))
-    man = manifest(plan, study_file, data)
+    atomic_write_text(out / directories.STUDY_TOML, to_toml(dataclasses.asdict(design.study)))
+    record = study_record(design, study_file, data)
     if data is None and (out / directories.STUDY_JSON).is_file():
-        previous = load_manifest(out)
-        if previous.base.get("data") == man["base"]["data"] and previous.data_order == man["data_order"]:
-            man["data"], man["data_fingerprints_equal"] = previous.data, previous.data_fingerprints_equal
-    atomic_write_json(out / directories.STUDY_JSON, man)
-
-
-@dataclass(frozen=True)
-class StudyManifest:
-    """The parts of study.json that readers use, checked for shape (see `manifest` for what each holds)."""
-
-    path: Path
-    name: str
-    seeds: list[int]
-    arms: list[dict[str, Any]]
-    pairs: list[dict[str, Any]]
-    runs: list[dict[str, Any]]
-    """{arm, seed, hash, dir}; dir relative to the study directory."""
-    base: dict[str, Any]
-    data: dict[str, dict[str, dict[str, Any]]] | None
-    """Planned data description per seed (a string, as JSON keys are), then arm (None: launched without a data
-    check)."""
-    data_fingerprints_equal: bool | None
-    """Whether the arms of every seed share one planned fingerprint (None: no data check)."""
-    data_seed: int | None
-    """The study's data.seed."""
-    data_order: str
-    """study.data_order: 'per_seed' or 'shared'."""
-    data_seeds: dict[str, int]
-    """data.seed of each seed's runs, keyed by seed as a string."""
-    gap_sign: str | None
-    family: dict[str, Any] | None
-    environment: dict[str, Any] | None
-    git: dict[str, Any] | None
-
-
-def load_manifest(study_dir: str | Path) -> StudyManifest:
-    """Read `study_dir`/study.json; ConfigError (one line, naming the file) when missing, corrupt or misshapen."""
-    study_dir = Path(study_dir)
-    path = study_dir / directories.STUDY_JSON
-    if not path.is_file():
-        raise ConfigError(f"{str(study_dir)!r} is not a study directory (no study.json; run `megatron-moe study run` first)")
-    try:
-        raw = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ConfigError(f"{path} is not a readable study.json ({why}); run `megatron-moe study run` again") from None
-
-    def bad(what: str) -> ConfigError:
-        return ConfigError(f"{path} is not a valid study.json: {what}; run `megatron-moe study run` again")
-
-    if not isinstance(raw, dict):
-        raise bad(f"expected a JSON object, found {type(raw).__name__}")
-
-    def value(key: str, kind: type | tuple[type, ...], *, required: bool = True) -> Any:
-        if key not in raw or raw[key] is None:
-            if required:
-                raise bad(f"no {key!r}")
-            return None
-        if not isinstance(raw[key], kind):
-            raise bad(f"{key!r} is a {type(raw[key]).__name__}")
-        return raw[key]
-
-    def records(key: str, keys: tuple[str, ...]) -> list[dict[str, Any]]:
-        items = value(key, list)
-        for i, item in enumerate(items):
-            if not isinstance(item, dict) or any(k not in item for k in keys):
-                raise bad(f"{key}[{i}] lacks one of {', '.join(keys)}")
-        return items
-
-    arms = records("arms", ARM_KEYS)
-    names = {a["name"] for a in arms}
-    pairs = records("pairs", ("name", "baseline", "moe"))
-    runs = records("runs", ("arm", "seed", "dir"))
-    seeds = value("seeds", list)
-    data_seed = value("data_seed", int, required=False)
-    data = value("data", dict, required=False)
-    data_order = value("data_order", str, required=False)
-    if data_order is None:
-        # a manifest without data_order gave every run one data.seed and described the data per arm: the same
-        # description holds for every seed
-        data_order = "shared"
-        if data is not None:
-            data = {str(seed): data for seed in seeds}
-    elif data_order not in DATA_ORDERS:
-        raise bad(f"'data_order' is {data_order!r}, expected one of {', '.join(DATA_ORDERS)}")
-    if data is not None and not all(isinstance(v, dict) and all(isinstance(d, dict) for d in v.values())
-                                    for v in data.values()):
-        raise bad("'data' is not a description per seed and arm")
-    data_seeds = value("data_seeds", dict, required=False) or (
-        {str(seed): data_seed for seed in seeds} if data_seed is not None and data_order == "shared" else {})
-    for what, arm in [*((f"pair {p['name']}", p[k]) for p in pairs for k in ("baseline", "moe")),
-                      *((f"run {r['dir']}", r["arm"]) for r in runs)]:
-        if arm not in names:
-            raise bad(f"{what} names arm {arm!r}, which is not in 'arms'")
-    return StudyManifest(
-        path=path,
-        name=value("name", str),
-        seeds=seeds,
-        arms=arms,
-        pairs=pairs,
-        runs=runs,
-        base=value("base", dict, required=False) or {},
-        data=data,
-        data_fingerprints_equal=value("data_fingerprints_equal", bool, required=False),
-        data_seed=data_seed,
-        data_order=data_order,
-        data_seeds=data_seeds,
-        gap_sign=value("gap_sign", str, required=False),
-        family=value("family", dict, required=False),
-        environment=value("environment", dict, required=False),
-        git=value("git", dict, required=False),
-    )
+        previous = load_study_record(out)
+        if previous.base.get("data") == record.base["data"] and previous.data_order == record.data_order:
+            record = dataclasses.replace(record, data=previous.data,
+                                         data_fingerprints_equal=previous.data_fingerprints_equal)
+    atomic_write_json(out / directories.STUDY_JSON, dataclasses.asdict(record))
 
 
 def log_event(out: Path, event: str, **fields: Any) -> None:

@@ -99,7 +99,7 @@ class Run:
 
 
 @dataclass(frozen=True)
-class Plan:
+class Design:
     """Everything `study run` will do, derived from the study config without training anything."""
 
     study: StudyConfig
@@ -274,7 +274,7 @@ def run_data_seed(cfg: StudyConfig, seed: int) -> int:
     return cfg.data.seed if cfg.study.data_order == "shared" else cfg.data.seed + seed
 
 
-def plan_study(cfg: StudyConfig, out_dir: str | Path | None = None, *, check_world: bool = True) -> Plan:
+def design_study(cfg: StudyConfig, out_dir: str | Path | None = None, *, check_world: bool = True) -> Design:
     """Arms and runs of a study; run directories are `out_dir/runs/<arm>-s<seed>-<hash>`."""
     out = Path(out_dir or cfg.study.output_dir or Path("runs") / "study" / cfg.study.name).resolve()
     arms, pairs, family = derive_arms(cfg, check_world=check_world)
@@ -288,7 +288,7 @@ def plan_study(cfg: StudyConfig, out_dir: str | Path | None = None, *, check_wor
             rc = dataclasses.replace(rc, train=dataclasses.replace(rc.train, output_dir=str(run_dir),
                                                                    **_sink_names(rc, cfg.study.name, arm.name, seed)))
             runs.append(Run(arm=arm.name, seed=seed, config=rc, hash=h, dir=run_dir))
-    return Plan(study=cfg, out_dir=out, arms=tuple(arms), runs=tuple(runs), pairs=tuple(pairs), family=family)
+    return Design(study=cfg, out_dir=out, arms=tuple(arms), runs=tuple(runs), pairs=tuple(pairs), family=family)
 
 
 def _sink_names(cfg: RunConfig, study: str, arm: str, seed: int) -> dict[str, str]:
@@ -303,13 +303,13 @@ def _sink_names(cfg: RunConfig, study: str, arm: str, seed: int) -> dict[str, st
     return out
 
 
-def format_arms(plan: Plan) -> str:
+def format_arms(design: Design) -> str:
     """The arm table: size, granularity (E, K, D_e, D_se), FLOPs, steps, tokens, planned epochs, matched residual
     and what differs from the base. Columns are as wide as their widest cell."""
     header = ["arm", "params", "active", "N (non-emb)", "r_a", "E", "K", "D_e", "D_se", "FLOPs/tok", "steps",
               "tokens", "unique", "epochs", "resid %", "changed vs base"]
     rows = []
-    for a in plan.arms:
+    for a in design.arms:
         led, m = a.ledger, a.config.model
         resid = f"{a.match['residual_pct']:+.3f}" if a.match else "-"
         # planned unique tokens and epochs of an equal-resources arm; the data check reports the rest

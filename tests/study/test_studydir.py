@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from megatron_moe.study.rundir import LaunchError, job_state
+from megatron_moe.study.studydir import LaunchError, job_state
 
 
 def _fake_squeue(tmp_path, monkeypatch, stdout: str, stderr: str, code: int) -> None:
