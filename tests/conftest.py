@@ -1,14 +1,20 @@
-"""Shared test helpers: run the real CLI in fresh processes (one, or several under torchrun)."""
+"""The test harness: one way to run the real CLI (in a fresh process, under torchrun when asked, in the foreground
+or started in the background), one waiter, one study writer, and reference runs trained once per session."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+
+from megatron_moe.config import DataConfig
 from megatron_moe import directories
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,21 +48,74 @@ HANG_S = 900
 take seconds to a minute alone, several times that on a loaded 2-core machine (300 s was seen to run out there)."""
 
 
-def cli(*args: str, nproc: int = 1, check: bool = True, timeout: float = HANG_S,
-        env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """Run `megatron-moe ARGS` in a fresh process (under torchrun when nproc > 1), `env` added."""
+MODULE = [sys.executable, "-m", "megatron_moe.cli"]
+"""How a test runs `megatron-moe`: this interpreter on the checkout's package."""
+
+
+def cli_command(*args: str, nproc: int = 1, prefix: list[str] | None = None) -> list[str]:
+    """The command line of `megatron-moe ARGS` (under torchrun when nproc > 1; `prefix` in place of MODULE: a
+    wrapper that ends by running the CLI on the arguments after it)."""
     if nproc == 1:
-        cmd = [sys.executable, "-m", "megatron_moe.cli", *args]
-    else:
-        cmd = [
-            sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-            "-m", "megatron_moe.cli", *args,
-        ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1" if nproc > 1 else "2", "PYTHONUNBUFFERED": "1", **(env or {})}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+        return [*(prefix or MODULE), *args]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+            "-m", "megatron_moe.cli", *args]
+
+
+def cli_env(nproc: int = 1, env: dict[str, str] | None = None) -> dict[str, str]:
+    """This process's environment for a CLI process: threads split between ranks, output unbuffered, `env` added."""
+    return {**os.environ, "OMP_NUM_THREADS": "1" if nproc > 1 else "2", "PYTHONUNBUFFERED": "1", **(env or {})}
+
+
+def cli(*args: str, nproc: int = 1, check: bool = True, timeout: float = HANG_S, env: dict[str, str] | None = None,
+        prefix: list[str] | None = None, cwd: Path = REPO, preexec_fn: Callable[[], None] | None = None
+        ) -> subprocess.CompletedProcess:
+    """Run `megatron-moe ARGS` in a fresh process (under torchrun when nproc > 1, through `prefix` when given), `env`
+    added, in `cwd`; `preexec_fn` runs in the child before it starts."""
+    cmd = cli_command(*args, nproc=nproc, prefix=prefix)
+    proc = subprocess.run(cmd, cwd=cwd, env={"PYTHONPATH": str(REPO), **cli_env(nproc, env)}, capture_output=True,
+                          text=True, timeout=timeout, preexec_fn=preexec_fn)
     if check and proc.returncode != 0:
         raise AssertionError(f"{cmd} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
+
+
+def start_cli(*args: str, env: dict[str, str] | None = None, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+              command: list[str] | None = None) -> subprocess.Popen:
+    """`megatron-moe ARGS` (or `command`) started in the background, in a session of its own so that `end` can kill
+    it with its children."""
+    return subprocess.Popen(command or cli_command(*args), cwd=REPO, env=cli_env(1, env), stdout=stdout,
+                            stderr=stderr, text=True, start_new_session=True)
+
+
+def end(proc: subprocess.Popen) -> None:
+    """Kill a process from `start_cli` and its children if it still runs, and reap it."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def wait_until(predicate: Callable[[], object], what: str, *, seconds: float = HANG_S,
+               alive: subprocess.Popen | None = None) -> None:
+    """Poll `predicate` until it holds; fail naming `what` when `seconds` pass first, or when `alive` (the process
+    that should make it hold) has ended without it holding."""
+    deadline = time.monotonic() + seconds
+    while not predicate():
+        if alive is not None and alive.poll() is not None:
+            raise AssertionError(f"{what}: the process ended first (exit {alive.returncode})")
+        assert time.monotonic() < deadline, f"{what}: not within {seconds:g} s"
+        time.sleep(0.05)
+
+
+def write_study(path: Path, text: str | None = None, *, name: str = "tiny", arms: tuple[str, ...] = ("moe",),
+                seeds: tuple[int, ...] = (1,), **study: object) -> Path:
+    """A study file at `path` (its folder made): `text` as given, else [study] with this name, arms, seeds and
+    further `study` fields (TOML values) on the base config's defaults."""
+    from megatron_moe.schema import to_toml
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text if text is not None else
+                    to_toml({"study": {"name": name, "arms": list(arms), "seeds": list(seeds), **study}}))
+    return path
 
 
 TIMING_KEYS = ("tokens_per_s", "elapsed_s", "tflops_per_device", "mfu", "gpu_mem_allocated_peak_gib",
@@ -109,6 +168,28 @@ def with_other_value(cfg, dotted: str):
     else:
         raise AssertionError(f"no other value for {dotted} = {value!r}")
     return dataclasses.replace(cfg, **{head: other})
+
+
+REFERENCE = [*TINY_MOE, "train.train_steps=40", "train.save_interval=5", "train.eval_interval=10", "train.seed=1",
+             f"data.seed={DataConfig().seed + 1}"]
+"""A 40-step tiny MoE run with checkpoints every 5 steps: seed 1 of a study of these overrides (data.seed is the
+default 1234 + the seed), and the uninterrupted run that interrupted and resumed ones are compared with."""
+
+
+@pytest.fixture(scope="session")
+def reference_run(tmp_path_factory) -> Callable[..., Path]:
+    """`reference_run(*overrides)`: the directory of a `train` run of those overrides, trained once per session
+    whichever modules ask for it. Tests read it and copy it; none may write into it."""
+    runs: dict[tuple[str, ...], Path] = {}
+
+    def get(*overrides: str) -> Path:
+        if overrides not in runs:
+            out = tmp_path_factory.mktemp("reference")
+            cli("train", *overrides, f"train.output_dir={out}")
+            runs[overrides] = out
+        return runs[overrides]
+
+    return get
 
 
 @pytest.fixture(scope="session")

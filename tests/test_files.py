@@ -39,10 +39,9 @@ def test_a_killed_lock_holder_leaves_no_child_holding_its_lock(tmp_path):
     import signal
     import subprocess
     import sys
-    import time
 
     from megatron_moe.files import lock_holder
-    from tests.conftest import REPO
+    from tests.conftest import REPO, wait_until
 
     lock = tmp_path / ".train.lock"
     proc = subprocess.Popen([sys.executable, "-c", _HOLD, str(lock)], cwd=REPO, stdout=subprocess.PIPE, text=True)
@@ -50,10 +49,8 @@ def test_a_killed_lock_holder_leaves_no_child_holding_its_lock(tmp_path):
     assert lock_holder(lock) == f"{proc.pid}@{os.uname().nodename}"  # the parent holds it
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
-    deadline = time.time() + 30
-    while time.time() < deadline and os.path.exists(f"/proc/{child}") and "Z" not in _state(child):
-        time.sleep(0.05)
-    assert not os.path.exists(f"/proc/{child}") or "Z" in _state(child), "the forked child outlived its parent"
+    wait_until(lambda: not os.path.exists(f"/proc/{child}") or "Z" in _state(child),
+               "the forked child ending with its parent", seconds=30)
     assert lock_holder(lock) is None
 
 

@@ -18,10 +18,9 @@ STEPS = ["train.train_steps=8", "train.eval_interval=4", "model.moe.first_k_dens
 TOLERANCE = 1e-5
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ref")
-    cli("train", *TINY_MOE, *STEPS, f"train.output_dir={out}")
+@pytest.fixture
+def reference(reference_run):
+    out = reference_run(*TINY_MOE, *STEPS)
     rows = train_rows(out)
     assert len(rows) == 8
     return rows, metrics_rows(out, "eval")
@@ -67,17 +66,9 @@ BALANCING = {
 }
 
 
-@pytest.fixture(scope="module")
-def balancing_reference(tmp_path_factory):
-    refs = {}
-
-    def get(name):
-        if name not in refs:
-            out = tmp_path_factory.mktemp(name.replace("+", "_"))
-            cli("train", *TINY_MOE, *STEPS, *BALANCING[name][0], f"train.output_dir={out}")
-            refs[name] = train_rows(out)
-        return refs[name]
-    return get
+@pytest.fixture
+def balancing_reference(reference_run):
+    return lambda name: train_rows(reference_run(*TINY_MOE, *STEPS, *BALANCING[name][0]))
 
 
 @pytest.mark.parametrize("method, layout", [

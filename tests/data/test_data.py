@@ -24,7 +24,7 @@ from megatron_moe.data.source import DataSource, build_data_source
 from megatron_moe.data.store import TokenStore, read_manifest
 from megatron_moe.data.corpora import synthetic_dataset
 from megatron_moe.data.tokenizers import EOD_TEXT, load_tokenizer
-from tests.conftest import REPO, SHARED_DATA, cli
+from tests.conftest import MODULE, SHARED_DATA, cli
 
 
 DOCS = [
@@ -560,7 +560,6 @@ def test_a_killed_prepare_leaves_no_lasting_temp_dir(tmp_path):
     host removes it once its process is gone, and leaves a live process's or another host's directory alone."""
     import socket
     import subprocess
-    import sys
 
     corpus = _write_text(tmp_path / "c.txt", DOCS)
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -643,13 +642,12 @@ def test_parquet_text_column_is_read_and_a_missing_column_is_one_line(tmp_path):
 def _without_root_reads(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     """`megatron-moe ARGS` as a user that file modes apply to: as root, with the capabilities that let root read and
     write anything dropped (setpriv); as anyone else, as is."""
-    cmd = [sys.executable, "-m", "megatron_moe.cli", *args]
+    prefix = MODULE
     if os.geteuid() == 0:
         if shutil.which("setpriv") is None:
             pytest.fail("setpriv (util-linux) is needed to test file modes as root")
-        cmd = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", *cmd]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+        prefix = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", *MODULE]
+    return cli(*args, prefix=prefix, cwd=cwd, check=False)
 
 
 @pytest.mark.parametrize("target", ["train.bin", "train.idx", "manifest.json"])

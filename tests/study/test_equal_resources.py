@@ -20,6 +20,7 @@ from megatron_moe.study.report_er import er_tables
 from megatron_moe.study.spec import load_study
 from megatron_moe.study.studydir import write_study_files
 from megatron_moe.train.result import RunResult, write_result
+from tests.conftest import write_study
 
 # The CPU example's backbone on the synthetic corpus (planning only reads [model], [parallel], [train]).
 ER = """
@@ -61,10 +62,7 @@ eval_interval = 50
 
 
 def _study(tmp_path: Path, *overrides: str, text: str = ER):
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    path = tmp_path / "er.toml"
-    path.write_text(text)
-    return load_study(path, list(overrides))
+    return load_study(write_study(tmp_path / "er.toml", text), list(overrides))
 
 
 # ---------------------------------------------------------------- spec and run configs

@@ -19,7 +19,7 @@ from megatron_moe.study.report import build_results, render_html, render_markdow
 from megatron_moe.study.spec import load_study
 from megatron_moe.study.studydir import write_study_files
 from megatron_moe.train.result import RunResult, write_result
-from tests.conftest import cli
+from tests.conftest import cli, write_study
 from tests.study.test_study import MINI
 
 
@@ -40,7 +40,7 @@ def _fake_study(tmp_path: Path, fingerprints: dict[tuple[str, int], str] | None 
     its own data order (fingerprint f00d<seed>), shared by its arms unless `fingerprints` says otherwise."""
     tmp_path.mkdir(parents=True, exist_ok=True)
     spec = tmp_path / "mini.toml"
-    spec.write_text(MINI)
+    write_study(spec, MINI)
     cfg = load_study(spec, ["study.arms=['dense_active', 'moe', 'dense_total']", "study.seeds=[1, 2, 3]"])
     design = design_study(cfg, tmp_path / "study")
     fingerprints, curves = fingerprints or {}, curves or CURVES

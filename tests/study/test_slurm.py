@@ -24,7 +24,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -44,33 +43,26 @@ from megatron_moe.study.slurm import (
     torchrun_command,
 )
 from megatron_moe.train.stop import PREEMPTED_EXIT_CODE, TORCHRUN_SIGNALS
-from tests.conftest import REPO, TINY_MOE, train_losses, train_rows
+from tests.conftest import REFERENCE, REPO, TINY_MOE, cli, cli_env, train_losses, train_rows, wait_until, write_study
 from tests.study.slurm_fixture import ENDED, LocalSlurm, unavailable_reason
 
 STEPS = 40
 RUN = [*TINY_MOE, f"train.train_steps={STEPS}", "train.seed=1"]
-STUDY = '[study]\nname = "tiny"\narms = ["moe"]\nseeds = [1]\n'
 SEED_1_DATA = f"data.seed={DataConfig().seed + 1}"  # the data order of seed 1 in a study built from RUN
 TOLERANCE = 1e-5  # nats; other layouts sum in another order (see test_parallel.py), resumed runs are exact
 
 
-def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    return {**os.environ, **(extra or {}), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+"""Jobs here share 2 cores with the SLURM daemons and each other."""
 
 
 def _cli(*args: str, env: dict[str, str] | None = None, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "megatron_moe.cli", *args], cwd=REPO, env=_env(env),
-                          capture_output=True, text=True, timeout=300)
-    if check and proc.returncode:
-        raise AssertionError(f"megatron-moe {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
-                             f"{proc.stderr[-3000:]}")
-    return proc
+    return cli(*args, env={**(env or {}), **ONE_THREAD}, check=check)
 
 
 def _study_file(tmp_path: Path) -> Path:
-    path = tmp_path / directories.STUDY_TOML
-    path.write_text(STUDY)
-    return path
+    """Study "tiny": the base MoE, seed 1."""
+    return write_study(tmp_path / directories.STUDY_TOML)
 
 
 def _close(got: list[float], ref: list[float]) -> None:
@@ -79,12 +71,11 @@ def _close(got: list[float], ref: list[float]) -> None:
     assert worst < TOLERANCE, f"largest loss difference {worst:.2e}"
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> list[float]:
-    """Losses of the single-process run every launched run is compared with: seed 1 of a study of RUN."""
-    out = tmp_path_factory.mktemp("reference")
-    _cli("train", *RUN, SEED_1_DATA, f"train.output_dir={out}")
-    return train_losses(out)
+@pytest.fixture
+def reference(reference_run) -> list[float]:
+    """Losses of the single-process run every launched run is compared with: seed 1 of a study of RUN (whose
+    evaluations and checkpoints do not change its losses)."""
+    return train_losses(reference_run(*REFERENCE))
 
 
 # ================================================================ rendering and bad input
@@ -323,7 +314,8 @@ def test_two_torchrun_agents_on_loopback_match_single_process(reference, tmp_pat
     agents = [
         subprocess.Popen(torchrun_command(sys.executable, str(tmp_path / directories.RUN_TOML), nnodes=2,
                                           nproc_per_node=1, endpoint=endpoint, rdzv_id="loopback", node_rank=rank),
-                         cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                         cwd=REPO, env=cli_env(env=ONE_THREAD), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         text=True)
         for rank in (0, 1)
     ]
     outputs = [a.communicate(timeout=300)[0] for a in agents]
@@ -340,13 +332,12 @@ def test_torchrun_agent_hands_usr1_to_the_trainer(tmp_path):
     save_toml(cfg, tmp_path / directories.RUN_TOML)
     agent = subprocess.Popen(torchrun_command(sys.executable, str(tmp_path / directories.RUN_TOML), nnodes=1,
                                               nproc_per_node=1, endpoint=f"127.0.0.1:{free_port()}", rdzv_id="usr1"),
-                             cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             cwd=REPO, env=cli_env(env=ONE_THREAD), stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True,
                              start_new_session=True)  # its own process group: only the agent is signalled
     try:
-        deadline = time.monotonic() + 120
-        while not ((run_dir / directories.METRICS).is_file() and train_rows(run_dir)):
-            assert time.monotonic() < deadline and agent.poll() is None, agent.stdout.read()[-3000:]
-            time.sleep(0.1)
+        wait_until(lambda: (run_dir / directories.METRICS).is_file() and train_rows(run_dir), "a logged step",
+                   alive=agent)
         agent.send_signal(signal.SIGUSR1)
         output = agent.communicate(timeout=120)[0]
     finally:
@@ -472,10 +463,9 @@ def test_usr1_checkpoints_requeues_and_resumes_exactly(slurm, slurm_study, tmp_p
     again = _cli("study", "launch", str(tmp_path / directories.STUDY_TOML), *RUN, "--slurm", "-o",
                  str(tmp_path / "study"), "--skip-data-check", env=slurm.env)
     assert f"already queued as job {job}" in again.stdout  # a queued run is not submitted twice
-    deadline = time.monotonic() + 180
-    while not ((run_dir / directories.METRICS).is_file() and train_rows(run_dir)):
-        assert time.monotonic() < deadline and slurm.job_state(job) not in ENDED, _job_log(run_dir, job)
-        time.sleep(0.1)
+    wait_until(lambda: ((run_dir / directories.METRICS).is_file() and train_rows(run_dir))
+               or slurm.job_state(job) in ENDED, "the job's first step")
+    assert slurm.job_state(job) not in ENDED, _job_log(run_dir, job)
     slurm.run("scancel", "--signal=USR1", "--batch", job)  # what --signal=B:USR1@... does before the time limit
     state = slurm.wait_job(job, timeout=240, release=True)  # start the requeued job once it may
     log = _job_log(run_dir, job)

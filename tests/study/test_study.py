@@ -23,7 +23,7 @@ from megatron_moe.study.datacheck import data_check
 from megatron_moe.study.design import design_study, run_hash
 from megatron_moe.study.records import load_results
 from megatron_moe.study.spec import load_study
-from tests.conftest import REPO, cli, train_rows
+from tests.conftest import REPO, cli, end, start_cli, train_rows, wait_until, write_study
 
 EXAMPLES = REPO / "examples"
 
@@ -63,9 +63,7 @@ eval_iters = 2
 
 
 def _write(tmp_path: Path, text: str = MINI, name: str = "mini.toml") -> Path:
-    path = tmp_path / name
-    path.write_text(text)
-    return path
+    return write_study(tmp_path / name, text)
 
 
 # ---------------------------------------------------------------- spec
@@ -436,30 +434,24 @@ def _metrics_best(run_dir: Path) -> float:
 def test_study_runs_is_interrupted_resumes_and_reports(tmp_path):
     study_file, out = _write(tmp_path), tmp_path / "study"
     extra = ["train.save_interval=2", "study.keep_checkpoints=false"]  # checkpoints, deleted once complete
-    cmd = [sys.executable, "-m", "megatron_moe.cli", "study", "run", str(study_file), *extra, "-o", str(out)]
-    env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONUNBUFFERED": "1"}
     # 1. Start the runner and stop it with a Ctrl-C (SIGINT to its process group) once its first run is complete
     #    and the second has begun: the trainer, in a session of its own, gets SIGTERM from the runner and saves.
-    runner = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              start_new_session=True)
+    runner = start_cli("study", "run", str(study_file), *extra, "-o", str(out), stdout=subprocess.PIPE,
+                       stderr=subprocess.STDOUT)
     try:
-        deadline = time.time() + 120
-        while time.time() < deadline and len(list(out.glob("runs/*/result.json"))) < 1:
-            time.sleep(0.2)
-        while time.time() < deadline and len((out / directories.STUDY_LOG).read_text().splitlines()) < 3:
-            time.sleep(0.1)  # wait for the second run's start event
-        second = out / "runs" / json.loads((out / directories.STUDY_LOG).read_text().splitlines()[2])["run"]
-        while time.time() < deadline and not (second / directories.METRICS).is_file():
-            time.sleep(0.1)  # and for it to train
+        log = out / directories.STUDY_LOG
+        wait_until(lambda: list(out.glob(f"{directories.RUNS}/*/{directories.RESULT}")), "the first run complete",
+                   alive=runner)
+        wait_until(lambda: len(log.read_text().splitlines()) >= 3, "the second run's start event", alive=runner)
+        second = out / directories.RUNS / json.loads(log.read_text().splitlines()[2])["run"]
+        wait_until(lambda: (second / directories.METRICS).is_file(), "the second run training", alive=runner)
         os.killpg(runner.pid, signal.SIGINT)
         time.sleep(0.3)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(runner.pid, signal.SIGINT)  # an impatient second Ctrl-C: the runner still waits for the save
         output, _ = runner.communicate(timeout=60)
     finally:
-        if runner.poll() is None:
-            os.killpg(runner.pid, signal.SIGKILL)
-        runner.wait()
+        end(runner)
     assert runner.returncode == 75, output  # EX_TEMPFAIL, as the trainer after a stop signal
     assert "interrupted (SIGINT)" in output
     first = sorted(out.glob("runs/*/result.json"))

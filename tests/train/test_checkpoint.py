@@ -11,39 +11,30 @@ import os
 import re
 import shutil
 import signal
-import subprocess
-import sys
-import time
 
 import pytest
 
 from megatron_moe import directories
 from megatron_moe.train.stop import PREEMPTED_MARKER, was_preempted
-from tests.conftest import HANG_S, REPO, TINY, TINY_MOE, cli, untimed_rows
+from tests.conftest import HANG_S, REFERENCE, TINY, cli, end, start_cli, untimed_rows, wait_until
 
 pytestmark = pytest.mark.slow
-RUN = ["train.train_steps=40", "train.save_interval=5", "train.eval_interval=10"]
-ARGS = [*TINY_MOE, *RUN]
+ARGS = REFERENCE
 
 
-@pytest.fixture(scope="module")
-def straight(tmp_path_factory):
-    out = tmp_path_factory.mktemp("straight")
-    cli("train", *ARGS, f"train.output_dir={out}")
-    return out
+@pytest.fixture
+def straight(reference_run):
+    """The uninterrupted run."""
+    return reference_run(*ARGS)
 
 
-def start(run_dir):
-    cmd = [sys.executable, "-m", "megatron_moe.cli", "train", *ARGS, f"train.output_dir={run_dir}"]
-    return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True, text=True)
+def start(run_dir, *extra: str, env: dict[str, str] | None = None):
+    return start_cli("train", *ARGS, *extra, f"train.output_dir={run_dir}", env=env)
 
 
-def wait_for(predicate, proc, seconds=HANG_S):
-    deadline = time.time() + seconds
-    while time.time() < deadline and not predicate() and proc.poll() is None:
-        time.sleep(0.05)
-    assert proc.poll() is None, "the run finished before it could be interrupted"
-    assert predicate(), f"nothing happened in {seconds} s"
+def wait_for(predicate, proc, what: str):
+    wait_until(predicate, what, alive=proc)
+    assert proc.poll() is None, f"{what}: the run finished before it could be interrupted"
 
 
 def assert_same_run(run_dir, straight):
@@ -56,9 +47,8 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path, straight):
     run_dir = tmp_path / "killed"
     proc = start(run_dir)
     marker = run_dir / directories.CHECKPOINTS / directories.CHECKPOINT_LATEST
-    wait_for(lambda: marker.exists() and marker.read_text().strip() >= "step_0000015", proc)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    wait_for(lambda: marker.exists() and marker.read_text().strip() >= "step_0000015", proc, "checkpoint 15")
+    end(proc)
     assert not (run_dir / directories.RESULT).exists()
 
     saved = (run_dir / directories.CHECKPOINTS / directories.CHECKPOINT_LATEST).read_text().strip()
@@ -76,7 +66,7 @@ def test_stop_signal_saves_exits_75_and_resumes(tmp_path, straight):
     run_dir = tmp_path / "preempted"
     proc = start(run_dir)
     metrics = run_dir / directories.METRICS
-    wait_for(lambda: metrics.exists() and metrics.read_text().count("\n") >= 12, proc)
+    wait_for(lambda: metrics.exists() and metrics.read_text().count("\n") >= 12, proc, "12 metrics rows")
     os.kill(proc.pid, signal.SIGUSR1)  # what SLURM sends ahead of a time limit (--signal=USR1@...)
     _, stderr = proc.communicate(timeout=HANG_S)
     assert proc.returncode == 75, stderr[-2000:]
@@ -136,12 +126,11 @@ def test_checkpoints_without_train_state_are_refused_in_one_line(tmp_path, strai
 def test_stop_signal_during_start_up_checkpoints_after_the_first_step(tmp_path):
     """...and after that step's evaluation (eval every step here): a resumed run would never evaluate it."""
     cache, run_dir = tmp_path / "cache", tmp_path / "run"
-    cmd = [sys.executable, "-m", "megatron_moe.cli", "train", *ARGS, "data.synthetic_documents=20000",
-           "train.eval_interval=1", f"train.output_dir={run_dir}"]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True, env={**os.environ, "MEGATRON_MOE_CACHE": str(cache)})
+    proc = start(run_dir, "data.synthetic_documents=20000", "train.eval_interval=1",
+                 env={"MEGATRON_MOE_CACHE": str(cache)})
     # The trainer is building the synthetic corpus into the empty cache: start-up, before any step.
-    wait_for(lambda: cache.is_dir() and any(p.name.startswith(".synthetic") for p in cache.iterdir()), proc)
+    wait_for(lambda: cache.is_dir() and any(p.name.startswith(".synthetic") for p in cache.iterdir()), proc,
+             "the synthetic corpus being built")
     os.kill(proc.pid, signal.SIGUSR1)
     _, stderr = proc.communicate(timeout=HANG_S)
     assert proc.returncode == 75, stderr[-2000:]
@@ -166,10 +155,8 @@ def test_stop_signal_while_torch_imports_is_a_clean_stop(tmp_path):
     (while torch and megatron-core are still importing) ends in exit 75 with the marker, not a death by signal,
     and the run directory resumes."""
     run_dir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "megatron_moe.cli", "train", *ARGS, f"train.output_dir={run_dir}"]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    wait_for(lambda: _catches(proc.pid, signal.SIGTERM), proc)
+    proc = start(run_dir)
+    wait_for(lambda: _catches(proc.pid, signal.SIGTERM), proc, "a SIGTERM handler")
     os.kill(proc.pid, signal.SIGTERM)
     _, stderr = proc.communicate(timeout=HANG_S)
     assert proc.returncode == 75 and "Traceback" not in stderr, stderr[-2000:]

@@ -21,7 +21,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import zlib
 from pathlib import Path
 from types import SimpleNamespace
@@ -33,7 +32,7 @@ from megatron_moe.config import load_run_config
 from megatron_moe.files import lock_holder
 from megatron_moe.schema import save_toml
 from megatron_moe.train.stop import PREEMPTED_MARKER, RUN_LOCK
-from tests.conftest import HANG_S, REPO, TINY_MOE, cli, untimed_rows
+from tests.conftest import HANG_S, TINY_MOE, cli, end, start_cli, untimed_rows, wait_until, write_study
 
 ARGS = [*TINY_MOE, "train.train_steps=10", "train.save_interval=4", "train.eval_interval=5", "train.log_interval=3"]
 """Checkpoints at steps 4, 8 and 10 (the last two kept). Logging every 3 steps while saving every 4 puts a
@@ -326,9 +325,7 @@ if __name__ == "__main__":
 @pytest.mark.slow
 def test_disk_full_on_save_is_one_line_and_leaves_no_partial_checkpoint(reference, at_step_8):
     run_dir = at_step_8
-    env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run([sys.executable, "-c", DISK_FULL, "train", *ARGS, f"train.output_dir={run_dir}"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=HANG_S)
+    proc = cli("train", *ARGS, f"train.output_dir={run_dir}", prefix=[sys.executable, "-c", DISK_FULL], check=False)
     assert proc.returncode == 1, proc.stderr[-3000:]
     line = last_line(proc)
     assert line.startswith("megatron-moe: error: cannot save checkpoint step_0000010: no space left on device "
@@ -409,15 +406,10 @@ def test_errors_under_torchrun_are_one_line_on_every_rank(tmp_path, overrides, m
 @pytest.mark.slow
 def test_a_second_trainer_on_a_run_directory_is_refused(reference, at_step_8):
     run_dir = at_step_8
-    env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONUNBUFFERED": "1"}
-    first = subprocess.Popen([sys.executable, "-m", "megatron_moe.cli", "train", *ARGS, f"train.output_dir={run_dir}"],
-                             cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                             start_new_session=True)
+    first = start_cli("train", *ARGS, f"train.output_dir={run_dir}")
     try:
-        deadline = time.monotonic() + 120
-        while lock_holder(run_dir / RUN_LOCK) is None:
-            assert time.monotonic() < deadline and first.poll() is None, "the first trainer never took the lock"
-            time.sleep(0.05)
+        wait_until(lambda: lock_holder(run_dir / RUN_LOCK) is not None, "the first trainer taking the lock",
+                   alive=first)
         os.kill(first.pid, signal.SIGSTOP)  # holds the lock while the second one tries
         try:
             second = train(run_dir)
@@ -429,15 +421,11 @@ def test_a_second_trainer_on_a_run_directory_is_refused(reference, at_step_8):
                                      "wait for it to end or stop it")
         _, stderr = first.communicate(timeout=HANG_S)
     finally:
-        if first.poll() is None:
-            os.killpg(first.pid, signal.SIGKILL)
-            first.wait()
+        end(first)
     assert first.returncode == 0, stderr[-3000:]
     assert_same_as(run_dir, reference)
 
 
-STUDY = '[study]\nname = "faults"\narms = ["moe"]\nseeds = [42]\ndata_order = "shared"\n'
-"""One run whose config is the reference's: train.seed 42 (the default) and the base data.seed."""
 
 
 def _alive(pid: int) -> bool:
@@ -455,40 +443,30 @@ def _alive(pid: int) -> bool:
 def test_a_killed_runner_takes_its_trainer_along(reference, tmp_path):
     """SIGKILL to `study run` alone: its trainer (a session of its own) gets SIGTERM from the kernel, checkpoints
     and exits instead of training on, orphaned; the next `study run` resumes the run."""
-    study, out = tmp_path / directories.STUDY_TOML, tmp_path / "study"
-    study.write_text(STUDY)
-    command = [sys.executable, "-m", "megatron_moe.cli", "study", "run", str(study), *ARGS, "-o", str(out)]
-    env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONUNBUFFERED": "1"}
-    runner = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True, start_new_session=True)
+    # One run whose config is the reference's: train.seed 42 (the default) and the base data.seed.
+    study = write_study(tmp_path / directories.STUDY_TOML, name="faults", seeds=(42,), data_order="shared")
+    out = tmp_path / "study"
+    runner = start_cli("study", "run", str(study), *ARGS, "-o", str(out), stdout=subprocess.PIPE,
+                       stderr=subprocess.STDOUT)
     trainer = None
     try:
-        deadline = time.monotonic() + 240
-        runs = out / "runs"
-        while not (runs.is_dir() and any((d / directories.METRICS).is_file() for d in runs.iterdir())):
-            assert time.monotonic() < deadline and runner.poll() is None, "the trainer never logged a step"
-            time.sleep(0.1)
+        runs = out / directories.RUNS
+        wait_until(lambda: runs.is_dir() and any((d / directories.METRICS).is_file() for d in runs.iterdir()),
+                   "the trainer logging a step", alive=runner)
         (run_dir,) = runs.iterdir()
         trainer = int(lock_holder(run_dir / RUN_LOCK).split("@")[0])
         runner.kill()
         runner.wait()
-        while _alive(trainer):
-            assert time.monotonic() < deadline + 120, "the trainer outlived its runner"
-            time.sleep(0.1)
+        wait_until(lambda: not _alive(trainer), "the trainer ending with its runner")
     finally:
-        if runner.poll() is None:
-            os.killpg(runner.pid, signal.SIGKILL)
-            runner.wait()
+        end(runner)
         if trainer is not None and _alive(trainer):
             os.kill(trainer, signal.SIGKILL)
     marker = json.loads((run_dir / PREEMPTED_MARKER).read_text())
     assert marker["signal"] == "SIGTERM"  # it stopped on the signal, with a checkpoint of its last step
     assert (run_dir / directories.CHECKPOINTS / f"step_{marker['step']:07d}").is_dir()
     # The last thread closes the descriptor table, and with it the lock, a moment after it stops running.
-    let_go = time.monotonic() + 30
-    while lock_holder(run_dir / RUN_LOCK) is not None:
-        assert time.monotonic() < let_go, "the trainer's lock outlived it"
-        time.sleep(0.1)
+    wait_until(lambda: lock_holder(run_dir / RUN_LOCK) is None, "the trainer's lock let go", seconds=30)
     proc = cli("study", "run", str(study), *ARGS, "-o", str(out), "--quiet")
     assert "study complete: 1 runs" in proc.stdout
     assert_same_as(run_dir, reference)
@@ -512,10 +490,8 @@ def _limit_memory() -> None:
 
 @pytest.mark.slow
 def test_a_model_too_big_for_memory_is_one_line(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": ""}
-    proc = subprocess.run([sys.executable, "-m", "megatron_moe.cli", "train", *ARGS, "model.vocab_size=1073741824",
-                           f"train.output_dir={tmp_path}"], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=HANG_S, preexec_fn=_limit_memory)
+    proc = cli("train", *ARGS, "model.vocab_size=1073741824", f"train.output_dir={tmp_path}", check=False,
+               env={"CUDA_VISIBLE_DEVICES": ""}, preexec_fn=_limit_memory)
     assert proc.returncode == 1, proc.stderr[-3000:]
     line = last_line(proc)
     assert line.startswith("megatron-moe: error: out of host memory (") and "parameters, about" in line, line
