@@ -105,6 +105,28 @@ def test_init_depends_only_on_seed(single_process):
     assert 0.008 < proj.std().item() < 0.012
 
 
+@pytest.mark.parametrize("resize", ["ffn", "ffn+hidden"])
+def test_the_arms_of_a_seed_start_from_one_trunk_when_only_the_ffn_is_matched(single_process, resize):
+    """Parameters of identical name and shape start from identical values in every arm of a seed: with FFN-only
+    matching that is the whole trunk (embeddings, attention, norms, output layer), so a seed's arms differ only
+    in the FFN; an arm whose hidden size was resized as well has no parameter in common with the MoE."""
+    from megatron_moe.model import build_model
+    from megatron_moe.planner.match import match_dense
+
+    moe = small(num_experts=4, top_k=2, expert_ffn_hidden_size=64)
+    configs = {"moe": moe, **{c: match_dense(moe, c, resize=resize).config for c in ("active", "total")}}
+    states = {arm: dict(build_model(cfg, ParallelConfig(), seed=3).named_parameters()) for arm, cfg in configs.items()}
+    trunk = [k for k, v in states["moe"].items() if v.dim() >= 2 and ".mlp." not in k]
+    assert {k.split(".")[-2] for k in trunk} >= {"word_embeddings", "linear_qkv", "linear_proj"}
+    widened = [arm for arm in ("active", "total") if configs[arm].hidden_size != moe.hidden_size]
+    assert widened == ([] if resize == "ffn" else ["active"])
+    for arm in ("active", "total"):
+        dense = states[arm]
+        same = [k for k in trunk if k in dense and dense[k].shape == states["moe"][k].shape]
+        assert same == ([] if arm in widened else trunk), arm
+        assert all(torch.equal(dense[k], states["moe"][k]) for k in same)
+
+
 def test_sdpa_core_attention_equals_megatron_local_attention(single_process):
     """The core-attention slot we fill computes what megatron-core's unfused local attention computes."""
     from megatron.core.transformer.dot_product_attention import DotProductAttention

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,8 @@ from megatron_moe.data.store import MANIFEST, VERIFY_MAX_BYTES, TokenStore, read
 from megatron_moe.data.tokenizers import TextTokenizer, load_tokenizer
 
 FINGERPRINT_EPOCHS = 8  # epochs of an unbounded schedule the fingerprint covers
+MAX_UNASKED_EPOCHS = 4
+"""Passes over the built-in real-text corpus a run may make without its schedule asking for them."""
 
 
 def _read_segments(store: TokenStore, segments: Iterable[tuple[int, int, int]], length: int) -> np.ndarray:
@@ -174,6 +177,25 @@ class DataSource:
             "fingerprint": self.fingerprint(),
         }
 
+    def repeats(self, train_steps: int) -> str | None:
+        """A note when a run of `train_steps` reads its data more than once without its config asking (no unique-token
+        budget, data.epochs or data.consumed_tokens: the stream simply starts over); None otherwise. ConfigError
+        when that run would read the built-in real-text corpus more than MAX_UNASKED_EPOCHS times: a study of
+        such a run measures memorisation of a small corpus, not what the config's scale suggests."""
+        if self.cfg.unique_tokens or self.cfg.epochs or self.cfg.consumed_tokens:
+            return None
+        epochs = train_steps * self.global_batch_size * self.seq_length / self.schedule.unique_tokens
+        if epochs <= 1.0:
+            return None
+        what = f"the built-in {self.builtin} corpus" if self.builtin else f"data.path = {str(self.path)!r}"
+        if self.builtin == "tinystories" and epochs > MAX_UNASKED_EPOCHS:
+            raise ConfigError(
+                f"train.train_steps = {train_steps} would read {what} {epochs:.1f} times over "
+                f"({self.schedule.unique_tokens:,} unique tokens); give data.path = a prepared dataset of the size "
+                f"the budget needs, or ask for the repeats with data.epochs = {math.ceil(epochs)}")
+        return (f"note: {what} is read {epochs:.2f} times over ({self.schedule.unique_tokens:,} unique tokens); "
+                "the config did not ask for repeats (data.unique_tokens, data.epochs and data.consumed_tokens unset)")
+
     @property
     def tokenizer(self) -> TextTokenizer:
         """The dataset's tokenizer (loaded on first use)."""
@@ -203,5 +225,7 @@ def build_data_source(
             f"train.train_steps = {train_steps} exceeds the {ds.num_steps} steps the data schedule provides "
             f"({ds.schedule.total_tokens:,} tokens / ({global_batch_size} x {seq_length}))"
         )
+    if train_steps is not None:
+        ds.repeats(train_steps)  # refused here when too many
     ds.train_steps = train_steps
     return ds

@@ -49,9 +49,11 @@ def data_check(design: Design) -> dict[str, dict[str, dict[str, Any]]]:
                 f"model.vocab_size = {c.model.vocab_size} is smaller than the tokenizer's vocabulary ({ds.vocab_size})"
             )
         d = ds.describe(c.train.train_steps)
+        note = ds.repeats(c.train.train_steps)
         out.setdefault(str(run.seed), {})[run.arm] = {
             **{k: d[k] for k in ("source", "unique_tokens", "consumed_tokens", "epochs", "fingerprint")},
             "data_seed": c.data.seed,
+            **({"note": f"arm {run.arm}: {note.removeprefix('note: ')}"} if note else {}),
         }
     return out
 

@@ -149,15 +149,17 @@ def _train_subprocess(run: Run, nproc: int, echo: Callable[[str], None], prefix:
 
 
 def describe_data(data: dict[str, dict[str, dict[str, Any]]], data_order: str) -> list[str]:
-    """One line per seed (one line in all when every seed has the same data): source, data seed, fingerprint."""
+    """One line per seed (one line in all when every seed has the same data): source, data seed, fingerprint; then a
+    note for each arm that repeats data its schedule did not ask it to."""
     firsts = {seed: next(iter(arms.values())) for seed, arms in data.items()}
     d0 = next(iter(firsts.values()))
+    notes = list(dict.fromkeys(f"note: {d['note']}" for arms in data.values() for d in arms.values() if "note" in d))
     if len({d["fingerprint"] for d in firsts.values()}) == 1:
         return [f"data: {d0['source']}, {d0['unique_tokens']:,} unique tokens, data.seed {d0['data_seed']}, "
-                f"fingerprint {d0['fingerprint']} (all arms, all seeds; data_order = {data_order})"]
+                f"fingerprint {d0['fingerprint']} (all arms, all seeds; data_order = {data_order})", *notes]
     return [f"data: {d0['source']}, one data order per seed (data_order = {data_order}), the same for all arms of a seed:",
             *(f"  seed {seed}: data.seed {d['data_seed']}, {d['unique_tokens']:,} unique tokens, fingerprint "
-              f"{d['fingerprint']}" for seed, d in firsts.items())]
+              f"{d['fingerprint']}" for seed, d in firsts.items()), *notes]
 
 
 def run_study(

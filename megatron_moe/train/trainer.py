@@ -440,6 +440,8 @@ class Trainer:
         t = self.cfg.train
         stop = stop or StopFlag()
         self.log(run_line(self.cfg.model.is_moe, self.param_counts, self.par, t.train_steps, self.tokens_per_step))
+        if note := self.data.repeats(t.train_steps):
+            self.log(note)
         if self.resumed_from is not None:
             self.log(f"resumed from {self.resumed_from} at step {self.step}")
         meter = ThroughputMeter(

@@ -6,6 +6,7 @@ import errno
 import gzip
 import os
 import json
+import math
 import lzma
 import re
 import shutil
@@ -20,7 +21,7 @@ from megatron_moe.config import ConfigError, DataConfig, RunConfig
 from megatron_moe.schema import from_dict
 from megatron_moe.data.prepare import prepare_dataset
 from megatron_moe.data.schedule import Schedule
-from megatron_moe.data.source import DataSource, build_data_source
+from megatron_moe.data.source import MAX_UNASKED_EPOCHS, DataSource, build_data_source
 from megatron_moe.data.store import TokenStore, read_manifest
 from megatron_moe.data.corpora import synthetic_dataset
 from megatron_moe.data.tokenizers import EOD_TEXT, load_tokenizer
@@ -613,6 +614,20 @@ def test_builtin_tinystories_is_prepared_once_and_reused(tmp_path, capsys, monke
     monkeypatch.setenv("MEGATRON_MOE_CACHE", str(tmp_path))
     ds = build_data_source(DataConfig(corpus="tinystories", corpus_vocab_size=512), 64, 8)
     assert ds.builtin == "tinystories" and ds.vocab_size == 512 and ds.path == path
+
+    # Read more than MAX_UNASKED_EPOCHS times over without the schedule asking, the built-in text is refused; with
+    # data.epochs asking for those passes it is not; a run within one pass gets no note, a repeating one does.
+    epoch_steps = ds.schedule.unique_tokens / (64 * 8)
+    too_many = math.ceil(epoch_steps * (MAX_UNASKED_EPOCHS + 0.5))
+    with pytest.raises(ConfigError) as exc:
+        build_data_source(DataConfig(corpus="tinystories", corpus_vocab_size=512), 64, 8, train_steps=too_many)
+    assert str(exc.value).startswith(f"train.train_steps = {too_many} would read the built-in tinystories corpus 4.5")
+    assert str(exc.value).endswith("or ask for the repeats with data.epochs = 5")
+    asked = build_data_source(DataConfig(corpus="tinystories", corpus_vocab_size=512, epochs=5), 64, 8,
+                              train_steps=too_many)
+    assert asked.repeats(too_many) is None
+    assert ds.repeats(int(epoch_steps)) is None
+    assert ds.repeats(math.ceil(epoch_steps * 2)).startswith("note: the built-in tinystories corpus is read 2.00 times")
 
 
 def test_a_tokenizer_directory_without_tokenizer_json_is_one_line(tmp_path):

@@ -536,3 +536,12 @@ def test_study_run_reports_progress_after_each_run(tmp_path, monkeypatch):
     assert runner.run_study(cfg, tmp_path / "study", echo=lambda _: None,
                             on_progress=lambda done, total: calls.append((done, total))) == 0
     assert calls == [(0, 2), (1, 2), (2, 2)]
+
+
+def test_the_dry_run_says_which_arms_repeat_data_unasked():
+    from megatron_moe.study.runner import describe_data
+
+    d = {"source": "tinystories", "unique_tokens": 1000, "data_seed": 1235, "fingerprint": "f00d"}
+    note = "arm dense_total: the built-in tinystories corpus is read 2.00 times over (1,000 unique tokens); ..."
+    lines = describe_data({"1": {"moe": d, "dense_total": {**d, "note": note}}}, "per_seed")
+    assert lines[0].startswith("data: tinystories, 1,000 unique tokens") and lines[1:] == [f"note: {note}"]
