@@ -3,8 +3,9 @@ rates r_a, all with equal non-embedding parameters N, training compute C and uni
 consumed tokens are C / its FLOPs per token, so lower r_a means more tokens.
 
 Two data-reuse schemes, as in the study: strict (every arm's unique tokens are D, the dense baseline's
-consumed tokens; an MoE arm repeats them consumed / D times) and loose (each arm reads fresh tokens up to its
-budget: unique tokens = consumed tokens, one epoch). Three ways to spend N on experts (`granularity`): free
+consumed tokens; an MoE arm repeats them consumed / D times) and fresh (each arm reads fresh tokens up to its
+budget: unique tokens = consumed tokens, one epoch). The study's "loose" scheme (2 epochs for every arm, so arms
+read unique sets of different sizes) is not offered: its arms cannot share one data stream. Three ways to spend N on experts (`granularity`): free
 (K, E and D_e all chosen per arm), hold_top_k (K fixed, E and D_e chosen) and hold_expert_size (D_e fixed, K
 and E chosen).
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import typing
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -25,8 +27,8 @@ from megatron_moe.planner.match import DEFAULT_MULTIPLE_OF, DEFAULT_TOLERANCE_PC
 
 Granularity = Literal["free", "hold_top_k", "hold_expert_size"]
 GRANULARITIES = ("free", "hold_top_k", "hold_expert_size")
-Reuse = Literal["strict", "loose"]
-REUSES = ("strict", "loose")
+Reuse = Literal["strict", "fresh"]
+REUSES: tuple[str, ...] = typing.get_args(Reuse)
 
 
 # ---------------------------------------------------------------- equal-resources family
@@ -49,9 +51,9 @@ class FamilyMember:
     consumed_tokens: int
     """Training tokens that spend the family's compute C: floor(C / flops_per_token)."""
     unique_tokens: int
-    """Distinct tokens this arm trains on: the family's D (strict reuse) or its consumed tokens (loose)."""
+    """Distinct tokens this arm trains on: the family's D (strict reuse) or its consumed tokens (fresh)."""
     repeats: float
-    """Epochs over this arm's unique tokens: consumed_tokens / unique_tokens (1 under loose reuse)."""
+    """Epochs over this arm's unique tokens: consumed_tokens / unique_tokens (1 under fresh reuse)."""
     changed_fields: tuple[str, ...]
     """Fields that differ from the source config."""
 
@@ -89,7 +91,7 @@ class Family:
     dense: FamilyMember
     members: tuple[FamilyMember, ...]
     reuse: str = "strict"
-    """'strict' (every arm's unique tokens = D) or 'loose' (unique tokens = consumed tokens)."""
+    """'strict' (every arm's unique tokens = D) or 'fresh' (unique tokens = consumed tokens)."""
     granularity: str = "free"
     """'free', 'hold_top_k' or 'hold_expert_size': which of K, E, D_e the planner chose per arm."""
 
@@ -304,7 +306,7 @@ def equal_resources_family(
     keeps D_e = `expert_ffn_hidden_size` (default: the source's expert size) and varies K and E. Among
     choices whose N is within `tolerance_pct`: the nearest r_a (to 0.005), then the smallest N residual (to
     0.1%), then the smallest K and fewest experts. Each arm consumes floor(C / its FLOPs per token) tokens;
-    under `reuse='strict'` its unique tokens are D (that / D repeats), under 'loose' its consumed tokens (one
+    under `reuse='strict'` its unique tokens are D (that / D repeats), under 'fresh' its consumed tokens (one
     epoch). Raises ConfigError, naming the reachable range, when a target r_a is further than
     `r_a_rel_tolerance` x target from every reachable one, and when no layout's N is within `tolerance_pct`
     of the baseline's (naming the smallest N a layout has).

@@ -46,7 +46,7 @@ def format_family(fam: Family) -> str:
     and epochs."""
     conv = "6*N_a + 12*D_m*S*L" if fam.flops == "equal_resources" else "exact"
     reuse = ("strict reuse: every arm's unique tokens are D" if fam.reuse == "strict" else
-             "loose reuse: each arm's unique tokens are its consumed tokens, one epoch")
+             "fresh reuse: each arm's unique tokens are its consumed tokens, one epoch")
     header = ["arm", "layers", "hidden", "ffn", "E", "K", "D_e", "D_se", "N", "N resid %", "r_a", "FLOPs/tok",
               "tokens", "unique", "epochs"]
     rows = []

@@ -7,7 +7,7 @@ contract)`, the base with moe.num_experts = 0 and width resized at fixed depth; 
 Every arm of a study gets the identical data config (same documents, same order, so the same data
 fingerprint); equal-resources arms share one data.unique_tokens with an unbounded reuse schedule and differ
 only in train.train_steps = the planner's consumed tokens / tokens per step (strict reuse: unique tokens D, the
-dense baseline sees D once, each MoE arm `repeats` times; loose reuse: a pool of the largest arm's tokens, of
+dense baseline sees D once, each MoE arm `repeats` times; fresh reuse: a pool of the largest arm's tokens, of
 which every arm reads a prefix once).
 
 A run (arm, seed) sets train.seed = seed and, unless study.data_order = "shared", data.seed = the study's
@@ -156,7 +156,7 @@ def _equal_resources_arms(cfg: StudyConfig) -> tuple[list[Arm], list[dict[str, s
 
     Every arm gets one data config, so the arms of a seed share one token stream (one fingerprint). Strict
     reuse: data.unique_tokens = D, an unbounded reuse schedule, and each arm trains C / its FLOPs per token, so
-    the dense baseline reads D once and an MoE arm `repeats` times. Loose reuse: data.unique_tokens = the
+    the dense baseline reads D once and an MoE arm `repeats` times. Fresh reuse: data.unique_tokens = the
     largest arm's consumed tokens (the pool); every arm reads a prefix of the pool's first epoch, so its unique
     tokens are its consumed tokens, each read once (the pool is whole documents, so it may fall short of the
     budget by less than one document, which the largest arm then reads twice; the report counts it).

@@ -3,9 +3,13 @@
 Every band and error bar is the same Student-t interval over seeds that the tables give (`stats.summarize` at
 the report's confidence), never min..max or ± std, so a plot and a table of one quantity agree.
 
-- loss_curves.png: validation and training loss, mean over seeds with its t band; the bottom row zooms on the
-  last half of training (x from half the longest run to its end, y fitted to what is drawn there), where the
-  arms differ by less than the early-training drop that sets the top row's scale.
+- loss_curves.png: validation and training loss, each seed a thin line under the mean over seeds and its t band;
+  the bottom row zooms on the last half of training (x from half the longest run to its end, y fitted to what is
+  drawn there), where the arms differ by less than the early-training drop that sets the top row's scale.
+- loss_vs_compute.png: validation loss against training compute (tokens x the arm's training FLOPs per token),
+  where an arm that costs more per token is charged for it.
+- expert_load.png (studies with MoE arms): each MoE layer's load imbalance (max / mean tokens per expert at the
+  logged step, 1 = uniform) over training, mean over seeds, one panel per MoE arm.
 - gaps.png: the paired gap at every evaluation step both arms reached, mean with its t band.
 - gap_intervals.png: the final paired gaps (best validation loss), one row per comparison: per-seed gaps,
   mean and t interval, and the zero line (no difference).
@@ -76,8 +80,11 @@ def make_plots(results: StudyResults, record: StudyRecord, runs: list[RunData]) 
         plt.close(fig)
         return buf.getvalue()
 
-    def curves(ax: Any, key: str, rows_of: str) -> list[tuple[list[float], list[float], list[float]]]:
-        """Mean over seeds with its t band per arm; returns (x, low, high) of what it drew, for zooming."""
+    def curves(ax: Any, key: str, rows_of: str, per_step: dict[str, float] | None = None,
+               label: str | None = None) -> list[tuple[list[float], list[float], list[float]]]:
+        """Each seed thin, then the mean over seeds with its t band, per arm, against steps x `per_step` (default:
+        the x axis of the study); returns (x, low, high) of what it drew, for zooming."""
+        per_step = per_step or tps
         drawn = []
         for arm in arm_names:
             mine = [r for r in runs if r.arm == arm and r.complete]
@@ -87,7 +94,10 @@ def make_plots(results: StudyResults, record: StudyRecord, runs: list[RunData]) 
             steps = sorted(set.intersection(*(set(s) for s in series)))
             if not steps:
                 continue
-            x = [s * tps[arm] for s in steps]
+            x = [s * per_step[arm] for s in steps]
+            for s in series:
+                ax.plot([t * per_step[arm] for t in sorted(s)], [s[t] for t in sorted(s)], color=colors[arm],
+                        linewidth=0.6, alpha=0.35)
             stats = [_band([s[t] for s in series], conf) for t in steps]
             mean = [m for m, _, _ in stats]
             ax.plot(x, mean, label=f"{arm} (n={len(series)})", color=colors[arm],
@@ -97,7 +107,7 @@ def make_plots(results: StudyResults, record: StudyRecord, runs: list[RunData]) 
                 low, high = [lo for _, lo, _ in stats], [hi for _, _, hi in stats]
                 ax.fill_between(x, low, high, color=colors[arm], alpha=0.2, linewidth=0)
             drawn.append((x, low, high))
-        ax.set_xlabel(xlabel)
+        ax.set_xlabel(label or xlabel)
         ax.grid(alpha=0.3)
         return drawn
 
@@ -107,14 +117,46 @@ def make_plots(results: StudyResults, record: StudyRecord, runs: list[RunData]) 
         full, zoom = axes[0][col], axes[1][col]
         curves(full, key, rows_of)
         _zoom(zoom, curves(zoom, key, rows_of))
-        full.set_title(f"{what} (mean over seeds; band: {band})", fontsize=9)
+        full.set_title(f"{what} (thin: seeds; thick: mean; band: {band})", fontsize=9)
         zoom.set_title(f"{what}, last half of training (zoomed)", fontsize=9)
         for ax in (full, zoom):
-            ax.set_ylabel(what)
+            ax.set_ylabel(f"{what} (nats/token)")
             if ax.get_legend_handles_labels()[0]:
                 ax.legend(fontsize=8)
     fig.tight_layout()
     out["loss_curves.png"] = png(fig)
+
+    flops = {a.name: a.tokens_per_step * (a.match or {}).get("flops_per_token", a.flops_train_per_token)
+             for a in record.arms}
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    curves(ax, "val_loss", "evals", flops, "training compute (FLOPs)")
+    ax.set_xscale("log")
+    ax.set_ylabel("validation loss (nats/token)")
+    ax.set_title(f"validation loss against training compute (thin: seeds; band: {band})", fontsize=9)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+    out["loss_vs_compute.png"] = png(fig)
+
+    moe_arms = [a.name for a in record.arms if a.is_moe]
+    loads = {arm: [r for r in runs if r.arm == arm and r.complete and any("layer_imbalance" in t for t in r.train)]
+             for arm in moe_arms}
+    if any(loads.values()):
+        shown = [arm for arm in moe_arms if loads[arm]]
+        fig, axes = plt.subplots(1, len(shown), figsize=(5 * len(shown), 3.8), squeeze=False)
+        for ax, arm in zip(axes[0], shown):
+            series = [{t["step"]: t["layer_imbalance"] for t in r.train if "layer_imbalance" in t} for r in loads[arm]]
+            steps = sorted(set.intersection(*(set(s) for s in series)))
+            for layer in range(len(series[0][steps[0]]) if steps else 0):
+                ax.plot([t * tps[arm] for t in steps], [sum(s[t][layer] for s in series) / len(series) for t in steps],
+                        linewidth=1, label=f"MoE layer {layer + 1}")
+            ax.axhline(1.0, color="black", linewidth=0.8)
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel("max / mean tokens per expert")
+            ax.set_title(f"{arm}: load imbalance per layer (mean of {len(series)} seeds; 1 = uniform)", fontsize=9)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        out["expert_load.png"] = png(fig)
 
     if any(g["over_training"] for g in results.gaps):
         fig, ax = plt.subplots(figsize=(7, 4))
@@ -129,7 +171,7 @@ def make_plots(results: StudyResults, record: StudyRecord, runs: list[RunData]) 
                                 color=line.get_color(), alpha=0.2, linewidth=0)
         ax.axhline(0.0, color="black", linewidth=0.8)
         ax.set_xlabel("training tokens")
-        ax.set_ylabel("val loss(baseline) - val loss(MoE)")
+        ax.set_ylabel("val loss(baseline) - val loss(MoE) (nats/token)")
         ax.set_title(f"paired gap over training (mean; band: {band}; > 0: MoE better)", fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
@@ -151,7 +193,7 @@ def make_plots(results: StudyResults, record: StudyRecord, runs: list[RunData]) 
         ax.axvline(0.0, color="black", linewidth=0.8)
         ax.set_yticks(range(len(gaps)), [g["name"] for g in reversed(gaps)])
         ax.set_ylim(-0.7, len(gaps) - 0.3)
-        ax.set_xlabel("best val loss(baseline) - best val loss(MoE)  (> 0: MoE better)")
+        ax.set_xlabel("best val loss(baseline) - best val loss(MoE), nats/token  (> 0: MoE better)")
         ax.set_title(f"final paired gaps ({band})", fontsize=9)
         ax.grid(alpha=0.3, axis="x")
         ax.legend(fontsize=8, loc="best")
@@ -167,7 +209,7 @@ def make_plots(results: StudyResults, record: StudyRecord, runs: list[RunData]) 
             yerr = [[0.0], [0.0]] if lo is None else [[st["mean"] - lo], [hi - st["mean"]]]
             ax.errorbar([i + 0.15], [st["mean"]], yerr=yerr, fmt="D", color=colors[a["arm"]], capsize=4)
     ax.set_xticks(range(len(arm_names)), arm_names, rotation=20, ha="right")
-    ax.set_ylabel("best validation loss")
+    ax.set_ylabel("best validation loss (nats/token)")
     ax.set_title(f"best validation loss per arm (dots: seeds; diamond: mean, bar: {band})", fontsize=9)
     ax.grid(alpha=0.3, axis="y")
     out["best_val_loss.png"] = png(fig)

@@ -194,7 +194,7 @@ def er_tables(results: StudyResults) -> list[tuple[str, str, list[str], list[lis
         f"size D_se), non-embedding N and its residual against the dense baseline, consumed tokens, unique tokens "
         f"read and epochs over them (consumed / unique); best validation loss and bits/byte at the best "
         f"evaluation: mean [{conf} t interval] and per seed; paired gap vs the dense baseline (dense minus MoE, > 0: "
-        f"MoE better). Under loose reuse every arm reads a prefix of one shared stream, so the Contract table's "
+        f"MoE better). Under fresh reuse every arm reads a prefix of one shared stream, so the Contract table's "
         f"unique tokens are that pool and its epochs the share of it read.",
         ["arm", "target r_a", "r_a", "E", "K", "D_e", "D_se", "N", "resid %", "consumed tok", "unique tok",
          "epochs", "best val loss", *[f"seed {s}" for s in seeds], "bits/byte", "gap vs dense"],

@@ -32,7 +32,7 @@ from typing import Literal
 
 from megatron_moe.config import ConfigError, MoEConfig, RunConfig, validate
 from megatron_moe.schema import apply_overrides, from_dict, load_toml
-from megatron_moe.planner.family import DEFAULT_R_A_GRID
+from megatron_moe.planner.family import DEFAULT_R_A_GRID, Granularity, Reuse
 from megatron_moe.planner.match import CONTRACTS
 from megatron_moe.text import parse_count
 
@@ -80,12 +80,14 @@ class EqualResourcesSpec:
     that count."""
     tokens_per_param: float = 20.0
     """D / N when unique_tokens is 0."""
-    reuse: Literal["strict", "loose"] = "strict"
-    """strict: every arm's unique tokens are D, MoE arms repeat them; loose: each arm reads fresh tokens up to
+    reuse: Reuse = "strict"
+    """strict: every arm's unique tokens are D, MoE arms repeat them; fresh: each arm reads fresh tokens up to
     its budget (unique tokens = consumed tokens, one epoch)."""
-    granularity: Literal["free", "hold_top_k", "hold_expert_size"] = "free"
-    """free: K, E and D_e chosen per arm; hold_top_k: K = the one top_k value for every arm; hold_expert_size:
-    D_e = expert_ffn_hidden_size for every arm, K and E chosen."""
+    granularity: Granularity = "free"
+    """free: K, E and D_e all chosen per arm, the widest reach in r_a, but the gate's scale at init (about K / E)
+    then varies across arms with r_a; hold_top_k: K = the one top_k value for every arm, E and D_e chosen, so the
+    gate's top-K structure is the same in every arm; hold_expert_size: D_e = expert_ffn_hidden_size for every arm,
+    K and E chosen (at fixed N that fixes E + K, so r_a can only move with K: a narrow reach)."""
     expert_ffn_hidden_size: int = 0
     """D_e held by granularity = "hold_expert_size" (0 = the base model's expert size)."""
     top_k: list[int] = field(default_factory=lambda: [2, 3, 4, 6, 8])

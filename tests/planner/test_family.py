@@ -1,5 +1,5 @@
 """Equal-resources families: granularity (free, K held, D_e held), an explicit dense baseline shape, strict and
-loose data reuse; counts as researchers write them, and planner tables that stay aligned at 7B scale."""
+fresh data reuse; counts as researchers write them, and planner tables that stay aligned at 7B scale."""
 
 from __future__ import annotations
 
@@ -136,19 +136,19 @@ def test_explicit_full_dense_shape_defines_n_or_is_refused():
 # ---------------------------------------------------------------- data reuse
 
 
-def test_strict_and_loose_reuse_tokens():
+def test_strict_and_fresh_reuse_tokens():
     kw = dict(total_params=4_000_000, unique_tokens=160_000, top_k_choices=(2, 3, 4, 6, 8), max_experts=64)
     grid = (0.15, 0.3, 0.52)
     strict = equal_resources_family(MOE_TINY, grid, reuse="strict", **kw)
-    loose = equal_resources_family(MOE_TINY, grid, reuse="loose", **kw)
-    assert (strict.reuse, loose.reuse) == ("strict", "loose")
+    fresh = equal_resources_family(MOE_TINY, grid, reuse="fresh", **kw)
+    assert (strict.reuse, fresh.reuse) == ("strict", "fresh")
     # the same arms and compute: consumed tokens = floor(C / FLOPs per token) either way
-    assert loose.compute == strict.compute == strict.dense.flops_per_token * 160_000
-    for s, lo in zip((strict.dense, *strict.members), (loose.dense, *loose.members)):
+    assert fresh.compute == strict.compute == strict.dense.flops_per_token * 160_000
+    for s, lo in zip((strict.dense, *strict.members), (fresh.dense, *fresh.members)):
         assert s.config == lo.config and s.consumed_tokens == lo.consumed_tokens
         assert s.consumed_tokens == strict.compute // s.flops_per_token
         assert s.unique_tokens == 160_000 and s.repeats == s.consumed_tokens / 160_000  # strict: D, repeated
-        assert lo.unique_tokens == lo.consumed_tokens and lo.repeats == 1.0  # loose: fresh tokens, one epoch
+        assert lo.unique_tokens == lo.consumed_tokens and lo.repeats == 1.0  # fresh: fresh tokens, one epoch
     assert strict.dense.repeats == 1.0 and all(m.repeats > 1.5 for m in strict.members)
     with pytest.raises(ConfigError, match=r"reuse = 'twice' is not allowed"):
         equal_resources_family(MOE_TINY, grid, reuse="twice", **kw)

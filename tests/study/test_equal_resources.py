@@ -95,16 +95,16 @@ def test_bad_equal_resources_specs_fail_with_one_line(tmp_path, override, messag
     assert "\n" not in str(exc.value)
 
 
-def test_strict_and_loose_reuse_run_configs(tmp_path):
+def test_strict_and_fresh_reuse_run_configs(tmp_path):
     strict = design_study(_study(tmp_path), tmp_path / "s")
-    loose = design_study(_study(tmp_path, "study.equal_resources.reuse='loose'"), tmp_path / "l")
+    fresh = design_study(_study(tmp_path, "study.equal_resources.reuse='fresh'"), tmp_path / "l")
     per_step = 16 * 128
-    assert strict.family["reuse"] == "strict" and loose.family["reuse"] == "loose"
-    for design in (strict, loose):
+    assert strict.family["reuse"] == "strict" and fresh.family["reuse"] == "fresh"
+    for design in (strict, fresh):
         # one data config for every arm (one fingerprint per seed), an unbounded reuse schedule
         assert len({json.dumps(r.config.data.__dict__, sort_keys=True) for r in design.runs if r.seed == 1}) == 1
         assert all(r.config.data.epochs == 0 and r.config.data.consumed_tokens == 0 for r in design.runs)
-    s_arms, l_arms = {a.name: a for a in strict.arms}, {a.name: a for a in loose.arms}
+    s_arms, l_arms = {a.name: a for a in strict.arms}, {a.name: a for a in fresh.arms}
     assert list(s_arms) == list(l_arms) == ["er_dense", "er_moe_ra0.15", "er_moe_ra0.20", "er_moe_ra0.30",
                                             "er_moe_ra0.52"]
     for name, s in s_arms.items():
@@ -113,16 +113,16 @@ def test_strict_and_loose_reuse_run_configs(tmp_path):
         # the same compute, so the same steps either way: consumed tokens / tokens per step
         assert s.config.train.train_steps == lo.config.train.train_steps == consumed // per_step
         assert s.config.data.unique_tokens == 160_000 == s.match["unique_tokens"]  # strict: D for every arm
-        assert lo.match["unique_tokens"] == consumed and lo.match["repeats"] == 1.0  # loose: fresh tokens
+        assert lo.match["unique_tokens"] == consumed and lo.match["repeats"] == 1.0  # fresh: fresh tokens
     assert s_arms["er_dense"].match["repeats"] == 1.0
     assert s_arms["er_moe_ra0.15"].match["repeats"] > 5  # strict: the sparsest arm repeats D most
-    # loose: a pool as large as the largest arm's budget, of which every arm reads a prefix once
+    # fresh: a pool as large as the largest arm's budget, of which every arm reads a prefix once
     pool = max(a.match["consumed_tokens"] for a in l_arms.values())
     assert pool == l_arms["er_moe_ra0.15"].match["consumed_tokens"] > 5 * 160_000
-    assert {a.config.data.unique_tokens for a in l_arms.values()} == {pool} == {loose.family["data_unique_tokens"]}
+    assert {a.config.data.unique_tokens for a in l_arms.values()} == {pool} == {fresh.family["data_unique_tokens"]}
     assert all(a.config.train.train_steps * per_step <= pool for a in l_arms.values())
     # the dry-run table shows unique tokens and epochs per arm
-    table = format_arms(loose).splitlines()
+    table = format_arms(fresh).splitlines()
     header = table[0].split()
     assert header[:9] == ["arm", "params", "active", "N", "(non-emb)", "r_a", "E", "K", "D_e"]
     row = table[2].split()
@@ -267,14 +267,14 @@ def test_an_optimum_at_the_grid_edge_is_warned_about(tmp_path, loss_of, why, sid
     assert tables(res)[0][3][0][3] == "no (edge)"
 
 
-def test_loose_reuse_report_counts_fresh_tokens(tmp_path):
-    res = build_results(_fake_er_study(tmp_path, _bowl, "study.equal_resources.reuse='loose'"))
+def test_fresh_reuse_report_counts_fresh_tokens(tmp_path):
+    res = build_results(_fake_er_study(tmp_path, _bowl, "study.equal_resources.reuse='fresh'"))
     er = res.equal_resources
-    assert er["reuse"] == "loose" and "loose reuse" in tables(res)[0][1]
+    assert er["reuse"] == "fresh" and "fresh reuse" in tables(res)[0][1]
     for x in er["arms"]:  # every arm reads a prefix of the pool once: its unique tokens are its consumed tokens
         assert x["unique_tokens"] == x["consumed_tokens"] == x["train_steps"] * 16 * 128 and x["epochs"] == 1.0
     # a pool that fell short of the largest arm's budget (whole documents): the re-read tokens show as epochs > 1
-    res = build_results(_fake_er_study(tmp_path / "short", _bowl, "study.equal_resources.reuse='loose'",
+    res = build_results(_fake_er_study(tmp_path / "short", _bowl, "study.equal_resources.reuse='fresh'",
                                        shortfall=3000))
     big = next(x for x in res.equal_resources["arms"] if x["arm"] == "er_moe_ra0.15")
     assert big["unique_tokens"] < big["consumed_tokens"] and 1.0 < big["epochs"] < 1.01

@@ -56,7 +56,9 @@ def _fake_study(tmp_path: Path, fingerprints: dict[tuple[str, int], str] | None 
         rows = []
         for i, val in enumerate(curve):
             step = 2 * (i + 1)
-            rows += [{"kind": "train", "step": step - 1, "loss": val + 0.2}, {"kind": "train", "step": step, "loss": val + 0.1},
+            load = {"layer_imbalance": [1.0 + val / 10, 1.0 + val / 20]} if run.arm == "moe" else {}
+            rows += [{"kind": "train", "step": step - 1, "loss": val + 0.2, **load},
+                     {"kind": "train", "step": step, "loss": val + 0.1, **load},
                      {"kind": "eval", "step": step, "val_loss": val, "val_bpb": val / math.log(2)}]
         if (run.arm, run.seed) == ("dense_total", 1):
             # resumed from a step-2 checkpoint: the first attempt's step-4 rows are logged again by the second
@@ -194,14 +196,15 @@ def test_report_files(tmp_path):
     study_dir = _fake_study(tmp_path)
     out = tmp_path / "elsewhere"
     paths = write_report(study_dir, out)
-    assert {p.name for p in paths.values()} == {"loss_curves.png", "gaps.png", "gap_intervals.png", "best_val_loss.png",
-                                                 "results.json", "report.md", "report.html"}
+    plots = ("loss_curves", "loss_vs_compute", "expert_load", "gaps", "gap_intervals", "best_val_loss")
+    assert {p.name for p in paths.values()} == {*(f"{png}.png" for png in plots), "results.json", "report.md",
+                                                 "report.html"}
     md = paths["report.md"].read_text()
-    for png in ("loss_curves", "gaps", "gap_intervals", "best_val_loss"):
+    for png in plots:
         assert f"](plots/{png}.png)" in md and (out / "plots" / f"{png}.png").read_bytes()[:4] == b"\x89PNG"
     assert "| matched-active | dense_active | moe | 3 | 0.0700 ± 0.0265 | [0.0043, 0.1357] |" in md
     page = paths["report.html"].read_text()
-    assert page.count("src='data:image/png;base64,") == 4 and "plots/" not in page  # self-contained
+    assert page.count("src='data:image/png;base64,") == len(plots) and "plots/" not in page  # self-contained
     assert not list(out.glob("**/*.tmp"))
     results = load_results(paths[directories.RESULTS])
     assert results.gaps[0]["mean"] == pytest.approx(0.07)

@@ -31,6 +31,7 @@ from megatron_moe import directories
 from megatron_moe.config import load_run_config
 from megatron_moe.files import lock_holder
 from megatron_moe.schema import save_toml
+from megatron_moe.train.result import read_result
 from megatron_moe.train.stop import PREEMPTED_MARKER, RUN_LOCK
 from tests.conftest import HANG_S, TINY_MOE, cli, end, start_cli, untimed_rows, wait_until, write_study
 
@@ -476,8 +477,8 @@ def test_a_killed_runner_takes_its_trainer_along(reference, tmp_path):
 
     lines = (run_dir / directories.METRICS).read_text().splitlines()
     (run_dir / directories.METRICS).write_text("\n".join(lines[:-3]) + "\n")  # the last train rows are gone
-    (arm,) = build_results(out)["arms"]
-    assert arm["final_train_loss"]["mean"] == json.loads((run_dir / directories.RESULT).read_text())["final_train_loss"]
+    (arm,) = build_results(out).arms
+    assert arm["final_train_loss"]["mean"] == read_result(run_dir).final_train_loss
 
 
 # ---------------------------------------------------------------- a model too big for memory
