@@ -111,6 +111,32 @@ class Design:
     family: dict[str, Any] | None
     """The equal-resources family's N, D, C (None for matched arms)."""
 
+    @property
+    def warnings(self) -> list[str]:
+        """What makes this design's answer weak before anything trains: arms trained on fewer tokens than they have
+        parameters, and arms whose optimizer step counts differ by more than MAX_STEP_RATIO."""
+        out = []
+        thin = [(a.name, a.config.train.train_steps * a.tokens_per_step / a.ledger.total_params) for a in self.arms]
+        thin = [(name, tpp) for name, tpp in thin if tpp < MIN_TOKENS_PER_PARAM]
+        if thin:
+            out.append(f"{len(thin)} of {len(self.arms)} arms train on fewer tokens than they have parameters ("
+                       + ", ".join(f"{name} {tpp:.2g}" for name, tpp in thin) + " tokens per parameter; compute-"
+                       "optimal training is about 20): the arms are far from converged, so the comparison speaks for "
+                       "this budget, not for the architectures")
+        steps = {a.name: a.config.train.train_steps for a in self.arms}
+        few, many = min(steps, key=steps.get), max(steps, key=steps.get)
+        if steps[many] > MAX_STEP_RATIO * steps[few]:
+            out.append(f"the arms' optimizer steps differ by {steps[many] / steps[few]:.1f}x ({few} {steps[few]}, "
+                       f"{many} {steps[many]}; more than {MAX_STEP_RATIO:g}x): each runs its own LR schedule over "
+                       "its own length, so schedule length is confounded with the architecture")
+        return out
+
+
+MIN_TOKENS_PER_PARAM = 1.0
+"""Below this many training tokens per (total) parameter an arm gets a design warning."""
+MAX_STEP_RATIO = 2.0
+"""Arms whose optimizer step counts differ by more than this factor get a design warning."""
+
 
 def tokens_per_step(cfg: RunConfig) -> int:
     return cfg.train.global_batch_size * cfg.model.seq_length

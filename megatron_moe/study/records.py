@@ -92,9 +92,8 @@ class StudyRecord:
     """Whether the arms of every seed share one planned fingerprint (None: no data check)."""
     environment: dict[str, Any] | None = None
     git: dict[str, Any] | None = None
-
-    def arm(self, name: str) -> ArmRecord:
-        return next(a for a in self.arms if a.name == name)
+    design_warnings: list[str] = field(default_factory=list)
+    """What made the design's answer weak before anything trained (`design.Design.warnings`)."""
 
 
 RESULTS_VERSION = 1

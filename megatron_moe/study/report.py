@@ -52,7 +52,7 @@ def build_results(study_dir: str | Path, confidence: float = 0.95,
     returned for `study_dir`, when the caller has it."""
     study_dir = Path(study_dir)
     record, runs = loaded or load_study_dir(study_dir)
-    warnings: list[str] = []
+    warnings: list[str] = list(record.design_warnings)
     arm_names = [a.name for a in record.arms]
     complete = [r for r in runs if r.complete]
     best: dict[str, dict[int, float]] = {a: {} for a in arm_names}
@@ -131,7 +131,7 @@ def build_results(study_dir: str | Path, confidence: float = 0.95,
         warnings.append(f"{len(missing)} of {len(runs)} runs are not complete (left out): {', '.join(missing)}")
     er = equal_resources_results(record, complete, best, contract, gaps, confidence)
     warnings += er["warnings"] if er else []
-    regime = capacity_regime(best)
+    regime = capacity_regime(record, best)
     if regime and not regime["pays"]:
         warnings.append(f"extra parameters do not pay yet at this budget ({regime['line']}): a MoE only adds "
                         "capacity, so this comparison cannot show what the published studies show (dense_total < moe "
@@ -294,20 +294,23 @@ def _data_note(results: StudyResults) -> str:
             "the spread over seeds includes data-order noise as well as init noise.")
 
 
-def capacity_regime(best: dict[str, dict[int, float]]) -> dict[str, Any] | None:
-    """Whether extra parameters pay at this budget: dense_total against dense_active, paired by seed (None without
-    both arms). It pays when dense_total is ahead in every seed, by more on average than the seeds' spread."""
-    if not best.get("dense_active") or not best.get("dense_total"):
+def capacity_regime(record: StudyRecord, best: dict[str, dict[int, float]]) -> dict[str, Any] | None:
+    """Whether extra parameters pay at this budget: the dense arm matched to the MoE's total parameters against the
+    one matched to its active parameters, paired by seed (None without both arms). It pays when the larger is ahead
+    in every seed, by more on average than the seeds' spread."""
+    dense = {a.contract: a.name for a in record.arms if not a.is_moe}
+    small, large = dense.get("active"), dense.get("total")
+    if not best.get(small) or not best.get(large):
         return None
-    seeds = sorted(set(best["dense_active"]) & set(best["dense_total"]))
+    seeds = sorted(set(best[small]) & set(best[large]))
     if not seeds:
         return None
-    ahead = [best["dense_active"][s] - best["dense_total"][s] for s in seeds]  # > 0: dense_total is better
+    ahead = [best[small][s] - best[large][s] for s in seeds]  # > 0: the larger is better
     mean = sum(ahead) / len(ahead)
     spread = (sum((a - mean) ** 2 for a in ahead) / (len(ahead) - 1)) ** 0.5 if len(ahead) > 1 else 0.0
     wins = sum(a > 0 for a in ahead)
     pays = wins == len(ahead) and mean > spread
-    line = (f"dense_total {'ahead of' if mean > 0 else 'not ahead of'} dense_active by {mean:+.4f} nats/token on "
+    line = (f"{large} {'ahead of' if mean > 0 else 'not ahead of'} {small} by {mean:+.4f} nats/token on "
             f"average (seed spread {spread:.4f}), ahead in {wins}/{len(ahead)} seeds")
     return {"per_seed": {str(s): a for s, a in zip(seeds, ahead)}, "mean": mean, "std": spread, "wins": wins,
             "n": len(ahead), "pays": pays, "line": line}

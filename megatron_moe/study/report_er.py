@@ -44,7 +44,8 @@ def equal_resources_results(record: StudyRecord, complete: list[RunData], best: 
     if not fam:
         return None
     rows = {c["arm"]: c for c in contract}
-    gap_of = {g["moe"]: g for g in gaps if g.get("baseline") == "er_dense"}
+    dense_arm = next((a.name for a in record.arms if not a.is_moe), None)
+    gap_of = {g["moe"]: g for g in gaps if g["baseline"] == dense_arm}
     reuse = fam.get("reuse", "strict")
     arms = []
     for a in record.arms:

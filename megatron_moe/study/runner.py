@@ -187,6 +187,8 @@ def run_study(
         f = design.family
         echo(f"equal resources: N = {f['total_params']:,}, D = {f['unique_tokens']:,} unique tokens, "
              f"C = {f['compute']:.4g} FLOPs ({f['flops']})")
+    for w in design.warnings:
+        echo(f"warning: {w}")
     absent = absent_data_path(design) if dry_run else None
     if absent:
         echo(dry_run_note(absent))

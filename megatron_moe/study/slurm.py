@@ -492,6 +492,8 @@ def launch_study(cfg: StudyConfig, lc: LaunchConfig, out_dir: str | Path | None 
     echo(f"study {name}: {len(design.runs)} runs in {out}; each {lc.nodes} node(s) x {nproc} process(es) = "
          f"world size {world} (tensor {p.tensor} x pipeline {p.pipeline} x data {p.data_parallel_size(world)}"
          f", expert {p.expert})")
+    for w in design.warnings:
+        echo(f"warning: {w}")
     absent = absent_data_path(design) if dry_run and data_check else None
     if absent:
         echo(dry_run_note(absent))

@@ -151,6 +151,7 @@ def study_record(design: Design, study_file: str | None, data: dict[str, Any] | 
         runs=[RunEntry(arm=r.arm, seed=r.seed, hash=r.hash, dir=f"{directories.RUNS}/{r.name}") for r in design.runs],
         environment=environment(),
         git=git_state(),
+        design_warnings=design.warnings,
     )
 
 

@@ -118,8 +118,9 @@ def test_results_from_run_directories(tmp_path):
     assert res.data_fingerprints_equal is True and res.data_order == "per_seed"
     assert res.data_seeds == {"1": 1235, "2": 1236, "3": 1237}
     assert not [w for w in res.warnings if "DATA" in w]
-    assert len(res.warnings) == 3 and "dense_total seed 3" in res.warnings[-1]
-    assert res.warnings[1].startswith("too few seeds for an interval where fewer than 3 seeds are complete: "
+    assert len(res.warnings) == 4 and "dense_total seed 3" in res.warnings[-1]
+    assert res.warnings[0].startswith("3 of 3 arms train on fewer tokens than they have parameters")  # the design's
+    assert res.warnings[2].startswith("too few seeds for an interval where fewer than 3 seeds are complete: "
                                          "dense_total (2);")
 
 
@@ -325,7 +326,7 @@ def test_report_before_any_run_is_complete(tmp_path):
     atomic_write_json(study_dir / directories.STUDY_JSON, {**man, "data": None})
     res = build_results(study_dir)
     assert res.data_fingerprints_equal is None and all(a["best_val_loss"]["n"] == 0 for a in res.arms)
-    assert [w for w in res.warnings if "DATA" in w] == [] and "9 of 9 runs are not complete" in res.warnings[0]
+    assert [w for w in res.warnings if "DATA" in w] == [] and "9 of 9 runs are not complete" in res.warnings[1]
     assert "unknown (no run complete)" in render_markdown(res, [])
 
 

@@ -545,3 +545,19 @@ def test_the_dry_run_says_which_arms_repeat_data_unasked():
     note = "arm dense_total: the built-in tinystories corpus is read 2.00 times over (1,000 unique tokens); ..."
     lines = describe_data({"1": {"moe": d, "dense_total": {**d, "note": note}}}, "per_seed")
     assert lines[0].startswith("data: tinystories, 1,000 unique tokens") and lines[1:] == [f"note: {note}"]
+
+
+def test_a_design_warns_about_thin_budgets_and_unequal_step_counts(tmp_path):
+    mini = design_study(load_study(_write(tmp_path)), tmp_path / "mini")
+    (thin,) = mini.warnings  # 4 steps of 256 tokens against ~0.2M parameters per arm
+    assert thin.startswith("2 of 2 arms train on fewer tokens than they have parameters (dense_active 0.00")
+    long = design_study(load_study(_write(tmp_path), ["train.train_steps=100000"]), tmp_path / "long")
+    assert long.warnings == []
+    er = design_study(load_study(EXAMPLES / "equal_resources" / "cpu.toml"), tmp_path / "er")
+    (steps,) = [w for w in er.warnings if "optimizer steps" in w]
+    assert steps.startswith("the arms' optimizer steps differ by 5.9x (er_dense 50, er_moe_ra0.15 294; more than 2x)")
+    from megatron_moe.study import runner
+
+    lines: list[str] = []
+    runner.run_study(load_study(_write(tmp_path)), tmp_path / "mini", dry_run=True, echo=lines.append)
+    assert f"warning: {thin}" in lines
