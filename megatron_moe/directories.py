@@ -13,7 +13,7 @@ A run directory (`train.output_dir`) as `train` writes it:
 `study run` and `study launch` add run.toml (the config the trainer is given), run.json (arm, seed, hash,
 attempts), train.log (the trainer's output), slurm.json (submissions) and slurm.sbatch (the job script).
 
-A study directory holds study.toml, study.json (the manifest), log.jsonl (runner events), .lock, runs/<run>/ and,
+A study directory holds study.toml, study.json (the study record), log.jsonl (runner events), .lock, runs/<run>/ and,
 from `study report`, results.json, report.md, report.html and plots/; job arrays put their scripts and logs in
 slurm/.
 """

@@ -59,11 +59,15 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
             raise ConfigError(f"{path} = {value!r} is not allowed; expected {_type_name(tp)}")
         return value
     if origin in (typing.Union, types.UnionType):
+        errors = []
         for arg in typing.get_args(tp):
             try:
                 return _coerce(value, arg, path)
-            except ConfigError:
-                pass
+            except ConfigError as exc:
+                errors.append((arg, exc))
+        others = [exc for arg, exc in errors if arg is not type(None)]
+        if len(others) == 1:  # an optional field: what is wrong with the value, not the whole value
+            raise others[0]
         raise ConfigError(f"{path} = {value!r} has the wrong type; expected {tp}")
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):

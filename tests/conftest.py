@@ -72,8 +72,9 @@ def cli(*args: str, nproc: int = 1, check: bool = True, timeout: float = HANG_S,
     """Run `megatron-moe ARGS` in a fresh process (under torchrun when nproc > 1, through `prefix` when given), `env`
     added, in `cwd`; `preexec_fn` runs in the child before it starts."""
     cmd = cli_command(*args, nproc=nproc, prefix=prefix)
-    proc = subprocess.run(cmd, cwd=cwd, env={"PYTHONPATH": str(REPO), **cli_env(nproc, env)}, capture_output=True,
-                          text=True, timeout=timeout, preexec_fn=preexec_fn)
+    env = cli_env(nproc, env)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, (str(REPO), env.get("PYTHONPATH"))))  # this checkout first
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, preexec_fn=preexec_fn)
     if check and proc.returncode != 0:
         raise AssertionError(f"{cmd} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc

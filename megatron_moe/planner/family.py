@@ -26,7 +26,7 @@ from megatron_moe.planner.match import DEFAULT_MULTIPLE_OF, DEFAULT_TOLERANCE_PC
 
 
 Granularity = Literal["free", "hold_top_k", "hold_expert_size"]
-GRANULARITIES = ("free", "hold_top_k", "hold_expert_size")
+GRANULARITIES: tuple[str, ...] = typing.get_args(Granularity)
 Reuse = Literal["strict", "fresh"]
 REUSES: tuple[str, ...] = typing.get_args(Reuse)
 
@@ -90,9 +90,9 @@ class Family:
     """FLOP convention used for C and consumed tokens."""
     dense: FamilyMember
     members: tuple[FamilyMember, ...]
-    reuse: str = "strict"
+    reuse: Reuse = "strict"
     """'strict' (every arm's unique tokens = D) or 'fresh' (unique tokens = consumed tokens)."""
-    granularity: str = "free"
+    granularity: Granularity = "free"
     """'free', 'hold_top_k' or 'hold_expert_size': which of K, E, D_e the planner chose per arm."""
 
     def to_dict(self) -> dict[str, Any]:

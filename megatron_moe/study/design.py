@@ -33,6 +33,7 @@ from typing import Any
 from megatron_moe import directories
 from megatron_moe.config import ConfigError, DataConfig, ModelConfig, RunConfig, validate
 from megatron_moe.schema import changed_fields, get_dotted
+from megatron_moe.study.records import ArmRecord, PairRecord
 from megatron_moe.study.spec import DENSE_ARMS, StudyConfig, variant_moe
 from megatron_moe.text import human, table
 
@@ -59,28 +60,29 @@ class Arm:
     def tokens_per_step(self) -> int:
         return tokens_per_step(self.config)
 
-    def to_dict(self) -> dict[str, Any]:
+    def record(self) -> ArmRecord:
+        """The arm as study.json records it."""
         led = self.ledger
         t = self.config.train
-        return {
-            "name": self.name,
-            "contract": self.contract,
-            "is_moe": self.config.model.is_moe,
-            "changed_fields": list(self.changed_fields),
-            "changes": {f: get_dotted(self.config, f) for f in self.changed_fields},
-            "match": self.match,
-            "train_steps": t.train_steps,
-            "tokens_per_step": self.tokens_per_step,
-            "planned_tokens": t.train_steps * self.tokens_per_step,
-            "total_params": led.total_params,
-            "active_params": led.active_params,
-            "nonembedding_params": led.nonembedding_params,
-            "nonembedding_active_params": led.nonembedding_active_params,
-            "r_a": led.r_a,
-            "flops_train_per_token": led.flops_train_per_token,
-            "flops_er_per_token": led.flops_er_per_token,
-            "model": dataclasses.asdict(self.config.model),
-        }
+        return ArmRecord(
+            name=self.name,
+            contract=self.contract,
+            is_moe=self.config.model.is_moe,
+            changed_fields=list(self.changed_fields),
+            changes={f: get_dotted(self.config, f) for f in self.changed_fields},
+            match=self.match,
+            train_steps=t.train_steps,
+            tokens_per_step=self.tokens_per_step,
+            planned_tokens=t.train_steps * self.tokens_per_step,
+            total_params=led.total_params,
+            active_params=led.active_params,
+            nonembedding_params=led.nonembedding_params,
+            nonembedding_active_params=led.nonembedding_active_params,
+            r_a=led.r_a,
+            flops_train_per_token=led.flops_train_per_token,
+            flops_er_per_token=led.flops_er_per_token,
+            model=dataclasses.asdict(self.config.model),
+        )
 
 
 @dataclass(frozen=True)
@@ -106,7 +108,7 @@ class Design:
     out_dir: Path
     arms: tuple[Arm, ...]
     runs: tuple[Run, ...]
-    pairs: tuple[dict[str, str], ...]
+    pairs: tuple[PairRecord, ...]
     """Paired comparisons: name, baseline arm, moe arm (gap = loss(baseline) - loss(moe))."""
     family: dict[str, Any] | None
     """The equal-resources family's N, D, C (None for matched arms)."""
@@ -235,8 +237,8 @@ def _equal_resources_arms(cfg: StudyConfig) -> tuple[list[Arm], list[dict[str, s
             },
         ))
         if member is not fam.dense:
-            pairs.append({"name": f"er-{member.name[4:]}", "baseline": "er_dense", "moe": name,
-                          "description": f"equal N, C, D: dense baseline vs MoE at r_a {member.r_a:.3f}"})
+            pairs.append(PairRecord(name=f"er-{member.name[4:]}", baseline="er_dense", moe=name,
+                                    description=f"equal N, C, D: dense baseline vs MoE at r_a {member.r_a:.3f}"))
     return arms, pairs, family_info
 
 
@@ -252,7 +254,7 @@ def derive_arms(
     m = s.match
 
     arms: list[Arm] = []
-    pairs: list[dict[str, str]] = []
+    pairs: list[PairRecord] = []
     family_info = None
     if s.arms == ["equal_resources"]:
         arms, pairs, family_info = _equal_resources_arms(cfg)
@@ -283,12 +285,12 @@ def derive_arms(
             prefix = "" if moe == "moe" else f"{moe}-"
             for arm in arms:
                 if arm.name in DENSE_ARMS:
-                    pairs.append({"name": f"{prefix}matched-{arm.contract}", "baseline": arm.name, "moe": moe,
-                                  "description": f"dense matched to the MoE's {arm.match['quantity']}"})
+                    pairs.append(PairRecord(name=f"{prefix}matched-{arm.contract}", baseline=arm.name, moe=moe,
+                                            description=f"dense matched to the MoE's {arm.match['quantity']}"))
             if moe != "moe" and "moe" in moes:
-                pairs.append({"name": f"{moe}-vs-moe", "baseline": "moe", "moe": moe,
-                              "description": f"the base MoE against {moe}, which differs only in routing and "
-                                             "balancing"})
+                pairs.append(PairRecord(name=f"{moe}-vs-moe", baseline="moe", moe=moe,
+                                        description=f"the base MoE against {moe}, which differs only in routing "
+                                                    "and balancing"))
     for a in arms:
         validate(a.config, s.nproc_per_node if check_world else None)
     return arms, pairs, family_info

@@ -126,7 +126,7 @@ def make_plots(results: StudyResults, record: StudyRecord, runs: list[RunData]) 
     fig.tight_layout()
     out["loss_curves.png"] = png(fig)
 
-    flops = {a.name: a.tokens_per_step * (a.match or {}).get("flops_per_token", a.flops_train_per_token)
+    flops = {a.name: a.tokens_per_step * a.match.get("flops_per_token", a.flops_train_per_token)
              for a in record.arms}
     fig, ax = plt.subplots(figsize=(7, 4.5))
     curves(ax, "val_loss", "evals", flops, "training compute (FLOPs)")

@@ -157,6 +157,8 @@ def _upgraded(raw: dict[str, Any]) -> dict[str, Any]:
     """A version-0 record in today's layout: it had no data_order (one data.seed for every run) and described the
     data per arm, which then holds for every seed."""
     raw = {**raw, "version": STUDY_RECORD_VERSION}
+    if isinstance(raw.get("family"), dict) and raw["family"].get("reuse") == "loose":  # the one-epoch scheme's old name
+        raw["family"] = {**raw["family"], "reuse": "fresh"}
     if "data_order" not in raw:
         raw["data_order"] = "shared"
         if isinstance(raw.get("data"), dict):

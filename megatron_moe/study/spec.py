@@ -166,6 +166,9 @@ def load_study(path: str | Path, overrides: list[str] = (), *, check_world: bool
         for name in COUNT_FIELDS:
             if isinstance(er.get(name), (str, float)):  # "6.5B", or 6.5e9 (a TOML float)
                 er[name] = parse_count(er[name], f"study.equal_resources.{name}")
+        if er.get("reuse") == "loose":
+            raise ConfigError("study.equal_resources.reuse = 'loose' is now called 'fresh' (each arm reads fresh "
+                              "tokens up to its budget, one epoch); the published 2-epoch scheme is not offered")
     cfg = from_dict(StudyConfig, data)
     if not cfg.study.name:
         cfg.study.name = Path(path).stem

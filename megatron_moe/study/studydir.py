@@ -23,7 +23,7 @@ from megatron_moe.config import ConfigError
 from megatron_moe.schema import to_toml
 from megatron_moe.files import atomic_write_json, atomic_write_text
 from megatron_moe.study.datacheck import unequal_data
-from megatron_moe.study.records import ArmRecord, PairRecord, RunEntry, StudyRecord, load_study_record
+from megatron_moe.study.records import RunEntry, StudyRecord, load_study_record
 from megatron_moe.study.design import Design, Run, run_data_seed
 
 LIVE_STATES = {
@@ -143,8 +143,8 @@ def study_record(design: Design, study_file: str | None, data: dict[str, Any] | 
             "data.seed = data_seed for every run (one data order)" if shared else
             "data.seed = data_seed + the run's seed (one data order per seed, shared by its arms)"),
         gap_sign="gap = best val loss(baseline) - best val loss(MoE); positive = the MoE is better",
-        arms=[ArmRecord(**a.to_dict()) for a in design.arms],
-        pairs=[PairRecord(**p) for p in design.pairs],
+        arms=[a.record() for a in design.arms],
+        pairs=list(design.pairs),
         family=design.family,
         data=data,
         data_fingerprints_equal=None if data is None else not unequal_data(data),
@@ -163,8 +163,11 @@ def write_study_files(design: Design, study_file: str | None, data: dict[str, An
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / directories.STUDY_TOML, to_toml(dataclasses.asdict(design.study)))
     record = study_record(design, study_file, data)
-    if data is None and (out / directories.STUDY_JSON).is_file():
-        previous = load_study_record(out)
+    try:
+        previous = load_study_record(out) if data is None and (out / directories.STUDY_JSON).is_file() else None
+    except ConfigError:  # unreadable or of another layout: this record replaces it
+        previous = None
+    if previous is not None:
         if previous.base.get("data") == record.base["data"] and previous.data_order == record.data_order:
             record = dataclasses.replace(record, data=previous.data,
                                          data_fingerprints_equal=previous.data_fingerprints_equal)

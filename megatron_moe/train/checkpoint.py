@@ -26,6 +26,7 @@ import enum
 import errno
 import io
 import json
+import math
 import os
 import pickle
 import re
@@ -69,6 +70,9 @@ class TrainState:
     """Wall-clock seconds of training so far, over every attempt (evaluation and saving included)."""
 
     def record_eval(self, val_loss: float) -> None:
+        """A finite validation loss lower than the best so far becomes the best (a nan never does)."""
+        if not math.isfinite(val_loss):
+            return
         if self.best_val_loss is None or val_loss < self.best_val_loss:
             self.best_val_loss, self.best_val_step = val_loss, self.step
 

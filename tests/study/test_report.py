@@ -36,7 +36,7 @@ CURVES = {
 
 def _fake_study(tmp_path: Path, fingerprints: dict[tuple[str, int], str] | None = None,
                 curves: dict[tuple[str, int], list[float]] | None = None) -> Path:
-    """study.json from the real planner/manifest, and run directories as the trainer writes them. Each seed has
+    """study.json from the real planner and study record, and run directories as the trainer writes them. Each seed has
     its own data order (fingerprint f00d<seed>), shared by its arms unless `fingerprints` says otherwise."""
     tmp_path.mkdir(parents=True, exist_ok=True)
     spec = tmp_path / "mini.toml"
@@ -103,14 +103,14 @@ def test_results_from_run_directories(tmp_path):
     assert gap_rows[1][5] == "too few seeds for an interval"
     # contract: the planner's numbers from study.json, tokens and fingerprints from result.json
     contract = {c["arm"]: c for c in res.contract}
-    man = json.loads((study_dir / directories.STUDY_JSON).read_text())
-    for a in man["arms"]:
+    raw = json.loads((study_dir / directories.STUDY_JSON).read_text())
+    for a in raw["arms"]:
         c = contract[a["name"]]
         assert (c["total_params"], c["active_params"], c["flops_train_per_token"]) == (
             a["total_params"], a["active_params"], a["flops_train_per_token"])
         assert c["residual_pct"] == (a["match"] or {}).get("residual_pct")
         assert c["consumed_tokens"] == 1024
-    assert contract["dense_active"]["changed_fields"] == list(man["arms"][0]["changed_fields"])
+    assert contract["dense_active"]["changed_fields"] == list(raw["arms"][0]["changed_fields"])
     # one data order per seed, the same for every arm of it: fingerprints reported per seed
     assert contract["moe"]["fingerprint"] == "s1 f00d1, s2 f00d2, s3 f00d3"
     assert contract["dense_total"]["fingerprints"] == {"1": "f00d1", "2": "f00d2", "3": "f00d3"}  # seed 3 planned
@@ -178,18 +178,29 @@ def test_different_orders_across_seeds_are_not_unequal_data(tmp_path):
 
 def test_a_version_0_study_record_without_data_order_is_read_as_shared(tmp_path):
     study_dir = _fake_study(tmp_path)
-    man = json.loads((study_dir / directories.STUDY_JSON).read_text())
-    assert man["version"] == STUDY_RECORD_VERSION
-    legacy = {k: v for k, v in man.items() if k not in ("data_order", "data_seeds", "version")}
-    legacy["data"] = {arm: {**d, "fingerprint": "f00d"} for arm, d in man["data"]["1"].items()}
+    raw = json.loads((study_dir / directories.STUDY_JSON).read_text())
+    assert raw["version"] == STUDY_RECORD_VERSION
+    legacy = {k: v for k, v in raw.items() if k not in ("data_order", "data_seeds", "version", "design_warnings")}
+    legacy["data"] = {arm: {**d, "fingerprint": "f00d"} for arm, d in raw["data"]["1"].items()}
+    # what records of that time lacked as well
+    legacy["arms"] = [{k: v for k, v in arm.items() if k not in ("changes", "model")} for arm in raw["arms"]]
+    legacy["pairs"] = [{k: v for k, v in pair.items() if k != "description"} for pair in raw["pairs"]]
+    legacy["runs"] = [{k: v for k, v in run.items() if k != "hash"} for run in raw["runs"]]
     atomic_write_json(study_dir / directories.STUDY_JSON, legacy)
     loaded = load_study_record(study_dir)
     assert loaded.data_order == "shared" and loaded.data_seeds == {"1": 1234, "2": 1234, "3": 1234}
     assert loaded.data["3"]["moe"]["fingerprint"] == "f00d"
+    assert loaded.arms[0].changes == {} and loaded.pairs[0].description == "" and loaded.design_warnings == []
     for path in study_dir.glob("runs/*/result.json"):
         path.unlink()
     res = build_results(study_dir)
     assert res.data_fingerprints_equal is True and res.fingerprints["2"]["dense_total"] == "f00d"
+
+
+def test_a_version_0_equal_resources_record_calls_its_one_epoch_scheme_fresh():
+    from megatron_moe.study.records import _upgraded
+
+    assert _upgraded({"family": {"reuse": "loose", "flops": "x"}})["family"] == {"reuse": "fresh", "flops": "x"}
 
 
 def test_report_files(tmp_path):
@@ -308,9 +319,9 @@ def test_corrupt_study_json_fails_with_one_line(tmp_path, text, message):
 def test_study_json_naming_unknown_arms_is_refused(tmp_path):
     study_dir = _fake_study(tmp_path)
     assert load_study_record(study_dir).name == "mini"
-    man = json.loads((study_dir / directories.STUDY_JSON).read_text())
+    raw = json.loads((study_dir / directories.STUDY_JSON).read_text())
     # dense_active's runs dangle
-    atomic_write_json(study_dir / directories.STUDY_JSON, {**man, "arms": man["arms"][1:]})
+    atomic_write_json(study_dir / directories.STUDY_JSON, {**raw, "arms": raw["arms"][1:]})
     with pytest.raises(ConfigError, match=r"study.json is not a valid study.json: pair matched-active names arm "
                                           r"'dense_active', which is not in 'arms'") as exc:
         build_results(study_dir)
@@ -321,9 +332,9 @@ def test_report_before_any_run_is_complete(tmp_path):
     study_dir = _fake_study(tmp_path)
     for path in study_dir.glob("runs/*/result.json"):
         path.unlink()
-    man = json.loads((study_dir / directories.STUDY_JSON).read_text())
+    raw = json.loads((study_dir / directories.STUDY_JSON).read_text())
     # as `study launch` without a data check
-    atomic_write_json(study_dir / directories.STUDY_JSON, {**man, "data": None})
+    atomic_write_json(study_dir / directories.STUDY_JSON, {**raw, "data": None})
     res = build_results(study_dir)
     assert res.data_fingerprints_equal is None and all(a["best_val_loss"]["n"] == 0 for a in res.arms)
     assert [w for w in res.warnings if "DATA" in w] == [] and "9 of 9 runs are not complete" in res.warnings[1]

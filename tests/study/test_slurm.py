@@ -62,7 +62,7 @@ def _cli(*args: str, env: dict[str, str] | None = None, check: bool = True) -> s
 
 def _study_file(tmp_path: Path) -> Path:
     """Study "tiny": the base MoE, seed 1."""
-    return write_study(tmp_path / directories.STUDY_TOML)
+    return write_study(tmp_path / "tiny.toml")
 
 
 def _close(got: list[float], ref: list[float]) -> None:
@@ -443,7 +443,7 @@ def test_job_array_runs_every_seed_and_logs_each_task(slurm_study):
 def test_launched_study_completes_and_study_commands_reuse_it(slurm, slurm_study, reference):
     out, _, runs = slurm_study
     _close(train_losses(runs[0]), reference)  # seed 1 is the reference config
-    study_file = out.parent / directories.STUDY_TOML
+    study_file = out.parent / "tiny.toml"
     # study run finds the runs complete; a second launch submits nothing; the report reads the same directory.
     again = _cli("study", "run", str(study_file), *RUN, SEEDS, "-o", str(out))
     assert again.stdout.count("complete, skipped") == 2
@@ -460,7 +460,7 @@ def test_usr1_checkpoints_requeues_and_resumes_exactly(slurm, slurm_study, tmp_p
     uninterrupted = slurm_study[2][0]
     job, run_dir = _launch(slurm, tmp_path, tmp_path / "study")
     assert run_dir.name == uninterrupted.name  # same config, same hash
-    again = _cli("study", "launch", str(tmp_path / directories.STUDY_TOML), *RUN, "--slurm", "-o",
+    again = _cli("study", "launch", str(tmp_path / "tiny.toml"), *RUN, "--slurm", "-o",
                  str(tmp_path / "study"), "--skip-data-check", env=slurm.env)
     assert f"already queued as job {job}" in again.stdout  # a queued run is not submitted twice
     wait_until(lambda: ((run_dir / directories.METRICS).is_file() and train_rows(run_dir))
@@ -482,7 +482,7 @@ def test_study_run_skips_runs_queued_on_slurm(slurm, tmp_path):
     job, run_dir = _launch(slurm, tmp_path, out, "--sbatch-arg=--hold", "--skip-data-check")
     try:
         assert slurm.job_state(job) == "PENDING"
-        local = _cli("study", "run", str(tmp_path / directories.STUDY_TOML), *RUN, "-o", str(out), env=slurm.env)
+        local = _cli("study", "run", str(tmp_path / "tiny.toml"), *RUN, "-o", str(out), env=slurm.env)
         assert f"queued on SLURM as job {job} (PENDING), skipped" in local.stdout
         assert "1 run(s) are queued or running on SLURM" in local.stdout
         assert not (run_dir / directories.METRICS).exists()  # nothing trained locally

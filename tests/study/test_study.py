@@ -113,7 +113,7 @@ def test_arms_are_derived_by_the_planner(tmp_path):
     for a in design.arms:
         assert a.config.data == base.data
         assert dataclasses.replace(a.config.train, output_dir="") == dataclasses.replace(base.train, output_dir="")
-    assert [(p["name"], p["baseline"], p["moe"]) for p in design.pairs] == [
+    assert [(p.name, p.baseline, p.moe) for p in design.pairs] == [
         ("matched-active", "dense_active", "moe"), ("matched-total", "dense_total", "moe"),
         ("matched-flops", "dense_flops", "moe")]
     # One run per (arm, seed): the seed is the model-init seed and offsets the data seed (the same for every arm
@@ -150,7 +150,7 @@ def test_variant_arms_differ_from_the_base_moe_only_in_balancing_and_pair_with_e
     assert dataclasses.replace(variant.config.model, moe=moe.config.model.moe) == moe.config.model
     assert variant.ledger == moe.ledger  # the same parameters: each dense arm is matched to both MoE arms
     assert variant.config.train == moe.config.train and variant.config.data == moe.config.data
-    assert [(p["name"], p["baseline"], p["moe"]) for p in design.pairs] == [
+    assert [(p.name, p.baseline, p.moe) for p in design.pairs] == [
         ("matched-active", "dense_active", "moe"), ("matched-total", "dense_total", "moe"),
         ("moe_aux_free-matched-active", "dense_active", "moe_aux_free"),
         ("moe_aux_free-matched-total", "dense_total", "moe_aux_free"),
@@ -302,9 +302,10 @@ def test_tiny_three_arm_examples():
         assert (moe.moe.num_experts, moe.moe.top_k, moe.moe.topk_renormalize) == (4, 2, True)
         assert moe.moe.aux_loss_coeff > 0 and moe.moe.z_loss_coeff > 0
         assert (moe.normalization, moe.activation, moe.position_embedding) == ("RMSNorm", "swiglu", "rope")
-        assert cfg.data.path == ""  # runs with no dataset downloaded
-        for a in design.arms:  # width-resized at fixed depth, tight match, sub-25M
-            assert a.config.model.num_layers == moe.num_layers
+        for a in design.arms:  # only the FFN resized: one trunk, tight match, sub-25M
+            m = a.config.model
+            assert (m.num_layers, m.hidden_size, m.num_attention_heads, m.vocab_size) == (
+                moe.num_layers, moe.hidden_size, moe.num_attention_heads, moe.vocab_size)
             assert a.ledger.total_params < max_total
             if a.match:
                 assert abs(a.match["residual_pct"]) < 0.5
@@ -320,7 +321,7 @@ def test_balancing_example_compares_two_moe_arms_differing_only_in_balancing():
     assert (free.aux_loss_coeff, free.expert_bias_update_rate) == (0.0, 1e-3)
     assert dataclasses.replace(free, aux_loss_coeff=0.01, expert_bias_update_rate=0.0) == switch
     assert abs(arms["dense_active"].match["residual_pct"]) < 0.5
-    assert {p["name"] for p in design.pairs} == {"matched-active", "moe_aux_free-matched-active", "moe_aux_free-vs-moe"}
+    assert {p.name for p in design.pairs} == {"matched-active", "moe_aux_free-matched-active", "moe_aux_free-vs-moe"}
 
 
 @pytest.mark.parametrize("name, n_total", [("cpu", None), ("2b", 2.0e9), ("7b", 6.5e9)])
@@ -478,11 +479,11 @@ def test_study_runs_is_interrupted_resumes_and_reports(tmp_path):
     assert [e["event"] for e in log] == ["skip"] * 4
 
     # Provenance: resolved config, versions and git commit per run; manifest with the planner's residuals.
-    man = json.loads((out / directories.STUDY_JSON).read_text())
-    assert [a["name"] for a in man["arms"]] == ["dense_active", "moe"] and man["data_fingerprints_equal"]
-    assert man["arms"][0]["match"]["residual_pct"] == pytest.approx(
+    raw = json.loads((out / directories.STUDY_JSON).read_text())
+    assert [a["name"] for a in raw["arms"]] == ["dense_active", "moe"] and raw["data_fingerprints_equal"]
+    assert raw["arms"][0]["match"]["residual_pct"] == pytest.approx(
         match_dense(load_study(study_file).model, "active").residual_pct)
-    for entry in man["runs"]:
+    for entry in raw["runs"]:
         run_dir = out / entry["dir"]
         assert entry["dir"] == f"runs/{entry['arm']}-s{entry['seed']}-{entry['hash']}"
         info = json.loads((run_dir / directories.RUN_JSON).read_text())
@@ -496,13 +497,13 @@ def test_study_runs_is_interrupted_resumes_and_reports(tmp_path):
     proc = cli("study", "report", str(out))
     assert "Paired gaps" in proc.stdout
     results = load_results(out / directories.RESULTS)
-    best = {(e["arm"], e["seed"]): _metrics_best(out / e["dir"]) for e in man["runs"]}
+    best = {(e["arm"], e["seed"]): _metrics_best(out / e["dir"]) for e in raw["runs"]}
     for arm in results.arms:
         vals = [best[(arm["arm"], s)] for s in (1, 2)]
         assert arm["best_val_loss"]["per_seed"] == {"1": vals[0], "2": vals[1]}
         assert arm["best_val_loss"]["mean"] == pytest.approx(sum(vals) / 2, abs=1e-12)
         assert arm["best_val_loss"]["std"] == pytest.approx(abs(vals[0] - vals[1]) / math.sqrt(2), abs=1e-12)
-        last = [train_rows(out / e["dir"])[-1].get("load_imbalance") for e in man["runs"] if e["arm"] == arm["arm"]]
+        last = [train_rows(out / e["dir"])[-1].get("load_imbalance") for e in raw["runs"] if e["arm"] == arm["arm"]]
         if arm["arm"] == "moe":
             assert arm["final_load_imbalance"]["mean"] == pytest.approx(sum(last) / 2, abs=1e-12) and min(last) >= 1
         else:
@@ -537,6 +538,19 @@ def test_study_run_reports_progress_after_each_run(tmp_path, monkeypatch):
     assert runner.run_study(cfg, tmp_path / "study", echo=lambda _: None,
                             on_progress=lambda done, total: calls.append((done, total))) == 0
     assert calls == [(0, 2), (1, 2), (2, 2)]
+
+
+def test_the_data_check_notes_an_arm_that_repeats_data_unasked(tmp_path):
+    design = design_study(load_study(_write(tmp_path), ["train.train_steps=400", "study.arms=['moe']",
+                                                        "study.seeds=[1]"]), tmp_path / "s")
+    (described,) = data_check(design)["1"].values()
+    assert described["epochs"] > 1
+    assert described["note"].startswith(f"arm moe: the built-in synthetic corpus is read {described['epochs']:.2f} times")
+
+
+def test_loose_reuse_is_refused_with_its_new_name(tmp_path):
+    with pytest.raises(ConfigError, match=r"reuse = 'loose' is now called 'fresh'"):
+        load_study(_write(tmp_path), ["study.equal_resources.reuse='loose'"])
 
 
 def test_the_dry_run_says_which_arms_repeat_data_unasked():

@@ -102,3 +102,14 @@ def test_a_failed_save_removes_its_partial_directory_and_keeps_the_last(single_p
     assert str(exc.value).startswith("cannot save checkpoint step_0000003: no space left on device writing ")
     assert "the last checkpoint step_0000002 is intact" in str(exc.value)
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step_0000002"]
+
+
+def test_a_nan_evaluation_is_never_the_best():
+    state = TrainState(step=1)
+    state.record_eval(float("nan"))
+    assert state.best_val_loss is None
+    state.step = 2
+    state.record_eval(3.0)
+    state.step = 3
+    state.record_eval(float("nan"))
+    assert (state.best_val_loss, state.best_val_step) == (3.0, 2)

@@ -445,7 +445,7 @@ def test_a_killed_runner_takes_its_trainer_along(reference, tmp_path):
     """SIGKILL to `study run` alone: its trainer (a session of its own) gets SIGTERM from the kernel, checkpoints
     and exits instead of training on, orphaned; the next `study run` resumes the run."""
     # One run whose config is the reference's: train.seed 42 (the default) and the base data.seed.
-    study = write_study(tmp_path / directories.STUDY_TOML, name="faults", seeds=(42,), data_order="shared")
+    study = write_study(tmp_path / "faults.toml", name="faults", seeds=(42,), data_order="shared")
     out = tmp_path / "study"
     runner = start_cli("study", "run", str(study), *ARGS, "-o", str(out), stdout=subprocess.PIPE,
                        stderr=subprocess.STDOUT)
