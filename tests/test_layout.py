@@ -14,7 +14,7 @@ RANKS = {
     "planner": 1,
     "platform": 2, "parallel": 2, "data": 2, "model": 3,
     "train": 4,
-    "study": 5,
+    "study": 5, "export": 5,
     "bench": 6,
     "cli": 7,
 }

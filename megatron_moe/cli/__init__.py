@@ -17,6 +17,7 @@ from megatron_moe import __version__
 from megatron_moe.cli.bench import _add_bench
 from megatron_moe.cli.config_show import _add_config
 from megatron_moe.cli.data import _add_data
+from megatron_moe.cli.export import _add_export
 from megatron_moe.cli.plan import _add_plan
 from megatron_moe.cli.study import _add_study
 from megatron_moe.cli.train import EPILOG, _add_train
@@ -36,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_plan(sub)
     _add_study(sub)
     _add_bench(sub)
+    _add_export(sub)
     _add_config(sub)
     parser.add_argument("--version", action="version", version=f"megatron-moe {__version__}")
     return parser

@@ -13,7 +13,7 @@ same, and warns about runs whose best evaluation is their last one (still improv
 to call a best). Intervals are Student-t intervals over seeds everywhere, tables and plots alike.
 
 `write_report` writes report.md, report.html (self-contained: PNGs inlined as base64), results.json and
-plots/*.png atomically; plots (`plots`) need matplotlib (`pip install megatron-moe[plot]`), else tables only.
+plots/*.png atomically (`plots`, with matplotlib, a dependency; an environment without it gets tables only).
 """
 
 from __future__ import annotations
