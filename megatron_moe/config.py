@@ -214,8 +214,11 @@ class TrainConfig:
     weight_decay: float = 0.1
     """AdamW weight decay."""
     adam_beta1: float = 0.9
+    """AdamW's first-moment decay."""
     adam_beta2: float = 0.95
+    """AdamW's second-moment decay."""
     adam_eps: float = 1e-8
+    """AdamW's epsilon."""
     clip_grad: float = 1.0
     """Global gradient-norm clip (0 = off)."""
     seed: int = 42

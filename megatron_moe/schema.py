@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import tomllib
 import types
 import typing
@@ -119,6 +120,31 @@ def from_dict(cls: type, data: dict[str, Any], path: str = "") -> Any:
     if missing:
         raise ConfigError(f"no {'.'.join(filter(None, (path, missing[0])))!r}")
     return cls(**kwargs)
+
+
+def field_docs(cls: type, prefix: str = "") -> dict[str, str]:
+    """Dotted field name -> the first sentence of its description (the string literal after the field in the class
+    body), for the fields of dataclass `cls` and of the dataclasses it nests; fields without one are left out."""
+    import ast
+    import inspect
+    import textwrap
+
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    docs = {}
+    for node, after in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(after, ast.Expr)
+                and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)):
+            text = " ".join(after.value.value.split())
+            docs[node.target.id] = re.split(r"(?<!i\.e)(?<!e\.g)\.\s+(?=[A-Z])", text)[0].rstrip(".")
+    hints = typing.get_type_hints(cls)
+    out: dict[str, str] = {}
+    for f in dataclasses.fields(cls):
+        name = f"{prefix}.{f.name}" if prefix else f.name
+        if dataclasses.is_dataclass(hints[f.name]):
+            out.update(field_docs(hints[f.name], name))
+        elif f.name in docs:
+            out[name] = docs[f.name]
+    return out
 
 
 def _parse_override_value(text: str) -> Any:

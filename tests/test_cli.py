@@ -108,3 +108,16 @@ def test_launch_help_keeps_acronyms(capsys):
     assert "GPUs requested per node" in out and "SLURM partition" in out and "USR1 reaches" in out
     assert "container image" in out  # a plain first word is still lowered
     assert not any(bad in out for bad in ("gPUs", "cPUs", "sLURM", "uSR1"))
+
+
+def test_config_show_describes_every_field(capsys):
+    from megatron_moe.config import RunConfig, field_roles
+    from megatron_moe.schema import field_docs
+
+    docs = field_docs(RunConfig)
+    assert set(docs) == set(field_roles())  # every field of the run config says what it means
+    assert docs["model.num_query_groups"] == "Key/value heads for grouped-query attention (0 = num_attention_heads, i.e. MHA)"
+    assert main(["config", "show", "--describe", "--roles"]) == 0
+    out = capsys.readouterr().out
+    assert "\nlr = 0.003  # Peak learning rate\n" in out
+    assert "\noutput_dir = " in out and "  # [bookkeeping] " in out

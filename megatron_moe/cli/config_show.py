@@ -11,6 +11,7 @@ CONFIG_EPILOG = """examples:
   megatron-moe config show                                    # every default
   megatron-moe config show examples/tiny_moe.toml train.lr=1e-3
   megatron-moe config show examples/tiny_three_arm/cpu.toml   # a study file, [study] included
+  megatron-moe config show --describe                         # every field with what it means
 """
 
 
@@ -24,12 +25,13 @@ def _add_config(sub: argparse._SubParsersAction) -> None:
     show.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
     show.add_argument("--roles", action="store_true",
                       help="mark each field that does not change what is trained with its role (see the header)")
+    show.add_argument("--describe", action="store_true", help="follow each field with what it means (and its unit)")
     show.set_defaults(func=config_show_main)
 
 
 def config_show_main(args: argparse.Namespace) -> int:
     from megatron_moe.config import ROLES, field_roles, load_run_config
-    from megatron_moe.schema import load_toml, to_toml
+    from megatron_moe.schema import field_docs, load_toml, to_toml
 
     config, overrides = split_config(args.config, args.overrides)
     if config is not None and "study" in load_toml(config):
@@ -38,9 +40,13 @@ def config_show_main(args: argparse.Namespace) -> int:
         cfg = load_study(config, overrides, check_world=False)
     else:
         cfg = load_run_config(config, overrides)
-    comments = None
+    comments: dict[str, str] = {}
+    if args.describe:
+        comments.update(field_docs(type(cfg)))
     if args.roles:
-        comments = {name: role for name, role in field_roles().items() if role != "trains"}
+        for name, role in field_roles().items():
+            if role != "trains":
+                comments[name] = f"[{role}] {comments[name]}" if name in comments else role
         print("".join(f"# {role}: {meaning}\n" for role, meaning in ROLES.items()) + "# (unmarked fields: trains)\n")
-    print(to_toml(dataclasses.asdict(cfg), comments), end="")
+    print(to_toml(dataclasses.asdict(cfg), comments or None), end="")
     return 0
