@@ -48,6 +48,13 @@ class Progress:
 
             self.bar = tqdm(total=total, desc=label, unit=unit, unit_scale=True, file=sys.stderr, leave=False,
                             dynamic_ncols=True)
+        elif enabled:  # a log sees the pass begin at once, then a line every 10 s
+            print(f"{label}: started" + (f", {self._amount(total)} to read" if total else ""), file=sys.stderr,
+                  flush=True)
+
+    def _amount(self, n: float) -> str:
+        """Bytes as MB, anything else as a whole count."""
+        return f"{n / 1e6:,.1f} MB" if self.unit == "B" else f"{int(n):,} {self.unit}"
 
     def update(self, position: int, docs: int, tokens: int) -> None:
         """`position`: bytes of the total read so far."""
@@ -59,11 +66,10 @@ class Progress:
         if not self.enabled or now - self.last < 10.0:
             return
         self.last = now
-        scale, unit = (1e6, " MB") if self.unit == "B" else (1, f" {self.unit}")
-        done = f"{position / scale:,.1f}{unit}"
+        done = self._amount(position)
         if self.total:
             eta = (now - self.start) * (self.total - position) / max(position, 1)
-            done = f"{100 * position / self.total:.0f}% ({done} of {self.total / scale:,.1f}{unit}), eta {eta:,.0f} s"
+            done = f"{100 * position / self.total:.0f}% ({done} of {self._amount(self.total)}), eta {eta:,.0f} s"
         counts = f"{docs:,} documents" + (f", {tokens:,} tokens" if tokens else "")
         print(f"{self.label}: {done}, {counts}", file=sys.stderr, flush=True)
 

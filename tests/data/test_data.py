@@ -520,12 +520,17 @@ def test_progress_lines_outside_a_terminal_show_percent_and_eta(capsys):
     from megatron_moe.data.prepare import Progress
 
     show = Progress("prepare x", total=8_000_000, enabled=True)
+    assert capsys.readouterr().err == "prepare x: started, 8.0 MB to read\n"  # at once, not after 10 s
     show.last -= 60  # as if the last line was a minute ago
     show.update(2_000_000, 10, 500)
     err = capsys.readouterr().err
     assert re.match(r"prepare x: 25% \(2\.0 MB of 8\.0 MB\), eta \d+ s, 10 documents, 500 tokens\n$", err), err
     show.update(3_000_000, 11, 600)  # within 10 s of the last line: nothing
     assert capsys.readouterr().err == ""
+    docs = Progress("import x", total=9_267, enabled=True, unit="doc")
+    docs.last -= 60
+    docs.update(4_000, 4_000, 0)
+    assert capsys.readouterr().err.splitlines()[1].startswith("import x: 43% (4,000 doc of 9,267 doc), eta ")
 
 
 def test_read_meter_counts_compressed_bytes_on_disk(tmp_path):
