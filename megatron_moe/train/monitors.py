@@ -93,8 +93,15 @@ SINK_PACKAGES = {"tensorboard_dir": "tensorboard", "wandb_project": "wandb"}
 
 
 def sink_scalars(row: dict[str, Any]) -> dict[str, float]:
-    """The row's fields the optional sinks get, under their namespaced names."""
-    return {name: float(row[key]) for key, name in SINK_KEYS.items() if key in row}
+    """The row's fields the optional sinks get, under their namespaced names; per MoE layer, its load imbalance
+    (moe/layer<i>/load_imbalance, i counted from 1 over the MoE layers) and each expert's share of the routed
+    tokens (moe/layer<i>/expert<j>_load)."""
+    out = {name: float(row[key]) for key, name in SINK_KEYS.items() if key in row}
+    for i, imbalance in enumerate(row.get("layer_imbalance") or [], 1):
+        out[f"moe/layer{i}/load_imbalance"] = float(imbalance)
+    for i, loads in enumerate(row.get("expert_load") or [], 1):
+        out.update({f"moe/layer{i}/expert{j}_load": float(x) for j, x in enumerate(loads)})
+    return out
 
 
 def check_sinks(train_cfg) -> None:

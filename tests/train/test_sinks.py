@@ -59,7 +59,11 @@ def test_tensorboard_events_hold_the_metrics_rows(sink_run):
     # what every MoE run logs (MFU only where the GPU's peak is known)
     assert {"loss/lm", "loss/grad_norm", "loss/lr", "perf/tokens_per_s", "perf/tflops_per_device", "moe/lb", "moe/z",
             "moe/load_imbalance", "moe/dropped_fraction", "eval/val_loss", "eval/val_bpb"} <= set(scalars)
-    assert set(scalars) <= set(SINK_KEYS.values())
+    # and per MoE layer (TINY_MOE: 2 layers of 4 experts), the load each expert took and the imbalance
+    per_layer = {f"moe/layer{i}/{x}" for i in (1, 2) for x in ("load_imbalance", *(f"expert{j}_load" for j in range(4)))}
+    assert per_layer <= set(scalars) <= set(SINK_KEYS.values()) | per_layer
+    last = train[-1]
+    assert scalars["moe/layer2/expert3_load"][-1] == (4, _f32(last["expert_load"][1][3]))
 
 
 def _wandb_records(path: Path) -> list:
