@@ -107,6 +107,14 @@ MUTANTS = (
            "megatron_moe/cli/__init__.py", "    except ConfigError as exc:\n", "    except ZeroDivisionError as exc:\n",
            ("tests/test_cli.py::test_config_show_refuses_a_bad_override_in_one_line",
             "tests/test_cli.py::test_bad_output_dirs_and_zero_sizes_are_one_line_errors")),
+    Mutant("gaps-paired-by-position", "gaps are paired by seed (a seed missing from the middle of one arm)",
+           "megatron_moe/study/stats.py", "    gaps = {s: baseline[s] - moe[s] for s in seeds}",
+           "    gaps = {s: b - m for s, b, m in zip(seeds, baseline.values(), moe.values())}",
+           ("tests/study/test_report.py::test_gaps_pair_by_seed_when_a_middle_seed_is_missing",)),
+    Mutant("bpb-from-training-split", "bits per byte use the validation split's bytes per token",
+           "megatron_moe/data/source.py", 'float(self.manifest["splits"]["valid"]["bytes_per_token"])',
+           'float(self.manifest["splits"]["train"]["bytes_per_token"])',
+           ("tests/train/test_trainer.py::test_bits_per_byte_use_the_validation_splits_bytes",)),
 )
 
 

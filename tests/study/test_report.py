@@ -370,3 +370,17 @@ def test_results_json_reads_back_as_built_and_refuses_another_layout(tmp_path):
     atomic_write_json(paths[directories.RESULTS], {**raw, "version": 0})
     with pytest.raises(ConfigError, match=r"is not a results.json of layout version 1 \(found 0\)"):
         load_results(paths[directories.RESULTS])
+
+
+def test_gaps_pair_by_seed_when_a_middle_seed_is_missing(tmp_path):
+    """moe seed 2 never finished: the gaps of seeds 1 and 3 pair each seed with itself, not by position."""
+    study_dir = _fake_study(tmp_path)
+    (moe_s2,) = [d for d in (study_dir / directories.RUNS).iterdir() if d.name.startswith("moe-s2-")]
+    (moe_s2 / directories.RESULT).unlink()
+    res = build_results(study_dir)
+    best = {(a["arm"], int(s)): v for a in res.arms for s, v in a["best_val_loss"]["per_seed"].items()}
+    active = next(g for g in res.gaps if g["name"] == "matched-active")
+    assert set(active["per_seed"]) == {"1", "3"}
+    for seed in (1, 3):
+        assert active["per_seed"][str(seed)] == pytest.approx(best[("dense_active", seed)] - best[("moe", seed)])
+    assert active["per_seed"]["3"] != pytest.approx(best[("dense_active", 2)] - best[("moe", 3)])

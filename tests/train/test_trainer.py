@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from megatron_moe import directories
-from tests.conftest import REPO, TINY, TINY_MOE, cli, train_rows
+from tests.conftest import REPO, TINY, TINY_MOE, cli, metrics_rows, train_rows
 
 pytestmark = pytest.mark.slow  # every test here trains a model in a fresh process
 
@@ -99,3 +101,23 @@ def test_evaluation_covers_the_whole_split_in_eval_mode_identically_for_every_ar
     assert moe["val_tokens"] == (moe["valid_tokens"] - 1) // batch_tokens * batch_tokens > 2 * batch_tokens
     assert moe["modes"] and not any(moe["modes"]) and moe["training_after"]
     assert (dense["val_tokens"], dense["digest"]) == (moe["val_tokens"], moe["digest"])
+
+
+def test_bits_per_byte_use_the_validation_splits_bytes(reference_run):
+    """val_bpb = val_loss / ln 2 / (UTF-8 bytes per token of the validation documents), counted here from the
+    decoded documents, on a corpus whose training split has another bytes-per-token figure."""
+    from megatron_moe.config import DataConfig
+    from megatron_moe.data.source import build_data_source
+
+    run_dir = reference_run(*TINY, "train.train_steps=2", "train.eval_interval=2")
+    ds = build_data_source(DataConfig(synthetic_documents=400), seq_length=32, global_batch_size=8)
+
+    def bytes_per_token(store) -> float:
+        docs = [np.asarray(store.document(i)) for i in range(store.num_documents)]
+        text = sum(len(ds.decode(d[d != ds.eod_id]).encode()) for d in docs)
+        return text / sum(len(d) for d in docs)
+
+    valid, train = bytes_per_token(ds.valid), bytes_per_token(ds.train)
+    assert abs(valid - train) > 0.01  # the two splits differ: a bpb from the wrong split would not pass
+    (row,) = [r for r in metrics_rows(run_dir) if r["kind"] == "eval"]
+    assert row["val_bpb"] == pytest.approx(row["val_loss"] / math.log(2) / valid, rel=1e-6)
