@@ -115,6 +115,10 @@ MUTANTS = (
            "megatron_moe/data/source.py", 'float(self.manifest["splits"]["valid"]["bytes_per_token"])',
            'float(self.manifest["splits"]["train"]["bytes_per_token"])',
            ("tests/train/test_trainer.py::test_bits_per_byte_use_the_validation_splits_bytes",)),
+    Mutant("requeue-on-term", "the job requeues on USR1 (the time limit's signal), never on TERM",
+           "megatron_moe/study/slurm.py", """        'if [ "$stop_signal" = USR1 ]; then',""",
+           """        'if [ "$stop_signal" = TERM ]; then',""",
+           ("tests/study/test_slurm.py::test_the_job_script_hands_the_stop_signal_on_and_requeues_only_on_usr1",)),
 )
 
 

@@ -43,7 +43,8 @@ from megatron_moe.study.slurm import (
     torchrun_command,
 )
 from megatron_moe.train.stop import PREEMPTED_EXIT_CODE, TORCHRUN_SIGNALS
-from tests.conftest import REFERENCE, REPO, TINY_MOE, cli, cli_env, train_losses, train_rows, wait_until, write_study
+from tests.conftest import (REFERENCE, REPO, TINY_MOE, cli, cli_env, end, train_losses, train_rows, wait_until,
+                            write_study)
 from tests.study.slurm_fixture import ENDED, LocalSlurm, unavailable_reason
 
 STEPS = 40
@@ -501,3 +502,34 @@ def test_two_node_job_trains_like_one_process(slurm, reference, tmp_path):
     assert "world 2 = tp 1 x pp 1 x dp 2" in log
     assert re.search(r"attempt 1 on \S+,\S+, rendezvous \S+:\d+", log)  # two nodes in the job's node list
     _close(train_losses(run_dir), reference)
+
+
+@pytest.mark.parametrize("sig, requeued", [(signal.SIGUSR1, True), (signal.SIGTERM, False)])
+def test_the_job_script_hands_the_stop_signal_on_and_requeues_only_on_usr1(tmp_path, sig, requeued):
+    """The rendered batch script under bash, with stub srun and scontrol (no daemon): the signal SLURM sends the
+    batch shell reaches the step; USR1 (the time limit's) then requeues the job, TERM (cancel, preemption) never."""
+    script = render_run_script(LaunchConfig(), run_dir=tmp_path / "run", job_name="j", nproc_per_node=1,
+                               output=str(tmp_path / "slurm-%j.out"), title="t")
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    (stubs / "srun").write_text('#!/bin/bash\ntrap \'echo USR1 >> "$SIG_LOG"; exit 0\' USR1\n'
+                                'trap \'echo TERM >> "$SIG_LOG"; exit 0\' TERM\n'
+                                'touch "$STARTED"\nwhile :; do sleep 0.05; done\n')
+    (stubs / "scontrol").write_text('#!/bin/sh\nprintf "%s " "$@" >> "$SCONTROL_LOG"; echo >> "$SCONTROL_LOG"\n')
+    for stub in stubs.iterdir():
+        stub.chmod(0o755)
+    (tmp_path / "run").mkdir()
+    started, signals, scontrol = tmp_path / "started", tmp_path / "signals", tmp_path / "scontrol"
+    env = {"PATH": f"{stubs}:/usr/bin:/bin", "SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST": "n1",
+           "STARTED": str(started), "SIG_LOG": str(signals), "SCONTROL_LOG": str(scontrol)}
+    job = subprocess.Popen(["bash", "-c", script], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_until(started.exists, "the step starting", seconds=60, alive=job)
+        job.send_signal(sig)
+        output = job.communicate(timeout=60)[0]
+    finally:
+        end(job)
+    assert signals.read_text().split() == [sig.name.removeprefix("SIG")], output
+    requeues = [line for line in scontrol.read_text().splitlines() if line.startswith("requeue")]
+    assert requeues == (["requeue 7 "] if requeued else []), output
+    assert job.returncode == (0 if requeued else 1), output
