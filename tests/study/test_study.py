@@ -310,6 +310,20 @@ def test_tiny_three_arm_examples():
             if a.match:
                 assert abs(a.match["residual_pct"]) < 0.5
         assert len({a.config.train.train_steps for a in design.arms}) == 1
+        if name == "gpu":  # 20 training tokens per active parameter, as compute-optimal training has it
+            tokens = arms["moe"].config.train.train_steps * arms["moe"].tokens_per_step
+            assert tokens / arms["moe"].ledger.active_params >= 20
+            assert cfg.data.path == "" and cfg.data.corpus == "tinystories"  # refused as it stands: see below
+
+
+@pytest.mark.slow  # trains the built-in corpus's 8192-token BPE on first use
+def test_gpu_example_refuses_the_built_in_corpus(tmp_path):
+    proc = cli("study", "run", str(EXAMPLES / "tiny_three_arm" / "gpu.toml"), "--dry-run", "-o", str(tmp_path / "s"),
+               check=False)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert proc.stderr.startswith("megatron-moe: error: train.train_steps = 17500 would read the built-in tinystories "
+                                  "corpus 1")  # about 140 times over
+    assert "give data.path = a prepared dataset" in proc.stderr and proc.stderr.count("\n") == 1
 
 
 def test_balancing_example_compares_two_moe_arms_differing_only_in_balancing():
