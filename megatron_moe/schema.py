@@ -174,8 +174,21 @@ MAX_CONFIG_BYTES = 2**20
 """Configs are a few kB: a larger file is not one (and /dev/zero would never end)."""
 
 
+def packaged_example(path: str | Path) -> Path | None:
+    """The copy installed with the package of `examples/...` (None when `path` names none): a wheel holds the
+    examples as megatron_moe/examples, so the README's `examples/...` commands run without the checkout."""
+    parts = Path(path).parts
+    if len(parts) < 2 or parts[0] != "examples":
+        return None
+    copy = Path(__file__).resolve().parent.joinpath("examples", *parts[1:])
+    return copy if copy.is_file() else None
+
+
 def load_toml(path: str | Path) -> dict[str, Any]:
+    """A config file's tables; `examples/...` falls back to the packaged copy when no such file is here."""
     path = Path(path)
+    if not path.exists():
+        path = packaged_example(path) or path
     if not path.exists():
         raise ConfigError(f"config file {str(path)!r} does not exist")
     if not path.is_file() or path.stat().st_size > MAX_CONFIG_BYTES:

@@ -66,9 +66,11 @@ def test_study_launch_from_the_installed_wheel(wheel, tmp_path):
     where = subprocess.run([sys.executable, "-c", "import megatron_moe; print(megatron_moe.__file__)"], cwd=work,
                            env=env, capture_output=True, text=True, check=True).stdout.strip()
     assert Path(where).is_relative_to(site), where
-    example = site / "megatron_moe" / "examples" / "tiny_three_arm" / "cpu.toml"
+    # the README's name for the example: not a file here, so the packaged copy
+    example = "examples/tiny_three_arm/cpu.toml"
+    assert not (work / example).exists() and (site / "megatron_moe" / example).is_file()
     out = tmp_path / "study"
-    proc = subprocess.run([sys.executable, "-m", "megatron_moe.cli", "study", "launch", str(example), "--slurm",
+    proc = subprocess.run([sys.executable, "-m", "megatron_moe.cli", "study", "launch", example, "--slurm",
                            "--dry-run", "--skip-data-check", "-o", str(out)], cwd=work, env=env, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -75,7 +75,7 @@ def study_run_main(args: argparse.Namespace) -> int:
             bar.total, bar.n = total, complete
             bar.refresh()
     try:
-        return run_study(cfg, args.output_dir, study_file=str(Path(args.study).resolve()),
+        return run_study(cfg, args.output_dir, study_file=_study_file(args.study),
                          keep_going=args.keep_going, dry_run=args.dry_run, quiet=args.quiet,
                          echo=echo, on_progress=on_progress if bar is not None else None)
     except LaunchError as exc:  # squeue did not answer about a run launched on SLURM
@@ -84,6 +84,13 @@ def study_run_main(args: argparse.Namespace) -> int:
     finally:
         if bar is not None:
             bar.close()
+
+
+def _study_file(path: str) -> str:
+    """Where the study file read lies (a packaged example's copy when `path` names one that is not here)."""
+    from megatron_moe.schema import packaged_example
+
+    return str((Path(path) if Path(path).exists() else packaged_example(path) or Path(path)).resolve())
 
 
 def study_report_main(args: argparse.Namespace) -> int:
@@ -200,7 +207,7 @@ def study_launch_main(args: argparse.Namespace) -> int:
     lc = load_launch_config(args.launch_config, {k: getattr(args, k) for k in args.launch_flags})
     cfg = load_study(args.study, args.overrides, check_world=False)
     try:
-        return launch_study(cfg, lc, args.output_dir, study_file=str(Path(args.study).resolve()),
+        return launch_study(cfg, lc, args.output_dir, study_file=_study_file(args.study),
                             dry_run=args.dry_run, data_check=not args.skip_data_check,
                             echo=lambda line: print(line, flush=True))
     except LaunchError as exc:
