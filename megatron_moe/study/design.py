@@ -32,6 +32,7 @@ from typing import Any
 
 from megatron_moe import directories
 from megatron_moe.config import ConfigError, DataConfig, ModelConfig, RunConfig, validate
+from megatron_moe.planner.cost import ASSUMED_GPU, ASSUMED_MFU, PEAK_BF16_FLOPS, gpu_hours
 from megatron_moe.schema import changed_fields, get_dotted
 from megatron_moe.study.records import ArmRecord, PairRecord
 from megatron_moe.study.spec import DENSE_ARMS, StudyConfig, variant_moe
@@ -59,6 +60,16 @@ class Arm:
     @property
     def tokens_per_step(self) -> int:
         return tokens_per_step(self.config)
+
+    @property
+    def train_flops(self) -> float:
+        """Training FLOPs of one run of this arm (the exact convention: steps x tokens x FLOPs per token)."""
+        return self.config.train.train_steps * self.tokens_per_step * self.ledger.flops_train_per_token
+
+    @property
+    def gpu_hours(self) -> float:
+        """GPU-hours of one run at the planner's assumed device and utilisation (`planner.cost`)."""
+        return gpu_hours(self.train_flops, fp8=self.config.train.precision == "fp8")
 
     def record(self) -> ArmRecord:
         """The arm as study.json records it."""
@@ -331,11 +342,15 @@ def _sink_names(cfg: RunConfig, study: str, arm: str, seed: int) -> dict[str, st
     return out
 
 
+def _hours(h: float) -> str:
+    return f"{h:,.0f}" if h >= 100 else f"{h:.2g}"
+
+
 def format_arms(design: Design) -> str:
     """The arm table: size, granularity (E, K, D_e, D_se), FLOPs, steps, tokens, planned epochs, matched residual
     and what differs from the base. Columns are as wide as their widest cell."""
     header = ["arm", "params", "active", "N (non-emb)", "r_a", "E", "K", "D_e", "D_se", "FLOPs/tok", "steps",
-              "tokens", "unique", "epochs", "resid %", "changed vs base"]
+              "tokens", "unique", "epochs", "train FLOPs", "GPU-h", "resid %", "changed vs base"]
     rows = []
     for a in design.arms:
         led, m = a.ledger, a.config.model
@@ -348,5 +363,11 @@ def format_arms(design: Design) -> str:
         rows.append([a.name, human(led.total_params), human(led.active_params), human(led.nonembedding_params),
                      f"{led.r_a:.3f}", *map(str, gran), human(led.flops_train_per_token),
                      str(a.config.train.train_steps), human(a.config.train.train_steps * a.tokens_per_step), unique,
-                     repeats, resid, changes or "-"])
-    return "\n".join(table(header, rows, "l" + "r" * (len(header) - 2) + "l"))
+                     repeats, human(a.train_flops), _hours(a.gpu_hours), resid, changes or "-"])
+    runs = len(design.study.study.seeds)
+    total = sum(a.train_flops for a in design.arms) * runs
+    hours = sum(a.gpu_hours for a in design.arms) * runs
+    cost = (f"cost: {total:.3g} training FLOPs for the {runs * len(design.arms)} runs, about {_hours(hours)} GPU-hours "
+            f"at {ASSUMED_MFU:.0%} MFU on an {ASSUMED_GPU} ({PEAK_BF16_FLOPS[ASSUMED_GPU] / 1e12:g} TFLOP/s bf16, "
+            "twice that in fp8; GPU-h: per run; an assumption: `megatron-moe bench` measures a model's MFU)")
+    return "\n".join([*table(header, rows, "l" + "r" * (len(header) - 2) + "l"), cost])

@@ -25,6 +25,7 @@ import torch.distributed as dist
 from megatron_moe.config import ConfigError
 from megatron_moe.files import atomic_write_text, read_jsonl
 from megatron_moe.model import BALANCING
+from megatron_moe.planner.cost import peak_flops
 
 
 @dataclass
@@ -380,28 +381,6 @@ class MoELossReader:
         from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker
 
         clear_aux_losses_tracker()
-
-
-PEAK_BF16_FLOPS = {
-    "NVIDIA H100 80GB HBM3": 989e12,   # H100 SXM5
-    "NVIDIA H100 PCIe": 756e12,
-    "NVIDIA H100 NVL": 835e12,
-    "NVIDIA H200": 989e12,             # H200 SXM
-    "NVIDIA H200 NVL": 835e12,
-    "NVIDIA A100-SXM4-80GB": 312e12,
-    "NVIDIA A100-SXM4-40GB": 312e12,
-    "NVIDIA A100 80GB PCIe": 312e12,
-    "NVIDIA A100-PCIE-40GB": 312e12,
-    "NVIDIA B200": 2250e12,
-}
-"""Dense (not sparse) bf16 tensor-core peaks from NVIDIA's datasheets, by the exact name torch reports: the SXM,
-PCIe and NVL parts of one chip differ by up to 25%. FP8 peaks are twice these. A device not listed gets no MFU."""
-
-
-def peak_flops(name: str, fp8: bool) -> float | None:
-    """Peak FLOP/s of the device called `name` (torch's name for it), or None when it is not in the table."""
-    peak = PEAK_BF16_FLOPS.get(name.strip())
-    return None if peak is None else peak * (2 if fp8 else 1)
 
 
 def device_peak_flops(fp8: bool) -> tuple[str, float | None]:
