@@ -35,12 +35,12 @@ def _logits_both(run_dir, export_dir, text: str) -> tuple[torch.Tensor, torch.Te
     return ours.float(), theirs.float()
 
 
+@pytest.mark.slow  # trains a model in a fresh process, as the training tests do
 @pytest.mark.parametrize("name, args, nproc", [
     ("dense", [*TINY], 1),
     ("dense_tied", [*TINY, "model.tie_embeddings=true"], 1),
     ("moe", [*TINY_MOE], 1),
-    pytest.param("moe_tp2_ep2", [*TINY_MOE, "parallel.tensor=2", "parallel.expert=2", "parallel.sequence_parallel=true"],
-                 2, marks=pytest.mark.slow),
+    ("moe_tp2_ep2", [*TINY_MOE, "parallel.tensor=2", "parallel.expert=2", "parallel.sequence_parallel=true"], 2),
 ])
 def test_the_export_gives_the_trained_models_logits(single_process, reference_run, tmp_path, name, args, nproc):
     if nproc > 1:
@@ -76,12 +76,11 @@ def test_a_model_without_a_faithful_form_is_refused(moe, why):
     assert "LayerNorm" in exportable(ModelConfig(normalization="LayerNorm"))
 
 
-def test_export_refusals_are_one_line(tmp_path, reference_run):
+def test_export_refusals_are_one_line(tmp_path):
     proc = cli("export", "hf", str(tmp_path), "-o", str(tmp_path / "out"), check=False)
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0
     assert "is not a run directory" in proc.stderr
-    run_dir = reference_run(*TINY, *STEPS)
-    proc = cli("export", "hf", str(run_dir), "-o", str(tmp_path), check=False)
+    proc = cli("export", "hf", str(tmp_path), "-o", str(tmp_path), check=False)
     assert proc.returncode == 2 and "exists; give a new directory" in proc.stderr
     (tmp_path / "mixed").mkdir()
     save_toml(load_run_config(None, [*TINY_MOE, "model.moe.first_k_dense=1"]), tmp_path / "mixed" / "config.toml")
