@@ -2,7 +2,8 @@
 
 Arms are never written by hand: `moe` is the base model; a variant (`[study.variants.<name>]`) is the base with
 other routing and balancing; `dense_<contract>` is `planner.match_dense(base,
-contract)`, the base with moe.num_experts = 0 and width resized at fixed depth; `equal_resources` expands into
+contract)`, the base with moe.num_experts = 0 and its FFN resized at fixed depth (`study.match.resize = "ffn"`, the
+default: every arm keeps the base's trunk; "ffn+hidden" resizes the hidden size too); `equal_resources` expands into
 `er_dense` and `er_moe_ra<r>` with equal non-embedding parameters N, training compute C and unique tokens D.
 Every arm of a study gets the identical data config (same documents, same order, so the same data
 fingerprint); equal-resources arms share one data.unique_tokens with an unbounded reuse schedule and differ
