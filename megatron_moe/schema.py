@@ -147,6 +147,33 @@ def field_docs(cls: type, prefix: str = "") -> dict[str, str]:
     return out
 
 
+def load_json_record(cls: type, path: Path, *, version: int, remedy: str,
+                     upgrade: typing.Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> Any:
+    """The versioned JSON record at `path` as dataclass `cls`, which has a `version` field. A record without one is
+    version 0. One older than `version` is read through `upgrade` (refused without one); a newer one is refused.
+    Every refusal is a one-line ConfigError naming the file and, but for a newer layout, ending in `remedy`."""
+    name = path.name
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConfigError(f"{path} is not a readable {name} ({why}); {remedy}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} is not a valid {name}: expected a JSON object, found {type(raw).__name__}; {remedy}")
+    found = raw.get("version", 0)
+    if not isinstance(found, int) or isinstance(found, bool) or found > version:
+        raise ConfigError(f"{path} has layout version {found!r}; this megatron-moe reads versions up to {version}: "
+                          "upgrade megatron-moe")
+    if found < version:
+        if upgrade is None:
+            raise ConfigError(f"{path} is not a {name} of layout version {version} (found {found}); {remedy}")
+        raw = {**upgrade(raw), "version": version}
+    try:
+        return from_dict(cls, raw)
+    except ConfigError as exc:
+        raise ConfigError(f"{path} is not a valid {name}: {exc}; {remedy}") from None
+
+
 def _parse_override_value(text: str) -> Any:
     try:
         return tomllib.loads(f"v = {text}")["v"]

@@ -3,14 +3,13 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from megatron_moe import directories
 from megatron_moe.files import DamagedJsonLines, read_jsonl
-from megatron_moe.schema import ConfigError, from_dict
+from megatron_moe.schema import ConfigError, load_json_record
 from megatron_moe.study.spec import DataOrder
 from megatron_moe.train.result import RunResult, read_result
 
@@ -137,26 +136,14 @@ class StudyResults:
 def load_results(path: str | Path) -> StudyResults:
     """A results.json written by `study report`; ConfigError (one line, naming the file) when unreadable, misshapen
     or of another layout version."""
-    path = Path(path)
-    try:
-        raw = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ConfigError(f"{path} is not a readable results.json ({why}); run `megatron-moe study report` again") from None
-    if not isinstance(raw, dict) or raw.get("version") != RESULTS_VERSION:
-        found = raw.get("version") if isinstance(raw, dict) else type(raw).__name__
-        raise ConfigError(f"{path} is not a results.json of layout version {RESULTS_VERSION} (found {found!r}); run "
-                          "`megatron-moe study report` again")
-    try:
-        return from_dict(StudyResults, raw)
-    except ConfigError as exc:
-        raise ConfigError(f"{path} is not a valid results.json: {exc}; run `megatron-moe study report` again") from None
+    return load_json_record(StudyResults, Path(path), version=RESULTS_VERSION,
+                            remedy="run `megatron-moe study report` again")
 
 
 def _upgraded(raw: dict[str, Any]) -> dict[str, Any]:
     """A version-0 record in today's layout: it had no data_order (one data.seed for every run) and described the
     data per arm, which then holds for every seed."""
-    raw = {**raw, "version": STUDY_RECORD_VERSION}
+    raw = dict(raw)
     if isinstance(raw.get("family"), dict) and raw["family"].get("reuse") == "loose":  # the one-epoch scheme's old name
         raw["family"] = {**raw["family"], "reuse": "fresh"}
     if "data_order" not in raw:
@@ -168,6 +155,9 @@ def _upgraded(raw: dict[str, Any]) -> dict[str, Any]:
     return raw
 
 
+_REDO = "run `megatron-moe study run` again"
+
+
 def load_study_record(study_dir: str | Path) -> StudyRecord:
     """Read `study_dir`/study.json; ConfigError (one line, naming the file and the bad key) when missing, corrupt,
     misshapen or of a newer layout."""
@@ -175,30 +165,13 @@ def load_study_record(study_dir: str | Path) -> StudyRecord:
     path = study_dir / directories.STUDY_JSON
     if not path.is_file():
         raise ConfigError(f"{str(study_dir)!r} is not a study directory (no study.json; run `megatron-moe study run` first)")
-    try:
-        raw = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ConfigError(f"{path} is not a readable study.json ({why}); run `megatron-moe study run` again") from None
-
-    def bad(what: str) -> ConfigError:
-        return ConfigError(f"{path} is not a valid study.json: {what}; run `megatron-moe study run` again")
-
-    if not isinstance(raw, dict):
-        raise bad(f"expected a JSON object, found {type(raw).__name__}")
-    version = raw.get("version", 0)
-    if not isinstance(version, int) or isinstance(version, bool) or version > STUDY_RECORD_VERSION:
-        raise ConfigError(f"{path} has layout version {version!r}; this megatron-moe reads versions up to "
-                          f"{STUDY_RECORD_VERSION}: upgrade megatron-moe")
-    try:
-        record = from_dict(StudyRecord, _upgraded(raw) if version < STUDY_RECORD_VERSION else raw)
-    except ConfigError as exc:
-        raise bad(str(exc)) from None
+    record = load_json_record(StudyRecord, path, version=STUDY_RECORD_VERSION, remedy=_REDO, upgrade=_upgraded)
     names = {a.name for a in record.arms}
     for what, arm in [*((f"pair {p.name}", arm) for p in record.pairs for arm in (p.baseline, p.moe)),
                       *((f"run {r.dir}", r.arm) for r in record.runs)]:
         if arm not in names:
-            raise bad(f"{what} names arm {arm!r}, which is not in 'arms'")
+            raise ConfigError(f"{path} is not a valid study.json: {what} names arm {arm!r}, which is not in 'arms'; "
+                              f"{_REDO}")
     return record
 
 

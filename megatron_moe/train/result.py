@@ -4,14 +4,13 @@ complete) and read by the study runner and report. No torch at import: readers a
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from megatron_moe import directories
 from megatron_moe.files import atomic_write_json
-from megatron_moe.schema import ConfigError, from_dict
+from megatron_moe.schema import load_json_record
 
 RUN_RESULT_VERSION = 1
 """result.json's layout version; one without (written before it had one) is version 0, which had the same keys."""
@@ -45,18 +44,5 @@ def read_result(run_dir: str | Path) -> RunResult | None:
     path = Path(run_dir) / directories.RESULT
     if not path.is_file():
         return None
-    try:
-        raw = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"{path} is not readable ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
-                          "delete it and train the run again") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path} is not a valid result.json: expected a JSON object, found {type(raw).__name__}")
-    version = raw.get("version", 0)
-    if not isinstance(version, int) or isinstance(version, bool) or version > RUN_RESULT_VERSION:
-        raise ConfigError(f"{path} has layout version {version!r}; this megatron-moe reads versions up to "
-                          f"{RUN_RESULT_VERSION}: upgrade megatron-moe")
-    try:
-        return from_dict(RunResult, {**raw, "version": RUN_RESULT_VERSION})
-    except ConfigError as exc:
-        raise ConfigError(f"{path} is not a valid result.json: {exc}; delete it and train the run again") from None
+    return load_json_record(RunResult, path, version=RUN_RESULT_VERSION, remedy="delete it and train the run again",
+                            upgrade=lambda raw: raw)  # version 0 had today's keys

@@ -28,7 +28,7 @@ def test_a_version_0_result_without_the_version_key_is_read(tmp_path):
 
 
 @pytest.mark.parametrize("text, message", [
-    ("{", "is not readable"),
+    ("{", "is not a readable result.json (Expecting"),
     ("[]", "is not a valid result.json: expected a JSON object, found list"),
     ('{"steps": 4}', "is not a valid result.json: no 'final_train_loss'"),
     ('{"steps": "4"}', "is not a valid result.json: steps = '4' has the wrong type; expected int"),
