@@ -53,26 +53,27 @@ def exportable(m: ModelConfig) -> str | None:
     return None
 
 
-def trained_checkpoint(run_dir: str | Path) -> tuple[RunConfig, Path]:
-    """(the run's config, its newest verified checkpoint); ConfigError (one line) when `run_dir` is not a run
-    directory or has no usable checkpoint. Reads files only: no model is built."""
+def run_config(run_dir: Path) -> RunConfig:
+    """The config a run trained with; ConfigError (one line) when `run_dir` is not a run directory."""
+    if not (run_dir / directories.CONFIG).is_file():
+        raise ConfigError(f"{str(run_dir)!r} is not a run directory (no {directories.CONFIG})")
+    return load_run_config(run_dir / directories.CONFIG)
+
+
+def newest_checkpoint(run_dir: Path) -> Path:
+    """The run's newest verified checkpoint; ConfigError (one line) when it has none. Reads files only."""
     from megatron_moe.train.checkpoint import find_checkpoint
 
-    run_dir = Path(run_dir)
-    config_path = run_dir / directories.CONFIG
-    if not config_path.is_file():
-        raise ConfigError(f"{str(run_dir)!r} is not a run directory (no {directories.CONFIG})")
-    cfg = load_run_config(config_path)
     checkpoint, _ = find_checkpoint(run_dir / directories.CHECKPOINTS)
     if checkpoint is None:
         raise ConfigError(f"{run_dir} has no checkpoint to export (train with train.save_interval > 0; a study "
                           "deletes its runs' checkpoints unless study.keep_checkpoints = true)")
-    return cfg, checkpoint
+    return checkpoint
 
 
-def load_trained_model(run_dir: str | Path) -> tuple[RunConfig, Any, Path]:
-    """(the run's config, its model on this process with the newest verified checkpoint's weights, that
-    checkpoint). Initialises a one-process megatron-core job when none is."""
+def load_model(cfg: RunConfig, checkpoint: Path) -> Any:
+    """`cfg`'s model on this process with `checkpoint`'s weights, in eval mode. Initialises a one-process
+    megatron-core job when none is."""
     import torch.distributed as dist
     from megatron.core import dist_checkpointing
 
@@ -80,13 +81,19 @@ def load_trained_model(run_dir: str | Path) -> tuple[RunConfig, Any, Path]:
     from megatron_moe.parallel import initialize_parallel
     from megatron_moe.platform import setup_platform
 
-    cfg, checkpoint = trained_checkpoint(run_dir)
     if not dist.is_initialized():
         initialize_parallel(ParallelConfig(), setup_platform())
     model = build_model(cfg.model, ParallelConfig(), use_te=False)
     state = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(checkpoint))
     model.load_state_dict(state["model"])
-    return cfg, model.eval(), checkpoint
+    return model.eval()
+
+
+def load_trained_model(run_dir: str | Path) -> tuple[RunConfig, Any, Path]:
+    """(the run's config, its model with the newest verified checkpoint's weights, that checkpoint)."""
+    run_dir = Path(run_dir)
+    cfg, checkpoint = run_config(run_dir), newest_checkpoint(run_dir)
+    return cfg, load_model(cfg, checkpoint), checkpoint
 
 
 def _split_qkv(w: torch.Tensor, m: ModelConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -149,13 +156,13 @@ def hf_config(m: ModelConfig, vocab_size: int, eos_token_id: int | None) -> Any:
                          **common)
 
 
-def hf_model(m: ModelConfig, model: Any) -> Any:
+def hf_model(m: ModelConfig, model: Any, eos_token_id: int | None = None) -> Any:
     """A `transformers` model holding `model`'s weights (fp32, eval mode)."""
     from transformers import LlamaForCausalLM, MixtralForCausalLM
 
     sd = {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
     vocab = sd["embedding.word_embeddings.weight"].shape[0]
-    config = hf_config(m, vocab, None)
+    config = hf_config(m, vocab, eos_token_id)
     out = (MixtralForCausalLM if m.is_moe else LlamaForCausalLM)(config)
     missing, unexpected = out.load_state_dict(hf_state(m, sd), strict=False)
     tied = {"lm_head.weight"} if m.tie_embeddings else set()
@@ -178,15 +185,12 @@ def export_hf(run_dir: str | Path, out_dir: str | Path) -> Path:
         raise ConfigError("export hf needs transformers and safetensors: pip install 'megatron-moe[hf]'") from None
     if out_dir.exists():
         raise ConfigError(f"-o {str(out_dir)!r} exists; give a new directory")
-    if not (run_dir / directories.CONFIG).is_file():  # every refusal before the heavy imports
-        raise ConfigError(f"{str(run_dir)!r} is not a run directory (no {directories.CONFIG})")
-    if why := exportable(load_run_config(run_dir / directories.CONFIG).model):
+    cfg = run_config(run_dir)  # every refusal before the heavy imports
+    if why := exportable(cfg.model):
         raise ConfigError(f"{run_dir} cannot be exported: {why}")
-    trained_checkpoint(run_dir)
-    cfg, model, _ = load_trained_model(run_dir)
+    model = load_model(cfg, newest_checkpoint(run_dir))
     data = build_data_source(cfg.data, cfg.model.seq_length, cfg.train.global_batch_size)
-    out = hf_model(cfg.model, model)
-    out.config.eos_token_id = data.eod_id
+    out = hf_model(cfg.model, model, data.eod_id)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
