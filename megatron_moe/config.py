@@ -22,7 +22,8 @@ ROLES = {
     "trains": "what is trained (model, data, optimizer, schedule): in the run hash, fixed on resume",
     "measures": "what an evaluation measures: in the run hash, fixed on resume",
     "schedule": "when evaluations happen: in the run hash, may change on resume",
-    "layout": "how the work is split over processes (megatron-core reshards): in the run hash, may change on resume",
+    "layout": "how the work is done (split over processes, activations recomputed): the losses do not change; in the "
+              "run hash, may change on resume",
     "bookkeeping": "where and how often a run writes, its metric sinks and start-up flags: outside the run hash, "
                    "may change on resume",
 }
@@ -35,6 +36,8 @@ RESUMABLE_ROLES = frozenset({"schedule", "layout", "bookkeeping"})
 def _role(role: str, default: Any) -> Any:
     """A field whose role is not `trains`."""
     assert role in ROLES, role
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"role": role})
     return field(default=default, metadata={"role": role})
 
 
@@ -227,6 +230,15 @@ class TrainConfig:
     """auto = fp32 on CPU, bf16 on GPU; fp8 needs Transformer Engine on Hopper."""
     distributed_optimizer: bool = False
     """Shard optimizer state over data-parallel ranks."""
+    recompute_granularity: Literal["", "selective", "full"] = _role("layout", "")
+    """Activation recomputation (Megatron-LM's --recompute-granularity): "" = none; "full" recomputes whole
+    transformer layers in the backward pass, keeping only each layer's input; "selective" recomputes the
+    recompute_modules only."""
+    recompute_modules: list[str] = _role("layout", ["core_attn"])
+    """What "selective" recomputes (Megatron-LM's --recompute-modules): any of core_attn, layernorm, mlp, moe,
+    shared_experts, moe_act (moe_act needs grouped GEMM)."""
+    recompute_num_layers: int = _role("layout", 1)
+    """With "full": layers per recomputed unit (Megatron-LM's --recompute-num-layers, --recompute-method uniform)."""
     log_interval: int = _role("bookkeeping", 10)
     """Steps between progress lines."""
     eval_interval: int = _role("schedule", 0)
@@ -267,6 +279,10 @@ class TrainConfig:
     def micro_batches(self, data_parallel: int) -> int:
         """Micro-batches per optimizer step on each data-parallel rank."""
         return self.global_batch_size // (self.micro_batch_size * data_parallel)
+
+
+RECOMPUTE_MODULES = ("core_attn", "layernorm", "mlp", "moe", "shared_experts", "moe_act")
+"""What train.recompute_granularity = "selective" may recompute (megatron-core's names; MLA's is not offered)."""
 
 
 def resolved_precision(precision: str, on_gpu: bool) -> str:
@@ -447,6 +463,17 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
         raise ConfigError(
             f"train.lr_warmup_steps = {t.lr_warmup_steps} must be below train.train_steps = {t.train_steps}"
         )
+    if t.recompute_granularity == "selective":
+        bad = [x for x in t.recompute_modules if x not in RECOMPUTE_MODULES]
+        if bad or not t.recompute_modules:
+            raise ConfigError(f"train.recompute_modules = {t.recompute_modules} must name some of "
+                              f"{', '.join(RECOMPUTE_MODULES)}")
+        if "moe_act" in t.recompute_modules and not cfg.model.moe.grouped_gemm:
+            raise ConfigError("train.recompute_modules 'moe_act' needs model.moe.grouped_gemm = true (megatron-core "
+                              "recomputes the expert activation of grouped GEMM only)")
+    if t.recompute_granularity == "full" and not 1 <= t.recompute_num_layers <= cfg.model.num_layers // p.pipeline:
+        raise ConfigError(f"train.recompute_num_layers = {t.recompute_num_layers} must be in [1, "
+                          f"{cfg.model.num_layers // p.pipeline}] (the layers of one pipeline stage)")
     if t.min_lr > t.lr:
         raise ConfigError(f"train.min_lr = {t.min_lr} exceeds train.lr = {t.lr}")
     if not 0 <= t.wsd_decay_fraction <= 1:

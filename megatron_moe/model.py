@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from megatron_moe.config import ConfigError, ModelConfig, ParallelConfig
+from megatron_moe.config import ConfigError, ModelConfig, ParallelConfig, TrainConfig
 from megatron_moe.planner.ledger import COMPONENTS, padded_vocab_size
 
 @dataclass(frozen=True)
@@ -78,11 +78,20 @@ def fusions(m: ModelConfig, on_gpu: bool, use_te: bool) -> dict[str, bool]:
     )
 
 
+def recompute_options(t: TrainConfig) -> dict:
+    """megatron-core's activation-recompute settings for train config `t` (none when it asks for none)."""
+    if t.recompute_granularity == "full":
+        return dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=t.recompute_num_layers)
+    if t.recompute_granularity == "selective":
+        return dict(recompute_granularity="selective", recompute_modules=list(t.recompute_modules))
+    return {}
+
+
 def transformer_config(
     m: ModelConfig, p: ParallelConfig, params_dtype: torch.dtype = torch.float32, fp8: bool = False,
-    use_te: bool | None = None,
+    use_te: bool | None = None, recompute: dict | None = None,
 ):
-    """megatron-core TransformerConfig for model `m` under layout `p`."""
+    """megatron-core TransformerConfig for model `m` under layout `p` (`recompute`: `recompute_options`)."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     on_gpu = torch.cuda.is_available()
@@ -114,6 +123,7 @@ def transformer_config(
     )
     if fp8:
         kwargs.update(fp8="hybrid", fp8_recipe="delayed")
+    kwargs.update(recompute or {})
     if m.is_moe:
         kwargs.update(
             num_moe_experts=e.num_experts,
@@ -228,6 +238,7 @@ def build_model(
     params_dtype: torch.dtype = torch.float32,
     fp8: bool = False,
     use_te: bool | None = None,
+    recompute: dict | None = None,
 ):
     """Build this rank's `GPTModel` (parallel state must be initialised) with layout-independent init."""
     from megatron.core import parallel_state as ps
@@ -238,7 +249,7 @@ def build_model(
     if m.moe.grouped_gemm and torch.cuda.is_available() and not use_te:
         raise ConfigError("model.moe.grouped_gemm = true needs Transformer Engine on CUDA, which is not installed; "
                           "set it to false")
-    tcfg = transformer_config(m, p, params_dtype, fp8, use_te)
+    tcfg = transformer_config(m, p, params_dtype, fp8, use_te, recompute)
     model = GPTModel(
         config=tcfg,
         transformer_layer_spec=layer_spec(m, tcfg, use_te),

@@ -18,9 +18,15 @@ false does it also apply `enable_cpu()`, which answers megatron-core's CUDA assu
    the CPU generator with the same data-, tensor- and expert-parallel states replaces it.
 5. `moe_utils.te_general_gemm` is read by the router's gating linear on every call but defined only when
    Transformer Engine imports (a 0.16.1 bug): without Transformer Engine, on CPU or GPU, it is defined as
-   None so the router's plain-torch path runs.
+   None so the router's plain-torch path runs. Likewise output-discarding recomputation (`layernorm` in
+   train.recompute_modules) takes every `CheckpointWithoutOutput()` for an FP8 one and reads Transformer
+   Engine's FP8 state and contexts (`tensor_parallel/random.py`): without it they are defined as "FP8 off"
+   and empty contexts.
 6. The all-to-all dispatcher only turns split sizes into numpy when they live on CUDA: on CPU they are
    converted too, which `all_to_all` needs.
+7. Activation recomputation saves and restores the CUDA generator's state around a recomputed forward
+   (`tensor_parallel/random.py`, `_get_cuda_rng_state`/`_set_cuda_rng_state`): there is none, and the CPU
+   generator and the tracker's states it also saves are the ones that matter, so these do nothing.
 """
 
 from __future__ import annotations
@@ -167,6 +173,8 @@ def _patch_megatron() -> None:
     mrandom._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
     mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
     mrandom.initialize_rng_tracker = lambda *a, **k: None
+    mrandom._get_cuda_rng_state = lambda *a, **k: None
+    mrandom._set_cuda_rng_state = lambda *a, **k: None
 
     original = token_dispatcher.maybe_move_tensor_to_cpu
 
@@ -179,12 +187,29 @@ def _patch_megatron() -> None:
     token_dispatcher.maybe_move_tensor_to_cpu = move_to_cpu
 
 
+class _NoFP8:
+    """Transformer Engine's FP8 state as it is without Transformer Engine: FP8 is off."""
+
+    @staticmethod
+    def is_fp8_enabled() -> bool:
+        return False
+
+    @staticmethod
+    def get_fp8_recipe() -> None:
+        return None
+
+
 def fix_missing_transformer_engine() -> None:
-    """Define the Transformer Engine name megatron-core reads unguarded (idempotent; nothing when TE imports)."""
+    """Define the Transformer Engine names megatron-core reads unguarded (idempotent; nothing when TE imports)."""
+    from megatron.core.tensor_parallel import random as mrandom
     from megatron.core.transformer.moe import moe_utils
 
     if not hasattr(moe_utils, "te_general_gemm"):
         moe_utils.te_general_gemm = None
+    if not mrandom.HAVE_TE:
+        mrandom.FP8GlobalStateManager = _NoFP8
+        mrandom.activation_recompute_forward = lambda **_: contextlib.nullcontext()
+        mrandom.fp8_autocast = lambda **_: contextlib.nullcontext()
 
 
 def enable_cpu() -> None:

@@ -68,6 +68,13 @@ def test_strict_loading_names_the_dotted_path(data, message):
          "model.moe.expert_bias_update_rate = -0.001 must be >= 0"),
         (["model.moe.aux_loss='batch'"], 1,
          "model.moe.aux_loss = 'batch' is not allowed; expected one of 'micro_batch', 'sequence', 'global_batch'"),
+        (["train.recompute_granularity='full'", "train.recompute_num_layers=3", "model.num_layers=4",
+          "parallel.pipeline=2"], 2, "train.recompute_num_layers = 3 must be in [1, 2] (the layers of one pipeline"),
+        (["train.recompute_granularity='selective'", "train.recompute_modules=['attn']"], 1,
+         "train.recompute_modules = ['attn'] must name some of core_attn, layernorm, mlp, moe, shared_experts"),
+        (["train.recompute_granularity='selective'", "train.recompute_modules=['moe_act']",
+          "model.moe.num_experts=4"], 1, "train.recompute_modules 'moe_act' needs model.moe.grouped_gemm = true"),
+        (["train.recompute_granularity='some'"], 1, "train.recompute_granularity = 'some' is not allowed"),
     ],
 )
 def test_validation_spells_out_the_arithmetic(overrides, world, message):
@@ -132,8 +139,9 @@ def test_every_field_has_a_role_and_resume_may_change_exactly_the_resumable_ones
 
     roles = field_roles()
     assert set(roles.values()) <= set(ROLES) and len(roles) > 60
-    assert {k for k, r in roles.items() if r == "layout"} == {f"parallel.{n}" for n in
-                                                              ("tensor", "pipeline", "expert", "sequence_parallel")}
+    assert {k for k, r in roles.items() if r == "layout"} == {
+        *(f"parallel.{n}" for n in ("tensor", "pipeline", "expert", "sequence_parallel")),
+        *(f"train.recompute_{n}" for n in ("granularity", "modules", "num_layers"))}
     assert roles["train.eval_interval"] == "schedule" and roles["train.eval_iters"] == "measures"
     cfg = RunConfig()
     recorded = _flatten(cfg.to_dict())

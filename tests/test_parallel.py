@@ -1,4 +1,4 @@
-"""Parallel layouts over gloo reproduce the single-process losses of the same model and data.
+"""Parallel layouts over gloo, and activation recomputation, reproduce the single-process losses of the same model and data.
 
 Every layout sees the same global batch per step, and `init_weights` draws the same model whatever the
 layout, so losses agree up to float32 reduction order. Tolerance: 1e-5 on every logged train quantity and on
@@ -54,6 +54,27 @@ def test_two_process_layout_matches_single_process(reference, tmp_path, layout):
     for got, ref in zip(evals, ref_evals):
         assert abs(got["val_loss"] - ref["val_loss"]) < TOLERANCE, f"eval at step {got['step']}: {got} vs {ref}"
     assert rows[-1]["loss"] < rows[0]["loss"]  # and it trains
+
+
+@pytest.mark.parametrize("recompute", [
+    ["train.recompute_granularity=full"],
+    ["train.recompute_granularity=full", "train.recompute_num_layers=2"],
+    ["train.recompute_granularity=full", "parallel.pipeline=2"],
+    ["train.recompute_granularity=selective", "train.recompute_modules=['core_attn','layernorm','mlp','moe']"],
+], ids=["full", "full-2layers", "full-pp2", "selective"])
+def test_recomputation_matches_single_process(reference, tmp_path, recompute):
+    # Recomputing activations in the backward pass changes memory, not the function: the same losses, gradient
+    # norms and evaluations as the run that keeps them (the selective case recomputes every module the tiny model
+    # has: its first layer is dense, so both "mlp" and "moe" apply).
+    nproc = 2 if "parallel.pipeline=2" in recompute else 1
+    cli("train", *TINY_MOE, *STEPS, *recompute, f"train.output_dir={tmp_path}", nproc=nproc)
+    ref_rows, ref_evals = reference
+    rows = train_rows(tmp_path)
+    assert len(rows) == len(ref_rows) == 8
+    for got, ref in zip(rows, ref_rows):
+        for key in ("loss", "grad_norm", "load_balancing_loss", "z_loss"):
+            assert abs(got[key] - ref[key]) < TOLERANCE, f"step {got['step']} {key}: {got[key]} vs kept {ref[key]}"
+    assert abs(metrics_rows(tmp_path, "eval")[-1]["val_loss"] - ref_evals[-1]["val_loss"]) < TOLERANCE
 
 
 # Aux-loss-free expert bias with the sequence-level loss (DeepSeek-V3's combination), and the global-batch loss.

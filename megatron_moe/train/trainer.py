@@ -200,14 +200,15 @@ class Trainer:
         """This rank's model, seeded, with the monitors that read it and the throughput figures of its size."""
         from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
 
-        from megatron_moe.model import build_model, local_parameter_counts
+        from megatron_moe.model import build_model, local_parameter_counts, recompute_options
         from megatron_moe.platform import seed_everything
 
         cfg, t = self.cfg, self.cfg.train
         # megatron-core's aux-loss tracker is a process global sized by the first model that used it.
         get_moe_layer_wise_logging_tracker().clear()
         seed_everything(t.seed, self.par.tp_rank, self.par.ep_rank)
-        model = build_model(cfg.model, cfg.parallel, seed=t.seed, params_dtype=params_dtype, fp8=fp8)
+        model = build_model(cfg.model, cfg.parallel, seed=t.seed, params_dtype=params_dtype, fp8=fp8,
+                            recompute=recompute_options(t))
         self.param_counts = local_parameter_counts(model)
         self.load_monitor = self.moe_losses = None
         if cfg.model.is_moe:
