@@ -17,6 +17,27 @@ def human(x: float) -> str:
     return f"{x:.4g}"
 
 
+def human_bytes(n: float) -> str:
+    """Bytes in binary units: 512 bytes, 3.2 MiB, 79.1 GiB."""
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return ""
+
+
+_MEMORY = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*(t|g|m)i?b?", re.IGNORECASE)
+
+
+def parse_memory(text: str, what: str = "memory") -> int:
+    """Device memory as written on the box: 80GB, 80G, 80GiB, 141GB, 512MB (binary units whichever is written: an
+    "80GB" GPU holds 80 GiB). ConfigError (one line, naming `what`) otherwise."""
+    match = _MEMORY.fullmatch(str(text).strip())
+    if not match or float(match.group(1)) <= 0:
+        raise ConfigError(f"{what} = {str(text)!r} is not a memory size: write e.g. 80GB, 80GiB or 141GB")
+    return int(float(match.group(1)) * 2 ** {"m": 20, "g": 30, "t": 40}[match.group(2).lower()])
+
+
 _SUFFIXES = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9, "t": 10**12}
 _COUNT = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)(e[+-]?\d+)?", re.IGNORECASE)
 

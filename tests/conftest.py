@@ -166,6 +166,8 @@ def with_other_value(cfg, dotted: str):
         other = value * 2 + 1
     elif isinstance(value, str):
         other = value + "x"
+    elif isinstance(value, list):
+        other = [*value, *value[:1]] or ["x"]
     else:
         raise AssertionError(f"no other value for {dotted} = {value!r}")
     return dataclasses.replace(cfg, **{head: other})

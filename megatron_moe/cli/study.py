@@ -41,6 +41,7 @@ def _add_study(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--dry-run", action="store_true", help="derive arms and runs, check the data, train nothing")
     run.add_argument("--keep-going", action="store_true", help="go on to the next run when one fails")
     run.add_argument("--quiet", action="store_true", help="do not echo the trainer's output")
+    _add_memory_flags(run, "this machine's GPU's (none on a machine without one)")
 
     run.set_defaults(func=study_run_main)
     rep = verbs.add_parser("report", help="tables, plots and paired statistics of a study directory",
@@ -77,13 +78,27 @@ def study_run_main(args: argparse.Namespace) -> int:
     try:
         return run_study(cfg, args.output_dir, study_file=_study_file(args.study),
                          keep_going=args.keep_going, dry_run=args.dry_run, quiet=args.quiet,
-                         echo=echo, on_progress=on_progress if bar is not None else None)
+                         echo=echo, on_progress=on_progress if bar is not None else None,
+                         gpu_memory=_gpu_memory(args), force=args.force)
     except LaunchError as exc:  # squeue did not answer about a run launched on SLURM
         print(f"megatron-moe: error: {exc}", file=sys.stderr)
         return 1
     finally:
         if bar is not None:
             bar.close()
+
+
+def _add_memory_flags(p: argparse.ArgumentParser, default: str) -> None:
+    p.add_argument("--gpu-memory", metavar="SIZE",
+                   help=f"device memory each run's estimated peak per GPU must fit in, e.g. 80GB or 141GB (GB and GiB "
+                   f"both mean 2^30 bytes, as GPUs are sold; default {default})")
+    p.add_argument("--force", action="store_true", help="go on when an arm's estimated memory exceeds it")
+
+
+def _gpu_memory(args: argparse.Namespace) -> int | None:
+    from megatron_moe.text import parse_memory
+
+    return None if args.gpu_memory is None else parse_memory(args.gpu_memory, "--gpu-memory")
 
 
 def _study_file(path: str) -> str:
@@ -147,6 +162,7 @@ def _add_study_launch(verbs: argparse._SubParsersAction) -> None:
     p.add_argument("--dry-run", action="store_true", help="render and save the scripts, submit nothing")
     p.add_argument("--skip-data-check", action="store_true", help="do not build each arm's data source first")
     p.add_argument("--launch-config", help="TOML of launch options (a cluster profile); flags override it")
+    _add_memory_flags(p, "with --gpus-per-node, the planner's assumed GPU's, 80GB")
     p.set_defaults(func=study_launch_main, launch_flags=_add_launch_flags(p))
 
 
@@ -209,7 +225,7 @@ def study_launch_main(args: argparse.Namespace) -> int:
     try:
         return launch_study(cfg, lc, args.output_dir, study_file=_study_file(args.study),
                             dry_run=args.dry_run, data_check=not args.skip_data_check,
-                            echo=lambda line: print(line, flush=True))
+                            echo=lambda line: print(line, flush=True), gpu_memory=_gpu_memory(args), force=args.force)
     except LaunchError as exc:
         print(f"megatron-moe: error: {exc}", file=sys.stderr)
         return 1

@@ -6,12 +6,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from megatron_moe.planner.ledger import COMPONENTS
-from megatron_moe.text import human, table
+from megatron_moe.text import human, human_bytes, table
 
 if TYPE_CHECKING:
     from megatron_moe.planner.family import Family
     from megatron_moe.planner.ledger import Ledger
     from megatron_moe.planner.match import Match
+    from megatron_moe.planner.memory import MemoryEstimate
     from megatron_moe.planner.plan import ConfigPlan
 
 
@@ -63,7 +64,7 @@ def format_family(fam: Family) -> str:
     ])
 
 
-def format_plan(plan: ConfigPlan, title: str) -> str:
+def format_plan(plan: ConfigPlan, title: str, limit: tuple[int | None, str] = (None, "")) -> str:
     """What `megatron-moe plan` prints: the ledger, the matched configs and the family."""
     m, par, led = plan.source.model, plan.source.parallel, plan.ledger
     kind = (f"MoE: {m.moe.num_experts} experts, top-{m.moe.top_k}, {led.moe_layers} of {m.num_layers} layers MoE"
@@ -77,4 +78,26 @@ def format_plan(plan: ConfigPlan, title: str) -> str:
     if plan.family is not None:
         parts.append("")
         parts.append(format_family(plan.family))
+    parts.append("")
+    parts.append(format_memory(plan.memory, limit))
     return "\n".join(parts)
+
+
+def format_memory(memory: dict[str, MemoryEstimate], limit: tuple[int | None, str] = (None, "")) -> str:
+    """Memory per GPU of each named config (its fullest pipeline stage), itemised, with the layout it assumes and,
+    given a `limit` (bytes, where it came from), whether each fits."""
+    any_est = next(iter(memory.values()))
+    header = ["config", "stage", "params/GPU", "weights", "grads", "optimizer", "activations", "total"]
+    rows = []
+    for name, est in memory.items():
+        g = est.per_gpu
+        over = "" if limit[0] is None else ("  over" if g.total > limit[0] else "  fits")
+        rows.append([name, f"{g.stage + 1}/{len(est.stages)}", human(g.params), *(human_bytes(getattr(g, p)) for p in
+                     ("weights", "grads", "optimizer", "activations")), human_bytes(g.total) + over])
+    fits = f"; checked against {limit[1]}" if limit[0] is not None else ""
+    return "\n".join([
+        f"memory per GPU on world size {any_est.world_size} ({any_est.precision}, recompute {any_est.recompute}; "
+        f"data parallel {any_est.data_parallel}, expert data parallel {any_est.expert_data_parallel}; the fullest "
+        f"pipeline stage; activations estimated, CUDA context and workspace not counted{fits}):",
+        *table(header, rows, "l"),
+    ])

@@ -14,16 +14,17 @@ from megatron_moe.files import atomic_write_json
 from megatron_moe.planner.family import Family, equal_resources_family
 from megatron_moe.planner.ledger import Ledger, ledger
 from megatron_moe.planner.match import Match, legal_widths, match_dense
+from megatron_moe.planner.memory import MemoryEstimate, estimate_memory, minimum_world_size
 
 
-def load_plan_config(path: str, overrides: list[str]) -> RunConfig:
+def load_plan_config(path: str, overrides: list[str], world_size: int | None = None) -> RunConfig:
     """A run config (tables [model], [parallel], ...) or a bare model config (model keys at top level)."""
     data = load_toml(path)
     model_keys = {f.name for f in dataclasses.fields(ModelConfig)}
     if data and "model" not in data and set(data) <= model_keys:
         data = {"model": data}
     cfg = from_dict(RunConfig, apply_overrides(data, list(overrides)))
-    validate(cfg)
+    validate(cfg, world_size)
     return cfg
 
 
@@ -38,14 +39,19 @@ class ConfigPlan:
     arms: dict[str, RunConfig]
     legal_widths: str
     """The widths the matched dense models could take, in words."""
+    memory: dict[str, MemoryEstimate]
+    """Memory per GPU of the source ("source") and of each arm, on one world size."""
 
     def to_dict(self, config_path: str) -> dict[str, Any]:
+        source = self.memory["source"]
         return {
             "config": config_path,
             "tensor": self.source.parallel.tensor,
             "ledger": self.ledger.to_dict(),
             "matches": [x.to_dict() for x in self.matches],
             "equal_resources": self.family.to_dict() if self.family is not None else None,
+            "memory": {**source.to_dict(), "arms": {name: m.per_gpu.parts() for name, m in self.memory.items()
+                                                    if name != "source"}},
             "written": {},
         }
 
@@ -61,9 +67,11 @@ class ConfigPlan:
 
 
 def plan_config(run_cfg: RunConfig, contracts: tuple[str, ...], *, equal_resources: dict[str, Any] | None = None,
-                multiple_of: int, resize: str, count: str, causal_attention: bool) -> ConfigPlan:
+                multiple_of: int, resize: str, count: str, causal_attention: bool,
+                world_size: int | None = None) -> ConfigPlan:
     """Dense baselines matched on each of `contracts`, and the equal-resources family when its options are
-    given (keyword arguments of `equal_resources_family`)."""
+    given (keyword arguments of `equal_resources_family`); memory per GPU on `world_size` GPUs (default: the fewest
+    the source's layout runs on)."""
     m, par = run_cfg.model, run_cfg.parallel
     matches = [match_dense(m, c, par.tensor, multiple_of=multiple_of, resize=resize, count=count,
                            causal_attention=causal_attention) for c in contracts]
@@ -75,7 +83,9 @@ def plan_config(run_cfg: RunConfig, contracts: tuple[str, ...], *, equal_resourc
     if family is not None:
         models.update({f"er_{a.name}": a.config for a in (family.dense, *family.members)})
     arms = {name: run_cfg.with_model(model) for name, model in models.items()}
+    world = world_size or minimum_world_size(run_cfg)
     for arm in arms.values():
-        validate(arm)
+        validate(arm, world_size)
+    memory = {name: estimate_memory(cfg, world) for name, cfg in {"source": run_cfg, **arms}.items()}
     return ConfigPlan(run_cfg, ledger(m, par.tensor, causal_attention=causal_attention), matches, family, arms,
-                      legal_widths(m, par.tensor, multiple_of, resize))
+                      legal_widths(m, par.tensor, multiple_of, resize), memory)

@@ -29,15 +29,16 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from megatron_moe import directories
 from megatron_moe.config import ConfigError, DataConfig, ModelConfig, RunConfig, validate
 from megatron_moe.planner.cost import ASSUMED_GPU, ASSUMED_MFU, PEAK_BF16_FLOPS, gpu_hours
+from megatron_moe.planner.memory import MemoryEstimate, estimate_memory
 from megatron_moe.schema import changed_fields, get_dotted
 from megatron_moe.study.records import ArmRecord, PairRecord
 from megatron_moe.study.spec import DENSE_ARMS, StudyConfig, variant_moe
-from megatron_moe.text import human, table
+from megatron_moe.text import human, human_bytes, table
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,10 @@ class Arm:
     def gpu_hours(self) -> float:
         """GPU-hours of one run at the planner's assumed device and utilisation (`planner.cost`)."""
         return gpu_hours(self.train_flops, fp8=self.config.train.precision == "fp8")
+
+    def memory(self, world_size: int, on_gpu: bool) -> MemoryEstimate:
+        """Memory per process of one run on `world_size` processes, on GPUs or on CPUs (`planner.memory`)."""
+        return estimate_memory(self.config, world_size, precision=self.config.train.resolved_precision(on_gpu))
 
     def record(self) -> ArmRecord:
         """The arm as study.json records it."""
@@ -347,11 +352,13 @@ def _hours(h: float) -> str:
     return f"{h:,.0f}" if h >= 100 else f"{h:.2g}"
 
 
-def format_arms(design: Design) -> str:
-    """The arm table: size, granularity (E, K, D_e, D_se), FLOPs, steps, tokens, planned epochs, matched residual
-    and what differs from the base. Columns are as wide as their widest cell."""
+def format_arms(design: Design, world_size: int, on_gpu: bool) -> str:
+    """The arm table: size, granularity (E, K, D_e, D_se), FLOPs, steps, tokens, planned epochs, cost, memory per
+    process on `world_size` processes, matched residual and what differs from the base; then a legend and the cost.
+    Columns are as wide as their widest cell."""
     header = ["arm", "params", "active", "N (non-emb)", "r_a", "E", "K", "D_e", "D_se", "FLOPs/tok", "steps",
-              "tokens", "unique", "epochs", "train FLOPs", "GPU-h", "resid %", "changed vs base"]
+              "tokens", "unique", "epochs", "train FLOPs", "GPU-h", "mem/GPU" if on_gpu else "mem/proc", "resid %",
+              "changed vs base"]
     rows = []
     for a in design.arms:
         led, m = a.ledger, a.config.model
@@ -364,11 +371,46 @@ def format_arms(design: Design) -> str:
         rows.append([a.name, human(led.total_params), human(led.active_params), human(led.nonembedding_params),
                      f"{led.r_a:.3f}", *map(str, gran), human(led.flops_train_per_token),
                      str(a.config.train.train_steps), human(a.config.train.train_steps * a.tokens_per_step), unique,
-                     repeats, human(a.train_flops), _hours(a.gpu_hours), resid, changes or "-"])
+                     repeats, f"{a.train_flops:.3g}", _hours(a.gpu_hours),
+                     human_bytes(a.memory(world_size, on_gpu).per_gpu.total), resid, changes or "-"])
     runs = len(design.study.study.seeds)
     total = sum(a.train_flops for a in design.arms) * runs
     hours = sum(a.gpu_hours for a in design.arms) * runs
     cost = (f"cost: {total:.3g} training FLOPs for the {runs * len(design.arms)} runs, about {_hours(hours)} GPU-hours "
             f"at {ASSUMED_MFU:.0%} MFU on an {ASSUMED_GPU} ({PEAK_BF16_FLOPS[ASSUMED_GPU] / 1e12:g} TFLOP/s bf16, "
             "twice that in fp8; GPU-h: per run; an assumption: `megatron-moe bench` measures a model's MFU)")
-    return "\n".join([*table(header, rows, "l" + "r" * (len(header) - 2) + "l"), cost])
+    shared = any(a.config.model.moe.shared_expert_ffn_hidden_size for a in design.arms if a.config.model.is_moe)
+    legend = ("columns: params/active = total/active parameters; N = non-embedding parameters; r_a = active share of "
+              "N; E = routed experts, K = top-k, D_e = expert FFN width, D_se = shared-expert FFN width"
+              + (" (a shared expert is present)" if shared else " (0 = no shared expert)")
+              + "; FLOPs/tok = training FLOPs per token; steps and tokens per run; unique tokens and epochs of the "
+              "data plan; train FLOPs and GPU-h per run; mem = estimated peak per "
+              + ("GPU" if on_gpu else "process") + f" on world size {world_size} (`megatron-moe plan` itemises it); "
+              "resid = residual of the match")
+    return "\n".join([*table(header, rows, "l" + "r" * (len(header) - 2) + "l"), legend, cost])
+
+
+def check_memory(design: Design, world_size: int, on_gpu: bool, limit: tuple[int | None, str], force: bool,
+                 echo: Callable[[str], None]) -> None:
+    """Refuse (ConfigError) a design an arm of which would not fit in `limit` = (bytes, where that figure came from),
+    or with `force` warn and go on; no limit, no check."""
+    refusal = memory_refusal(design, world_size, on_gpu, *limit) if limit[0] else None
+    if refusal and not force:
+        raise ConfigError(refusal)
+    if refusal:
+        echo(f"warning: {refusal.removesuffix(', or pass --force')} (going on: --force)")
+
+
+def memory_refusal(design: Design, world_size: int, on_gpu: bool, limit: int, source: str) -> str | None:
+    """The one-line refusal when an arm's estimated memory per process exceeds `limit` bytes (`source` says where
+    the limit came from), or None when every arm fits."""
+    needs = {a.name: a.memory(world_size, on_gpu).per_gpu for a in design.arms}
+    over = {name: need for name, need in needs.items() if need.total > limit}
+    if not over:
+        return None
+    name, need = max(over.items(), key=lambda x: x[1].total)
+    return (f"arm {name} needs about {human_bytes(need.total)} per {'GPU' if on_gpu else 'process'} on world size "
+            f"{world_size} (weights {human_bytes(need.weights)}, gradients {human_bytes(need.grads)}, optimizer "
+            f"{human_bytes(need.optimizer)}, activations {human_bytes(need.activations)}), more than {source}"
+            + (f"; {len(over) - 1} more arms too" if len(over) > 1 else "") + ": lower train.micro_batch_size, set "
+            "train.recompute_granularity or train.distributed_optimizer, add parallelism or processes, or pass --force")

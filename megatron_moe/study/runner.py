@@ -29,7 +29,8 @@ from megatron_moe.study.datacheck import (
     dry_run_note,
     refuse_unequal_data,
 )
-from megatron_moe.study.design import Design, Run, format_arms, design_study
+from megatron_moe.planner.cost import local_gpu, memory_limit
+from megatron_moe.study.design import Design, Run, check_memory, format_arms, design_study
 from megatron_moe.study.studydir import (
     environment,
     git_state,
@@ -172,9 +173,12 @@ def run_study(
     quiet: bool = False,
     echo: Callable[[str], None] = print,
     on_progress: Callable[[int, int], None] | None = None,
+    gpu_memory: int | None = None,
+    force: bool = False,
 ) -> int:
     """Train every (arm, seed) not yet complete, one after another; 0 when all runs are complete.
-    `on_progress(complete, total)` is called at the start and after each run (a progress bar, say)."""
+    `on_progress(complete, total)` is called at the start and after each run (a progress bar, say). A run that would
+    not fit in `gpu_memory` bytes (default: this machine's GPU's) is refused before anything runs, unless `force`."""
     design = design_study(cfg, out_dir)
     out = design.out_dir
     s = cfg.study
@@ -182,7 +186,10 @@ def run_study(
     n_done = sum(v == "done" for v in statuses.values())
     echo(f"study {s.name}: {len(design.arms)} arms x {len(s.seeds)} seeds = {len(design.runs)} runs in {out} "
          f"({n_done} complete, {sum(v == 'partial' for v in statuses.values())} partial)")
-    echo(format_arms(design))
+    gpu = local_gpu()
+    on_gpu = gpu is not None or gpu_memory is not None  # a --gpu-memory asks about GPUs
+    echo(format_arms(design, s.nproc_per_node, on_gpu))
+    check_memory(design, s.nproc_per_node, on_gpu, memory_limit(gpu_memory, gpu), force, echo)
     if design.family:
         f = design.family
         echo(f"equal resources: N = {f['total_params']:,}, D = {f['unique_tokens']:,} unique tokens, "

@@ -44,7 +44,8 @@ from megatron_moe.study.datacheck import (
     refuse_unequal_data,
 )
 from megatron_moe.study.datacheck import data_check as run_data_check
-from megatron_moe.study.design import Design, Run, design_study
+from megatron_moe.planner.cost import ASSUMED_GPU, memory_limit
+from megatron_moe.study.design import Design, Run, check_memory, design_study, format_arms
 from megatron_moe.study.studydir import (
     LaunchError,
     check_unlocked,
@@ -471,8 +472,10 @@ def _runs_to_submit(design: Design, check_queue: bool, echo: Callable[[str], Non
 
 def launch_study(cfg: StudyConfig, lc: LaunchConfig, out_dir: str | Path | None = None, *,
                  study_file: str | None = None, dry_run: bool = False, data_check: bool = True,
-                 echo: Callable[[str], None] = print) -> int:
-    """Render (and unless dry_run, submit) a SLURM job for every run of the study not complete nor queued."""
+                 echo: Callable[[str], None] = print, gpu_memory: int | None = None, force: bool = False) -> int:
+    """Render (and unless dry_run, submit) a SLURM job for every run of the study not complete nor queued. A run that
+    would not fit in `gpu_memory` bytes (default: the planner's assumed GPU's, on a GPU job) is refused before anything
+    is written, unless `force`."""
     design = design_study(cfg, out_dir, check_world=False)  # checked below against this launch's world size
     out, name = design.out_dir, cfg.study.name
     nproc = processes_per_node(lc, cfg.study.nproc_per_node)
@@ -492,6 +495,9 @@ def launch_study(cfg: StudyConfig, lc: LaunchConfig, out_dir: str | Path | None 
     echo(f"study {name}: {len(design.runs)} runs in {out}; each {lc.nodes} node(s) x {nproc} process(es) = "
          f"world size {world} (tensor {p.tensor} x pipeline {p.pipeline} x data {p.data_parallel_size(world)}"
          f", expert {p.expert})")
+    on_gpu = lc.gpus_per_node > 0
+    echo(format_arms(design, world, on_gpu))
+    check_memory(design, world, on_gpu, memory_limit(gpu_memory, ASSUMED_GPU if on_gpu else None), force, echo)
     for w in design.warnings:
         echo(f"warning: {w}")
     absent = absent_data_path(design) if dry_run and data_check else None

@@ -45,6 +45,7 @@ from megatron_moe import directories
 from megatron_moe.config import ConfigError, RunConfig
 from megatron_moe.schema import save_toml
 from megatron_moe.files import atomic_write_bytes, atomic_write_json, atomic_write_text
+from megatron_moe.text import human_bytes
 from megatron_moe.train.stop import TrainingError
 
 KEEP = 2  # complete checkpoints kept; older ones are deleted after a successful save
@@ -368,14 +369,6 @@ def _size_estimate(config: RunConfig, root: Path) -> int:
     return state_bytes(params, config.train.resolved_precision(torch.cuda.is_available()), CHECKPOINT_STATE)
 
 
-def _human_bytes(n: float) -> str:
-    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
-        n /= 1024
-    return ""
-
-
 def _os_error(exc: BaseException | None, seen: set[int] | None = None) -> OSError | None:
     """The OSError behind `exc`: itself, its causes, or a failure of torch's CheckpointException (whose
     writers may have raised it in another process)."""
@@ -418,8 +411,8 @@ def _save_failure(exc: BaseException, config: RunConfig | None, root: Path, name
     # torch's writer does not say why a write failed: too little space left for a checkpoint is the likely cause
     full = err.errno == errno.EIO and free_bytes is not None and free_bytes < need
     if err.errno in (errno.ENOSPC, errno.EDQUOT) or full:
-        free = "" if free_bytes is None else f", {_human_bytes(free_bytes)} free"
-        what = f"no space left on device writing {where} (a checkpoint needs about {_human_bytes(need)}{free})"
+        free = "" if free_bytes is None else f", {human_bytes(free_bytes)} free"
+        what = f"no space left on device writing {where} (a checkpoint needs about {human_bytes(need)}{free})"
     elif err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         what = f"{err.strerror or 'permission denied'} writing {where}; make {root} writable"
     else:

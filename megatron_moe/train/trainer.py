@@ -22,7 +22,8 @@ from megatron_moe import directories
 from megatron_moe.config import ConfigError, RunConfig, resolved_precision, validate
 from megatron_moe.schema import save_toml
 from megatron_moe.planner.ledger import ledger
-from megatron_moe.planner.memory import state_bytes
+from megatron_moe.planner.memory import estimate_memory
+from megatron_moe.text import human_bytes
 from megatron_moe.train.checkpoint import (
     Checkpointable, ShardedStates, TrainState, check_checkpoint_writer, find_checkpoint, latest_checkpoint,
     load_checkpoint, save_checkpoint, step_of,
@@ -546,10 +547,12 @@ def _out_of_memory(exc: BaseException) -> bool:
 def _out_of_memory_message(cfg: RunConfig, exc: BaseException) -> str:
     """One line: what ran out, and how big the model is against it."""
     params = ledger(cfg.model, cfg.parallel.tensor).total_params
-    need = state_bytes(params, cfg.train.resolved_precision(torch.cuda.is_available()))
-    human = f"{need / 2**30:.1f} GiB" if need >= 2**30 else f"{need / 2**20:.0f} MiB"
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    need = estimate_memory(cfg, world, precision=cfg.train.resolved_precision(torch.cuda.is_available())).per_gpu
     where = "GPU" if "CUDA" in str(exc) else "host"  # torch names CUDA in its GPU allocator's errors
     first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-    return (f"out of {where} memory ({first}); the model has {params:,} parameters, about {human} for weights, "
-            "gradients and Adam states before activations and parallel sharding: make it smaller, lower "
-            "train.micro_batch_size, or spread it over more processes")
+    return (f"out of {where} memory ({first}); the model has {params:,} parameters, and `megatron-moe plan` estimates "
+            f"{human_bytes(need.total)} per process on world size {world} ({human_bytes(need.weights + need.grads)} "
+            f"weights and gradients, {human_bytes(need.optimizer)} optimizer, {human_bytes(need.activations)} "
+            "activations): lower train.micro_batch_size, turn on train.recompute_granularity or "
+            "train.distributed_optimizer, or spread it over more processes")

@@ -122,7 +122,7 @@ def test_strict_and_fresh_reuse_run_configs(tmp_path):
     assert {a.config.data.unique_tokens for a in l_arms.values()} == {pool} == {fresh.family["data_unique_tokens"]}
     assert all(a.config.train.train_steps * per_step <= pool for a in l_arms.values())
     # the dry-run table shows unique tokens and epochs per arm
-    table = format_arms(fresh).splitlines()
+    table = format_arms(fresh, 1, False).splitlines()
     header = table[0].split()
     assert header[:9] == ["arm", "params", "active", "N", "(non-emb)", "r_a", "E", "K", "D_e"]
     row = table[2].split()
@@ -143,7 +143,7 @@ def test_granularity_and_dense_shape_reach_the_arms(tmp_path):
     assert {a.config.model.expert_ffn for a in moes} == {16}
     assert all(abs(a.match["residual_pct"]) <= 0.5 for a in held_d.arms)
     # E, K, D_e and D_se in the dry-run table, one column each
-    lines = format_arms(held_d).splitlines()
+    lines = format_arms(held_d, 1, False).splitlines()
     cols = {h: lines[0].index(h) for h in (" E ", " K ", " D_e ", " D_se ")}
     for line, a in zip(lines[1:], held_d.arms):
         g = a.config.model.moe

@@ -495,5 +495,12 @@ def test_a_model_too_big_for_memory_is_one_line(tmp_path):
                env={"CUDA_VISIBLE_DEVICES": ""}, preexec_fn=_limit_memory)
     assert proc.returncode == 1, proc.stderr[-3000:]
     line = last_line(proc)
-    assert line.startswith("megatron-moe: error: out of host memory (") and "parameters, about" in line, line
+    assert line.startswith("megatron-moe: error: out of host memory ("), line
+    from megatron_moe.config import load_run_config
+    from megatron_moe.planner.memory import estimate_memory
+    from megatron_moe.text import human_bytes
+
+    need = estimate_memory(load_run_config(None, [*ARGS, "model.vocab_size=1073741824"]), 1, precision="fp32").per_gpu
+    assert f"estimates {human_bytes(need.total)} per process on world size 1" in line, line
+    assert need.weights > 256 << 30  # the embedding alone: 2^30 rows of 64 fp32
     assert not (tmp_path / directories.METRICS).exists() and not (tmp_path / directories.CHECKPOINTS).exists()
