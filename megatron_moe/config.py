@@ -230,6 +230,10 @@ class TrainConfig:
     """auto = fp32 on CPU, bf16 on GPU; fp8 needs Transformer Engine on Hopper."""
     distributed_optimizer: bool = False
     """Shard optimizer state over data-parallel ranks."""
+    init_from: str = ""
+    """Upcycle: start this MoE from the newest checkpoint of this dense run directory (same trunk; every expert a
+    copy of the dense FFN, or a slice of it when the expert width divides the dense width; the router fresh). Empty =
+    start from random weights."""
     recompute_granularity: Literal["", "selective", "full"] = _role("layout", "")
     """Activation recomputation (Megatron-LM's --recompute-granularity): "" = none; "full" recomputes whole
     transformer layers in the backward pass, keeping only each layer's input; "selective" recomputes the

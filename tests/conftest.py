@@ -136,6 +136,12 @@ def untimed_rows(run_dir: Path) -> list[dict]:
     return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in metrics_rows(run_dir)]
 
 
+def last_line(proc: subprocess.CompletedProcess) -> str:
+    """The last line a CLI process wrote to stderr (its one-line error), checked to come without a traceback."""
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    return proc.stderr.strip().splitlines()[-1]
+
+
 def train_rows(run_dir: Path) -> list[dict]:
     return metrics_rows(run_dir, "train")
 

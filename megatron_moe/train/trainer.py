@@ -23,6 +23,7 @@ from megatron_moe.config import ConfigError, RunConfig, resolved_precision, vali
 from megatron_moe.schema import save_toml
 from megatron_moe.planner.ledger import ledger
 from megatron_moe.planner.memory import estimate_memory
+from megatron_moe.train.upcycle import source_run, upcycle
 from megatron_moe.text import human_bytes
 from megatron_moe.train.checkpoint import (
     Checkpointable, ShardedStates, TrainState, check_checkpoint_writer, find_checkpoint, latest_checkpoint,
@@ -147,6 +148,7 @@ class Trainer:
         validate(cfg, int(os.environ.get("WORLD_SIZE", "1")))
         check_sinks(cfg.train)
         check_checkpoint_writer()
+        upcycle_from = source_run(cfg) if cfg.train.init_from else None  # refused before the run directory is claimed
         self.par = initialize_parallel(cfg.parallel, self.device)
         t = cfg.train
         self.out_dir = Path(t.output_dir)
@@ -158,8 +160,11 @@ class Trainer:
         self.tokens_per_step = t.global_batch_size * cfg.model.seq_length
         self.data = self._build_data()
         model = self._build_model(params_dtype, fp8)
+        notes = list(start.notes)
+        if upcycle_from is not None and start.checkpoint is None:  # a resumed run has its own weights
+            notes.append(upcycle(model, cfg, *upcycle_from))
         self._build_optimizer(model, params_dtype)
-        for note in start.notes:
+        for note in notes:
             self.log(note)
         self.resumed_from = start.checkpoint
         self.state = TrainState()

@@ -33,7 +33,7 @@ from megatron_moe.files import lock_holder
 from megatron_moe.schema import save_toml
 from megatron_moe.train.result import read_result
 from megatron_moe.train.stop import PREEMPTED_MARKER, RUN_LOCK
-from tests.conftest import HANG_S, TINY_MOE, cli, end, start_cli, untimed_rows, wait_until, write_study
+from tests.conftest import HANG_S, TINY_MOE, cli, end, last_line, start_cli, untimed_rows, wait_until, write_study
 
 ARGS = [*TINY_MOE, "train.train_steps=10", "train.save_interval=4", "train.eval_interval=5", "train.log_interval=3"]
 """Checkpoints at steps 4, 8 and 10 (the last two kept). Logging every 3 steps while saving every 4 puts a
@@ -44,11 +44,6 @@ FOREIGN_ROW = '{"kind": "train", "step": 1, "loss": 9.0}\n'
 
 def train(run_dir: Path, *extra: str, check: bool = False) -> subprocess.CompletedProcess:
     return cli("train", *ARGS, f"train.output_dir={run_dir}", *extra, check=check)
-
-
-def last_line(proc: subprocess.CompletedProcess) -> str:
-    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    return proc.stderr.strip().splitlines()[-1]
 
 
 def assert_same_as(run_dir: Path, reference: SimpleNamespace) -> None:
