@@ -146,14 +146,39 @@ def find_tokenizer_file(name: str | Path) -> Path:
         return path
     if path.exists() or not _HUB_NAME.match(str(name)) or Path(name).suffix in (".json", ".model", ".tiktoken"):
         raise ConfigError(f"tokenizer file {str(path)!r} does not exist")
-    try:
-        from huggingface_hub import hf_hub_download
+    from huggingface_hub import constants, hf_hub_download
 
+    try:  # the Hub's local cache first: no network needed for a tokenizer fetched before
+        return Path(hf_hub_download(repo_id=str(name), filename="tokenizer.json", local_files_only=True))
+    except Exception:  # not cached (each reason its own exception type)
+        pass
+    unreachable = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else _unreachable(constants.ENDPOINT)
+    if unreachable:
+        raise ConfigError(f"tokenizer {str(name)!r} is not a file nor in the Hugging Face cache, and the Hub cannot be "
+                          f"reached ({unreachable}): give a local tokenizer.json or a directory holding one, or fetch "
+                          f"it where there is a network (`hf download {name} tokenizer.json`) into the cache that "
+                          "HF_HOME names here")
+    try:
         return Path(hf_hub_download(repo_id=str(name), filename="tokenizer.json"))
-    except Exception as exc:  # offline, no such repository, no tokenizer.json in it: each its own type
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    except Exception as exc:  # no such repository, no tokenizer.json in it, a gated model: each its own type
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        first = reason.split(". ")[0].rstrip(".")
         raise ConfigError(f"tokenizer {str(name)!r} is not a file, and the Hugging Face Hub tokenizer of that name "
-                          f"could not be fetched ({type(exc).__name__}: {reason[:200]})") from None
+                          f"could not be fetched ({type(exc).__name__}: {first})") from None
+
+
+def _unreachable(endpoint: str, timeout_s: float = 3.0) -> str | None:
+    """Why `endpoint` (an https URL) cannot be reached within `timeout_s`, or None when a TCP connection opens: a
+    quick answer where huggingface_hub would retry for half a minute."""
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(endpoint)
+    try:
+        with socket.create_connection((url.hostname, url.port or 443), timeout=timeout_s):
+            return None
+    except OSError as exc:
+        return f"{url.hostname}: {exc.strerror or type(exc).__name__}"
 
 
 def load_tokenizer(path: str | Path, eod_token: str | None = None) -> TextTokenizer:

@@ -23,6 +23,7 @@ from megatron_moe.data.prepare import prepare_dataset
 from megatron_moe.data.schedule import Schedule
 from megatron_moe.data.source import MAX_UNASKED_EPOCHS, DataSource, build_data_source
 from megatron_moe.data.store import TokenStore, read_manifest
+from megatron_moe.parallel import free_port
 from megatron_moe.data.corpora import synthetic_dataset
 from megatron_moe.data.tokenizers import EOD_TEXT, load_tokenizer
 from tests.conftest import MODULE, SHARED_DATA, cli
@@ -513,7 +514,16 @@ def test_tokenizer_by_hub_name_from_the_local_hub_cache_or_one_line_error(tmp_pa
     bad = cli("data", "prepare", str(corpus), "-o", str(tmp_path / "x"), "--tokenizer", "acme/none",
               "--quiet", env=env, check=False)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1
-    assert "tokenizer 'acme/none' is not a file, and the Hugging Face Hub tokenizer" in bad.stderr
+    assert ("tokenizer 'acme/none' is not a file nor in the Hugging Face cache, and the Hub cannot be reached "
+            "(HF_HUB_OFFLINE is set): give a local tokenizer.json") in bad.stderr
+    # without HF_HUB_OFFLINE, on a machine that cannot reach the Hub (this test points the Hub at a closed port),
+    # the answer comes at once rather than after huggingface_hub's retries
+    closed = {"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_ENDPOINT": f"https://127.0.0.1:{free_port()}"}
+    bad = cli("data", "prepare", str(corpus), "-o", str(tmp_path / "x"), "--tokenizer", "acme/none",
+              "--quiet", env=closed, check=False)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1, bad.stderr
+    assert "and the Hub cannot be reached (127.0.0.1: Connection refused)" in bad.stderr
+    assert "Retry" not in bad.stderr  # huggingface_hub's retries never started
 
 
 def test_progress_lines_outside_a_terminal_show_percent_and_eta(capsys):
