@@ -115,8 +115,14 @@ def check_train(work: Path, out: Path) -> str:
     limit = math.log(vocab) - TRAIN_LOSS_MARGIN
     detail = (f"loss {train[0]['loss']:.3f} -> {last:.3f} (pass: <= {limit:.3f}), "
               f"{train[-1]['tokens_per_s']:,.0f} tok/s")
-    if "gpu_mem_allocated_peak_gib" in train[-1]:
-        detail += f", peak GPU mem {train[-1]['gpu_mem_allocated_peak_gib']:.2f} GiB allocated"
+    if "gpu_mem_allocated_peak_gib" in train[-1]:  # against the planner's estimate of the same run
+        from megatron_moe.config import load_run_config
+        from megatron_moe.planner.memory import estimate_memory
+
+        cfg = load_run_config(work / "train" / "config.toml")
+        estimate = estimate_memory(cfg, 1, precision=cfg.train.resolved_precision(on_gpu=True)).per_gpu.total / 2**30
+        peak = train[-1]["gpu_mem_allocated_peak_gib"]
+        detail += f", peak GPU mem {peak:.2f} GiB allocated, planner estimate {estimate:.2f} GiB ({peak / estimate:.2f}x)"
     if not last <= limit:
         raise AssertionError(f"the loss did not fall enough: {detail}")
     return detail

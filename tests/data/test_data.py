@@ -10,6 +10,7 @@ import math
 import lzma
 import re
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -23,7 +24,6 @@ from megatron_moe.data.prepare import prepare_dataset
 from megatron_moe.data.schedule import Schedule
 from megatron_moe.data.source import MAX_UNASKED_EPOCHS, DataSource, build_data_source
 from megatron_moe.data.store import TokenStore, read_manifest
-from megatron_moe.parallel import free_port
 from megatron_moe.data.corpora import synthetic_dataset
 from megatron_moe.data.tokenizers import EOD_TEXT, load_tokenizer
 from tests.conftest import MODULE, SHARED_DATA, cli
@@ -518,7 +518,10 @@ def test_tokenizer_by_hub_name_from_the_local_hub_cache_or_one_line_error(tmp_pa
             "(HF_HUB_OFFLINE is set): give a local tokenizer.json") in bad.stderr
     # without HF_HUB_OFFLINE, on a machine that cannot reach the Hub (this test points the Hub at a closed port),
     # the answer comes at once rather than after huggingface_hub's retries
-    closed = {"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_ENDPOINT": f"https://127.0.0.1:{free_port()}"}
+    with socket.socket() as s:  # a port nothing listens on (not megatron_moe.parallel's: no torch in this process,
+        s.bind(("127.0.0.1", 0))  # whose tests fork workers)
+        port = s.getsockname()[1]
+    closed = {"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_ENDPOINT": f"https://127.0.0.1:{port}"}
     bad = cli("data", "prepare", str(corpus), "-o", str(tmp_path / "x"), "--tokenizer", "acme/none",
               "--quiet", env=closed, check=False)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1, bad.stderr
