@@ -1,4 +1,5 @@
-"""A trained run as a Hugging Face checkpoint: dense models as Llama, MoE models as Mixtral.
+"""A trained run as a Hugging Face checkpoint: dense models as Llama, MoE models as Mixtral, or as Qwen2-MoE when
+Mixtral cannot hold them (a shared expert, dense layers between MoE layers, top-k without renormalisation).
 
 The run's newest verified checkpoint is loaded into a single-process model (megatron-core's distributed
 checkpoints load into any layout, so a run trained with tensor, pipeline or expert parallelism exports the same
@@ -14,6 +15,11 @@ What maps exactly, and why:
 - the router: megatron-core with renormalised top-k (pre-softmax off) takes the top-k logits and a softmax over
   them, which equals Mixtral's softmax over all experts, top-k, then renormalisation (softmax is monotone).
 - the vocabulary: the padded embedding rows are exported as they are, so logits match row for row.
+- Qwen2-MoE: its router takes the softmax over all experts, then the top-k, renormalised when `norm_topk_prob`
+  (= model.moe.topk_renormalize; without it, megatron-core's pre-softmax routing); its shared expert is scaled by
+  sigmoid(gate . x), ours has no gate: the gate is exported as zeros (sigmoid(0) = 1/2 exactly) and the shared
+  expert's down projection doubled (exact in floating point); layers without MoE are its `mlp_only_layers`; its
+  q/k/v biases are off (`qkv_bias = False`).
 
 Anything else has no faithful Hugging Face form here and is refused in one line (`exportable`).
 """
@@ -35,22 +41,26 @@ def exportable(m: ModelConfig) -> str | None:
     """Why `m` cannot be exported faithfully (None when it can)."""
     e = m.moe
     if m.normalization != "RMSNorm" or m.activation != "swiglu" or m.position_embedding != "rope":
-        return (f"only RMSNorm + SwiGLU + RoPE models map onto Llama and Mixtral (this one: {m.normalization}, "
+        return (f"only RMSNorm + SwiGLU + RoPE models map onto Llama, Mixtral and Qwen2-MoE (this one: {m.normalization}, "
                 f"{m.activation}, {m.position_embedding})")
     if not m.is_moe:
         return None
-    if e.shared_expert_ffn_hidden_size:
-        return "a shared expert without a gate has no Hugging Face MoE class (Qwen2-MoE gates its shared expert)"
-    if any(not moe for moe in m.moe_layer_pattern()):
-        return "dense layers between MoE layers (moe.first_k_dense, moe.every_n) have no Mixtral form"
-    if e.score_function != "softmax" or not e.topk_renormalize:
-        return (f"Mixtral routes by softmax with renormalised top-k (this model: score_function = "
-                f"{e.score_function!r}, topk_renormalize = {str(e.topk_renormalize).lower()})")
+    if e.score_function != "softmax":
+        return (f"Mixtral and Qwen2-MoE route by softmax (this model: score_function = {e.score_function!r})")
     if e.expert_bias_update_rate > 0:
-        return "the aux-loss-free expert bias changes which experts are chosen; Mixtral's router has no such bias"
+        return ("the aux-loss-free expert bias changes which experts are chosen; no Hugging Face MoE router has such "
+                "a bias")
     if e.capacity_factor:
-        return "a capacity factor drops tokens; Mixtral never does"
+        return "a capacity factor drops tokens; Mixtral and Qwen2-MoE never do"
     return None
+
+
+def hf_family(m: ModelConfig) -> str:
+    """The Hugging Face class family of an exportable model: llama, mixtral or qwen2_moe."""
+    if not m.is_moe:
+        return "llama"
+    plain = (not m.moe.shared_expert_ffn_hidden_size and all(m.moe_layer_pattern()) and m.moe.topk_renormalize)
+    return "mixtral" if plain else "qwen2_moe"
 
 
 def run_config(run_dir: Path) -> RunConfig:
@@ -119,7 +129,7 @@ def hf_state(m: ModelConfig, sd: dict[str, torch.Tensor]) -> dict[str, torch.Ten
             dst + "input_layernorm.weight": sd[src + "input_layernorm.weight"],
             dst + "post_attention_layernorm.weight": sd[src + "pre_mlp_layernorm.weight"],
         })
-        if not m.is_moe:
+        if not m.moe.is_moe_layer(i):
             gate, up = sd[src + "mlp.linear_fc1.weight"].chunk(2, dim=0)
             out.update({dst + "mlp.gate_proj.weight": gate, dst + "mlp.up_proj.weight": up,
                         dst + "mlp.down_proj.weight": sd[src + "mlp.linear_fc2.weight"]})
@@ -132,11 +142,19 @@ def hf_state(m: ModelConfig, sd: dict[str, torch.Tensor]) -> dict[str, torch.Ten
             dst + "mlp.experts.down_proj": torch.stack(
                 [sd[f"{src}mlp.experts.local_experts.{j}.linear_fc2.weight"] for j in experts]),
         })
+        if hf_family(m) == "qwen2_moe":
+            shared = m.moe.shared_expert_ffn_hidden_size
+            fc1 = sd.get(src + "mlp.shared_experts.linear_fc1.weight", torch.zeros(2 * shared, m.hidden_size))
+            fc2 = sd.get(src + "mlp.shared_experts.linear_fc2.weight", torch.zeros(m.hidden_size, shared))
+            gate, up = fc1.chunk(2, dim=0)
+            out.update({dst + "mlp.shared_expert.gate_proj.weight": gate, dst + "mlp.shared_expert.up_proj.weight": up,
+                        dst + "mlp.shared_expert.down_proj.weight": 2 * fc2,
+                        dst + "mlp.shared_expert_gate.weight": torch.zeros(1, m.hidden_size)})
     return {k: v.detach().to(torch.float32).contiguous().clone() for k, v in out.items()}
 
 
 def hf_config(m: ModelConfig, vocab_size: int, eos_token_id: int | None) -> Any:
-    """The Llama or Mixtral config of `m` (`vocab_size`: the padded embedding rows)."""
+    """The Llama, Mixtral or Qwen2-MoE config of `m` (`vocab_size`: the padded embedding rows)."""
     common = dict(
         vocab_size=vocab_size, hidden_size=m.hidden_size, num_hidden_layers=m.num_layers,
         num_attention_heads=m.num_attention_heads, num_key_value_heads=m.kv_heads,
@@ -149,6 +167,16 @@ def hf_config(m: ModelConfig, vocab_size: int, eos_token_id: int | None) -> Any:
         from transformers import LlamaConfig
 
         return LlamaConfig(intermediate_size=m.ffn_hidden_size, mlp_bias=False, **common)
+    if hf_family(m) == "qwen2_moe":
+        from transformers import Qwen2MoeConfig
+
+        del common["head_dim"], common["attention_bias"]
+        return Qwen2MoeConfig(intermediate_size=m.ffn_hidden_size, moe_intermediate_size=m.expert_ffn,
+                              shared_expert_intermediate_size=m.moe.shared_expert_ffn_hidden_size,
+                              num_experts=m.moe.num_experts, num_experts_per_tok=m.moe.top_k,
+                              norm_topk_prob=m.moe.topk_renormalize, decoder_sparse_step=1,
+                              mlp_only_layers=[i for i, moe in enumerate(m.moe_layer_pattern()) if not moe],
+                              qkv_bias=False, use_sliding_window=False, output_router_logits=False, **common)
     from transformers import MixtralConfig
 
     return MixtralConfig(intermediate_size=m.expert_ffn, num_local_experts=m.moe.num_experts,
@@ -158,12 +186,13 @@ def hf_config(m: ModelConfig, vocab_size: int, eos_token_id: int | None) -> Any:
 
 def hf_model(m: ModelConfig, model: Any, eos_token_id: int | None = None) -> Any:
     """A `transformers` model holding `model`'s weights (fp32, eval mode)."""
-    from transformers import LlamaForCausalLM, MixtralForCausalLM
+    from transformers import LlamaForCausalLM, MixtralForCausalLM, Qwen2MoeForCausalLM
 
     sd = {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
     vocab = sd["embedding.word_embeddings.weight"].shape[0]
     config = hf_config(m, vocab, eos_token_id)
-    out = (MixtralForCausalLM if m.is_moe else LlamaForCausalLM)(config)
+    family = {"llama": LlamaForCausalLM, "mixtral": MixtralForCausalLM, "qwen2_moe": Qwen2MoeForCausalLM}
+    out = family[hf_family(m)](config)
     missing, unexpected = out.load_state_dict(hf_state(m, sd), strict=False)
     tied = {"lm_head.weight"} if m.tie_embeddings else set()
     if set(missing) - tied or unexpected:
