@@ -230,6 +230,11 @@ class TrainConfig:
     """auto = fp32 on CPU, bf16 on GPU; fp8 needs Transformer Engine on Hopper."""
     distributed_optimizer: bool = False
     """Shard optimizer state over data-parallel ranks."""
+    overlap_grad_reduce: bool = _role("layout", False)
+    """Reduce each gradient bucket while the backward pass goes on (Megatron-LM's --overlap-grad-reduce)."""
+    overlap_param_gather: bool = _role("layout", False)
+    """With the distributed optimizer: gather the updated parameters bucket by bucket during the next forward pass
+    (Megatron-LM's --overlap-param-gather)."""
     init_from: str = ""
     """Upcycle: start this MoE from the newest checkpoint of this dense run directory (same trunk; every expert a
     copy of the dense FFN, or a slice of it when the expert width divides the dense width; the router fresh). Empty =
@@ -467,6 +472,9 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
         raise ConfigError(
             f"train.lr_warmup_steps = {t.lr_warmup_steps} must be below train.train_steps = {t.train_steps}"
         )
+    if t.overlap_param_gather and not t.distributed_optimizer:
+        raise ConfigError("train.overlap_param_gather = true needs train.distributed_optimizer = true (it overlaps the "
+                          "distributed optimizer's parameter all-gather)")
     if t.recompute_granularity == "selective":
         bad = [x for x in t.recompute_modules if x not in RECOMPUTE_MODULES]
         if bad or not t.recompute_modules:

@@ -33,8 +33,10 @@ def reference(reference_run):
         ["parallel.expert=2"],
         ["parallel.pipeline=2"],
         [],  # data parallel 2
+        ["train.distributed_optimizer=true", "train.overlap_grad_reduce=true", "train.overlap_param_gather=true",
+         "train.save_interval=4"],  # data parallel 2, gradients reduced and parameters gathered while computing
     ],
-    ids=["tp2", "ep2", "pp2", "dp2"],
+    ids=["tp2", "ep2", "pp2", "dp2", "dp2-overlapped"],
 )
 def test_two_process_layout_matches_single_process(reference, tmp_path, layout):
     # Data parallel 2 starts from an empty data cache: rank 0 builds the synthetic corpus, rank 1 reads it.

@@ -240,7 +240,8 @@ class Trainer:
             model = Float16Module(tcfg, model)
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True,
-            overlap_grad_reduce=False,
+            overlap_grad_reduce=t.overlap_grad_reduce,
+            overlap_param_gather=t.overlap_param_gather,
             use_distributed_optimizer=t.distributed_optimizer,
         )
         self.model = DistributedDataParallel(tcfg, ddp_config, model)
@@ -256,6 +257,7 @@ class Trainer:
             bf16=params_dtype == torch.bfloat16,
             params_dtype=params_dtype,
             use_distributed_optimizer=t.distributed_optimizer,
+            overlap_param_gather=t.overlap_param_gather,
         )
         self.optimizer = get_megatron_optimizer(opt_config, [self.model])
         self.scheduler = lr_scheduler(self.optimizer, self.cfg)
@@ -434,7 +436,11 @@ class Trainer:
     def save(self, elapsed_s: float) -> None:
         """Checkpoint this step; `elapsed_s`, the run's wall-clock time so far, goes into the train state."""
         self.state.elapsed_s = elapsed_s
+        if self.cfg.train.overlap_param_gather:  # the last step's parameters are gathered at the next forward:
+            self.model.disable_forward_pre_hook()  # gather them now (what Megatron-LM does before it saves)
         save_checkpoint(self.checkpointable(), self.checkpoint_dir)
+        if self.cfg.train.overlap_param_gather:
+            self.model.enable_forward_pre_hook()
 
     # ------------------------------------------------------------ the loop
 
