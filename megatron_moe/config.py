@@ -94,7 +94,8 @@ class ModelConfig:
     """A LLaMA-style GPT (RMSNorm, SwiGLU, RoPE by default)."""
 
     vocab_size: int = 4096
-    """Vocabulary size (padded to a multiple of 128 x tensor parallel when built)."""
+    """Vocabulary size (padded to a multiple of 128 x tensor parallel when built); 0 = the data's tokenizer's,
+    read from the prepared dataset (or the built-in corpus's) when the config is loaded."""
     seq_length: int = 256
     """Training sequence length in tokens."""
     num_layers: int = 4
@@ -362,7 +363,8 @@ def _positive(value: int | float, path: str, allow_zero: bool = False) -> None:
 
 
 def validate_model(m: ModelConfig, tensor: int = 1, expert: int = 1, pipeline: int = 1) -> None:
-    for name in ("vocab_size", "seq_length", "num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size"):
+    _positive(m.vocab_size, "model.vocab_size", allow_zero=True)  # 0: from the data (data.source.with_data_vocabulary)
+    for name in ("seq_length", "num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size"):
         _positive(getattr(m, name), f"model.{name}")
     _positive(m.num_query_groups, "model.num_query_groups", allow_zero=True)
     for name in ("init_method_std", "norm_epsilon"):

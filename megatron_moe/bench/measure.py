@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from megatron_moe.data.source import with_data_vocabulary
 from megatron_moe.bench.baseline import megatron_uses_fused_adam, plain_description, run_plain, time_steps
 from megatron_moe.config import ConfigError, RunConfig, load_run_config
 from megatron_moe.schema import load_toml, save_toml
@@ -92,7 +93,7 @@ def cases_for(path: str | None, overrides: list[str]) -> tuple[list[Case], str]:
         arms, _, _ = derive_arms(study, check_world=False)
         dense_active = next((a.name for a in arms if not a.config.model.is_moe and a.contract == "active"), None)
         return [Case(a.name, a.config, dense_active if a.config.model.is_moe else None) for a in arms], study.study.name
-    cfg = load_run_config(path, overrides, world_size=None)
+    cfg = with_data_vocabulary(load_run_config(path, overrides, world_size=None))
     name = Path(path).stem if path else "default"
     if not cfg.model.is_moe:
         return [Case("dense", cfg)], name

@@ -31,6 +31,7 @@ def _add_config(sub: argparse._SubParsersAction) -> None:
 
 def config_show_main(args: argparse.Namespace) -> int:
     from megatron_moe.config import ROLES, field_roles, load_run_config
+    from megatron_moe.data.source import with_data_vocabulary
     from megatron_moe.schema import field_docs, load_toml, to_toml
 
     config, overrides = split_config(args.config, args.overrides)
@@ -39,7 +40,7 @@ def config_show_main(args: argparse.Namespace) -> int:
 
         cfg = load_study(config, overrides, check_world=False)
     else:
-        cfg = load_run_config(config, overrides)
+        cfg = with_data_vocabulary(load_run_config(config, overrides))
     comments: dict[str, str] = {}
     if args.describe:
         comments.update(field_docs(type(cfg)))

@@ -95,7 +95,9 @@ def plan_main(args: argparse.Namespace) -> int:
     check_output_dir(args.write_dir, "--output-dir")
     if "study" in load_toml(args.config):
         return _plan_study(args, limit)
-    run_cfg = load_plan_config(args.config, args.overrides, args.gpus)
+    from megatron_moe.data.source import with_data_vocabulary
+
+    run_cfg = with_data_vocabulary(load_plan_config(args.config, args.overrides, args.gpus))
     family = None
     if args.match == "equal-resources":
         family = dict(r_a_grid=tuple(args.r_a), total_params=counts["total_params"], unique_tokens=counts["unique_tokens"],

@@ -31,6 +31,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 def train_main(args: argparse.Namespace) -> int:
     from megatron_moe.config import load_run_config
+    from megatron_moe.data.source import with_data_vocabulary
     from megatron_moe.train.stop import (
         PREEMPTED_EXIT_CODE,
         Preempted,
@@ -46,7 +47,7 @@ def train_main(args: argparse.Namespace) -> int:
     survive_lost_output()  # a runner killed with its pipe must not cost this trainer its last checkpoint
     # The config is checked before the heavy imports, so a bad one is refused at once.
     config, overrides = split_config(args.config, args.overrides)
-    cfg = load_run_config(config, overrides, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+    cfg = with_data_vocabulary(load_run_config(config, overrides, world_size=int(os.environ.get("WORLD_SIZE", "1"))))
     check_output_dir(cfg.train.output_dir, "train.output_dir")
     from megatron_moe.parallel import destroy_parallel
     from megatron_moe.train.trainer import train

@@ -4,6 +4,7 @@ step, the validation batches, and a fingerprint of the whole sample stream.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -13,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from megatron_moe.config import ConfigError, DataConfig
-from megatron_moe.data.corpora import corpus_dataset
+from megatron_moe.config import ConfigError, DataConfig, RunConfig
+from megatron_moe.data.corpora import DEFAULT_VOCAB_SIZE, corpus_dataset
 from megatron_moe.data.schedule import STREAM_VERSION, Schedule
 from megatron_moe.data.store import MANIFEST, VERIFY_MAX_BYTES, TokenStore, read_manifest, verify_dataset
 from megatron_moe.data.tokenizers import TextTokenizer, load_tokenizer
@@ -206,6 +207,27 @@ class DataSource:
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.tokenizer.decode(ids)
+
+
+def vocabulary_size(cfg: DataConfig) -> int:
+    """The vocabulary of the tokenizer of the data `cfg` names, read without loading it: a prepared dataset's
+    manifest, or the size the built-in corpus's BPE is trained to."""
+    if not cfg.path:
+        return cfg.corpus_vocab_size or DEFAULT_VOCAB_SIZE[cfg.corpus]
+    path = Path(cfg.path)
+    if not (path / MANIFEST).is_file():
+        raise ConfigError(f"model.vocab_size = 0 takes the vocabulary from data.path = {cfg.path!r}, which holds no "
+                          f"prepared dataset ({MANIFEST}); set model.vocab_size or prepare the data first")
+    return int(read_manifest(path)["tokenizer"]["vocab_size"])
+
+
+def with_data_vocabulary(cfg: RunConfig) -> RunConfig:
+    """`cfg` with model.vocab_size = 0 ("from the data", as Megatron-LM derives it from its tokenizer) replaced by
+    the data's vocabulary (`vocabulary_size`); unchanged otherwise. Every command resolves it on loading, so the
+    planner, the run hash and the run's config.toml see the number."""
+    if cfg.model.vocab_size:
+        return cfg
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocabulary_size(cfg.data)))
 
 
 def build_data_source(

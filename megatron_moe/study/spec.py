@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Literal
 
 from megatron_moe.config import ConfigError, MoEConfig, RunConfig, validate
+from megatron_moe.data.source import with_data_vocabulary
 from megatron_moe.schema import apply_overrides, from_dict, load_toml
 from megatron_moe.planner.family import DEFAULT_R_A_GRID, Granularity, Reuse
 from megatron_moe.planner.match import CONTRACTS
@@ -169,7 +170,7 @@ def load_study(path: str | Path, overrides: list[str] = (), *, check_world: bool
         if er.get("reuse") == "loose":
             raise ConfigError("study.equal_resources.reuse = 'loose' is now called 'fresh' (each arm reads fresh "
                               "tokens up to its budget, one epoch); the published 2-epoch scheme is not offered")
-    cfg = from_dict(StudyConfig, data)
+    cfg = with_data_vocabulary(from_dict(StudyConfig, data))
     if not cfg.study.name:
         cfg.study.name = Path(path).stem
     validate_study(cfg, check_world=check_world)

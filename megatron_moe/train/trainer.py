@@ -23,6 +23,7 @@ from megatron_moe.config import ConfigError, RunConfig, resolved_precision, vali
 from megatron_moe.schema import save_toml
 from megatron_moe.planner.ledger import ledger
 from megatron_moe.planner.memory import estimate_memory
+from megatron_moe.data.source import with_data_vocabulary
 from megatron_moe.train.upcycle import source_run, upcycle
 from megatron_moe.text import human_bytes
 from megatron_moe.train.checkpoint import (
@@ -141,6 +142,7 @@ class Trainer:
         from megatron_moe.platform import setup_platform
 
         _quiet_megatron_warnings()
+        cfg = with_data_vocabulary(cfg)
         self.cfg = cfg
         self.quiet = quiet
         self.device = setup_platform()

@@ -26,7 +26,7 @@ from megatron_moe.data.source import MAX_UNASKED_EPOCHS, DataSource, build_data_
 from megatron_moe.data.store import TokenStore, read_manifest
 from megatron_moe.data.corpora import synthetic_dataset
 from megatron_moe.data.tokenizers import EOD_TEXT, load_tokenizer
-from tests.conftest import MODULE, SHARED_DATA, cli
+from tests.conftest import MODULE, REPO, SHARED_DATA, cli
 
 
 DOCS = [
@@ -726,3 +726,30 @@ def test_a_full_disk_while_preparing_is_one_line_and_leaves_nothing(prepared, tm
     assert capsys.readouterr().err.strip() == (
         f"megatron-moe: error: no space left on device writing '{out}'; free space there or write elsewhere")
     assert list(tmp_path.iterdir()) == []  # no output, no temporary directory
+
+
+def test_vocab_size_zero_is_the_datas(tmp_path):
+    """model.vocab_size = 0 takes the tokenizer's vocabulary on loading: a prepared dataset's (from its manifest),
+    the built-in corpus's BPE size; a study and `train` see the number; a missing dataset is one line."""
+    from megatron_moe.config import load_run_config
+    from megatron_moe.data.source import with_data_vocabulary
+    from megatron_moe.study.spec import load_study
+
+    corpus = _write_text(tmp_path / "corpus.txt", DOCS)
+    prepare_dataset([corpus], tmp_path / "data", vocab_size=300, valid_fraction=0.2, progress=False)
+    vocab = read_manifest(tmp_path / "data")["tokenizer"]["vocab_size"]
+    assert 256 < vocab <= 300
+    cfg = with_data_vocabulary(load_run_config(None, ["model.vocab_size=0", f"data.path={tmp_path / 'data'}"]))
+    assert cfg.model.vocab_size == vocab
+    assert with_data_vocabulary(load_run_config(None, ["model.vocab_size=0", "data.corpus=tinystories"])).model.vocab_size == 4096
+    assert with_data_vocabulary(load_run_config(None, ["model.vocab_size=0", "data.corpus_vocab_size=1000"])).model.vocab_size == 1000
+    assert with_data_vocabulary(load_run_config(None, ["model.vocab_size=777"])).model.vocab_size == 777  # as set
+    study = load_study(REPO / "examples" / "tiny_three_arm" / "cpu.toml", ["model.vocab_size=0"])
+    assert study.model.vocab_size == study.data.corpus_vocab_size == 2048  # the example's built-in TinyStories BPE
+    plan = json.loads(cli("plan", "examples/tiny_moe.toml", "--json", "model.vocab_size=0",
+                          f"data.path={tmp_path / 'data'}").stdout)
+    assert plan["ledger"]["padded_vocab_size"] == 384  # 256 < vocab <= 300, padded to a multiple of 128
+    bad = cli("train", "model.vocab_size=0", f"data.path={tmp_path / 'none'}", check=False)
+    assert bad.returncode == 2 and bad.stderr.strip() == (
+        f"megatron-moe: error: model.vocab_size = 0 takes the vocabulary from data.path = '{tmp_path / 'none'}', which "
+        "holds no prepared dataset (manifest.json); set model.vocab_size or prepare the data first")
