@@ -179,10 +179,13 @@ class DataConfig:
     """Passes over the unique tokens, fractional allowed (0 = repeat as long as training asks)."""
     consumed_tokens: int = 0
     """Alternative to epochs: total training tokens the schedule provides (0 = unset)."""
+    start_batch: int = 0
+    """The first global batch of the data stream this run trains on (0 = the start): a run upcycled from a dense run's
+    checkpoint at step k continues that run's stream at batch k."""
 
     def validate(self) -> None:
         """Check ranges; raises ConfigError naming the dotted field."""
-        for name in ("unique_tokens", "epochs", "consumed_tokens"):
+        for name in ("unique_tokens", "epochs", "consumed_tokens", "start_batch"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"data.{name} = {getattr(self, name)} must be >= 0")
         if self.epochs > 0 and self.consumed_tokens > 0:
@@ -237,7 +240,8 @@ class TrainConfig:
     """With the distributed optimizer: gather the updated parameters bucket by bucket during the next forward pass
     (Megatron-LM's --overlap-param-gather)."""
     init_from: str = ""
-    """Upcycle: start this MoE from the newest checkpoint of this dense run directory (same trunk; every expert a
+    """Upcycle: start this MoE from the newest checkpoint of this dense run directory, or from one of its checkpoints
+    (RUN/checkpoints/step_NNNNNNN) (same trunk; every expert a
     copy of the dense FFN, or a slice of it when the expert width divides the dense width; the router fresh). Empty =
     start from random weights."""
     recompute_granularity: Literal["", "selective", "full"] = _role("layout", "")
@@ -258,6 +262,8 @@ class TrainConfig:
     validation split, the same tokens for every arm."""
     save_interval: int = _role("bookkeeping", 0)
     """Steps between checkpoints (0 = none)."""
+    keep_checkpoints_at: list[int] = _role("bookkeeping", [])
+    """Steps at which a checkpoint is also saved and never deleted (a study's upcycled arm starts from one)."""
     output_dir: str = _role("bookkeeping", "runs/default")
     """Run directory: metrics.jsonl, result.json, checkpoints. One `train` at a time (it holds a lock on it)."""
     allow_config_change: bool = _role("bookkeeping", False)

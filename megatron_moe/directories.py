@@ -20,6 +20,8 @@ slurm/.
 
 from __future__ import annotations
 
+import re
+
 # ---------------------------------------------------------------- a run directory
 CONFIG = "config.toml"
 METRICS = "metrics.jsonl"
@@ -39,6 +41,18 @@ CHECKPOINT_STATE = "train_state.json"
 CHECKPOINT_MANIFEST = "manifest.json"
 CHECKPOINT_CONFIG = CONFIG
 CHECKPOINT_LATEST = "latest"
+_STEP_NAME = re.compile(r"step_(\d{7,})")
+
+
+def checkpoint_name(step: int) -> str:
+    """The directory name of the checkpoint of `step`."""
+    return f"step_{step:07d}"
+
+
+def step_of(name: str) -> int | None:
+    """The step a checkpoint directory name stands for, or None for any other name."""
+    m = _STEP_NAME.fullmatch(name)
+    return int(m.group(1)) if m else None
 
 # ---------------------------------------------------------------- a study directory
 STUDY_TOML = "study.toml"

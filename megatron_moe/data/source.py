@@ -80,6 +80,7 @@ class DataSource:
 
     def train_batch(self, step: int) -> np.ndarray:
         """int64 [global_batch_size, seq_length + 1] for 0-based optimizer `step`; identical on every rank."""
+        step += self.cfg.start_batch
         if step < 0 or (self.num_steps is not None and step >= self.num_steps):
             raise ConfigError(f"data schedule provides {self.num_steps} optimizer steps; step {step} asked")
         return self.samples(step * self.global_batch_size, self.global_batch_size)
@@ -242,9 +243,12 @@ def build_data_source(
         ds = DataSource(Path(cfg.path), cfg, seq_length, global_batch_size)
     else:
         ds = DataSource(corpus_dataset(cfg), cfg, seq_length, global_batch_size, builtin=cfg.corpus)
+    if train_steps is not None:
+        train_steps += cfg.start_batch  # the stream a run started at batch k reads: k batches before its own
     if train_steps is not None and ds.num_steps is not None and train_steps > ds.num_steps:
         raise ConfigError(
-            f"train.train_steps = {train_steps} exceeds the {ds.num_steps} steps the data schedule provides "
+            f"train.train_steps{' + data.start_batch' if cfg.start_batch else ''} = {train_steps} exceeds the "
+            f"{ds.num_steps} steps the data schedule provides "
             f"({ds.schedule.total_tokens:,} tokens / ({global_batch_size} x {seq_length}))"
         )
     if train_steps is not None:

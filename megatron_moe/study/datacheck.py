@@ -39,17 +39,18 @@ def data_check(design: Design) -> dict[str, dict[str, dict[str, Any]]]:
         if key not in cache:
             cache[key] = build_data_source(c.data, c.model.seq_length, c.train.global_batch_size)
         ds = cache[key]
-        if ds.num_steps is not None and c.train.train_steps > ds.num_steps:
+        steps = c.train.train_steps + c.data.start_batch  # an upcycled arm's stream includes its dense run's steps
+        if ds.num_steps is not None and steps > ds.num_steps:
             raise ConfigError(
-                f"arm {run.arm}: train.train_steps = {c.train.train_steps} exceeds the {ds.num_steps} steps the data "
-                f"schedule provides (data.seed = {c.data.seed})"
+                f"arm {run.arm}: {steps} steps exceed the {ds.num_steps} steps the data schedule provides "
+                f"(data.seed = {c.data.seed})"
             )
         if ds.vocab_size > c.model.vocab_size:
             raise ConfigError(
                 f"model.vocab_size = {c.model.vocab_size} is smaller than the tokenizer's vocabulary ({ds.vocab_size})"
             )
-        d = ds.describe(c.train.train_steps)
-        note = ds.repeats(c.train.train_steps)
+        d = ds.describe(steps)
+        note = ds.repeats(steps)
         out.setdefault(str(run.seed), {})[run.arm] = {
             **{k: d[k] for k in ("source", "unique_tokens", "consumed_tokens", "epochs", "fingerprint")},
             "data_seed": c.data.seed,

@@ -37,7 +37,7 @@ from megatron_moe.planner.cost import ASSUMED_GPU, ASSUMED_MFU, PEAK_BF16_FLOPS,
 from megatron_moe.planner.memory import MemoryEstimate, estimate_memory
 from megatron_moe.schema import changed_fields, get_dotted
 from megatron_moe.study.records import ArmRecord, PairRecord
-from megatron_moe.study.spec import DENSE_ARMS, StudyConfig, variant_moe
+from megatron_moe.study.spec import DENSE_ARMS, UPCYCLED_ARM, StudyConfig, variant_moe
 from megatron_moe.text import human, human_bytes, table
 
 
@@ -64,9 +64,16 @@ class Arm:
         return tokens_per_step(self.config)
 
     @property
+    def planned_tokens(self) -> int:
+        """Training tokens of one run, an upcycled arm's dense steps included."""
+        return (self.config.train.train_steps + self.config.data.start_batch) * self.tokens_per_step
+
+    @property
     def train_flops(self) -> float:
-        """Training FLOPs of one run of this arm (the exact convention: steps x tokens x FLOPs per token)."""
-        return self.config.train.train_steps * self.tokens_per_step * self.ledger.flops_train_per_token
+        """Training FLOPs of one run of this arm (the exact convention: steps x tokens x FLOPs per token), an upcycled
+        arm's dense steps included at the dense model's FLOPs per token."""
+        own = self.config.train.train_steps * self.tokens_per_step * self.ledger.flops_train_per_token
+        return own + self.match.get("pretrained_flops", 0)
 
     @property
     def gpu_hours(self) -> float:
@@ -90,7 +97,7 @@ class Arm:
             match=self.match,
             train_steps=t.train_steps,
             tokens_per_step=self.tokens_per_step,
-            planned_tokens=t.train_steps * self.tokens_per_step,
+            planned_tokens=self.planned_tokens,
             total_params=led.total_params,
             active_params=led.active_params,
             nonembedding_params=led.nonembedding_params,
@@ -135,7 +142,7 @@ class Design:
         """What makes this design's answer weak before anything trains: arms trained on fewer tokens than they have
         parameters, and arms whose optimizer step counts differ by more than MAX_STEP_RATIO."""
         out = []
-        thin = [(a.name, a.config.train.train_steps * a.tokens_per_step / a.ledger.total_params) for a in self.arms]
+        thin = [(a.name, a.planned_tokens / a.ledger.total_params) for a in self.arms]
         thin = [(name, tpp) for name, tpp in thin if tpp < MIN_TOKENS_PER_PARAM]
         if thin:
             out.append(f"{len(thin)} of {len(self.arms)} arms train on fewer tokens than they have parameters ("
@@ -277,6 +284,10 @@ def derive_arms(
         arms, pairs, family_info = _equal_resources_arms(cfg)
     else:
         for arm in s.arms:
+            if arm == UPCYCLED_ARM:
+                arms, upcycled = _upcycled_arm(cfg, arms)
+                arms.append(upcycled)
+                continue
             if arm == "moe" or arm in s.variants:
                 model = cfg.model if arm == "moe" else dataclasses.replace(cfg.model, moe=variant_moe(cfg, arm))
                 led = ledger(model, tensor, causal_attention=m.causal_attention)
@@ -308,9 +319,53 @@ def derive_arms(
                 pairs.append(PairRecord(name=f"{moe}-vs-moe", baseline="moe", moe=moe,
                                         description=f"the base MoE against {moe}, which differs only in routing "
                                                     "and balancing"))
+        if UPCYCLED_ARM in s.arms:
+            upcycled = next(a for a in arms if a.name == UPCYCLED_ARM)
+            k = upcycled.match["dense_steps"]
+            pairs.append(PairRecord(name="upcycled-vs-dense_active", baseline="dense_active", moe=UPCYCLED_ARM,
+                                    description=f"dense_active against the MoE upcycled from it at step {k}, on the "
+                                                "same tokens"))
+            if "moe" in s.arms:
+                pairs.append(PairRecord(name="upcycled-vs-moe", baseline="moe", moe=UPCYCLED_ARM,
+                                        description=f"the MoE trained from scratch against the MoE upcycled at step {k}"))
     for a in arms:
         validate(a.config, s.nproc_per_node if check_world else None)
     return arms, pairs, family_info
+
+
+def _upcycled_arm(cfg: StudyConfig, arms: list[Arm]) -> tuple[list[Arm], Arm]:
+    """The moe_upcycled arm, and the arms before it with dense_active told to keep the checkpoint it starts from.
+
+    dense_active trains S steps; at step k = upcycle_at x S its checkpoint (kept: train.keep_checkpoints_at, a
+    bookkeeping field, so dense_active's runs are the same runs) becomes the base MoE (`train.init_from`), which trains
+    the remaining S - k steps on the rest of the same data stream (data.start_batch = k). Its tokens are the dense
+    run's k steps plus its own, the budget of every other arm."""
+    from megatron_moe.planner.ledger import ledger
+    from megatron_moe.train.upcycle import check_upcycling
+
+    s, base = cfg.study, cfg.base()
+    dense = next(a for a in arms if a.name == "dense_active")
+    total = dense.config.train.train_steps
+    k = max(1, round(s.upcycle_at * total))
+    if total - k < cfg.train.min_train_steps:
+        raise ConfigError(f"arm {UPCYCLED_ARM}: {total} dense_active steps x (1 - study.upcycle_at = {s.upcycle_at}) "
+                          f"= {total - k} steps left, not above train.lr_warmup_steps = {cfg.train.lr_warmup_steps}")
+    arm_cfg = _arm_config(base, cfg.model, total - k, dataclasses.replace(cfg.data, start_batch=k))
+    try:
+        check_upcycling(arm_cfg, dense.config.model, "dense_active")
+    except ConfigError as exc:
+        raise ConfigError(f"arm {UPCYCLED_ARM}: {exc}") from None
+    kept = dataclasses.replace(dense.config, train=dataclasses.replace(dense.config.train, keep_checkpoints_at=[k]))
+    arms = [dataclasses.replace(a, config=kept) if a is dense else a for a in arms]
+    upcycled = Arm(
+        name=UPCYCLED_ARM, contract="upcycled", config=arm_cfg,
+        ledger=ledger(cfg.model, cfg.parallel.tensor, causal_attention=s.match.causal_attention),
+        changed_fields=_changed(base, arm_cfg),
+        match={"quantity": "training tokens, the dense_active run's first steps included", "dense_steps": k,
+               "pretrained_tokens": k * tokens_per_step(cfg), "upcycle_at": s.upcycle_at,
+               "pretrained_flops": k * tokens_per_step(cfg) * dense.ledger.flops_train_per_token},
+    )
+    return arms, upcycled
 
 
 def run_data_seed(cfg: StudyConfig, seed: int) -> int:
@@ -323,14 +378,20 @@ def design_study(cfg: StudyConfig, out_dir: str | Path | None = None, *, check_w
     """Arms and runs of a study; run directories are `out_dir/runs/<arm>-s<seed>-<hash>`."""
     out = Path(out_dir or cfg.study.output_dir or Path("runs") / "study" / cfg.study.name).resolve()
     arms, pairs, family = derive_arms(cfg, check_world=check_world)
-    runs = []
+    runs: list[Run] = []
     for arm in arms:
         for seed in cfg.study.seeds:
             rc = dataclasses.replace(arm.config, train=dataclasses.replace(arm.config.train, seed=seed),
                                      data=dataclasses.replace(arm.config.data, seed=run_data_seed(cfg, seed)))
+            source = None
+            if arm.name == UPCYCLED_ARM:  # the dense_active run of this seed, at step k; hashed relative to runs/
+                dense = next(r for r in runs if r.arm == "dense_active" and r.seed == seed)
+                source = f"{dense.name}/{directories.CHECKPOINTS}/{directories.checkpoint_name(arm.match['dense_steps'])}"
+                rc = dataclasses.replace(rc, train=dataclasses.replace(rc.train, init_from=source))
             h = run_hash(rc)
             run_dir = out / directories.RUNS / f"{arm.name}-s{seed}-{h}"
-            rc = dataclasses.replace(rc, train=dataclasses.replace(rc.train, output_dir=str(run_dir),
+            init = {"init_from": str(out / directories.RUNS / source)} if source else {}
+            rc = dataclasses.replace(rc, train=dataclasses.replace(rc.train, output_dir=str(run_dir), **init,
                                                                    **_sink_names(rc, cfg.study.name, arm.name, seed)))
             runs.append(Run(arm=arm.name, seed=seed, config=rc, hash=h, dir=run_dir))
     return Design(study=cfg, out_dir=out, arms=tuple(arms), runs=tuple(runs), pairs=tuple(pairs), family=family)
@@ -362,7 +423,7 @@ def format_arms(design: Design, world_size: int, on_gpu: bool) -> str:
     rows = []
     for a in design.arms:
         led, m = a.ledger, a.config.model
-        resid = f"{a.match['residual_pct']:+.3f}" if a.match else "-"
+        resid = f"{a.match['residual_pct']:+.3f}" if "residual_pct" in a.match else "-"
         # planned unique tokens and epochs of an equal-resources arm; the data check reports the rest
         unique = human(a.match["unique_tokens"]) if "unique_tokens" in a.match else "-"
         repeats = f"{a.match['repeats']:.2f}" if "repeats" in a.match else "-"
@@ -370,7 +431,7 @@ def format_arms(design: Design, world_size: int, on_gpu: bool) -> str:
         changes = ", ".join(f"{f.removeprefix('model.')}={get_dotted(a.config, f)}" for f in a.changed_fields)
         rows.append([a.name, human(led.total_params), human(led.active_params), human(led.nonembedding_params),
                      f"{led.r_a:.3f}", *map(str, gran), human(led.flops_train_per_token),
-                     str(a.config.train.train_steps), human(a.config.train.train_steps * a.tokens_per_step), unique,
+                     str(a.config.train.train_steps), human(a.planned_tokens), unique,
                      repeats, f"{a.train_flops:.3g}", _hours(a.gpu_hours),
                      human_bytes(a.memory(world_size, on_gpu).per_gpu.total), resid, changes or "-"])
     runs = len(design.study.study.seeds)
@@ -384,7 +445,7 @@ def format_arms(design: Design, world_size: int, on_gpu: bool) -> str:
               "N; E = routed experts, K = top-k, D_e = expert FFN width, D_se = shared-expert FFN width"
               + (" (a shared expert is present)" if shared else " (0 = no shared expert)")
               + "; FLOPs/tok = training FLOPs per token; steps and tokens per run; unique tokens and epochs of the "
-              "data plan; train FLOPs and GPU-h per run; mem = estimated peak per "
+              "data plan (an upcycled arm's tokens and FLOPs include the dense steps it starts after); train FLOPs and GPU-h per run; mem = estimated peak per "
               + ("GPU" if on_gpu else "process") + f" on world size {world_size} (`megatron-moe plan` itemises it); "
               "resid = residual of the match")
     return "\n".join([*table(header, rows, "l" + "r" * (len(header) - 2) + "l"), legend, cost])

@@ -229,6 +229,14 @@ def load_run(study_dir: Path, entry: RunEntry, allow_damaged: bool = False) -> R
 
 
 def load_study_dir(study_dir: str | Path, allow_damaged: bool = False) -> tuple[StudyRecord, list[RunData]]:
-    """The study record (study.json) and every run it lists."""
+    """The study record (study.json) and every run it lists. An upcycled arm's steps are counted on its data stream,
+    from the start of the dense run it began from (its step 1 is that run's step k + 1), so that its tokens and its
+    curves include the dense steps, as its budget does."""
     record = load_study_record(study_dir)
-    return record, [load_run(Path(study_dir), e, allow_damaged) for e in record.runs]
+    offset = {a.name: int(a.match.get("dense_steps", 0)) for a in record.arms}
+    runs = [load_run(Path(study_dir), e, allow_damaged) for e in record.runs]
+    for r in runs:
+        if offset.get(r.arm):
+            r.train = [{**row, "step": row["step"] + offset[r.arm]} for row in r.train]
+            r.evals = [{**row, "step": row["step"] + offset[r.arm]} for row in r.evals]
+    return record, runs

@@ -507,6 +507,11 @@ def launch_study(cfg: StudyConfig, lc: LaunchConfig, out_dir: str | Path | None 
     if data is not None:
         refuse_unequal_data(data)
     todo = _runs_to_submit(design, check_queue=not dry_run, echo=echo)
+    waiting = [r for r in todo if r.config.train.init_from and not Path(r.config.train.init_from).is_dir()]
+    for run in waiting:  # jobs do not wait for each other: an upcycled run goes in once its checkpoint exists
+        echo(f"  waits   {run.name}: starts from {run.config.train.init_from}, not there yet; launch again once "
+             "that dense run has passed that step")
+    todo = [r for r in todo if r not in waiting]
     if not todo:
         echo("nothing to submit")
         return 0

@@ -42,7 +42,9 @@ DATA_ORDERS: tuple[str, ...] = typing.get_args(DataOrder)
 DENSE_ARMS = {f"dense_{contract}": contract for contract in CONTRACTS}
 """The dense arms by name, each matched to the base MoE under its contract (`planner.match.CONTRACTS`)."""
 MATCHED_ARMS = ("moe", *DENSE_ARMS)
-ARM_CHOICES = (*MATCHED_ARMS, "equal_resources")
+UPCYCLED_ARM = "moe_upcycled"
+"""The base MoE upcycled from the dense_active run of its seed partway through, for the rest of that run's tokens."""
+ARM_CHOICES = (*MATCHED_ARMS, UPCYCLED_ARM, "equal_resources")
 VARIANT_FIELDS = ("score_function", "topk_renormalize", "aux_loss", "aux_loss_coeff", "z_loss_coeff",
                   "expert_bias_update_rate")
 """[model.moe] fields a study variant may change: routing and balancing only, which change no parameter count,
@@ -123,7 +125,8 @@ class StudySpec:
     name: str = ""
     """Study name (default: the study file's stem)."""
     arms: list[str] = field(default_factory=lambda: ["dense_active", "moe", "dense_total"])
-    """Arms by contract: moe, dense_active, dense_total, dense_flops, or equal_resources (alone)."""
+    """Arms by contract: moe, dense_active, dense_total, dense_flops, moe_upcycled (after dense_active), or
+    equal_resources (alone)."""
     seeds: list[int] = field(default_factory=lambda: [1, 2, 3])
     """Run seeds: train.seed = seed; data.seed = the study's data.seed + seed unless data_order = "shared"."""
     data_order: DataOrder = "per_seed"
@@ -138,6 +141,9 @@ class StudySpec:
     """Processes per run (> 1: each run under torch.distributed.run)."""
     keep_checkpoints: bool = True
     """Keep a run's checkpoints/ once it is complete (false: delete them; metrics and result stay)."""
+    upcycle_at: float = 0.5
+    """moe_upcycled: the share of dense_active's steps after which the MoE takes over from that run's checkpoint; it
+    then trains the rest of dense_active's tokens, continuing its data stream (the dense steps count in its tokens)."""
     variants: dict[str, dict] = field(default_factory=dict)
     """More MoE arms, by name: [study.variants.<name>] holds the [model.moe] routing and balancing fields
     (VARIANT_FIELDS) in which the arm differs from the base MoE; list the name in arms."""
@@ -223,6 +229,16 @@ def validate_study(cfg: StudyConfig, *, check_world: bool = True) -> None:
             "study.arms: equal_resources expands into its own dense baseline and MoE arms with a different data "
             "budget; put it alone in a study"
         )
+    if UPCYCLED_ARM in s.arms:
+        if "dense_active" not in s.arms or s.arms.index("dense_active") > s.arms.index(UPCYCLED_ARM):
+            raise ConfigError(f"study.arms = {s.arms}: {UPCYCLED_ARM} starts from the dense_active run of its seed; list "
+                              "dense_active before it")
+        if not s.keep_checkpoints:
+            raise ConfigError(f"study.keep_checkpoints = false deletes the dense_active checkpoints {UPCYCLED_ARM} "
+                              "starts from; keep them")
+        if not 0 < s.upcycle_at < 1:
+            raise ConfigError(f"study.upcycle_at = {s.upcycle_at} must be in (0, 1): the share of dense_active's steps "
+                              "before the MoE takes over")
     if not s.seeds or len(set(s.seeds)) != len(s.seeds):
         raise ConfigError(f"study.seeds = {s.seeds} must be a non-empty list of distinct seeds")
     if s.data_order not in DATA_ORDERS:  # the loader checks this too; a StudyConfig built in code is not loaded

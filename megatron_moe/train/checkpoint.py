@@ -29,7 +29,6 @@ import json
 import math
 import os
 import pickle
-import re
 import shutil
 import zlib
 from contextlib import contextmanager
@@ -42,6 +41,7 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_moe import directories
+from megatron_moe.directories import checkpoint_name, step_of
 from megatron_moe.config import ConfigError, RunConfig
 from megatron_moe.schema import save_toml
 from megatron_moe.files import atomic_write_bytes, atomic_write_json, atomic_write_text
@@ -54,7 +54,6 @@ TRAIN_STATE, MANIFEST, CONFIG, LATEST = (directories.CHECKPOINT_STATE, directori
 CHECKSUM_MAX_BYTES = 64 << 20
 """Files up to this size get a CRC-32 in the manifest; larger shards are checked by size only (reading a
 multi-GB checkpoint through a checksum on every resume would cost minutes)."""
-_STEP_NAME = re.compile(r"step_(\d{7,})")
 _REQUIRED = (TRAIN_STATE, "metadata.json", ".metadata", "common.pt")
 
 
@@ -122,16 +121,6 @@ class Checkpointable:
     """The run's config, saved beside the states (the resume check compares against it)."""
     parts: dict[str, Stateful] = field(default_factory=dict)
     """More states by name, saved in train_state.json (the expert-load window)."""
-
-
-def checkpoint_name(step: int) -> str:
-    return f"step_{step:07d}"
-
-
-def step_of(name: str) -> int | None:
-    """The step a checkpoint directory name stands for, or None for any other name."""
-    m = _STEP_NAME.fullmatch(name)
-    return int(m.group(1)) if m else None
 
 
 def _first_line(exc: BaseException) -> str:
@@ -494,17 +483,18 @@ def save_checkpoint(run: Checkpointable, root: Path) -> Path:
             atomic_write_text(root / LATEST, name + "\n")
         except OSError:
             pass  # a hint only: resuming finds the newest verified checkpoint without it
-        _prune(root, final)
+        _prune(root, final, keep=run.config.train.keep_checkpoints_at)
     dist.barrier()
     return final
 
 
-def _prune(root: Path, newest: Path) -> None:
-    """Keep `newest` and the KEEP - 1 newest older checkpoints that verify; delete the older ones. Checkpoints
-    newer than `newest` (left by an attempt that was then resumed from an older one) are left alone."""
+def _prune(root: Path, newest: Path, keep: list[int] = ()) -> None:
+    """Keep `newest` and the KEEP - 1 newest older checkpoints that verify; delete the older ones, except those of
+    the steps in `keep`. Checkpoints newer than `newest` (left by an attempt that was then resumed from an older one)
+    are left alone."""
     step = step_of(newest.name)
-    older = sorted((p for p in root.glob("step_*") if (s := step_of(p.name)) is not None and s < step),
-                   key=lambda p: -step_of(p.name))
+    older = sorted((p for p in root.glob("step_*") if (s := step_of(p.name)) is not None and s < step
+                    and s not in keep), key=lambda p: -step_of(p.name))
     kept = 1
     for path in older:
         if kept < KEEP and verify_checkpoint(path) is None:

@@ -505,7 +505,7 @@ class Trainer:
 
     def _save_due(self, at_end: bool) -> bool:
         interval = self.cfg.train.save_interval
-        return bool(interval) and (self.step % interval == 0 or at_end)
+        return (bool(interval) and (self.step % interval == 0 or at_end)) or self.step in self.cfg.train.keep_checkpoints_at
 
     def _stop(self, signum: int, saved: bool, meter: ThroughputMeter) -> NoReturn:
         """Save (unless this step already did), leave the preemption marker, raise `Preempted`."""

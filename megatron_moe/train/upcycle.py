@@ -1,4 +1,5 @@
-"""Dense-to-MoE upcycling (`train.init_from`): an MoE run that starts from a dense run's newest checkpoint.
+"""Dense-to-MoE upcycling (`train.init_from`): an MoE run that starts from a dense run's checkpoint (its newest, or a
+named one).
 
 The trunk (embeddings, attention, norms, output layer) is the dense model's; every routed expert of an MoE layer
 starts as a copy of that layer's dense FFN, or with granular upcycling (expert width = dense width / g, g dividing
@@ -26,18 +27,19 @@ TRUNK_FIELDS = ("vocab_size", "num_layers", "hidden_size", "num_attention_heads"
 
 
 def check_upcycling(cfg: RunConfig, source: ModelConfig, where: str) -> None:
-    """Refuse (ConfigError, one line) an upcycling megatron-core cannot do faithfully."""
+    """Refuse (ConfigError, one line, naming the source as `where` says) an upcycling megatron-core cannot do
+    faithfully."""
     m = cfg.model
     if source.is_moe:
-        raise ConfigError(f"train.init_from = {where!r} is an MoE run; upcycling starts from a dense run")
+        raise ConfigError(f"{where} is an MoE run; upcycling starts from a dense run")
     if not m.is_moe:
-        raise ConfigError(f"train.init_from = {where!r}: upcycling makes an MoE from a dense run, and this model is "
-                          "dense (set model.moe.num_experts)")
+        raise ConfigError(f"{where}: upcycling makes an MoE from a dense run, and this model is dense (set "
+                          "model.moe.num_experts)")
     differ = [f for f in TRUNK_FIELDS if getattr(source, f) != getattr(m, f)]
     if differ:
         f = differ[0]
-        raise ConfigError(f"train.init_from = {where!r} has model.{f} = {getattr(source, f)!r}, this run "
-                          f"{getattr(m, f)!r}; the upcycled MoE keeps the dense run's trunk")
+        raise ConfigError(f"{where} has model.{f} = {getattr(source, f)!r}, this run {getattr(m, f)!r}; the upcycled "
+                          "MoE keeps the dense run's trunk")
     if m.moe.first_k_dense or m.moe.every_n != 1:
         raise ConfigError("upcycling (train.init_from) needs MoE in every layer (model.moe.first_k_dense = 0, "
                           "model.moe.every_n = 1): megatron-core's conversion takes one FFN as the template of all")
@@ -54,15 +56,24 @@ def check_upcycling(cfg: RunConfig, source: ModelConfig, where: str) -> None:
 
 
 def source_run(cfg: RunConfig) -> tuple[RunConfig, Path]:
-    """The dense run `train.init_from` names: its config and newest verified checkpoint, checked against `cfg`."""
-    from megatron_moe.train.checkpoint import find_checkpoint
+    """The dense run `train.init_from` names, as a run directory (its newest verified checkpoint) or as one of its
+    checkpoints (`RUN/checkpoints/step_NNNNNNN`): its config and that checkpoint, checked against `cfg`."""
+    from megatron_moe.train.checkpoint import find_checkpoint, verify_checkpoint
 
     where = cfg.train.init_from
-    run_dir = Path(where)
+    path = Path(where)
+    one = path.parent.name == directories.CHECKPOINTS
+    run_dir = path.parent.parent if one else path
     if not (run_dir / directories.CONFIG).is_file():
-        raise ConfigError(f"train.init_from = {where!r} is not a run directory (no {directories.CONFIG})")
+        raise ConfigError(f"train.init_from = {where!r} is not a run directory nor one of its checkpoints (no "
+                          f"{directories.CONFIG})")
     source = load_run_config(run_dir / directories.CONFIG)
-    check_upcycling(cfg, source.model, where)
+    check_upcycling(cfg, source.model, f"train.init_from = {where!r}")
+    if one:
+        why = "it does not exist (the dense run has not reached that step)" if not path.is_dir() else verify_checkpoint(path)
+        if why:
+            raise ConfigError(f"train.init_from = {where!r} cannot be started from: {why}")
+        return source, path
     checkpoint, _ = find_checkpoint(run_dir / directories.CHECKPOINTS)
     if checkpoint is None:
         raise ConfigError(f"train.init_from = {where!r} has no checkpoint to start from (train it with "

@@ -83,9 +83,23 @@ def _write(tmp_path: Path, text: str = MINI, name: str = "mini.toml") -> Path:
     ("study.match.tolerance_pct=-1", r"study.match.tolerance_pct = -1.0 must be > 0"),
     ("study.budget_flops=nan", r"study.budget_flops = nan is not allowed; expected a finite number"),
     ("study.data_order='per_arm'", r"study.data_order = 'per_arm' is not allowed; expected one of 'per_seed', 'shared'"),
+    ("study.arms=['moe_upcycled', 'dense_active']", r"moe_upcycled starts from the dense_active run of its seed; list "
+                                                     "dense_active before it"),
+    ("study.arms=['moe', 'moe_upcycled']", r"list dense_active before it"),
+    ("study.arms=['dense_active', 'moe_upcycled']\nstudy.keep_checkpoints=false", None),
+    ("study.upcycle_at=1.0", r"study.upcycle_at = 1.0 must be in \(0, 1\)"),
 ])
 def test_bad_study_specs_fail_with_one_line(tmp_path, override, message):
     path = _write(tmp_path)
+    if "keep_checkpoints" in override:
+        with pytest.raises(ConfigError, match="study.keep_checkpoints = false deletes the dense_active checkpoints"):
+            load_study(path, override.split("\n"))
+        return
+    if override.startswith("study.upcycle_at"):
+        override = [override, "study.arms=['dense_active', 'moe_upcycled']"]
+        with pytest.raises(ConfigError, match=message):
+            load_study(path, override)
+        return
     if message is None:  # budget_tokens alone is fine; with budget_flops it is not
         load_study(path, [override])
         override, message = "study.budget_flops=1e12", "are both set; set one"
@@ -590,3 +604,60 @@ def test_a_design_warns_about_thin_budgets_and_unequal_step_counts(tmp_path):
     lines: list[str] = []
     runner.run_study(load_study(_write(tmp_path)), tmp_path / "mini", dry_run=True, echo=lines.append)
     assert f"warning: {thin}" in lines
+
+
+# ---------------------------------------------------------------- the upcycled arm
+
+UPCYCLED = ["study.arms=['dense_active', 'moe', 'moe_upcycled']", "study.seeds=[1]", "train.train_steps=6",
+            "train.eval_interval=3", "study.upcycle_at=0.5"]
+
+
+def test_the_upcycled_arm_continues_dense_active_from_its_step_k(tmp_path):
+    """moe_upcycled starts from the checkpoint dense_active keeps at step k = upcycle_at x its steps, trains the rest of
+    the same stream, and counts the dense steps in its tokens and FLOPs; dense_active's runs stay the same runs."""
+    path = _write(tmp_path)
+    design = design_study(load_study(path, UPCYCLED), tmp_path / "s")
+    plain = design_study(load_study(path, [UPCYCLED[0].replace(", 'moe_upcycled'", ""), *UPCYCLED[1:]]), tmp_path / "s")
+    arms = {a.name: a for a in design.arms}
+    dense, up = arms["dense_active"], arms["moe_upcycled"]
+    assert dense.config.train.keep_checkpoints_at == [3] and up.match["dense_steps"] == 3
+    assert up.config.train.train_steps == 3 and up.config.data.start_batch == 3
+    assert up.config.model == arms["moe"].config.model  # the base MoE
+    assert up.planned_tokens == dense.planned_tokens == 6 * 8 * 32
+    assert up.train_flops == 3 * 8 * 32 * (dense.ledger.flops_train_per_token + up.ledger.flops_train_per_token)
+    runs = {r.arm: r for r in design.runs}
+    assert runs["dense_active"].hash == next(r.hash for r in plain.runs if r.arm == "dense_active")
+    assert runs["moe_upcycled"].config.train.init_from == str(runs["dense_active"].dir / "checkpoints" / "step_0000003")
+    assert [(p.name, p.baseline, p.moe) for p in design.pairs][-2:] == [
+        ("upcycled-vs-dense_active", "dense_active", "moe_upcycled"), ("upcycled-vs-moe", "moe", "moe_upcycled")]
+    # the study's location does not enter the hash: the source checkpoint is hashed relative to runs/
+    moved = design_study(load_study(path, UPCYCLED), tmp_path / "elsewhere")
+    assert [r.hash for r in moved.runs] == [r.hash for r in design.runs]
+    # a dense arm that is not the MoE's trunk cannot be upcycled: refused when the study is designed
+    with pytest.raises(ConfigError, match="arm moe_upcycled: .* has model.hidden_size = \d+, this run 64; the upcycled MoE keeps the dense run.s trunk"):
+        design_study(load_study(path, [*UPCYCLED, "study.match.resize='ffn+hidden'"]), tmp_path / "w")
+
+
+@pytest.mark.slow  # three short trainings
+def test_an_upcycled_arm_runs_in_a_study_and_is_reported_on_its_tokens(tmp_path):
+    path = _write(tmp_path)
+    out = tmp_path / "s"
+    proc = cli("study", "run", str(path), *UPCYCLED, "-o", str(out), "--quiet")
+    assert "moe_upcycled seed 1: starting 3 steps" in proc.stdout
+    design = design_study(load_study(path, UPCYCLED), out)
+    runs = {r.arm: r for r in design.runs}
+    assert (runs["dense_active"].dir / "checkpoints" / "step_0000003").is_dir()  # kept past the last two
+    log = (runs["moe_upcycled"].dir / directories.TRAIN_LOG).read_text()
+    assert f"upcycled from {runs['dense_active'].dir / 'checkpoints' / 'step_0000003'}" in log
+    assert "each of the 4 experts one of 2 slices of its FFN (granular upcycling)" in log
+    # its first step reads batch 3 of the stream: what dense_active's step 4 read
+    up_rows, dense_rows = train_rows(runs["moe_upcycled"].dir), train_rows(runs["dense_active"].dir)
+    assert up_rows[0]["tokens"] == dense_rows[3]["tokens"]
+    cli("study", "report", str(out))
+    results = load_results(out / directories.RESULTS)
+    arm = next(a for a in results.arms if a["arm"] == "moe_upcycled")
+    assert arm["seeds"] == [1]
+    run = next(r for r in results.runs if r["arm"] == "moe_upcycled")
+    assert run["steps"] == 6 and run["last_eval_step"] == 6  # counted on the stream: the dense steps included
+    gap = next(g for g in results.gaps if g["name"] == "upcycled-vs-dense_active")
+    assert [p["step"] for p in gap["over_training"]] == [6] and gap["over_training"][0]["tokens"] == 6 * 8 * 32
