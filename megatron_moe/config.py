@@ -33,12 +33,19 @@ HASHED_ROLES = frozenset(ROLES) - {"bookkeeping"}
 RESUMABLE_ROLES = frozenset({"schedule", "layout", "bookkeeping"})
 
 
-def _role(role: str, default: Any) -> Any:
-    """A field whose role is not `trains`."""
+def _role(role: str, default: Any, *, added: bool = False) -> Any:
+    """A field whose role is not `trains` (`added`: see `_added`)."""
     assert role in ROLES, role
+    meta = {"role": role, "added": added}
     if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"role": role})
-    return field(default=default, metadata={"role": role})
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _added(default: Any, role: str = "trains") -> Any:
+    """A field added after run hashes were first recorded: left out of the hash while it holds its default, so the
+    runs of a study made before it keep their directories (`RunConfig.hashed`)."""
+    return _role(role, default, added=True)
 
 
 @dataclass
@@ -152,6 +159,8 @@ class ParallelConfig:
     """Expert-parallel size (must divide num_experts and the data x tensor ranks)."""
     sequence_parallel: bool = _role("layout", False)
     """Sequence parallelism (needs tensor > 1)."""
+    context: int = _added(1, "layout")
+    """Context-parallel size (Megatron-LM's --context-parallel-size): 1 only, see `validate`."""
 
     def data_parallel_size(self, world_size: int) -> int:
         """Data-parallel replicas in a world of `world_size` processes (validate checks divisibility)."""
@@ -179,7 +188,7 @@ class DataConfig:
     """Passes over the unique tokens, fractional allowed (0 = repeat as long as training asks)."""
     consumed_tokens: int = 0
     """Alternative to epochs: total training tokens the schedule provides (0 = unset)."""
-    start_batch: int = 0
+    start_batch: int = _added(0)
     """The first global batch of the data stream this run trains on (0 = the start): a run upcycled from a dense run's
     checkpoint at step k continues that run's stream at batch k."""
 
@@ -234,24 +243,24 @@ class TrainConfig:
     """auto = fp32 on CPU, bf16 on GPU; fp8 needs Transformer Engine on Hopper."""
     distributed_optimizer: bool = False
     """Shard optimizer state over data-parallel ranks."""
-    overlap_grad_reduce: bool = _role("layout", False)
+    overlap_grad_reduce: bool = _added(False, "layout")
     """Reduce each gradient bucket while the backward pass goes on (Megatron-LM's --overlap-grad-reduce)."""
-    overlap_param_gather: bool = _role("layout", False)
+    overlap_param_gather: bool = _added(False, "layout")
     """With the distributed optimizer: gather the updated parameters bucket by bucket during the next forward pass
     (Megatron-LM's --overlap-param-gather)."""
-    init_from: str = ""
+    init_from: str = _added("")
     """Upcycle: start this MoE from the newest checkpoint of this dense run directory, or from one of its checkpoints
     (RUN/checkpoints/step_NNNNNNN) (same trunk; every expert a
     copy of the dense FFN, or a slice of it when the expert width divides the dense width; the router fresh). Empty =
     start from random weights."""
-    recompute_granularity: Literal["", "selective", "full"] = _role("layout", "")
+    recompute_granularity: Literal["", "selective", "full"] = _added("", "layout")
     """Activation recomputation (Megatron-LM's --recompute-granularity): "" = none; "full" recomputes whole
     transformer layers in the backward pass, keeping only each layer's input; "selective" recomputes the
     recompute_modules only."""
-    recompute_modules: list[str] = _role("layout", ["core_attn"])
+    recompute_modules: list[str] = _added(["core_attn"], "layout")
     """What "selective" recomputes (Megatron-LM's --recompute-modules): any of core_attn, layernorm, mlp, moe,
     shared_experts, moe_act (moe_act needs grouped GEMM)."""
-    recompute_num_layers: int = _role("layout", 1)
+    recompute_num_layers: int = _added(1, "layout")
     """With "full": layers per recomputed unit (Megatron-LM's --recompute-num-layers, --recompute-method uniform)."""
     log_interval: int = _role("bookkeeping", 10)
     """Steps between progress lines."""
@@ -330,6 +339,19 @@ class RunConfig:
                 del node[last]
         return d
 
+    def hashed(self) -> dict[str, Any]:
+        """What a run hash covers: `to_dict()` less the bookkeeping fields and the fields added later that hold their
+        defaults (`_added`)."""
+        d = self.without({"bookkeeping"})
+        for name, default in added_defaults().items():
+            *parents, last = name.split(".")
+            node = d
+            for key in parents:
+                node = node[key]
+            if node.get(last) == default:
+                del node[last]
+        return d
+
     def with_model(self, model: ModelConfig) -> RunConfig:
         """This run with another model; a dense model gets parallel.expert = 1 (it has no experts)."""
         parallel = self.parallel if model.is_moe else dataclasses.replace(self.parallel, expert=1)
@@ -349,6 +371,19 @@ def field_roles(cls: type = None, prefix: str = "") -> dict[str, str]:
             out.update(field_roles(hints[f.name], f"{prefix}{f.name}."))
         else:
             out[f"{prefix}{f.name}"] = f.metadata.get("role", "trains")
+    return out
+
+
+def added_defaults(cls: type = None, prefix: str = "") -> dict[str, Any]:
+    """The fields marked `_added`, by dotted name, with their defaults."""
+    cls = cls or RunConfig
+    out: dict[str, Any] = {}
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            out.update(added_defaults(hints[f.name], f"{prefix}{f.name}."))
+        elif f.metadata.get("added"):
+            out[f"{prefix}{f.name}"] = f.default_factory() if f.default is dataclasses.MISSING else f.default
     return out
 
 
@@ -454,6 +489,11 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
         _positive(getattr(p, name), f"parallel.{name}")
     validate_model(cfg.model, p.tensor, p.expert, p.pipeline)
     cfg.data.validate()
+    if p.context != 1:
+        raise ConfigError(f"parallel.context = {p.context}: context parallelism is not offered (it needs Transformer "
+                          "Engine's attention and every sequence split over ranks on the data path, which megatron-moe "
+                          "does not do); for long sequences use parallel.tensor with parallel.sequence_parallel and "
+                          "train.recompute_granularity")
     if p.sequence_parallel and p.tensor == 1:
         raise ConfigError("parallel.sequence_parallel = true needs parallel.tensor > 1")
     if cfg.model.is_moe and p.tensor > 1 and not p.sequence_parallel:

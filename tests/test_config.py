@@ -76,6 +76,8 @@ def test_strict_loading_names_the_dotted_path(data, message):
           "model.moe.num_experts=4"], 1, "train.recompute_modules 'moe_act' needs model.moe.grouped_gemm = true"),
         (["train.recompute_granularity='some'"], 1, "train.recompute_granularity = 'some' is not allowed"),
         (["train.overlap_param_gather=true"], 1, "train.overlap_param_gather = true needs train.distributed_optimizer"),
+        (["parallel.context=2"], 2, "parallel.context = 2: context parallelism is not offered (it needs Transformer "
+                                    "Engine's attention"),
     ],
 )
 def test_validation_spells_out_the_arithmetic(overrides, world, message):
@@ -141,7 +143,7 @@ def test_every_field_has_a_role_and_resume_may_change_exactly_the_resumable_ones
     roles = field_roles()
     assert set(roles.values()) <= set(ROLES) and len(roles) > 60
     assert {k for k, r in roles.items() if r == "layout"} == {
-        *(f"parallel.{n}" for n in ("tensor", "pipeline", "expert", "sequence_parallel")),
+        *(f"parallel.{n}" for n in ("tensor", "pipeline", "expert", "sequence_parallel", "context")),
         *(f"train.recompute_{n}" for n in ("granularity", "modules", "num_layers")),
         "train.overlap_grad_reduce", "train.overlap_param_gather"}
     assert roles["train.eval_interval"] == "schedule" and roles["train.eval_iters"] == "measures"

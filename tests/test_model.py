@@ -216,3 +216,40 @@ def test_every_balancing_method_the_config_allows_is_in_the_one_table():
 
     assert set(BALANCING) == set(typing.get_args(typing.get_type_hints(MoEConfig)["aux_loss"]))
     assert len({b.router_type for b in BALANCING.values()}) == len({b.tracked for b in BALANCING.values()}) == 3
+
+
+def _saved_bytes(model, tokens) -> int:
+    """Bytes of the distinct tensors autograd keeps from one forward pass for the backward (parameters aside)."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params:
+            saved[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    positions = torch.arange(tokens.shape[1]).unsqueeze(0).expand(tokens.shape[0], -1)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(tokens, positions, None, labels=tokens).sum()
+    loss.backward()  # recomputed forwards run here, outside the count
+    return sum(saved.values())
+
+
+def test_recomputation_keeps_fewer_activations(single_process):
+    # The losses do not change with recomputation (tests/test_parallel.py); what does is what the forward pass keeps:
+    # full recomputation keeps each layer's input, selective drops the modules it recomputes.
+    from megatron_moe.config import TrainConfig
+    from megatron_moe.model import build_model, recompute_options
+
+    m = ModelConfig(vocab_size=256, seq_length=64, num_layers=4, hidden_size=64, num_attention_heads=4,
+                    ffn_hidden_size=256, moe=MoEConfig(num_experts=4, top_k=2, expert_ffn_hidden_size=64,
+                                                       first_k_dense=2))
+    tokens = torch.randint(0, 256, (4, 64), generator=torch.Generator().manual_seed(0))
+    kept = {}
+    for name, t in {"none": TrainConfig(), "full": TrainConfig(recompute_granularity="full"),
+                    "selective": TrainConfig(recompute_granularity="selective", recompute_modules=["mlp", "moe"])}.items():
+        model = build_model(m, ParallelConfig(), use_te=False, recompute=recompute_options(t))
+        kept[name] = _saved_bytes(model, tokens)
+    assert kept["full"] < 0.5 * kept["none"], kept
+    assert kept["selective"] < 0.8 * kept["none"], kept

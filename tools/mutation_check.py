@@ -1,7 +1,11 @@
 #!/usr/bin/env python
 """Plant known bugs, one at a time, in a copy of the package and check that the tests meant to catch each do.
 
-Each mutant names one exact piece of source, what replaces it, and the tests that must fail with it in place.
+Each mutant names a function or method by its qualified name in a module (found in the module's syntax tree, so
+nesting and position do not matter), a piece of source inside that function, what replaces it, and the tests that
+must fail with it in place. A mutant whose function is missing, whose text is not found exactly once inside it,
+or whose replacement leaves the syntax tree unchanged (a no-op) fails the check: a refactor cannot silently
+retire a mutant.
 The copy lives in a temporary directory (package, tests, pyproject.toml); the tests run there, so subprocesses
 started by the tests (`python -m megatron_moe.cli ...` with the copy as working directory) also see the mutant.
 Prints a table of mutant, tests run and caught or not; exits 1 when a mutant survives or no longer applies.
@@ -12,6 +16,7 @@ Prints a table of mutant, tests run and caught or not; exits 1 when a mutant sur
 
 from __future__ import annotations
 
+import ast
 import os
 import shutil
 import subprocess
@@ -29,6 +34,8 @@ class Mutant:
     name: str
     claim: str
     path: str
+    function: str
+    """Qualified name of the function holding `find` ("Class.method", "outer.inner")."""
     find: str
     replace: str
     tests: tuple[str, ...]
@@ -36,89 +43,118 @@ class Mutant:
 
 MUTANTS = (
     Mutant("residual-as-fraction", "residuals are (achieved - target) / target in percent",
-           "megatron_moe/planner/match.py", "residual_pct=100.0 * (achieved - target) / target,",
+           "megatron_moe/planner/match.py", "match_dense", "residual_pct=100.0 * (achieved - target) / target,",
            "residual_pct=(achieved - target) / target,",
            ("tests/planner/test_planner.py::test_match_dense_residual_and_diff",)),
     Mutant("family-residual-as-fraction", "equal-resources arms report their residual against N in percent",
-           "megatron_moe/planner/family.py", "params_residual_pct=100.0 * (led.nonembedding_params - n_total) / n_total,",
+           "megatron_moe/planner/family.py", "equal_resources_family.member", "params_residual_pct=100.0 * (led.nonembedding_params - n_total) / n_total,",
            "params_residual_pct=(led.nonembedding_params - n_total) / n_total,",
            ("tests/planner/test_planner.py::test_equal_resources_family",)),
     Mutant("ledger-drops-router", "the ledger equals the parameter count of the built megatron-core model",
-           "megatron_moe/planner/ledger.py", "router = s.moe_layers * s.experts * d", "router = 0",
+           "megatron_moe/planner/ledger.py", "numbers_of", "router = s.moe_layers * s.experts * d", "router = 0",
            ("tests/planner/test_planner.py::test_ledger_equals_built_model",)),
     Mutant("fingerprint-head-only", "the data fingerprint covers the whole sample stream",
-           "megatron_moe/data/source.py", "                h.update(sch.epoch_order(epoch)[0].tobytes())\n",
+           "megatron_moe/data/source.py", "DataSource.fingerprint", "                h.update(sch.epoch_order(epoch)[0].tobytes())\n",
            "                pass\n",
            ("tests/data/test_data.py::test_fingerprint_sees_a_change_in_a_later_epochs_order",)),
     Mutant("verify-skips-token-range", "--verify checks every token id against the vocabulary",
-           "megatron_moe/data/store.py", "        if top >= vocab or (len(tokens) and int(tokens.min()) < 0):",
+           "megatron_moe/data/store.py", "verify_dataset", "        if top >= vocab or (len(tokens) and int(tokens.min()) < 0):",
            "        if False:",
            ("tests/data/test_data.py::test_verify_catches_token_ids_outside_the_vocabulary_even_with_rewritten_checksums",)),
     Mutant("same-data-order-every-seed", "each seed has its own data order, shared by the arms of that seed",
-           "megatron_moe/study/design.py",
+           "megatron_moe/study/design.py", "run_data_seed",
            'return cfg.data.seed if cfg.study.data_order == "shared" else cfg.data.seed + seed',
            "return cfg.data.seed",
            ("tests/study/test_study.py::test_each_seed_has_its_own_data_order_shared_by_its_arms",)),
     Mutant("runner-accepts-unequal-data", "the runner refuses arms of a seed whose data fingerprints differ",
-           "megatron_moe/study/datacheck.py", "    bad = unequal_data(data)\n    if bad:", "    bad = unequal_data(data)\n    if False:",
+           "megatron_moe/study/datacheck.py", "refuse_unequal_data", "    bad = unequal_data(data)\n    if bad:", "    bad = unequal_data(data)\n    if False:",
            ("tests/study/test_study.py::test_runner_refuses_when_the_arms_of_a_seed_see_different_data",)),
     Mutant("preemption-by-exit-code-only", "study run counts a trainer as preempted from the marker it leaves",
-           "megatron_moe/study/runner.py", "was_preempted(", "(lambda d: True)(",
+           "megatron_moe/study/runner.py", "_train_subprocess", "was_preempted(", "(lambda d: True)(",
            ("tests/study/test_study.py::test_study_run_counts_a_trainer_as_preempted_from_its_marker",)),
     Mutant("eval-in-train-mode", "evaluation runs in eval mode",
-           "megatron_moe/train/trainer.py", "        self.model.eval()\n", "",
+           "megatron_moe/train/trainer.py", "Trainer.evaluate", "        self.model.eval()\n", "",
            ("tests/train/test_trainer.py::test_evaluation_covers_the_whole_split_in_eval_mode_identically_for_every_arm",)),
     Mutant("eval-one-batch", "evaluation covers the whole validation split by default",
-           "megatron_moe/data/source.py", "num_batches = max(1, (self.valid.num_tokens - 1) // (batch_size * s))",
+           "megatron_moe/data/source.py", "DataSource.valid_batch_count", "num_batches = max(1, (self.valid.num_tokens - 1) // (batch_size * s))",
            "num_batches = 1",
            ("tests/train/test_trainer.py::test_evaluation_covers_the_whole_split_in_eval_mode_identically_for_every_arm",)),
     Mutant("grouped-experts-unscaled", "grouped-GEMM experts start like sequential ones, output projections scaled",
-           "megatron_moe/model.py", 'lambda x: f".experts.local_experts.{int(x.group(2)) + offset}.linear_fc{x.group(1)}.weight"',
+           "megatron_moe/model.py", "init_name", 'lambda x: f".experts.local_experts.{int(x.group(2)) + offset}.linear_fc{x.group(1)}.weight"',
            'lambda x: f".experts.linear_fc{x.group(1)}.weight{int(x.group(2)) + offset}.grouped"',
            ("tests/test_model.py::test_grouped_and_sequential_experts_share_init_names_and_output_scaling",)),
     Mutant("sp-norm-grads-not-reduced", "tensor-parallel layouts reproduce the single-process run (norm weights' "
            "gradients summed over tensor ranks under sequence parallelism)",
-           "megatron_moe/model.py", "            param.sequence_parallel = config.sequence_parallel\n",
+           "megatron_moe/model.py", "TorchNorm.__new__", "            param.sequence_parallel = config.sequence_parallel\n",
            "            param.sequence_parallel = False\n",
            ("tests/test_parallel.py::test_two_process_layout_matches_single_process[tp2]",)),
     Mutant("rng-not-restored", "resume restores the RNG states",
-           "megatron_moe/train/checkpoint.py", '    torch.set_rng_state(state["torch"])\n', "",
+           "megatron_moe/train/checkpoint.py", "_set_rng_state", '    torch.set_rng_state(state["torch"])\n', "",
            ("tests/train/test_rng.py::test_rng_states_round_trip_through_a_weights_only_file",)),
     Mutant("expert-load-miscounted", "per-layer expert load is the tokens each router sends to each expert",
-           "megatron_moe/train/monitors.py", "self.counts[layer] += routing_map.sum(dim=0)",
+           "megatron_moe/train/monitors.py", "ExpertLoadMonitor._hook", "self.counts[layer] += routing_map.sum(dim=0)",
            "self.counts[layer] += routing_map.sum(dim=0).flip(0)",
            ("tests/train/test_monitors.py::test_expert_load_equals_the_top_k_of_the_router_logits_on_a_fixed_batch",)),
     Mutant("balancing-type-ignored", "model.moe.aux_loss picks megatron-core's sequence or global-batch loss",
-           "megatron_moe/model.py", "BALANCING[e.aux_loss].router_type if e.aux_loss_coeff > 0",
+           "megatron_moe/model.py", "transformer_config", "BALANCING[e.aux_loss].router_type if e.aux_loss_coeff > 0",
            '"aux_loss" if e.aux_loss_coeff > 0',
            ("tests/train/test_balancing.py::test_an_aux_loss_free_run_resumes_bitwise",)),
     Mutant("expert-bias-never-on", "expert_bias_update_rate > 0 turns on aux-loss-free balancing",
-           "megatron_moe/model.py", "moe_router_enable_expert_bias=e.expert_bias_update_rate > 0",
+           "megatron_moe/model.py", "transformer_config", "moe_router_enable_expert_bias=e.expert_bias_update_rate > 0",
            "moe_router_enable_expert_bias=False",
            ("tests/test_model.py::test_the_expert_bias_is_a_buffer_and_leaves_the_counts_unchanged",)),
     Mutant("variant-changes-any-field", "a study variant differs from the base MoE only in routing and balancing",
-           "megatron_moe/study/spec.py", "        if key not in VARIANT_FIELDS:", "        if False:",
+           "megatron_moe/study/spec.py", "variant_moe", "        if key not in VARIANT_FIELDS:", "        if False:",
            ("tests/study/test_study.py::test_bad_variants_fail_with_one_line",)),
     Mutant("data-error-on-rank-0-only", "a bad data path is a one-line error on every rank under torchrun",
-           "megatron_moe/train/trainer.py", "            except (ConfigError, TrainingError) as exc:\n                error = exc\n",
+           "megatron_moe/train/trainer.py", "Trainer._build_data", "            except (ConfigError, TrainingError) as exc:\n                error = exc\n",
            "            except (ConfigError, TrainingError) as exc:\n                raise\n",
            ("tests/train/test_faults.py::test_errors_under_torchrun_are_one_line_on_every_rank",)),
     Mutant("config-error-traceback", "bad input is a one-line error with exit code 2",
-           "megatron_moe/cli/__init__.py", "    except ConfigError as exc:\n", "    except ZeroDivisionError as exc:\n",
+           "megatron_moe/cli/__init__.py", "main", "    except ConfigError as exc:\n", "    except ZeroDivisionError as exc:\n",
            ("tests/test_cli.py::test_config_show_refuses_a_bad_override_in_one_line",
             "tests/test_cli.py::test_bad_output_dirs_and_zero_sizes_are_one_line_errors")),
     Mutant("gaps-paired-by-position", "gaps are paired by seed (a seed missing from the middle of one arm)",
-           "megatron_moe/study/stats.py", "    gaps = {s: baseline[s] - moe[s] for s in seeds}",
+           "megatron_moe/study/stats.py", "paired", "    gaps = {s: baseline[s] - moe[s] for s in seeds}",
            "    gaps = {s: b - m for s, b, m in zip(seeds, baseline.values(), moe.values())}",
            ("tests/study/test_report.py::test_gaps_pair_by_seed_when_a_middle_seed_is_missing",)),
     Mutant("bpb-from-training-split", "bits per byte use the validation split's bytes per token",
-           "megatron_moe/data/source.py", 'float(self.manifest["splits"]["valid"]["bytes_per_token"])',
+           "megatron_moe/data/source.py", "DataSource.__init__", 'float(self.manifest["splits"]["valid"]["bytes_per_token"])',
            'float(self.manifest["splits"]["train"]["bytes_per_token"])',
            ("tests/train/test_trainer.py::test_bits_per_byte_use_the_validation_splits_bytes",)),
     Mutant("requeue-on-term", "the job requeues on USR1 (the time limit's signal), never on TERM",
-           "megatron_moe/study/slurm.py", """        'if [ "$stop_signal" = USR1 ]; then',""",
+           "megatron_moe/study/slurm.py", "render_run_script", """        'if [ "$stop_signal" = USR1 ]; then',""",
            """        'if [ "$stop_signal" = TERM ]; then',""",
            ("tests/study/test_slurm.py::test_the_job_script_hands_the_stop_signal_on_and_requeues_only_on_usr1",)),
+    Mutant("memory-grads-sharded", "the memory estimate's gradients equal the buffers a built model holds",
+           "megatron_moe/planner/memory.py", "estimate_memory", 'grads=params * table["grads"], optimizer=opt,',
+           'grads=params * table["grads"] // dp, optimizer=opt,',
+           ("tests/planner/test_memory.py::test_estimate_equals_what_a_built_model_and_optimizer_hold[ep2-distopt]",)),
+    Mutant("activations-without-softmax-statistics", "the activation estimate follows its documented formula",
+           "megatron_moe/planner/memory.py", "_activation_bytes_per_token",
+           "total += 4 * m.num_attention_heads / tp  # softmax statistics", "total += 0  # softmax statistics",
+           ("tests/planner/test_memory.py::test_activations_follow_the_documented_formula",)),
+    Mutant("recompute-ignored", "train.recompute_granularity recomputes activations",
+           "megatron_moe/model.py", "transformer_config", "kwargs.update(recompute or {})", "kwargs.update({})",
+           ("tests/test_model.py::test_recomputation_keeps_fewer_activations",)),
+    Mutant("upcycle-not-loaded", "an upcycled MoE starts as the dense model",
+           "megatron_moe/train/upcycle.py", "upcycle", 'model.load_state_dict(upcycle_state_dict([model], [dense])["model"])',
+           'upcycle_state_dict([model], [dense])',
+           ("tests/train/test_upcycle.py::test_an_upcycled_moe_starts_as_the_dense_model_and_trains",)),
+    Mutant("qwen-shared-expert-not-doubled", "a shared expert exports to Qwen2-MoE exactly",
+           "megatron_moe/export/hf.py", "hf_state", '"mlp.shared_expert.down_proj.weight": 2 * fc2,',
+           '"mlp.shared_expert.down_proj.weight": fc2,',
+           ("tests/export/test_hf.py::test_each_moe_goes_to_the_class_that_holds_it_and_gives_its_logits",)),
+    Mutant("rope-base-ignored", "megatron-core trains like the independent plain-PyTorch model",
+           "megatron_moe/model.py", "build_model", "rotary_base=m.rotary_base,", "rotary_base=500000,",
+           ("tests/bench/test_baseline_parity.py::test_megatron_core_and_plain_pytorch_train_alike[dense]",)),
+    Mutant("upcycled-dense-steps-uncounted", "an upcycled arm's tokens and curves count its dense steps",
+           "megatron_moe/study/records.py", "load_study_dir",
+           'offset = {a.name: int(a.match.get("dense_steps", 0)) for a in record.arms}', "offset = {}",
+           ("tests/study/test_study.py::test_an_upcycled_arm_runs_in_a_study_and_is_reported_on_its_tokens",)),
+    Mutant("vocab-zero-unresolved", "model.vocab_size = 0 is the data's vocabulary",
+           "megatron_moe/data/source.py", "with_data_vocabulary", "    if cfg.model.vocab_size:\n", "    if True:\n",
+           ("tests/data/test_data.py::test_vocab_size_zero_is_the_datas",)),
 )
 
 
@@ -128,15 +164,46 @@ def _copy(dest: Path) -> None:
     shutil.copy(REPO / "pyproject.toml", dest / "pyproject.toml")
 
 
+def function_span(source: str, qualname: str) -> tuple[int, int] | None:
+    """(start, end) character offsets of function `qualname` in module `source`, or None when it has none."""
+    def find(body: list[ast.stmt], parts: list[str]) -> ast.AST | None:
+        for node in body:
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and node.name == parts[0]:
+                return node if len(parts) == 1 else find(node.body, parts[1:])
+        return None
+
+    node = find(ast.parse(source).body, qualname.split("."))
+    if node is None or isinstance(node, ast.ClassDef):
+        return None
+    lines = source.splitlines(keepends=True)
+    first = node.decorator_list[0].lineno if node.decorator_list else node.lineno
+    return sum(map(len, lines[:first - 1])), sum(map(len, lines[:node.end_lineno]))
+
+
+def mutate(source: str, mutant: Mutant) -> str:
+    """`source` with the mutant planted; ValueError saying why when it does not apply."""
+    span = function_span(source, mutant.function)
+    if span is None:
+        raise ValueError(f"no function {mutant.function} in {mutant.path}")
+    body = source[span[0]:span[1]]
+    if body.count(mutant.find) != 1:
+        raise ValueError(f"{mutant.function} in {mutant.path} holds the text {body.count(mutant.find)} times")
+    mutated = source[:span[0]] + body.replace(mutant.find, mutant.replace) + source[span[1]:]
+    if ast.dump(ast.parse(mutated)) == ast.dump(ast.parse(source)):
+        raise ValueError("the replacement changes nothing the interpreter sees (a no-op)")
+    return mutated
+
+
 def run(mutant: Mutant, work: Path) -> tuple[bool, str]:
     """(caught, detail) for one mutant, applied to a fresh copy under `work`."""
     copy = work / mutant.name
     _copy(copy)
     target = copy / mutant.path
-    text = target.read_text()
-    if text.count(mutant.find) != 1:
-        return False, f"does not apply: {mutant.path} holds the text {text.count(mutant.find)} times"
-    target.write_text(text.replace(mutant.find, mutant.replace))
+    try:
+        target.write_text(mutate(target.read_text(), mutant))
+    except (ValueError, SyntaxError) as exc:
+        shutil.rmtree(copy, ignore_errors=True)
+        return False, f"does not apply: {exc}"
     env = {**os.environ, "PYTHONPATH": str(copy), "PYTHONDONTWRITEBYTECODE": "1"}
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-m", "", *mutant.tests],
                           cwd=copy, env=env, capture_output=True, text=True)

@@ -175,8 +175,9 @@ def _changed(base: RunConfig, arm: RunConfig) -> tuple[str, ...]:
 
 
 def run_hash(cfg: RunConfig) -> str:
-    """12 hex of sha256 over the resolved run config less its bookkeeping fields (`config.ROLES`)."""
-    d = cfg.without({"bookkeeping"})
+    """12 hex of sha256 over the resolved run config less its bookkeeping fields (`config.ROLES`) and the fields added
+    since hashes were first recorded while they hold their defaults (`RunConfig.hashed`)."""
+    d = cfg.hashed()
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 

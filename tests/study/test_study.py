@@ -200,6 +200,20 @@ def test_run_hash_covers_every_field_but_bookkeeping():
         assert (run_hash(with_other_value(cfg, name)) == h) == (role == "bookkeeping"), (name, role)
 
 
+
+def test_fields_added_later_leave_existing_run_hashes_alone():
+    """A field added after hashes were first recorded is hashed only when it leaves its default, so the runs of
+    existing studies keep their directories: the main job's 9 runs hash as they did when its README table was made."""
+    from megatron_moe.config import added_defaults
+
+    assert set(added_defaults()) >= {"parallel.context", "data.start_batch", "train.init_from",
+                                     "train.recompute_granularity", "train.overlap_grad_reduce"}
+    design = design_study(load_study(EXAMPLES / "tiny_three_arm" / "cpu.toml"), "/tmp/unused")
+    assert sorted(r.hash for r in design.runs) == [
+        "0bf70267d9f1", "142a50d170e1", "16649fef2584", "3cb3052c2232", "6deff3be2c9a", "abfbf1630711",
+        "e0e1d03c3290", "e73e2ce810bb", "f54331fe3c17"]
+
+
 def test_sinks_name_each_run_without_changing_its_hash(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # a relative tensorboard_dir is resolved here, at planning
     plain = design_study(load_study(_write(tmp_path)), tmp_path / "out")
