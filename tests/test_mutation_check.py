@@ -63,3 +63,13 @@ def test_a_mutant_is_located_by_its_function_only():
 def test_a_mutant_that_no_longer_applies_is_refused(function, find, replace, why):
     with pytest.raises(ValueError, match=why):
         mc.mutate(SOURCE, _m(function, find, replace))
+
+
+def test_every_claim_row_has_its_mutant_and_every_mutant_its_row():
+    assert mc.claims_problems() == []
+    text = mc.CLAIMS.read_text()
+    first = mc.MUTANTS[0]
+    assert mc.claims_problems(text.replace(f"`{first.name}`", "`nothing-planted`")) == [
+        "CLAIMS.md: row names no known mutant: nothing-planted", f"CLAIMS.md: no row for mutant {first.name}"]
+    assert mc.claims_problems(text.replace(first.tests[0], "tests/x.py::test_y")) == [
+        f"CLAIMS.md: the row of {first.name} names other tests than its mutant"]

@@ -216,7 +216,32 @@ def run(mutant: Mutant, work: Path) -> tuple[bool, str]:
     return False, f"tests did not run (pytest exit {proc.returncode}: {tail[0]})"
 
 
+CLAIMS = REPO / "tests" / "CLAIMS.md"
+
+
+def claims_problems(text: str | None = None) -> list[str]:
+    """Where tests/CLAIMS.md and MUTANTS disagree: a row naming no known mutant, a mutant without a row, a row whose
+    tests are not its mutant's (empty when they agree)."""
+    text = CLAIMS.read_text() if text is None else text
+    rows = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 4 and cells[3].startswith("`"):
+            rows[cells[3].strip("`")] = tuple(t.strip("`") for t in cells[2].split("<br>"))
+    known = {m.name: m for m in MUTANTS}
+    problems = [f"{CLAIMS.name}: row names no known mutant: {name}" for name in rows if name not in known]
+    problems += [f"{CLAIMS.name}: no row for mutant {name}" for name in known if name not in rows]
+    problems += [f"{CLAIMS.name}: the row of {name} names other tests than its mutant"
+                 for name, tests in rows.items() if name in known and tests != known[name].tests]
+    return problems
+
+
 def main(argv: list[str]) -> int:
+    problems = claims_problems()
+    for p in problems:
+        print(p, file=sys.stderr)
+    if problems:
+        return 1
     chosen = [m for m in MUTANTS if not argv or any(a in m.name for a in argv)]
     if not chosen:
         print(f"no mutant matches {argv}; names: {', '.join(m.name for m in MUTANTS)}", file=sys.stderr)
