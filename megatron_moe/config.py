@@ -332,11 +332,7 @@ class RunConfig:
         d = self.to_dict()
         for name, role in field_roles().items():
             if role in roles:
-                *parents, last = name.split(".")
-                node = d
-                for key in parents:
-                    node = node[key]
-                del node[last]
+                del _parent(d, name)[name.rpartition(".")[2]]
         return d
 
     def hashed(self) -> dict[str, Any]:
@@ -344,10 +340,7 @@ class RunConfig:
         defaults (`_added`)."""
         d = self.without({"bookkeeping"})
         for name, default in added_defaults().items():
-            *parents, last = name.split(".")
-            node = d
-            for key in parents:
-                node = node[key]
+            node, last = _parent(d, name), name.rpartition(".")[2]
             if node.get(last) == default:
                 del node[last]
         return d
@@ -361,30 +354,34 @@ class RunConfig:
 # ---------------------------------------------------------------- loading
 
 
-def field_roles(cls: type = None, prefix: str = "") -> dict[str, str]:
-    """Every field of `cls` (default RunConfig), by dotted name, with its role (see ROLES); nested configs recurse."""
-    cls = cls or RunConfig
-    out: dict[str, str] = {}
+def _parent(d: dict[str, Any], dotted: str) -> dict[str, Any]:
+    """The dict of nested dict `d` that holds the last key of `dotted`."""
+    for key in dotted.split(".")[:-1]:
+        d = d[key]
+    return d
+
+
+def _leaf_fields(cls: type, prefix: str = "") -> dict[str, dataclasses.Field]:
+    """Every field of dataclass `cls` that is not itself a config, by dotted name; nested configs recurse."""
+    out: dict[str, dataclasses.Field] = {}
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         if dataclasses.is_dataclass(hints[f.name]):
-            out.update(field_roles(hints[f.name], f"{prefix}{f.name}."))
+            out.update(_leaf_fields(hints[f.name], f"{prefix}{f.name}."))
         else:
-            out[f"{prefix}{f.name}"] = f.metadata.get("role", "trains")
+            out[f"{prefix}{f.name}"] = f
     return out
 
 
-def added_defaults(cls: type = None, prefix: str = "") -> dict[str, Any]:
+def field_roles(cls: type = None) -> dict[str, str]:
+    """Every field of `cls` (default RunConfig), by dotted name, with its role (see ROLES)."""
+    return {name: f.metadata.get("role", "trains") for name, f in _leaf_fields(cls or RunConfig).items()}
+
+
+def added_defaults(cls: type = None) -> dict[str, Any]:
     """The fields marked `_added`, by dotted name, with their defaults."""
-    cls = cls or RunConfig
-    out: dict[str, Any] = {}
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        if dataclasses.is_dataclass(hints[f.name]):
-            out.update(added_defaults(hints[f.name], f"{prefix}{f.name}."))
-        elif f.metadata.get("added"):
-            out[f"{prefix}{f.name}"] = f.default_factory() if f.default is dataclasses.MISSING else f.default
-    return out
+    return {name: f.default_factory() if f.default is dataclasses.MISSING else f.default
+            for name, f in _leaf_fields(cls or RunConfig).items() if f.metadata.get("added")}
 
 
 def load_run_config(path: str | Path | None, overrides: list[str] = (), world_size: int | None = None) -> RunConfig:
