@@ -125,7 +125,7 @@ def plan_main(args: argparse.Namespace) -> int:
 def _plan_study(args: argparse.Namespace, limit: tuple[int | None, str]) -> int:
     """A study file: its arms as `study run` derives them, their cost and their memory per GPU."""
     from megatron_moe.planner.format import format_memory
-    from megatron_moe.study.design import design_study, format_arms
+    from megatron_moe.study.design import design_study, family_line, format_arms
     from megatron_moe.study.spec import load_study
 
     if args.write_dir is not None or args.match != "all":
@@ -148,10 +148,8 @@ def _plan_study(args: argparse.Namespace, limit: tuple[int | None, str]) -> int:
     print(f"study {cfg.study.name}: {len(design.arms)} arms x {len(cfg.study.seeds)} seeds = {len(design.runs)} runs "
           f"of {world} GPUs each")
     print(format_arms(design, world, on_gpu=True))
-    if design.family:
-        f = design.family
-        print(f"equal resources: N = {f['total_params']:,}, D = {f['unique_tokens']:,} unique tokens, "
-              f"C = {f['compute']:.4g} FLOPs ({f['flops']})")
+    if line := family_line(design):
+        print(line)
     print()
     print(format_memory(memory, limit))
     for w in design.warnings:

@@ -452,6 +452,15 @@ def format_arms(design: Design, world_size: int, on_gpu: bool) -> str:
     return "\n".join([*table(header, rows, "l" + "r" * (len(header) - 2) + "l"), legend, cost])
 
 
+def family_line(design: Design) -> str | None:
+    """The equal-resources family's N, D and C in one line (None for matched arms)."""
+    f = design.family
+    if not f:
+        return None
+    return (f"equal resources: N = {f['total_params']:,}, D = {f['unique_tokens']:,} unique tokens, "
+            f"C = {f['compute']:.4g} FLOPs ({f['flops']})")
+
+
 def check_memory(design: Design, world_size: int, on_gpu: bool, limit: tuple[int | None, str], force: bool,
                  echo: Callable[[str], None]) -> None:
     """Refuse (ConfigError) a design an arm of which would not fit in `limit` = (bytes, where that figure came from),

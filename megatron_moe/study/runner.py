@@ -30,7 +30,7 @@ from megatron_moe.study.datacheck import (
     refuse_unequal_data,
 )
 from megatron_moe.planner.cost import local_gpu, memory_limit
-from megatron_moe.study.design import Design, Run, check_memory, format_arms, design_study
+from megatron_moe.study.design import Design, Run, check_memory, design_study, family_line, format_arms
 from megatron_moe.study.studydir import (
     environment,
     git_state,
@@ -190,10 +190,8 @@ def run_study(
     on_gpu = gpu is not None or gpu_memory is not None  # a --gpu-memory asks about GPUs
     echo(format_arms(design, s.nproc_per_node, on_gpu))
     check_memory(design, s.nproc_per_node, on_gpu, memory_limit(gpu_memory, gpu), force, echo)
-    if design.family:
-        f = design.family
-        echo(f"equal resources: N = {f['total_params']:,}, D = {f['unique_tokens']:,} unique tokens, "
-             f"C = {f['compute']:.4g} FLOPs ({f['flops']})")
+    if line := family_line(design):
+        echo(line)
     for w in design.warnings:
         echo(f"warning: {w}")
     absent = absent_data_path(design) if dry_run else None
