@@ -33,8 +33,8 @@ from typing import Any
 
 import torch
 
-from megatron_moe import directories
-from megatron_moe.config import ConfigError, ModelConfig, ParallelConfig, RunConfig, load_run_config
+from megatron_moe.config import ConfigError, ModelConfig, ParallelConfig, RunConfig
+from megatron_moe.train.rundir import newest_checkpoint, run_config
 
 
 def exportable(m: ModelConfig) -> str | None:
@@ -63,46 +63,27 @@ def hf_family(m: ModelConfig) -> str:
     return "mixtral" if plain else "qwen2_moe"
 
 
-def run_config(run_dir: Path) -> RunConfig:
-    """The config a run trained with; ConfigError (one line) when `run_dir` is not a run directory."""
-    if not (run_dir / directories.CONFIG).is_file():
-        raise ConfigError(f"{str(run_dir)!r} is not a run directory (no {directories.CONFIG})")
-    return load_run_config(run_dir / directories.CONFIG)
-
-
-def newest_checkpoint(run_dir: Path) -> Path:
-    """The run's newest verified checkpoint; ConfigError (one line) when it has none. Reads files only."""
-    from megatron_moe.train.checkpoint import find_checkpoint
-
-    checkpoint, _ = find_checkpoint(run_dir / directories.CHECKPOINTS)
-    if checkpoint is None:
-        raise ConfigError(f"{run_dir} has no checkpoint to export (train with train.save_interval > 0; a study "
-                          "deletes its runs' checkpoints unless study.keep_checkpoints = true)")
-    return checkpoint
-
-
 def load_model(cfg: RunConfig, checkpoint: Path) -> Any:
     """`cfg`'s model on this process with `checkpoint`'s weights, in eval mode. Initialises a one-process
     megatron-core job when none is."""
     import torch.distributed as dist
-    from megatron.core import dist_checkpointing
 
     from megatron_moe.model import build_model
     from megatron_moe.parallel import initialize_parallel
     from megatron_moe.platform import setup_platform
+    from megatron_moe.train.checkpoint import load_model_weights
 
     if not dist.is_initialized():
         initialize_parallel(ParallelConfig(), setup_platform())
     model = build_model(cfg.model, ParallelConfig(), use_te=False)
-    state = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(checkpoint))
-    model.load_state_dict(state["model"])
+    load_model_weights(model, checkpoint)
     return model.eval()
 
 
 def load_trained_model(run_dir: str | Path) -> tuple[RunConfig, Any, Path]:
     """(the run's config, its model with the newest verified checkpoint's weights, that checkpoint)."""
     run_dir = Path(run_dir)
-    cfg, checkpoint = run_config(run_dir), newest_checkpoint(run_dir)
+    cfg, checkpoint = run_config(run_dir, repr(str(run_dir))), newest_checkpoint(run_dir, str(run_dir), "to export")
     return cfg, load_model(cfg, checkpoint), checkpoint
 
 
@@ -214,10 +195,10 @@ def export_hf(run_dir: str | Path, out_dir: str | Path) -> Path:
         raise ConfigError("export hf needs transformers and safetensors: pip install 'megatron-moe[hf]'") from None
     if out_dir.exists():
         raise ConfigError(f"-o {str(out_dir)!r} exists; give a new directory")
-    cfg = run_config(run_dir)  # every refusal before the heavy imports
+    cfg = run_config(run_dir, repr(str(run_dir)))  # every refusal before the heavy imports
     if why := exportable(cfg.model):
         raise ConfigError(f"{run_dir} cannot be exported: {why}")
-    model = load_model(cfg, newest_checkpoint(run_dir))
+    model = load_model(cfg, newest_checkpoint(run_dir, str(run_dir), "to export"))
     data = build_data_source(cfg.data, cfg.model.seq_length, cfg.train.global_batch_size)
     out = hf_model(cfg.model, model, data.eod_id)
     out_dir.parent.mkdir(parents=True, exist_ok=True)

@@ -506,6 +506,14 @@ def _prune(root: Path, newest: Path, keep: list[int] = ()) -> None:
 # ---------------------------------------------------------------- loading
 
 
+def load_model_weights(model, path: Path) -> None:
+    """Checkpoint `path`'s model weights into `model` (this rank's part of it, in any layout: megatron-core reshards)."""
+    from megatron.core import dist_checkpointing
+
+    state = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(path))
+    model.load_state_dict(state["model"])
+
+
 def load_checkpoint(run: Checkpointable, path: Path) -> TrainState:
     """Restore `run`'s states and this rank's RNG from checkpoint `path` (verified by `find_checkpoint`); returns
     the saved train state. TrainingError (one line) when the checkpoint does not load into this run."""

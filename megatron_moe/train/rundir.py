@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from megatron_moe import directories
-from megatron_moe.config import RESUMABLE_ROLES, ConfigError, RunConfig
+from megatron_moe.config import RESUMABLE_ROLES, ConfigError, RunConfig, load_run_config
 from megatron_moe.files import Locked, lock_exclusive
 from megatron_moe.train.checkpoint import find_checkpoint
 
@@ -138,3 +138,24 @@ def record_config_change(out_dir: Path, step: int, changes: dict[str, tuple[Any,
 
 def describe_changes(changes: dict[str, tuple[Any, Any]]) -> str:
     return _describe(changes, limit=len(changes))
+
+
+# ---------------------------------------------------------------- reading another run (export, upcycling)
+
+
+def run_config(run_dir: Path, named: str, what: str = "a run directory") -> RunConfig:
+    """The config the run in `run_dir` trained with; ConfigError (one line, calling it `named`, not `what`) when there
+    is none."""
+    if not (run_dir / directories.CONFIG).is_file():
+        raise ConfigError(f"{named} is not {what} (no {directories.CONFIG})")
+    return load_run_config(run_dir / directories.CONFIG)
+
+
+def newest_checkpoint(run_dir: Path, named: str, purpose: str) -> Path:
+    """The run's newest verified checkpoint; ConfigError (one line, calling it `named`: it has no checkpoint
+    `purpose`) when it has none."""
+    checkpoint, _ = find_checkpoint(run_dir / directories.CHECKPOINTS)
+    if checkpoint is None:
+        raise ConfigError(f"{named} has no checkpoint {purpose} (train with train.save_interval > 0; a study deletes "
+                          "its runs' checkpoints unless study.keep_checkpoints = true)")
+    return checkpoint

@@ -19,7 +19,7 @@ import dataclasses
 from pathlib import Path
 
 from megatron_moe import directories
-from megatron_moe.config import ConfigError, ModelConfig, RunConfig, load_run_config
+from megatron_moe.config import ConfigError, ModelConfig, RunConfig
 
 TRUNK_FIELDS = ("vocab_size", "num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "normalization",
                 "activation", "position_embedding", "rotary_base", "tie_embeddings", "norm_epsilon")
@@ -58,41 +58,34 @@ def check_upcycling(cfg: RunConfig, source: ModelConfig, where: str) -> None:
 def source_run(cfg: RunConfig) -> tuple[RunConfig, Path]:
     """The dense run `train.init_from` names, as a run directory (its newest verified checkpoint) or as one of its
     checkpoints (`RUN/checkpoints/step_NNNNNNN`): its config and that checkpoint, checked against `cfg`."""
-    from megatron_moe.train.checkpoint import find_checkpoint, verify_checkpoint
+    from megatron_moe.train.checkpoint import verify_checkpoint
+    from megatron_moe.train.rundir import newest_checkpoint, run_config
 
     where = cfg.train.init_from
+    named = f"train.init_from = {where!r}"
     path = Path(where)
     one = path.parent.name == directories.CHECKPOINTS
-    run_dir = path.parent.parent if one else path
-    if not (run_dir / directories.CONFIG).is_file():
-        raise ConfigError(f"train.init_from = {where!r} is not a run directory nor one of its checkpoints (no "
-                          f"{directories.CONFIG})")
-    source = load_run_config(run_dir / directories.CONFIG)
-    check_upcycling(cfg, source.model, f"train.init_from = {where!r}")
-    if one:
-        why = "it does not exist (the dense run has not reached that step)" if not path.is_dir() else verify_checkpoint(path)
-        if why:
-            raise ConfigError(f"train.init_from = {where!r} cannot be started from: {why}")
-        return source, path
-    checkpoint, _ = find_checkpoint(run_dir / directories.CHECKPOINTS)
-    if checkpoint is None:
-        raise ConfigError(f"train.init_from = {where!r} has no checkpoint to start from (train it with "
-                          "train.save_interval > 0, and keep it: study.keep_checkpoints = true)")
-    return source, checkpoint
+    source = run_config(path.parent.parent if one else path, named, "a run directory nor one of its checkpoints")
+    check_upcycling(cfg, source.model, named)
+    if not one:
+        return source, newest_checkpoint(path, named, "to start from")
+    why = "it does not exist (the dense run has not reached that step)" if not path.is_dir() else verify_checkpoint(path)
+    if why:
+        raise ConfigError(f"{named} cannot be started from: {why}")
+    return source, path
 
 
 def upcycle(model, cfg: RunConfig, source: RunConfig, checkpoint: Path) -> str:
     """Load `checkpoint` of dense run `source` into a dense model on this rank's layout and write its upcycled
     weights into MoE `model` (this rank's, unwrapped); returns what was done, in words."""
-    from megatron.core import dist_checkpointing
     from megatron.core.transformer.moe.upcycling_utils import upcycle_state_dict
 
     from megatron_moe.model import build_model
+    from megatron_moe.train.checkpoint import load_model_weights
 
     dense = build_model(source.model, dataclasses.replace(cfg.parallel, expert=1), seed=cfg.train.seed,
                         params_dtype=next(model.parameters()).dtype)
-    state = dist_checkpointing.load({"model": dense.sharded_state_dict()}, str(checkpoint))
-    dense.load_state_dict(state["model"])
+    load_model_weights(dense, checkpoint)
     model.load_state_dict(upcycle_state_dict([model], [dense])["model"])
     g = source.model.ffn_hidden_size // cfg.model.expert_ffn
     how = "a copy of its FFN" if g == 1 else f"one of {g} slices of its FFN (granular upcycling)"
