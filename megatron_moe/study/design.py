@@ -446,7 +446,8 @@ def format_arms(design: Design, world_size: int, on_gpu: bool) -> str:
               "N; E = routed experts, K = top-k, D_e = expert FFN width, D_se = shared-expert FFN width"
               + (" (a shared expert is present)" if shared else " (0 = no shared expert)")
               + "; FLOPs/tok = training FLOPs per token; steps and tokens per run; unique tokens and epochs of the "
-              "data plan (an upcycled arm's tokens and FLOPs include the dense steps it starts after); train FLOPs and GPU-h per run; mem = estimated peak per "
+              "data plan (an upcycled arm's tokens and FLOPs include the dense steps it starts after); train FLOPs "
+              "and GPU-h per run; mem = estimated peak per "
               + ("GPU" if on_gpu else "process") + f" on world size {world_size} (`megatron-moe plan` itemises it); "
               "resid = residual of the match")
     return "\n".join([*table(header, rows, "l" + "r" * (len(header) - 2) + "l"), legend, cost])
