@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from megatron_moe.config import RunConfig
-from megatron_moe.planner.ledger import ledger, padded_vocab_size
+from megatron_moe.planner.ledger import padded_vocab_size
 
 PARAM_BYTES = {
     "fp32": {"weights": 4, "main_weights": 0, "grads": 4, "adam": 8},
@@ -133,28 +133,29 @@ def minimum_world_size(cfg: RunConfig) -> int:
 
 
 def _stage_params(cfg: RunConfig, stage: int) -> tuple[int, int]:
-    """(parameters, of which routed-expert parameters) on one GPU of pipeline stage `stage`: the ledger's components
-    (every layer of a kind holds the same share of them) divided as the layout divides them."""
+    """(parameters, of which routed-expert parameters) on one GPU of pipeline stage `stage`."""
     m, p = cfg.model, cfg.parallel
     t, d = p.tensor, m.hidden_size
-    led = ledger(m, t)
-    total, moe_layers = led.total, led.moe_layers
-    dense_layers = m.num_layers - moe_layers
-    norm = total["norms"] // (2 * m.num_layers + 1)  # one norm's weights (and bias)
-    vocab_rows = led.padded_vocab_size * d
+    head_dim = d // m.num_attention_heads
+    mats = 3 if m.activation == "swiglu" else 2
+    norm = (2 if m.normalization == "LayerNorm" else 1) * d
+    vocab = padded_vocab_size(m, t)
     per_stage = m.num_layers // p.pipeline
     params = experts = 0
     for layer in range(stage * per_stage, (stage + 1) * per_stage):
-        params += total["attention"] // m.num_layers // t + 2 * norm
+        params += d * (m.num_attention_heads + 2 * m.kv_heads) * head_dim // t + m.num_attention_heads * head_dim * d // t
+        params += 2 * norm
         if m.moe.is_moe_layer(layer):
-            params += total["router"] // moe_layers + total["shared_experts"] // moe_layers // t
-            experts += total["routed_experts"] // moe_layers // p.expert
+            params += m.moe.num_experts * d + mats * d * m.moe.shared_expert_ffn_hidden_size // t
+            experts += m.moe.num_experts // p.expert * mats * d * m.expert_ffn
         else:
-            params += total["dense_mlp"] // dense_layers // t
-    if stage == 0:  # the word embedding's rows are split over tensor ranks, learned positions are not
-        params += vocab_rows // t + total["embedding"] - vocab_rows
-    if stage == p.pipeline - 1:  # with tied embeddings and P > 1 the last stage holds a copy of the word embedding
-        params += norm + (vocab_rows // t if not m.tie_embeddings or p.pipeline > 1 else 0)
+            params += mats * d * m.ffn_hidden_size // t
+    if stage == 0:
+        params += vocab * d // t + (m.seq_length * d if m.position_embedding == "learned_absolute" else 0)
+    if stage == p.pipeline - 1:
+        params += norm
+        if not m.tie_embeddings or p.pipeline > 1:
+            params += vocab * d // t
     return params + experts, experts
 
 
