@@ -191,6 +191,16 @@ class DataConfig:
     start_batch: int = _added(0)
     """The first global batch of the data stream this run trains on (0 = the start): a run upcycled from a dense run's
     checkpoint at step k continues that run's stream at batch k."""
+    blend: list[str] = _added([])
+    """Prepared dataset directories blended into one stream, in place of data.path (Megatron-LM's `--data-path W1 P1
+    W2 P2`): each has its own schedule (data.unique_tokens and data.consumed_tokens split by weight, data.epochs
+    for each), their samples interleaved in the proportions of data.blend_weights; all share one tokenizer."""
+    blend_weights: list[float] = _added([])
+    """Relative weights of data.blend's datasets in the training and validation streams (empty = equal)."""
+
+    def datasets(self) -> list[str]:
+        """The prepared dataset directories this config reads (none for the built-in corpus)."""
+        return list(self.blend) if self.blend else [self.path] if self.path else []
 
     def validate(self) -> None:
         """Check ranges; raises ConfigError naming the dotted field."""
@@ -205,6 +215,17 @@ class DataConfig:
             raise ConfigError(f"data.synthetic_documents = {self.synthetic_documents} must be >= 21")
         if self.corpus_vocab_size and not 260 <= self.corpus_vocab_size <= 65000:
             raise ConfigError(f"data.corpus_vocab_size = {self.corpus_vocab_size} must be 0 or in [260, 65000]")
+        if self.blend and self.path:
+            raise ConfigError(f"data.blend and data.path = {self.path!r} are both set; give the dataset in data.blend "
+                              "or leave data.blend empty")
+        if len(self.blend) == 1:
+            raise ConfigError(f"data.blend = {self.blend} names one dataset; give data.path for one, data.blend for two "
+                              "or more")
+        if self.blend_weights and len(self.blend_weights) != len(self.blend):
+            raise ConfigError(f"data.blend_weights = {self.blend_weights} has {len(self.blend_weights)} weights for "
+                              f"{len(self.blend)} datasets in data.blend; give one per dataset, or none for equal")
+        if any(not w > 0 for w in self.blend_weights):
+            raise ConfigError(f"data.blend_weights = {self.blend_weights}: every weight must be > 0")
 
 
 @dataclass

@@ -153,9 +153,14 @@ def train_losses(run_dir: Path) -> list[float]:
 def pytest_configure(config):
     """Modules in a random order and the tests of each module in a random order, a new seed every run (printed in
     the header; --random-order-seed=N repeats one), wherever pytest-random-order is installed: no test may depend on
-    another having run first."""
+    another having run first. A per-test hang limit wherever pytest-timeout is installed."""
     if config.pluginmanager.hasplugin("random_order"):
         config.option.random_order_enabled = True
+    # A hang detector, not a speed test: a test still running after this long has deadlocked, and CI should say
+    # which test and where (pytest-timeout fails it with every thread's stack) instead of running out its clock.
+    # Generous because the slow tests take minutes on a loaded 2-core machine; `--timeout=N` overrides.
+    if config.pluginmanager.hasplugin("timeout") and not config.getoption("timeout", None):
+        config.option.timeout = 1200
 
 
 def with_other_value(cfg, dotted: str):

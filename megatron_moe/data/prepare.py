@@ -206,9 +206,11 @@ def write_dataset(
         if workers > 1:
             import multiprocessing as mp
 
-            # Workers load the tokenizer themselves: HF tokenizers objects must not cross a fork once used.
+            # Fresh interpreters, not forks: a fork of a process with threads (torch's OpenMP pool, a progress bar's
+            # monitor, a used tokenizer's thread pool) can deadlock in the child on a lock held at fork time. Each
+            # worker loads the tokenizer from its file; it costs a fraction of a second per worker.
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-            ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+            ctx = mp.get_context("spawn")
             pool = ctx.Pool(workers, initializer=_worker_init, initargs=(str(out_dir / tok_name), tok.eod_token))
             pending: list[tuple[list[bool], Any]] = []
 

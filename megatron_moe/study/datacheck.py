@@ -14,14 +14,14 @@ from megatron_moe.study.design import Design
 
 
 def absent_data_path(design: Design) -> str | None:
-    """A `data.path` of the design's runs that does not exist on this machine (None when every one does): a dry run
-    plans without the data, so that a study can be designed before its corpus is prepared or copied here."""
-    return next((r.config.data.path for r in design.runs
-                 if r.config.data.path and not Path(r.config.data.path).exists()), None)
+    """A dataset (`data.path`, `data.blend`) of the design's runs that does not exist on this machine (None when every
+    one does): a dry run plans without the data, so that a study can be designed before its corpus is prepared or
+    copied here."""
+    return next((path for r in design.runs for path in r.config.data.datasets() if not Path(path).exists()), None)
 
 
 def dry_run_note(path: str) -> str:
-    return (f"note: data.path = {path!r} does not exist here; this dry run plans without checking the data "
+    return (f"note: the dataset {path!r} does not exist here; this dry run plans without checking the data "
             "(a real run refuses)")
 
 

@@ -485,10 +485,12 @@ def launch_study(cfg: StudyConfig, lc: LaunchConfig, out_dir: str | Path | None 
             validate(run.config, world)
         except ConfigError as exc:
             raise ConfigError(f"run {run.name} on --nodes {lc.nodes} x {nproc} processes: {exc}") from None
-    data_path = cfg.data.path
-    if data_path and not Path(data_path).is_absolute():  # the job runs in its run directory or --workdir, not here
-        raise ConfigError(f"data.path = {data_path!r} is relative; jobs run in their run directory (or "
-                          "--workdir), so give an absolute path")
+    data_paths = cfg.data.datasets()
+    for data_path in data_paths:
+        if not Path(data_path).is_absolute():  # the job runs in its run directory or --workdir, not here
+            field = "data.blend:" if cfg.data.blend else "data.path ="
+            raise ConfigError(f"{field} {data_path!r} is relative; jobs run in their run directory (or "
+                              "--workdir), so give an absolute path")
     if re.search(r"\s", str(out)):
         raise ConfigError(f"study directory {str(out)!r} must not contain whitespace (SLURM log paths)")
     p = cfg.parallel
@@ -522,7 +524,7 @@ def launch_study(cfg: StudyConfig, lc: LaunchConfig, out_dir: str | Path | None 
     log_dir = Path(lc.log_dir).resolve() if lc.log_dir else (out / directories.SLURM_DIR if lc.array else None)
     if log_dir:
         log_dir.mkdir(parents=True, exist_ok=True)  # sbatch does not create it: the job would fail silently
-    visible = [out, *([data_path] if data_path else []), *([log_dir] if log_dir else [])]
+    visible = [out, *data_paths, *([log_dir] if log_dir else [])]
     scripts = []
     for run in todo:
         run.dir.mkdir(parents=True, exist_ok=True)
