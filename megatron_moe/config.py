@@ -161,6 +161,11 @@ class ParallelConfig:
     """Sequence parallelism (needs tensor > 1)."""
     context: int = _added(1, "layout")
     """Context-parallel size (Megatron-LM's --context-parallel-size): 1 only, see `validate`."""
+    virtual_pipeline: int = _added(1, "layout")
+    """Model chunks per pipeline rank, run by megatron-core's interleaved 1F1B schedule (Megatron-LM's
+    --num-virtual-stages-per-pipeline-rank): a smaller pipeline bubble for more communication. > 1 needs
+    parallel.pipeline > 1, model.num_layers divisible by pipeline x virtual_pipeline and at least `pipeline`
+    micro-batches per step."""
 
     def data_parallel_size(self, world_size: int) -> int:
         """Data-parallel replicas in a world of `world_size` processes (validate checks divisibility)."""
@@ -512,6 +517,13 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
                           "Engine's attention and every sequence split over ranks on the data path, which megatron-moe "
                           "does not do); for long sequences use parallel.tensor with parallel.sequence_parallel and "
                           "train.recompute_granularity")
+    _positive(p.virtual_pipeline, "parallel.virtual_pipeline")
+    if p.virtual_pipeline > 1 and p.pipeline == 1:
+        raise ConfigError(f"parallel.virtual_pipeline = {p.virtual_pipeline} needs parallel.pipeline > 1 (it splits "
+                          "each pipeline rank's layers into chunks)")
+    if cfg.model.num_layers % (p.pipeline * p.virtual_pipeline):
+        raise ConfigError(f"model.num_layers = {cfg.model.num_layers} is not divisible by parallel.pipeline x "
+                          f"parallel.virtual_pipeline = {p.pipeline} x {p.virtual_pipeline}")
     if p.sequence_parallel and p.tensor == 1:
         raise ConfigError("parallel.sequence_parallel = true needs parallel.tensor > 1")
     if cfg.model.is_moe and p.tensor > 1 and not p.sequence_parallel:
@@ -549,9 +561,10 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
         if "moe_act" in t.recompute_modules and not cfg.model.moe.grouped_gemm:
             raise ConfigError("train.recompute_modules 'moe_act' needs model.moe.grouped_gemm = true (megatron-core "
                               "recomputes the expert activation of grouped GEMM only)")
-    if t.recompute_granularity == "full" and not 1 <= t.recompute_num_layers <= cfg.model.num_layers // p.pipeline:
-        raise ConfigError(f"train.recompute_num_layers = {t.recompute_num_layers} must be in [1, "
-                          f"{cfg.model.num_layers // p.pipeline}] (the layers of one pipeline stage)")
+    chunk_layers = cfg.model.num_layers // (p.pipeline * p.virtual_pipeline)
+    if t.recompute_granularity == "full" and not 1 <= t.recompute_num_layers <= chunk_layers:
+        raise ConfigError(f"train.recompute_num_layers = {t.recompute_num_layers} must be in [1, {chunk_layers}] (the "
+                          "layers of one pipeline stage)")
     if t.min_lr > t.lr:
         raise ConfigError(f"train.min_lr = {t.min_lr} exceeds train.lr = {t.lr}")
     if not 0 <= t.wsd_decay_fraction <= 1:
@@ -575,3 +588,8 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
             f"train.global_batch_size = {t.global_batch_size} is not divisible by train.micro_batch_size x data "
             f"parallel = {t.micro_batch_size} x {dp} = {t.micro_batch_size * dp}"
         )
+    if p.virtual_pipeline > 1 and t.micro_batches(dp) < p.pipeline:
+        raise ConfigError(
+            f"parallel.virtual_pipeline = {p.virtual_pipeline} needs at least parallel.pipeline = {p.pipeline} "
+            f"micro-batches per step; train.global_batch_size / (micro_batch_size x data parallel) = "
+            f"{t.global_batch_size} / ({t.micro_batch_size} x {dp}) = {t.micro_batches(dp)}")

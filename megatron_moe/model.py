@@ -112,6 +112,7 @@ def transformer_config(
         init_method_std=m.init_method_std,
         tensor_model_parallel_size=p.tensor,
         pipeline_model_parallel_size=p.pipeline,
+        virtual_pipeline_model_parallel_size=p.virtual_pipeline if p.virtual_pipeline > 1 else None,
         expert_model_parallel_size=p.expert,
         expert_tensor_parallel_size=1,
         sequence_parallel=p.sequence_parallel,
@@ -121,6 +122,11 @@ def transformer_config(
         use_cpu_initialization=not on_gpu,
         **fusions(m, on_gpu, have_transformer_engine() if use_te is None else use_te),
     )
+    if p.virtual_pipeline > 1:
+        # Megatron-LM's interleaved defaults. Batched p2p posts its sends and receives in a fixed order, so with two
+        # pipeline ranks (each the other's previous and next) an activation and a gradient in flight together can
+        # meet the wrong receive: over gloo the losses were seen to differ. Unbatched p2p orders them by rank parity.
+        kwargs.update(overlap_p2p_comm=True, batch_p2p_comm=False)
     if fp8:
         kwargs.update(fp8="hybrid", fp8_recipe="delayed")
     kwargs.update(recompute or {})
@@ -210,7 +216,7 @@ def _sdpa_attention_class():
     return SDPAttention
 
 
-def layer_spec(m: ModelConfig, tcfg, use_te: bool):
+def layer_spec(m: ModelConfig, tcfg, use_te: bool, vp_stage: int | None = None):
     """The decoder block spec: megatron-core's, with dense and MoE layers placed by `moe_layer_freq`.
 
     With Transformer Engine it is used as is. Without it (CPU, or CUDA without TE) two slots of the
@@ -219,7 +225,8 @@ def layer_spec(m: ModelConfig, tcfg, use_te: bool):
     """
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 
-    block = get_gpt_decoder_block_spec(tcfg, use_transformer_engine=use_te, normalization=m.normalization)
+    block = get_gpt_decoder_block_spec(tcfg, use_transformer_engine=use_te, normalization=m.normalization,
+                                       vp_stage=vp_stage)
     if not use_te:
         attention = _sdpa_attention_class()
         block.layer_norm = TorchNorm
@@ -239,8 +246,10 @@ def build_model(
     fp8: bool = False,
     use_te: bool | None = None,
     recompute: dict | None = None,
+    vp_stage: int | None = None,
 ):
-    """Build this rank's `GPTModel` (parallel state must be initialised) with layout-independent init."""
+    """Build this rank's `GPTModel` (parallel state must be initialised) with layout-independent init: with virtual
+    pipeline stages, its chunk `vp_stage` (`build_model_chunks` builds them all)."""
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
 
@@ -252,14 +261,15 @@ def build_model(
     tcfg = transformer_config(m, p, params_dtype, fp8, use_te, recompute)
     model = GPTModel(
         config=tcfg,
-        transformer_layer_spec=layer_spec(m, tcfg, use_te),
+        transformer_layer_spec=layer_spec(m, tcfg, use_te, vp_stage),
         vocab_size=padded_vocab_size(m, p.tensor),
         max_sequence_length=m.seq_length,
-        pre_process=ps.is_pipeline_first_stage(),
-        post_process=ps.is_pipeline_last_stage(),
+        pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+        post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
         share_embeddings_and_output_weights=m.tie_embeddings,
         position_embedding_type=m.position_embedding,
         rotary_base=m.rotary_base,
+        vp_stage=vp_stage,
     )
     if torch.cuda.is_available():
         model.cuda()
@@ -275,6 +285,14 @@ def build_model(
                 param.tensor_model_parallel = False
     init_weights(model, m, seed)
     return model
+
+
+def build_model_chunks(m: ModelConfig, p: ParallelConfig, **kwargs) -> list:
+    """This rank's model chunks: one `GPTModel`, or `p.virtual_pipeline` of them (each its own slice of layers, the
+    interleaved schedule's virtual stages)."""
+    if p.virtual_pipeline == 1:
+        return [build_model(m, p, **kwargs)]
+    return [build_model(m, p, vp_stage=v, **kwargs) for v in range(p.virtual_pipeline)]
 
 
 # ---------------------------------------------------------------- initialisation

@@ -86,6 +86,7 @@ def initialize_parallel(cfg: ParallelConfig, device: torch.device) -> ParallelIn
     ps.initialize_model_parallel(
         tensor_model_parallel_size=cfg.tensor,
         pipeline_model_parallel_size=cfg.pipeline,
+        virtual_pipeline_model_parallel_size=cfg.virtual_pipeline if cfg.virtual_pipeline > 1 else None,
         expert_model_parallel_size=cfg.expert,
         # Experts are never tensor-sharded: gloo lacks the uneven all-gather that needs, and at the
         # expert sizes we study expert parallelism is the better split anyway.

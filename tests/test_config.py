@@ -78,6 +78,13 @@ def test_strict_loading_names_the_dotted_path(data, message):
         (["train.overlap_param_gather=true"], 1, "train.overlap_param_gather = true needs train.distributed_optimizer"),
         (["parallel.context=2"], 2, "parallel.context = 2: context parallelism is not offered (it needs Transformer "
                                     "Engine's attention"),
+        (["parallel.virtual_pipeline=2"], 1, "parallel.virtual_pipeline = 2 needs parallel.pipeline > 1"),
+        (["parallel.virtual_pipeline=2", "parallel.pipeline=2", "model.num_layers=6"], 2,
+         "model.num_layers = 6 is not divisible by parallel.pipeline x parallel.virtual_pipeline = 2 x 2"),
+        (["parallel.virtual_pipeline=2", "parallel.pipeline=2", "model.num_layers=4", "train.global_batch_size=2",
+          "train.micro_batch_size=2"], 2, "parallel.virtual_pipeline = 2 needs at least parallel.pipeline = 2 "
+                                          "micro-batches per step"),
+        (["parallel.virtual_pipeline=0"], 1, "parallel.virtual_pipeline = 0 must be"),
     ],
 )
 def test_validation_spells_out_the_arithmetic(overrides, world, message):
@@ -143,7 +150,8 @@ def test_every_field_has_a_role_and_resume_may_change_exactly_the_resumable_ones
     roles = field_roles()
     assert set(roles.values()) <= set(ROLES) and len(roles) > 60
     assert {k for k, r in roles.items() if r == "layout"} == {
-        *(f"parallel.{n}" for n in ("tensor", "pipeline", "expert", "sequence_parallel", "context")),
+        *(f"parallel.{n}" for n in ("tensor", "pipeline", "expert", "sequence_parallel", "context",
+                                    "virtual_pipeline")),
         *(f"train.recompute_{n}" for n in ("granularity", "modules", "num_layers")),
         "train.overlap_grad_reduce", "train.overlap_param_gather"}
     assert roles["train.eval_interval"] == "schedule" and roles["train.eval_iters"] == "measures"

@@ -4,7 +4,8 @@ gradients, optimizer state and activations for a run config on a parallel layout
 Weights, gradients and optimizer state are counted exactly for the model `megatron_moe.model.build_model` builds
 (tested against the tensors of a built model and optimizer across layouts, to within the few elements of padding
 megatron-core's buffers add):
-    - each pipeline stage holds its layers (stage k: layers k L/P .. (k+1) L/P - 1); the first stage also the
+    - each pipeline stage holds its layers (stage k: layers k L/P .. (k+1) L/P - 1; with V virtual stages, chunks
+      of c = L/(P V) layers, chunk v of stage k layers (v P + k) c .. (v P + k + 1) c - 1); the first stage also the
       embedding, the last the final norm and the output layer (with tied embeddings and P > 1, the last stage holds
       a copy of the embedding: megatron-core keeps it in step with the first);
     - attention, dense and shared-expert FFNs, the embedding and the output layer are split over the T tensor-
@@ -29,7 +30,10 @@ Transformer Models", for the blocks built here), per token of a micro-batch, in 
     - "full" recomputation keeps only each recomputed unit's input (d per token, and p x d for each layer of
       a unit it recomputes at once); "selective" leaves out the recomputed modules' saved tensors;
     - the first pipeline stage holds P micro-batches in flight under the 1F1B schedule (stage k: P - k, at most
-      the micro-batches per step); the last stage adds the logits' fp32 softmax (4 V / T bytes per token);
+      the micro-batches per step); with V virtual stages, stage k holds 2 (P - k - 1) + (V - 1) P + 1 chunk
+      micro-batches (megatron-core's interleaved warm-up, at most V x the micro-batches), each 1/V of its layers'
+      activations: the first stage's P (1 + (P - 1) / (P V)) micro-batches of Korthikanti et al.; the last stage
+      adds the logits' fp32 softmax (4 V / T bytes per token);
     - megatron-core's workspace, the CUDA context, allocator fragmentation and communication buffers are not
       counted (typically a few GB per GPU: leave headroom).
 """
@@ -103,7 +107,8 @@ class MemoryEstimate:
     expert_data_parallel: int
     precision: str
     recompute: str
-    micro_batches_in_flight: int
+    micro_batches_in_flight: float
+    """On the first stage, in micro-batches of all its layers (a fraction with virtual stages)."""
     stages: tuple[StageMemory, ...]
 
     @property
@@ -132,6 +137,23 @@ def minimum_world_size(cfg: RunConfig) -> int:
     return p.tensor * p.pipeline * dp
 
 
+def stage_layers(cfg: RunConfig, stage: int) -> list[int]:
+    """The layers (0-based) one GPU of pipeline stage `stage` holds, chunk by chunk."""
+    p = cfg.parallel
+    c = cfg.model.num_layers // (p.pipeline * p.virtual_pipeline)
+    return [(v * p.pipeline + stage) * c + i for v in range(p.virtual_pipeline) for i in range(c)]
+
+
+def chunks_in_flight(cfg: RunConfig, stage: int, micro_batches: int) -> int:
+    """Chunk micro-batches (one micro-batch through one chunk of the stage's layers) whose activations stage `stage`
+    holds at the peak of the schedule: 1F1B's warm-up plus the one in its steady state."""
+    p = cfg.parallel
+    if p.virtual_pipeline == 1:
+        return max(1, min(p.pipeline, micro_batches) - stage)
+    warmup = 2 * (p.pipeline - stage - 1) + (p.virtual_pipeline - 1) * p.pipeline
+    return min(micro_batches * p.virtual_pipeline, warmup + 1)
+
+
 def _stage_params(cfg: RunConfig, stage: int) -> tuple[int, int]:
     """(parameters, of which routed-expert parameters) on one GPU of pipeline stage `stage`."""
     m, p = cfg.model, cfg.parallel
@@ -140,9 +162,8 @@ def _stage_params(cfg: RunConfig, stage: int) -> tuple[int, int]:
     mats = 3 if m.activation == "swiglu" else 2
     norm = (2 if m.normalization == "LayerNorm" else 1) * d
     vocab = padded_vocab_size(m, t)
-    per_stage = m.num_layers // p.pipeline
     params = experts = 0
-    for layer in range(stage * per_stage, (stage + 1) * per_stage):
+    for layer in stage_layers(cfg, stage):
         params += d * (m.num_attention_heads + 2 * m.kv_heads) * head_dim // t + m.num_attention_heads * head_dim * d // t
         params += 2 * norm
         if m.moe.is_moe_layer(layer):
@@ -190,20 +211,21 @@ def _activation_bytes_per_token(cfg: RunConfig, layer: int, precision_bytes: int
 
 
 def _stage_activations(cfg: RunConfig, stage: int, in_flight: int, precision_bytes: int) -> int:
+    """Activation bytes of stage `stage` holding `in_flight` chunk micro-batches (`chunks_in_flight`)."""
     m, p, t = cfg.model, cfg.parallel, cfg.train
     tokens = t.micro_batch_size * m.seq_length
-    per_stage = m.num_layers // p.pipeline
-    layers = range(stage * per_stage, (stage + 1) * per_stage)
+    chunk = m.num_layers // (p.pipeline * p.virtual_pipeline)
     split = p.tensor if p.sequence_parallel else 1
-    per_layer = [_activation_bytes_per_token(cfg, i, precision_bytes) for i in layers]
+    per_layer = [_activation_bytes_per_token(cfg, i, precision_bytes) for i in stage_layers(cfg, stage)]
     if t.recompute_granularity == "full":
-        units = -(-per_stage // t.recompute_num_layers)
+        units = -(-chunk // t.recompute_num_layers)  # per chunk
         kept = units * m.hidden_size * precision_bytes / split  # each unit's input
         # the backward pass recomputes one unit at a time: its layers' activations, for one micro-batch
-        recomputed = max(sum(per_layer[i:i + t.recompute_num_layers]) for i in range(0, per_stage, t.recompute_num_layers))
+        starts = [v * chunk + i for v in range(p.virtual_pipeline) for i in range(0, chunk, t.recompute_num_layers)]
+        recomputed = max(sum(per_layer[i:min(i + t.recompute_num_layers, i - i % chunk + chunk)]) for i in starts)
         held = in_flight * kept * tokens + recomputed * tokens
-    else:
-        held = in_flight * sum(per_layer) * tokens
+    else:  # a chunk micro-batch holds 1/V of the stage's layers (their average, when chunks mix dense and MoE)
+        held = in_flight * sum(per_layer) / p.virtual_pipeline * tokens
     if stage == p.pipeline - 1:
         held += 4 * padded_vocab_size(m, p.tensor) / p.tensor * tokens  # fp32 softmax of the logits
     return int(held)
@@ -218,7 +240,7 @@ def estimate_memory(cfg: RunConfig, world_size: int | None = None, *, precision:
     table = _table(precision)
     dp = world // (p.tensor * p.pipeline)
     edp = world // (p.expert * p.pipeline)
-    in_flight_first = max(1, min(p.pipeline, t.micro_batches(dp)))
+    micro = t.micro_batches(dp)
     stages = []
     for stage in range(p.pipeline):
         params, experts = _stage_params(cfg, stage)
@@ -227,9 +249,9 @@ def estimate_memory(cfg: RunConfig, world_size: int | None = None, *, precision:
             opt = -(-(params - experts) * optimizer // dp) + -(-experts * optimizer // edp)
         else:
             opt = params * optimizer
-        in_flight = max(1, in_flight_first - stage)
         stages.append(StageMemory(
             stage=stage, params=params, expert_params=experts, weights=params * table["weights"],
             grads=params * table["grads"], optimizer=opt,
-            activations=_stage_activations(cfg, stage, in_flight, table["weights"])))
-    return MemoryEstimate(world, dp, edp, precision, t.recompute_granularity or "none", in_flight_first, tuple(stages))
+            activations=_stage_activations(cfg, stage, chunks_in_flight(cfg, stage, micro), table["weights"])))
+    first = chunks_in_flight(cfg, 0, micro) / p.virtual_pipeline
+    return MemoryEstimate(world, dp, edp, precision, t.recompute_granularity or "none", first, tuple(stages))

@@ -89,21 +89,28 @@ class ShardedStates:
     """Model, optimizer and LR scheduler, saved and loaded through megatron-core's distributed checkpointing (each
     rank writes its shards; a checkpoint loads into another parallel layout)."""
 
-    def __init__(self, model, optimizer, scheduler, distributed_optimizer: bool):
-        self.model = getattr(model.module, "module", model.module)  # the GPTModel inside DDP (and Float16Module)
+    def __init__(self, chunks: list, optimizer, scheduler, distributed_optimizer: bool):
+        # The GPTModel inside each chunk's DDP (and Float16Module)
+        self.models = [getattr(c.module, "module", c.module) for c in chunks]
         self.optimizer, self.scheduler = optimizer, scheduler
         self.metadata = {"distrib_optim_sharding_type": "fully_reshardable"} if distributed_optimizer else None
 
+    @staticmethod
+    def _key(chunk: int) -> str:
+        # Tensors are stored under their global names whatever the chunking; these keys only group the chunks.
+        return "model" if chunk == 0 else f"model{chunk}"
+
     def sharded_state_dict(self, is_loading: bool) -> dict[str, Any]:
-        model_sd = self.model.sharded_state_dict()
+        model_sd = {self._key(i): m.sharded_state_dict() for i, m in enumerate(self.models)}
         return {
-            "model": model_sd,
+            **model_sd,
             "optimizer": self.optimizer.sharded_state_dict(model_sd, is_loading=is_loading, metadata=self.metadata),
             "scheduler": self.scheduler.state_dict(),
         }
 
     def load(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
+        for i, m in enumerate(self.models):
+            m.load_state_dict(state[self._key(i)])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
 

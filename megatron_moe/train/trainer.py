@@ -161,11 +161,11 @@ class Trainer:
         self.num_micro_batches = t.micro_batches(self.par.data)
         self.tokens_per_step = t.global_batch_size * cfg.model.seq_length
         self.data = self._build_data()
-        model = self._build_model(params_dtype, fp8)
+        chunks = self._build_model(params_dtype, fp8)
         notes = list(start.notes)
         if upcycle_from is not None and start.checkpoint is None:  # a resumed run has its own weights
-            notes.append(upcycle(model, cfg, *upcycle_from))
-        self._build_optimizer(model, params_dtype)
+            notes.append(upcycle(chunks[0], cfg, *upcycle_from))  # one chunk: check_upcycling refuses more
+        self._build_optimizer(chunks, params_dtype)
         for note in notes:
             self.log(note)
         self.resumed_from = start.checkpoint
@@ -204,19 +204,21 @@ class Trainer:
         data.valid_batch_count(t.global_batch_size, t.eval_iters)  # refused now, not at the first evaluation
         return data
 
-    def _build_model(self, params_dtype: torch.dtype, fp8: bool):
-        """This rank's model, seeded, with the monitors that read it and the throughput figures of its size."""
+    def _build_model(self, params_dtype: torch.dtype, fp8: bool) -> list:
+        """This rank's model chunks (one, or one per virtual pipeline stage), seeded, with the monitors that read
+        them and the throughput figures of their size."""
         from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
 
-        from megatron_moe.model import build_model, local_parameter_counts, recompute_options
+        from megatron_moe.model import build_model_chunks, local_parameter_counts, recompute_options
         from megatron_moe.platform import seed_everything
 
         cfg, t = self.cfg, self.cfg.train
         # megatron-core's aux-loss tracker is a process global sized by the first model that used it.
         get_moe_layer_wise_logging_tracker().clear()
         seed_everything(t.seed, self.par.tp_rank, self.par.ep_rank)
-        model = build_model(cfg.model, cfg.parallel, seed=t.seed, params_dtype=params_dtype, fp8=fp8,
-                            recompute=recompute_options(t))
+        chunks = build_model_chunks(cfg.model, cfg.parallel, seed=t.seed, params_dtype=params_dtype, fp8=fp8,
+                                    recompute=recompute_options(t))
+        model = torch.nn.ModuleList(chunks)
         self.param_counts = local_parameter_counts(model)
         self.load_monitor = self.moe_losses = None
         if cfg.model.is_moe:
@@ -226,10 +228,11 @@ class Trainer:
             self.moe_losses = MoELossReader(cfg.model, self.par.tensor, self.par.data, self.num_micro_batches)
         self.flops_per_token = ledger(cfg.model, cfg.parallel.tensor).flops_train_per_token
         self.device_name, self.peak_flops = device_peak_flops(fp8)
-        return model
+        return chunks
 
-    def _build_optimizer(self, model, params_dtype: torch.dtype) -> None:
-        """megatron-core's DDP wrapper, optimizer, LR scheduler and forward-backward schedule around `model`."""
+    def _build_optimizer(self, chunks: list, params_dtype: torch.dtype) -> None:
+        """megatron-core's DDP wrapper (one per model chunk), optimizer, LR scheduler and forward-backward schedule
+        (interleaved over virtual pipeline stages when there are several chunks)."""
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
         from megatron.core.distributed.finalize_model_grads import finalize_model_grads
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
@@ -237,16 +240,18 @@ class Trainer:
         from megatron.core.transformer.module import Float16Module
 
         t = self.cfg.train
-        tcfg = model.config
+        tcfg = chunks[0].config  # the schedule reads the first chunk's config
         if params_dtype != torch.float32:
-            model = Float16Module(tcfg, model)
+            chunks = [Float16Module(c.config, c) for c in chunks]
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True,
             overlap_grad_reduce=t.overlap_grad_reduce,
             overlap_param_gather=t.overlap_param_gather,
             use_distributed_optimizer=t.distributed_optimizer,
         )
-        self.model = DistributedDataParallel(tcfg, ddp_config, model)
+        # Later chunks in one bucket each, as Megatron-LM does: their gradients are ready in another order.
+        self.chunks = [DistributedDataParallel(c.config, ddp_config, c, disable_bucketing=i > 0)
+                       for i, c in enumerate(chunks)]
         opt_config = OptimizerConfig(
             optimizer="adam",
             lr=t.lr,
@@ -261,9 +266,10 @@ class Trainer:
             use_distributed_optimizer=t.distributed_optimizer,
             overlap_param_gather=t.overlap_param_gather,
         )
-        self.optimizer = get_megatron_optimizer(opt_config, [self.model])
+        self.optimizer = get_megatron_optimizer(opt_config, self.chunks)
         self.scheduler = lr_scheduler(self.optimizer, self.cfg)
-        tcfg.no_sync_func = self.model.no_sync
+        no_sync = [c.no_sync for c in self.chunks]
+        tcfg.no_sync_func = no_sync if len(no_sync) > 1 else no_sync[0]
         tcfg.finalize_model_grads_func = finalize_model_grads
         tcfg.grad_scale_func = self.optimizer.scale_loss
         self.forward_backward = get_forward_backward_func()
@@ -345,8 +351,9 @@ class Trainer:
         on the device."""
         return self.forward_backward(
             forward_step_func=_forward_step,
-            data_iterator=iter(micro),
-            model=[self.model],
+            # Each chunk reads every micro-batch: the first for the tokens, the last for the labels.
+            data_iterator=[iter(micro) for _ in self.chunks] if len(self.chunks) > 1 else iter(micro),
+            model=self.chunks,
             num_microbatches=len(micro),
             seq_length=self.cfg.model.seq_length,
             micro_batch_size=self.cfg.train.micro_batch_size,
@@ -371,7 +378,8 @@ class Trainer:
 
     def train_step(self) -> dict[str, Any]:
         """One optimizer step; returns its metrics row (without throughput fields)."""
-        self.model.zero_grad_buffer()
+        for chunk in self.chunks:
+            chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
         batch = self.data.train_batch(self.step)
         loss_sum, tokens = self._run_schedule(batch, forward_only=False)
@@ -401,7 +409,8 @@ class Trainer:
         """The work of one training step on micro-batches already on the device (`micro_batches`), without its
         bookkeeping: no loss read back to the host, no finiteness check, no MoE loss readout. What the benchmark
         times; training uses `train_step`."""
-        self.model.zero_grad_buffer()
+        for chunk in self.chunks:
+            chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
         self._forward_backward(micro, forward_only=False)
         self._update()
@@ -414,14 +423,16 @@ class Trainer:
         whole split), with the model in eval mode (no dropout)."""
         t = self.cfg.train
         loss_sum = tokens = 0.0
-        self.model.eval()
+        for chunk in self.chunks:
+            chunk.eval()
         try:
             for batch in self.data.valid_batches(t.global_batch_size, t.eval_iters):
                 s, n = self._run_schedule(batch, forward_only=True)
                 loss_sum += s
                 tokens += n
         finally:
-            self.model.train()
+            for chunk in self.chunks:
+                chunk.train()
         if self.moe_losses is not None:
             self.moe_losses.discard()
         loss = loss_sum / tokens
@@ -430,7 +441,7 @@ class Trainer:
     def checkpointable(self) -> Checkpointable:
         """What a checkpoint of this run holds, by owner."""
         return Checkpointable(
-            sharded=ShardedStates(self.model, self.optimizer, self.scheduler, self.cfg.train.distributed_optimizer),
+            sharded=ShardedStates(self.chunks, self.optimizer, self.scheduler, self.cfg.train.distributed_optimizer),
             train=self.state, config=self.cfg,
             parts={} if self.load_monitor is None else {"expert_load": self.load_monitor},
         )
@@ -439,10 +450,12 @@ class Trainer:
         """Checkpoint this step; `elapsed_s`, the run's wall-clock time so far, goes into the train state."""
         self.state.elapsed_s = elapsed_s
         if self.cfg.train.overlap_param_gather:  # the last step's parameters are gathered at the next forward:
-            self.model.disable_forward_pre_hook()  # gather them now (what Megatron-LM does before it saves)
+            for chunk in self.chunks:  # gather them now (what Megatron-LM does before it saves)
+                chunk.disable_forward_pre_hook()
         save_checkpoint(self.checkpointable(), self.checkpoint_dir)
         if self.cfg.train.overlap_param_gather:
-            self.model.enable_forward_pre_hook()
+            for chunk in self.chunks:
+                chunk.enable_forward_pre_hook()
 
     # ------------------------------------------------------------ the loop
 

@@ -46,6 +46,10 @@ def check_upcycling(cfg: RunConfig, source: ModelConfig, where: str) -> None:
     if cfg.parallel.tensor != 1:
         raise ConfigError(f"upcycling (train.init_from) needs parallel.tensor = 1, not {cfg.parallel.tensor}: megatron-"
                           "core copies a tensor-parallel shard of the dense FFN into experts that are not tensor-split")
+    if cfg.parallel.virtual_pipeline != 1:
+        raise ConfigError(f"upcycling (train.init_from) needs parallel.virtual_pipeline = 1, not "
+                          f"{cfg.parallel.virtual_pipeline}: start the upcycled run with one chunk per pipeline rank "
+                          "and resume it with more (a layout field)")
     if source.ffn_hidden_size % m.expert_ffn or m.moe.num_experts % (source.ffn_hidden_size // m.expert_ffn):
         raise ConfigError(f"model.moe.expert_ffn_hidden_size = {m.expert_ffn} must divide the dense run's "
                           f"ffn_hidden_size = {source.ffn_hidden_size} into g slices, with g dividing model.moe."

@@ -29,6 +29,10 @@ LAYOUTS = {
     "tp2-sp": (2, ["parallel.tensor=2", "parallel.sequence_parallel=true"]),
     "ep2-distopt": (2, ["parallel.expert=2", "train.distributed_optimizer=true"]),
     "pp2-tied-dense-first": (2, ["parallel.pipeline=2", "model.tie_embeddings=true", "model.moe.first_k_dense=1"]),
+    # Two chunks per rank: rank 0 holds layers 1 and 3 (one dense, one MoE), rank 1 layers 2 and 4 (likewise); without
+    # the chunks rank 0 would hold both dense layers.
+    "pp2-vpp2-two-dense": (2, ["parallel.pipeline=2", "parallel.virtual_pipeline=2", "model.num_layers=4",
+                               "model.moe.first_k_dense=2"]),
 }
 
 
@@ -86,6 +90,13 @@ def test_layout_splits_what_it_should():
     first, last = pp.stages
     logits = 4 * 1024 * 64
     assert first.activations == 2 * (last.activations - logits)
+    # Two virtual stages (chunks of 1 layer): megatron-core's interleaved warm-up leaves stage 0 with 2 (2 - 0 - 1) +
+    # (2 - 1) 2 + 1 = 5 chunk micro-batches of one layer each, 2.5 micro-batches of its 2 layers (2 x (1 + 1/4),
+    # Korthikanti et al.'s factor), and stage 1 with 3.
+    vpp = estimate_memory(load_run_config(None, [*DENSE, "model.num_layers=4", "parallel.pipeline=2",
+                                                 "parallel.virtual_pipeline=2"]), 2, precision="fp32")
+    assert vpp.micro_batches_in_flight == 2.5
+    assert [s.activations for s in vpp.stages] == [5 * 3344 * 64, 3 * 3344 * 64 + logits]
     # The distributed optimizer splits the optimizer state over the data-parallel ranks, nothing else.
     dist = estimate_memory(load_run_config(None, [*DENSE, "train.distributed_optimizer=true"]), 4,
                            precision="bf16").per_gpu

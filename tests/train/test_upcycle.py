@@ -63,3 +63,12 @@ def test_upcycling_refusals_are_one_line(tmp_path, extra, message):
     assert proc.returncode == 2 and "has no checkpoint to start from" in last_line(proc)
     proc = cli("train", *MOE, f"train.init_from={tmp_path}", f"train.output_dir={tmp_path / 'run'}", check=False)
     assert proc.returncode == 2 and "is not a run directory" in last_line(proc)
+
+
+def test_upcycling_into_virtual_pipeline_stages_is_refused_in_one_line():
+    from megatron_moe.config import ConfigError, load_run_config
+    from megatron_moe.train.upcycle import check_upcycling
+
+    cfg = load_run_config(None, [*MOE, "model.num_layers=4", "parallel.pipeline=2", "parallel.virtual_pipeline=2"])
+    with pytest.raises(ConfigError, match=r"needs parallel.virtual_pipeline = 1, not 2: start the upcycled run"):
+        check_upcycling(cfg, load_run_config(None, [*TINY, "model.num_layers=4"]).model, "train.init_from = 'd'")

@@ -59,7 +59,7 @@ def main() -> None:
     t = cfg.train
     trainer = Trainer(cfg, quiet=True)
     plain = plain_model(cfg.model)
-    copy_weights(plain, trainer.model.module, cfg.model)
+    copy_weights(plain, trainer.chunks[0].module, cfg.model)
     groups = [[p for p in plain.parameters() if p.dim() > 1], [p for p in plain.parameters() if p.dim() == 1]]
     opt = torch.optim.AdamW([{"params": groups[0], "weight_decay": t.weight_decay},
                              {"params": groups[1], "weight_decay": 0.0}],

@@ -13,7 +13,7 @@ def main() -> None:
     out_path, overrides = sys.argv[1], sys.argv[2:]
     trainer = Trainer(load_run_config(None, overrides), quiet=True)
     modes, seen = [], []
-    for module in trainer.model.modules():
+    for module in trainer.chunks[0].modules():
         if type(module).__name__ == "GPTModel":
             module.register_forward_pre_hook(lambda m, args: modes.append(m.training))
     run_schedule = trainer._run_schedule
@@ -25,7 +25,7 @@ def main() -> None:
     trainer._run_schedule = recording
     ev = trainer.evaluate()
     digest = hashlib.sha256(b"".join(seen)).hexdigest()
-    json.dump({"modes": modes, "training_after": trainer.model.training, "val_tokens": ev["val_tokens"],
+    json.dump({"modes": modes, "training_after": trainer.chunks[0].training, "val_tokens": ev["val_tokens"],
                "valid_tokens": trainer.data.valid.num_tokens, "digest": digest}, open(out_path, "w"))
 
 

@@ -21,11 +21,11 @@ def main() -> None:
     trainer = Trainer(load_run_config(None, overrides), quiet=True)
     batch = trainer.data.train_batch(0)
     same = np.repeat(batch[:1], batch.shape[0], axis=0)
-    router = next(m for m in trainer.model.modules() if type(m).__name__ == "TopKRouter")
+    router = next(m for m in trainer.chunks[0].modules() if type(m).__name__ == "TopKRouter")
     grads = []
     for coeff in (1.0, 0.0):
         router.config.moe_aux_loss_coeff = coeff
-        trainer.model.zero_grad_buffer()
+        trainer.chunks[0].zero_grad_buffer()
         trainer._run_schedule(same, forward_only=False)
         grads.append(router.weight.main_grad.detach().clone())
     if torch.distributed.get_rank() == 0:

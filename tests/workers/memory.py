@@ -18,11 +18,11 @@ def main() -> None:
     out_path, overrides = sys.argv[1], sys.argv[2:]
     trainer = Trainer(load_run_config(None, overrides, world_size=int(os.environ.get("WORLD_SIZE", "1"))), quiet=True)
     trainer.train_step()
-    params = {id(p): p for p in trainer.model.parameters()}.values()
+    params = {id(p): p for chunk in trainer.chunks for p in chunk.parameters()}.values()
     weights = sum(p.numel() * p.element_size() for p in params)
     model_storage = _storages(params)
-    ddp = trainer.model
-    grads = sum(b.grad_data.numel() * b.grad_data.element_size() for b in (*ddp.buffers, *ddp.expert_parallel_buffers))
+    grads = sum(b.grad_data.numel() * b.grad_data.element_size()
+                for ddp in trainer.chunks for b in (*ddp.buffers, *ddp.expert_parallel_buffers))
     inner = getattr(trainer.optimizer, "chained_optimizers", [trainer.optimizer])
     held = []
     for opt in inner:

@@ -16,7 +16,7 @@ def main() -> None:
     out_path, overrides = sys.argv[1], sys.argv[2:]
     cfg = load_run_config(None, overrides)
     trainer = Trainer(cfg, quiet=True)
-    moe = trainer.model.module.eval()
+    moe = trainer.chunks[0].module.eval()
     _, dense, _ = load_trained_model(cfg.train.init_from)
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, cfg.model.vocab_size, (2, cfg.model.seq_length), generator=gen)
