@@ -155,6 +155,19 @@ MUTANTS = (
     Mutant("vocab-zero-unresolved", "model.vocab_size = 0 is the data's vocabulary",
            "megatron_moe/data/source.py", "with_data_vocabulary", "    if cfg.model.vocab_size:\n", "    if True:\n",
            ("tests/data/test_data.py::test_vocab_size_zero_is_the_datas",)),
+    Mutant("blend-slots-by-index", "a blend's every prefix holds each dataset's share to within one sample",
+           "megatron_moe/data/blend.py", "BlendPattern.__init__", "order = np.lexsort((which, times))",
+           "order = np.lexsort((times, which))",
+           ("tests/data/test_blend.py::test_every_prefix_holds_each_share_to_one_sample_and_reads_each_dataset_in_order",)),
+    Mutant("blend-bpb-first-dataset", "a blend's bits per byte use each dataset's validation bytes in its share",
+           "megatron_moe/data/source.py", "BlendedSource.__init__",
+           "self.bytes_per_token = float(sum(w * part.bytes_per_token for w, part in zip(share, self.parts)))",
+           "self.bytes_per_token = first.bytes_per_token",
+           ("tests/data/test_blend.py::test_a_run_trains_on_a_blend_and_its_bits_per_byte_use_the_blends_validation_bytes",)),
+    Mutant("virtual-pipeline-batched-p2p", "virtual pipeline stages reproduce the single-process losses",
+           "megatron_moe/model.py", "transformer_config", "kwargs.update(overlap_p2p_comm=True, batch_p2p_comm=False)",
+           "kwargs.update(overlap_p2p_comm=False, batch_p2p_comm=True)",
+           ("tests/test_parallel.py::test_virtual_pipeline_matches_single_process_and_resumes_with_one_chunk",)),
 )
 
 
