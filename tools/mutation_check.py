@@ -73,7 +73,7 @@ MUTANTS = (
            "megatron_moe/study/runner.py", "_train_subprocess", "was_preempted(", "(lambda d: True)(",
            ("tests/study/test_study.py::test_study_run_counts_a_trainer_as_preempted_from_its_marker",)),
     Mutant("eval-in-train-mode", "evaluation runs in eval mode",
-           "megatron_moe/train/trainer.py", "Trainer.evaluate", "        self.model.eval()\n", "",
+           "megatron_moe/train/trainer.py", "Trainer.evaluate", "            chunk.eval()\n", "            pass\n",
            ("tests/train/test_trainer.py::test_evaluation_covers_the_whole_split_in_eval_mode_identically_for_every_arm",)),
     Mutant("eval-one-batch", "evaluation covers the whole validation split by default",
            "megatron_moe/data/source.py", "DataSource.valid_batch_count", "num_batches = max(1, (self.valid.num_tokens - 1) // (batch_size * s))",
