@@ -157,10 +157,12 @@ def pytest_configure(config):
     if config.pluginmanager.hasplugin("random_order"):
         config.option.random_order_enabled = True
     # A hang detector, not a speed test: a test still running after this long has deadlocked, and CI should say
-    # which test and where (pytest-timeout fails it with every thread's stack) instead of running out its clock.
+    # which test and where instead of running out its clock. pytest-timeout's thread method prints every thread's
+    # stack and ends the run, even when the main thread waits in C code that a signal would not interrupt.
     # Generous because the slow tests take minutes on a loaded 2-core machine; `--timeout=N` overrides.
     if config.pluginmanager.hasplugin("timeout") and not config.getoption("timeout", None):
         config.option.timeout = 1200
+        config.option.timeout_method = "thread"
 
 
 def with_other_value(cfg, dotted: str):
