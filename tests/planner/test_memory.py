@@ -76,6 +76,16 @@ def test_activations_follow_the_documented_formula():
     assert bf16.per_gpu.activations == ((3344 - 16) // 2 + 16) * 2 * 64 + 262_144
 
 
+def test_a_stage_holds_its_layers_chunk_by_chunk():
+    from megatron_moe.planner.memory import stage_layers
+
+    cfg = load_run_config(None, [*DENSE, "model.num_layers=8", "parallel.pipeline=2"])
+    assert [stage_layers(cfg, k) for k in (0, 1)] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    # Two virtual stages: chunks of 2 layers, stage 0 runs the first and the third, stage 1 the second and the fourth.
+    vpp = load_run_config(None, [*DENSE, "model.num_layers=8", "parallel.pipeline=2", "parallel.virtual_pipeline=2"])
+    assert [stage_layers(vpp, k) for k in (0, 1)] == [[0, 1, 4, 5], [2, 3, 6, 7]]
+
+
 def test_layout_splits_what_it_should():
     cfg = load_run_config(None, [*DENSE, "model.num_layers=4"])
     one = estimate_memory(cfg, 1, precision="bf16").per_gpu
