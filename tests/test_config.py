@@ -79,6 +79,8 @@ def test_strict_loading_names_the_dotted_path(data, message):
         (["parallel.context=2"], 2, "parallel.context = 2: context parallelism is not offered (it needs Transformer "
                                     "Engine's attention"),
         (["parallel.virtual_pipeline=2"], 1, "parallel.virtual_pipeline = 2 needs parallel.pipeline > 1"),
+        (["parallel.tensor=2", "model.moe.num_experts=4"], 2,
+         "parallel.tensor = 2 with an MoE model needs parallel.sequence_parallel = true"),
         (["parallel.virtual_pipeline=2", "parallel.pipeline=2", "model.num_layers=6"], 2,
          "model.num_layers = 6 is not divisible by parallel.pipeline x parallel.virtual_pipeline = 2 x 2"),
         (["parallel.virtual_pipeline=2", "parallel.pipeline=2", "model.num_layers=4", "train.global_batch_size=2",

@@ -304,6 +304,17 @@ MUTANTS = (
            'megatron_moe/study/design.py', 'Arm.train_flops', 'self.ledger.flops_train_per_token',
            'self.ledger.flops_fwd_per_token',
            ('tests/planner/test_cost.py::test_the_arm_table_prices_every_run_and_the_study',)),
+    Mutant("experts-not-ep-divisible", "expert counts in the cluster examples' families are multiples of the expert-parallel size (8)",
+           "megatron_moe/planner/family.py", "_layouts", "            if e % expert:\n", "            if False:\n",
+           ("tests/planner/test_cost.py::test_the_cluster_examples_pick_expert_counts_their_expert_parallelism_divides",)),
+    Mutant("blend-unweighted-not-equal", "a blend without weights gives its datasets equal shares",
+           "megatron_moe/data/source.py", "BlendedSource.__init__", "weights = list(cfg.blend_weights) or [1.0] * len(cfg.blend)",
+           "weights = list(cfg.blend_weights) or [float(i + 1) for i in range(len(cfg.blend))]",
+           ("tests/data/test_blend.py::test_a_blended_source_is_its_parts_interleaved_sample_by_sample",)),
+    Mutant("moe-tp-without-sp-accepted", "MoE with tensor parallelism requires sequence parallelism (a megatron-core rule), refused in one line",
+           "megatron_moe/config.py", "validate", "if cfg.model.is_moe and p.tensor > 1 and not p.sequence_parallel:",
+           "if cfg.model.is_moe and p.tensor > 2 and not p.sequence_parallel:",
+           ("tests/test_config.py::test_validation_spells_out_the_arithmetic",)),
 )
 
 

@@ -101,6 +101,8 @@ def test_a_blended_source_is_its_parts_interleaved_sample_by_sample(two):
         seen[i] += 1
     assert parts[0].bytes_per_token != parts[1].bytes_per_token
     assert ds.bytes_per_token == pytest.approx(share[0] * parts[0].bytes_per_token + share[1] * parts[1].bytes_per_token)
+    equal = build_data_source(dataclasses.replace(cfg, blend_weights=[]), 16, 4)
+    assert equal.weights == [0.5, 0.5] and equal.pattern.dataset[:4].tolist() == [0, 1, 0, 1]  # no weights: equal
     info = ds.describe(train_steps=3)
     assert [p["consumed_tokens"] for p in info["blend"]] == [9 * 16, 3 * 16]
     assert info["unique_tokens"] == sum(p.schedule.unique_tokens for p in parts)

@@ -110,3 +110,12 @@ def test_memory_limit_comes_from_the_flag_or_the_device(tmp_path):
     info.parent.mkdir()
     info.write_text("Model: \t\t NVIDIA H100 80GB HBM3\nIRQ:   42\n")
     assert local_gpu(tmp_path) == "NVIDIA H100 80GB HBM3" and local_gpu(tmp_path / "none") is None
+
+
+@pytest.mark.parametrize("example", ["2b", "7b"])
+def test_the_cluster_examples_pick_expert_counts_their_expert_parallelism_divides(example):
+    design = design_study(load_study(REPO / "examples" / "equal_resources" / f"{example}.toml"), check_world=False)
+    moe = [a.config for a in design.arms if a.config.model.is_moe]
+    assert len(moe) >= 5 and {c.parallel.expert for c in moe} == {8}
+    assert [c.model.moe.num_experts % 8 for c in moe] == [0] * len(moe), [c.model.moe.num_experts for c in moe]
+    assert all(c.model.expert_ffn % 16 == 0 for c in moe)  # the examples' width alignment (multiple_of = 16)
