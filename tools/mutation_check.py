@@ -315,6 +315,10 @@ MUTANTS = (
            "megatron_moe/config.py", "validate", "if cfg.model.is_moe and p.tensor > 1 and not p.sequence_parallel:",
            "if cfg.model.is_moe and p.tensor > 2 and not p.sequence_parallel:",
            ("tests/test_config.py::test_validation_spells_out_the_arithmetic",)),
+    Mutant("split-by-position", "the validation split is per document, by a hash of its text (copies of a text share a side)",
+           "megatron_moe/data/prepare.py", "_chunks", "text_split_value(doc.text, split_seed)",
+           "text_split_value(str(produced), split_seed)",
+           ("tests/data/test_data.py::test_copies_of_one_text_land_in_the_same_split_wherever_they_stand",)),
 )
 
 

@@ -123,6 +123,22 @@ def test_split_is_by_text_so_arms_with_other_tokenizers_hold_out_the_same_docume
     assert read_manifest(other)["tokenizer"]["sha256"] != read_manifest(prepared / "out")["tokenizer"]["sha256"]
 
 
+def test_copies_of_one_text_land_in_the_same_split_wherever_they_stand(tmp_path):
+    """The split is keyed by the text, not by where a document stands: 12 texts, each 10 times at scattered places,
+    every copy of a text on one side."""
+    from collections import Counter
+
+    texts = [f"Story {i}: a fox and a hen met at gate number {i * 3}." for i in range(12)]
+    _write_text(tmp_path / "d.txt", texts * 10)
+    prepare_dataset([tmp_path / "d.txt"], tmp_path / "out", vocab_size=280, valid_fraction=0.3, progress=False)
+    tok = load_tokenizer(tmp_path / "out" / "tokenizer.json")
+    sides = {split: Counter(tok.decode(d[:-1]).strip() for d in _documents(tmp_path / "out" / split))
+             for split in ("train", "valid")}
+    assert sides["train"] and sides["valid"]
+    assert set(sides["train"]) | set(sides["valid"]) == set(texts)
+    assert all(n == 10 for side in sides.values() for n in side.values()), sides
+
+
 def test_workers_and_loaded_tokenizer_give_identical_files(prepared, tmp_path):
     inputs = [prepared / "a.txt.xz", prepared / "b.jsonl"]
     tok = prepared / "out" / "tokenizer.json"
