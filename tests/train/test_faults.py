@@ -451,8 +451,12 @@ def test_a_killed_runner_takes_its_trainer_along(reference, tmp_path):
                    "the trainer logging a step", alive=runner)
         (run_dir,) = runs.iterdir()
         trainer = int(lock_holder(run_dir / RUN_LOCK).split("@")[0])
+        # Frozen while its runner dies, so that the kernel's SIGTERM finds it mid-run, whatever the machine's speed
+        # (a stopped process keeps the signal pending until it continues); else its last steps can win the race.
+        os.kill(trainer, signal.SIGSTOP)
         runner.kill()
         runner.wait()
+        os.kill(trainer, signal.SIGCONT)
         wait_until(lambda: not _alive(trainer), "the trainer ending with its runner")
     finally:
         end(runner)
