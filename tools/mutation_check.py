@@ -251,7 +251,7 @@ MUTANTS = (
     Mutant('blend-budget-not-split', 'in a blend each dataset keeps its own schedule: data.unique_tokens and data.consumed_tokens are split between the datasets by weight',
            'megatron_moe/data/source.py', 'BlendedSource.__init__', 'unique_tokens=int(w * cfg.unique_tokens),',
            'unique_tokens=cfg.unique_tokens,',
-           ('tests/data/test_blend.py::test_the_budget_is_split_by_weight_and_the_fingerprint_covers_the_blend',)),
+           ('tests/data/test_blended_source.py::test_the_budget_is_split_by_weight_and_the_fingerprint_covers_the_blend',)),
     Mutant('tensorboard-purge-off-by-one', 'after a resume, the steps redone since the checkpoint replace the old ones in metrics.jsonl and TensorBoard',
            'megatron_moe/train/monitors.py', 'TensorBoardSink.__init__', 'purge_step=(resumed_step or 0) + 1',
            'purge_step=resumed_step',
@@ -310,7 +310,7 @@ MUTANTS = (
     Mutant("blend-unweighted-not-equal", "a blend without weights gives its datasets equal shares",
            "megatron_moe/data/source.py", "BlendedSource.__init__", "weights = list(cfg.blend_weights) or [1.0] * len(cfg.blend)",
            "weights = list(cfg.blend_weights) or [float(i + 1) for i in range(len(cfg.blend))]",
-           ("tests/data/test_blend.py::test_a_blended_source_is_its_parts_interleaved_sample_by_sample",)),
+           ("tests/data/test_blended_source.py::test_a_blended_source_is_its_parts_interleaved_sample_by_sample",)),
     Mutant("moe-tp-without-sp-accepted", "MoE with tensor parallelism requires sequence parallelism (a megatron-core rule), refused in one line",
            "megatron_moe/config.py", "validate", "if cfg.model.is_moe and p.tensor > 1 and not p.sequence_parallel:",
            "if cfg.model.is_moe and p.tensor > 2 and not p.sequence_parallel:",
@@ -319,6 +319,9 @@ MUTANTS = (
            "megatron_moe/data/prepare.py", "_chunks", "text_split_value(doc.text, split_seed)",
            "text_split_value(str(produced), split_seed)",
            ("tests/data/test_data.py::test_copies_of_one_text_land_in_the_same_split_wherever_they_stand",)),
+    Mutant("preempted-exits-1", "a trainer stopped by SIGTERM or SIGUSR1 saves a checkpoint and exits with code 75",
+           "megatron_moe/cli/train.py", "train_main", "        return PREEMPTED_EXIT_CODE\n", "        return 1\n",
+           ("tests/train/test_checkpoint.py::test_stop_signal_saves_exits_75_and_resumes",)),
 )
 
 

@@ -1,5 +1,5 @@
-"""A run trains on a blend of prepared datasets (kept apart from tests/data/test_blend.py: mutmut runs those tests
-for every change it makes to the blend's code, and this one starts a training process)."""
+"""A run trains on a blend of prepared datasets (kept apart from the data tests: mutmut runs those for every change
+it makes to the data schedule, and this one starts a training process)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 from megatron_moe.config import DataConfig
 from megatron_moe.data.source import build_data_source
 from tests.conftest import TINY, cli, metrics_rows
-from tests.data.test_blend import prepare_two
+from tests.data.test_blended_source import prepare_two
 
 
 def test_a_run_trains_on_a_blend_and_its_bits_per_byte_use_the_blends_validation_bytes(tmp_path):
