@@ -25,6 +25,7 @@ def test_the_interleave_of_a_small_period_by_hand():
 def test_weights_round_to_whole_slots_by_largest_remainder():
     assert slot_counts([1, 1, 1], period=10).tolist() == [4, 3, 3]
     assert slot_counts([1, 2], period=10).tolist() == [3, 7]  # remainders 1/3 and 2/3: the larger gets the slot
+    assert slot_counts([7.4, 2.6], period=10).tolist() == [7, 3]  # by the remainder, not by the count
     assert slot_counts([2.0, 1.0], period=PERIOD).tolist() == [43691, 21845]
     with pytest.raises(ConfigError) as err:
         slot_counts([1.0, 1e-6])

@@ -107,6 +107,13 @@ def test_layout_splits_what_it_should():
                                                  "parallel.virtual_pipeline=2"]), 2, precision="fp32")
     assert vpp.micro_batches_in_flight == 2.5
     assert [s.activations for s in vpp.stages] == [5 * 3344 * 64, 3 * 3344 * 64 + logits]
+    # Full recomputation in chunks of 3 layers, 2 layers per unit: each chunk micro-batch keeps 2 units' inputs (64 x 4
+    # bytes per token each), and the backward pass recomputes one 2-layer unit at a time.
+    full = estimate_memory(load_run_config(None, [*DENSE, "model.num_layers=12", "parallel.pipeline=2",
+                                                  "parallel.virtual_pipeline=2", "train.recompute_granularity=full",
+                                                  "train.recompute_num_layers=2"]), 2, precision="fp32")
+    assert [s.activations for s in full.stages] == [5 * 2 * 256 * 64 + 2 * 3344 * 64,
+                                                    3 * 2 * 256 * 64 + 2 * 3344 * 64 + logits]
     # The distributed optimizer splits the optimizer state over the data-parallel ranks, nothing else.
     dist = estimate_memory(load_run_config(None, [*DENSE, "train.distributed_optimizer=true"]), 4,
                            precision="bf16").per_gpu
