@@ -563,8 +563,9 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
                               "recomputes the expert activation of grouped GEMM only)")
     chunk_layers = cfg.model.num_layers // (p.pipeline * p.virtual_pipeline)
     if t.recompute_granularity == "full" and not 1 <= t.recompute_num_layers <= chunk_layers:
+        unit = "pipeline stage" if p.virtual_pipeline == 1 else "model chunk"
         raise ConfigError(f"train.recompute_num_layers = {t.recompute_num_layers} must be in [1, {chunk_layers}] (the "
-                          "layers of one pipeline stage)")
+                          f"layers of one {unit})")
     if t.min_lr > t.lr:
         raise ConfigError(f"train.min_lr = {t.min_lr} exceeds train.lr = {t.lr}")
     if not 0 <= t.wsd_decay_fraction <= 1:

@@ -33,7 +33,7 @@ Transformer Models", for the blocks built here), per token of a micro-batch, in 
       the micro-batches per step); with V virtual stages, stage k holds 2 (P - k - 1) + (V - 1) P + 1 chunk
       micro-batches (megatron-core's interleaved warm-up, at most V x the micro-batches), each 1/V of its layers'
       activations: the first stage's P (1 + (P - 1) / (P V)) micro-batches of Korthikanti et al.; the last stage
-      adds the logits' fp32 softmax (4 V / T bytes per token);
+      adds the logits' fp32 softmax (4 x vocabulary / T bytes per token);
     - megatron-core's workspace, the CUDA context, allocator fragmentation and communication buffers are not
       counted (typically a few GB per GPU: leave headroom).
 """
