@@ -167,6 +167,11 @@ class ParallelConfig:
     parallel.pipeline > 1, model.num_layers divisible by pipeline x virtual_pipeline and at least `pipeline`
     micro-batches per step."""
 
+    def chunk_layers(self, num_layers: int) -> int:
+        """Layers in one model chunk: a pipeline stage's layers, split over its virtual stages (validate checks
+        divisibility)."""
+        return num_layers // (self.pipeline * self.virtual_pipeline)
+
     def data_parallel_size(self, world_size: int) -> int:
         """Data-parallel replicas in a world of `world_size` processes (validate checks divisibility)."""
         return world_size // (self.tensor * self.pipeline)
@@ -561,7 +566,7 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
         if "moe_act" in t.recompute_modules and not cfg.model.moe.grouped_gemm:
             raise ConfigError("train.recompute_modules 'moe_act' needs model.moe.grouped_gemm = true (megatron-core "
                               "recomputes the expert activation of grouped GEMM only)")
-    chunk_layers = cfg.model.num_layers // (p.pipeline * p.virtual_pipeline)
+    chunk_layers = p.chunk_layers(cfg.model.num_layers)
     if t.recompute_granularity == "full" and not 1 <= t.recompute_num_layers <= chunk_layers:
         unit = "pipeline stage" if p.virtual_pipeline == 1 else "model chunk"
         raise ConfigError(f"train.recompute_num_layers = {t.recompute_num_layers} must be in [1, {chunk_layers}] (the "

@@ -140,7 +140,7 @@ def minimum_world_size(cfg: RunConfig) -> int:
 def stage_layers(cfg: RunConfig, stage: int) -> list[int]:
     """The layers (0-based) one GPU of pipeline stage `stage` holds, chunk by chunk."""
     p = cfg.parallel
-    c = cfg.model.num_layers // (p.pipeline * p.virtual_pipeline)
+    c = p.chunk_layers(cfg.model.num_layers)
     return [(v * p.pipeline + stage) * c + i for v in range(p.virtual_pipeline) for i in range(c)]
 
 
@@ -214,7 +214,7 @@ def _stage_activations(cfg: RunConfig, stage: int, in_flight: int, precision_byt
     """Activation bytes of stage `stage` holding `in_flight` chunk micro-batches (`chunks_in_flight`)."""
     m, p, t = cfg.model, cfg.parallel, cfg.train
     tokens = t.micro_batch_size * m.seq_length
-    chunk = m.num_layers // (p.pipeline * p.virtual_pipeline)
+    chunk = p.chunk_layers(m.num_layers)
     split = p.tensor if p.sequence_parallel else 1
     per_layer = [_activation_bytes_per_token(cfg, i, precision_bytes) for i in stage_layers(cfg, stage)]
     if t.recompute_granularity == "full":

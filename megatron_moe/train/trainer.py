@@ -376,11 +376,15 @@ class Trainer:
             dist.all_reduce(totals, group=ps.get_pipeline_model_parallel_group())
         return float(totals[0]), float(totals[1])
 
-    def train_step(self) -> dict[str, Any]:
-        """One optimizer step; returns its metrics row (without throughput fields)."""
+    def _zero_grad(self) -> None:
+        """Clear every chunk's gradient buffer and the optimizer's gradients before a step."""
         for chunk in self.chunks:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
+
+    def train_step(self) -> dict[str, Any]:
+        """One optimizer step; returns its metrics row (without throughput fields)."""
+        self._zero_grad()
         batch = self.data.train_batch(self.step)
         loss_sum, tokens = self._run_schedule(batch, forward_only=False)
         loss = loss_sum / tokens
@@ -409,9 +413,7 @@ class Trainer:
         """The work of one training step on micro-batches already on the device (`micro_batches`), without its
         bookkeeping: no loss read back to the host, no finiteness check, no MoE loss readout. What the benchmark
         times; training uses `train_step`."""
-        for chunk in self.chunks:
-            chunk.zero_grad_buffer()
-        self.optimizer.zero_grad()
+        self._zero_grad()
         self._forward_backward(micro, forward_only=False)
         self._update()
         if self.moe_losses is not None:
